@@ -1,0 +1,1 @@
+"""bs_node package."""

@@ -1,0 +1,20 @@
+"""Controller policies, one per file, chosen by name in the experiment config (`controller.policy`)."""
+from __future__ import annotations
+
+from bs_node.controllers.base import Controller, DevicePlan, DeviceState, RoundState
+from bs_node.controllers.fixed import FixedController
+from fedlora.config import BenchConfig, ConfigError, ExperimentConfig
+
+POLICIES: dict[str, type[Controller]] = {cls.name: cls for cls in (FixedController,)}
+
+
+def make_controller(experiment: ExperimentConfig, bench: BenchConfig) -> Controller:
+    try:
+        cls = POLICIES[experiment.controller.policy]
+    except KeyError:
+        raise ConfigError(f"controller.policy: unknown policy {experiment.controller.policy!r}; "
+                          f"known: {sorted(POLICIES)}") from None
+    return cls(experiment, bench)
+
+
+__all__ = ["Controller", "DevicePlan", "DeviceState", "RoundState", "POLICIES", "make_controller"]

@@ -1,0 +1,68 @@
+"""The controller interface: every policy decides a round's plan and then observes what was measured.
+
+Shaped like a federated-learning strategy (Flower's `configure_fit` / `aggregate_fit`): `decide` is called
+before a round with the state the BS knows, `observe` after it with the measurements. Policies never talk to
+sockets or radios, so the same policy runs on every PHY.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+
+from bs_node.measurements import RoundRecord
+from fedlora.config import BenchConfig, DeviceProfile, ExperimentConfig
+
+
+@dataclass(frozen=True)
+class DevicePlan:
+    """What one device does this round."""
+    device_id: int
+    participate: bool
+    rank: int
+    depth: int
+    tx_power_dbm: float
+    bandwidth_hz: float
+    modulation: str
+    keep_fraction: float  # share of rank components sent (1.0 = dense)
+    local_steps: int
+
+
+@dataclass(frozen=True)
+class DeviceState:
+    device_id: int
+    profile: DeviceProfile
+    rounds_participated: int = 0
+
+
+@dataclass(frozen=True)
+class RoundState:
+    """What the BS knows before a round: who is ready, and the resources to share."""
+    round_idx: int
+    devices: tuple[DeviceState, ...]
+    total_bandwidth_hz: float
+    max_tx_power_dbm: float
+    min_tx_power_dbm: float
+    max_rank: int
+    num_layers: int
+    local_steps: int
+
+
+class Controller(ABC):
+    """A policy: `decide(state) -> {device_id: DevicePlan}`, then `observe(record)`."""
+
+    name: str = "abstract"
+
+    def __init__(self, experiment: ExperimentConfig, bench: BenchConfig):
+        self.experiment = experiment
+        self.bench = bench
+
+    @abstractmethod
+    def decide(self, state: RoundState) -> dict[int, DevicePlan]:
+        """Plan the round for every device in `state.devices` (a device left out does not take part)."""
+
+    def observe(self, record: RoundRecord) -> None:
+        """Learn from what the round measured (link SNR, losses, energy). Stateless policies ignore it."""
+
+    def explain(self) -> dict:
+        """The controller's inputs and internal state (estimates, queues), written into the round record."""
+        return {}

@@ -1,0 +1,30 @@
+"""`fedlora-edge`: start one edge device that joins a BS at an address (one per host or many per host)."""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="fedlora-edge", description=__doc__)
+    parser.add_argument("--bs", required=True, help="BS control address, e.g. tcp://10.0.0.1:5755")
+    parser.add_argument("--device-id", type=int, required=True)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads for local training")
+    parser.add_argument("--log-level", default="INFO")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level, stream=sys.stderr,
+                        format=f"%(asctime)s edge{args.device_id} %(levelname)s %(message)s")
+    from edge_node.node import EdgeNode, install_signal_handlers
+
+    node = EdgeNode(args.bs, args.device_id, threads=args.threads)
+    install_signal_handlers(node)
+    return node.run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

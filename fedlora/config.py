@@ -1,0 +1,313 @@
+"""Typed configuration: one YAML file describes an experiment, one describes a bench.
+
+Both are plain dataclasses filled from YAML by `from_mapping`, which checks every field's type and names the
+file and the dotted field path in its error, so a typo in a lab's bench file points at itself.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Mapping
+
+import yaml
+
+from fedlora.models import ModelConfig
+from fedlora.training import TrainConfig
+from phy.channel import ChannelConfig
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_EXPERIMENT = REPO_ROOT / "experiments" / "default.yaml"
+DEFAULT_BENCH = REPO_ROOT / "hw_configs" / "sim.yaml"
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, unknown or of the wrong type; the message names file and field."""
+
+
+# ----------------------------------------------------------------------------------------------- experiment
+@dataclass(frozen=True)
+class TaskConfig:
+    name: Literal["rotten_tomatoes", "sst2", "qnli"] = "rotten_tomatoes"
+    path: str | None = None  # GLUE task folder (train.tsv, dev.tsv) for sst2 / qnli
+    test_size: int = 1000
+    max_train: int | None = None
+
+
+@dataclass(frozen=True)
+class DevicesConfig:
+    count: int = 4
+    dirichlet_alpha: float = 1.0  # non-IID label skew: smaller is more skewed
+    min_examples: int = 8
+
+
+@dataclass(frozen=True)
+class RoundConfig:
+    rounds: int = 6
+    deadline_s: float = 240.0  # wall-clock deadline of one round at the BS; late devices are dropped
+    startup_timeout_s: float = 300.0  # how long the BS waits for devices to register before round 1
+    min_devices: int = 1  # the BS starts once this many devices are ready and the startup timeout has passed
+    heartbeat_s: float = 2.0
+
+
+@dataclass(frozen=True)
+class ControllerConfig:
+    policy: str = "fixed"
+    rank: int | None = None  # None: the global adapter's max rank
+    depth: int | None = None  # None: every transformer layer
+    modulation: Literal["bpsk", "qpsk", "8psk"] = "qpsk"
+
+
+@dataclass(frozen=True)
+class CodecConfig:
+    uplink_dtype: Literal["fp16", "fp32"] = "fp16"
+    downlink_dtype: Literal["fp16", "fp32"] = "fp32"
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    name: str = "default"
+    seed: int = 0
+    task: TaskConfig = field(default_factory=TaskConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    devices: DevicesConfig = field(default_factory=DevicesConfig)
+    training: TrainConfig = field(default_factory=TrainConfig)
+    round: RoundConfig = field(default_factory=RoundConfig)
+    controller: ControllerConfig = field(default_factory=ControllerConfig)
+    codec: CodecConfig = field(default_factory=CodecConfig)
+
+    def check(self, where: str = "experiment") -> None:
+        """Cross-field rules that the types alone cannot say."""
+        _positive(where, "devices.count", self.devices.count)
+        _positive(where, "devices.dirichlet_alpha", self.devices.dirichlet_alpha)
+        _positive(where, "round.rounds", self.round.rounds)
+        _positive(where, "round.deadline_s", self.round.deadline_s)
+        _positive(where, "training.local_steps", self.training.local_steps)
+        _positive(where, "training.batch_size", self.training.batch_size)
+        _positive(where, "training.lr", self.training.lr)
+        _positive(where, "model.max_rank", self.model.max_rank)
+        _positive(where, "task.test_size", self.task.test_size)
+        if self.controller.rank is not None and not 1 <= self.controller.rank <= self.model.max_rank:
+            raise ConfigError(f"{where}: controller.rank: {self.controller.rank} is outside 1..model.max_rank "
+                              f"({self.model.max_rank})")
+        if self.controller.depth is not None and self.controller.depth < 1:
+            raise ConfigError(f"{where}: controller.depth: must be >= 1, got {self.controller.depth}")
+        if self.task.name in ("sst2", "qnli") and self.task.path is not None and not Path(self.task.path).is_dir():
+            raise ConfigError(f"{where}: task.path: {self.task.path!r} is not a folder (expected a GLUE task "
+                              f"folder holding train.tsv and dev.tsv)")
+
+
+# ----------------------------------------------------------------------------------------------- bench
+@dataclass(frozen=True)
+class DeviceProfile:
+    """One edge device of the bench: where it stands and what its hardware costs."""
+    distance_m: float
+    compute_watts_per_core: float = 12.0  # calibrated power of one busy core (CPU-seconds x this = joules)
+    energy_budget_j: float | None = None  # long-term average energy per round (used by energy-aware policies)
+
+
+@dataclass(frozen=True)
+class RadioConfig:
+    total_bandwidth_hz: float = 1.0e6  # shared by the devices (FDMA)
+    max_tx_power_dbm: float = 10.0
+    min_tx_power_dbm: float = -10.0
+    pa_efficiency: float = 0.3  # RF power out / DC power in of the transmit chain
+    radio_on_power_w: float = 0.5  # baseband + RF circuits while transmitting
+    frame_payload_bytes: int = 1000  # update bytes per PHY frame
+
+
+@dataclass(frozen=True)
+class ArqConfig:
+    max_attempts: int = 4
+    guard_s: float = 0.2  # BS waits this long after a burst ends for frames still in flight before it acks
+    ack_timeout_s: float = 10.0  # edge gives up on an ack after this long
+    airtime_budget_s: float | None = 60.0  # no new attempt would push the round's airtime past this
+
+
+@dataclass(frozen=True)
+class AddressConfig:
+    control: str = "tcp://127.0.0.1:5755"  # BS control plane (ROUTER); edges connect here
+    data: str = "tcp://127.0.0.1:5756"  # BS data-plane receiver (sim link)
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    name: str = "sim"
+    phy: Literal["sim"] = "sim"
+    radio: RadioConfig = field(default_factory=RadioConfig)
+    arq: ArqConfig = field(default_factory=ArqConfig)
+    channel: ChannelConfig = field(default_factory=ChannelConfig)  # sim PHY only
+    per_curve: str | None = None  # PER-vs-SNR calibration file for the sim PHY; None = built-in curves
+    addresses: AddressConfig = field(default_factory=AddressConfig)
+    devices: tuple[DeviceProfile, ...] = (DeviceProfile(10.0), DeviceProfile(20.0), DeviceProfile(35.0),
+                                          DeviceProfile(50.0))
+
+    def check(self, where: str = "bench") -> None:
+        _positive(where, "radio.total_bandwidth_hz", self.radio.total_bandwidth_hz)
+        _positive(where, "radio.pa_efficiency", self.radio.pa_efficiency)
+        _positive(where, "radio.frame_payload_bytes", self.radio.frame_payload_bytes)
+        _positive(where, "arq.max_attempts", self.arq.max_attempts)
+        if self.radio.min_tx_power_dbm > self.radio.max_tx_power_dbm:
+            raise ConfigError(f"{where}: radio.min_tx_power_dbm is above radio.max_tx_power_dbm")
+        if not self.devices:
+            raise ConfigError(f"{where}: devices: at least one device profile is needed")
+        for i, dev in enumerate(self.devices):
+            _positive(where, f"devices[{i}].distance_m", dev.distance_m)
+            _positive(where, f"devices[{i}].compute_watts_per_core", dev.compute_watts_per_core)
+
+    def device(self, device_id: int) -> DeviceProfile:
+        """Profile of a device; ids beyond the list reuse it cyclically (a bench of 4 can host 8 devices)."""
+        return self.devices[device_id % len(self.devices)]
+
+
+def _positive(where: str, name: str, value: float) -> None:
+    if not value > 0:
+        raise ConfigError(f"{where}: {name}: must be > 0, got {value!r}")
+
+
+# ----------------------------------------------------------------------------------------------- loading
+def from_mapping(cls: type, data: Any, where: str, path: str = "") -> Any:
+    """Build dataclass `cls` from a YAML mapping, checking names and types; errors name `where` and the field."""
+    label = f"{where}: {path or '<top>'}"
+    if dataclasses.is_dataclass(data) and isinstance(data, cls):
+        return data
+    if data is None:
+        data = {}
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{label}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"{label}: unknown field(s) {unknown}; known: {sorted(names)}")
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in data:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise ConfigError(f"{where}: {_join(path, f.name)}: required field is missing")
+            continue
+        kwargs[f.name] = _coerce(hints[f.name], data[f.name], where, _join(path, f.name))
+    return cls(**kwargs)
+
+
+def _join(path: str, name: str) -> str:
+    return f"{path}.{name}" if path else name
+
+
+def _coerce(tp: Any, value: Any, where: str, path: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    label = f"{where}: {path}"
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(arg, value, where, path)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{label}: {value!r} matches none of {args}")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{label}: {value!r} is not one of {list(args)}")
+        return value
+    if origin in (tuple, list):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{label}: expected a list, got {type(value).__name__}")
+        item_tp = args[0] if args else Any
+        items = [_coerce(item_tp, v, where, f"{path}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if dataclasses.is_dataclass(tp):
+        return from_mapping(tp, value, where, path)
+    if tp is Any:
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{label}: expected true/false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{label}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, str):  # PyYAML (YAML 1.1) reads 1e6 as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{label}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{label}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{label}: unsupported field type {tp!r}")
+
+
+def _read_yaml(path: Path) -> Any:
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from exc
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+
+
+def apply_overrides(data: dict, overrides: list[str], where: str) -> dict:
+    """CLI overrides `a.b.c=value` (value parsed as YAML) applied onto a loaded mapping."""
+    data = dict(data or {})
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"{where}: override {item!r}: expected key.path=value")
+        node = data
+        parts = key.split(".")
+        for part in parts[:-1]:
+            child = node.get(part)
+            node[part] = dict(child) if isinstance(child, Mapping) else {}
+            node = node[part]
+        node[parts[-1]] = yaml.safe_load(raw)
+    return data
+
+
+def load_experiment(path: str | Path | None = None, overrides: list[str] = ()) -> ExperimentConfig:
+    path = Path(path) if path else DEFAULT_EXPERIMENT
+    data = apply_overrides(_read_yaml(path) or {}, list(overrides), str(path))
+    cfg = from_mapping(ExperimentConfig, data, str(path))
+    cfg.check(str(path))
+    return cfg
+
+
+def load_bench(path: str | Path | None = None, overrides: list[str] = ()) -> BenchConfig:
+    path = Path(path) if path else DEFAULT_BENCH
+    data = apply_overrides(_read_yaml(path) or {}, list(overrides), str(path))
+    cfg = from_mapping(BenchConfig, data, str(path))
+    cfg.check(str(path))
+    return cfg
+
+
+def to_mapping(cfg: Any) -> Any:
+    """Dataclass -> plain YAML/JSON-able structure (tuples become lists)."""
+    if dataclasses.is_dataclass(cfg):
+        return {f.name: to_mapping(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
+    if isinstance(cfg, (list, tuple)):
+        return [to_mapping(v) for v in cfg]
+    return cfg
+
+
+def experiment_from_mapping(data: Any, where: str) -> ExperimentConfig:
+    cfg = from_mapping(ExperimentConfig, data, where)
+    cfg.check(where)
+    return cfg
+
+
+def bench_from_mapping(data: Any, where: str) -> BenchConfig:
+    cfg = from_mapping(BenchConfig, data, where)
+    cfg.check(where)
+    return cfg

@@ -1,0 +1,125 @@
+"""`fedlora-run`: one experiment on one machine: the BS and K edges as separate processes.
+
+The BS prints the live view on this terminal; each edge logs to <run>/logs/edge-K.log. Ctrl-C asks the BS to
+stop (it writes what it has and tells the edges to leave); a second Ctrl-C kills every child.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from fedlora.config import ConfigError, load_bench, load_experiment
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="fedlora-run", description=__doc__)
+    parser.add_argument("--experiment", help="experiment YAML (default: experiments/default.yaml)")
+    parser.add_argument("--bench", help="bench YAML (default: hw_configs/sim.yaml)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--bench-set", dest="bench_overrides", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--runs-dir", default="runs", help="parent folder of run folders")
+    parser.add_argument("--run-dir", help="exact run folder (default: <runs-dir>/<time>-<name>)")
+    parser.add_argument("--edge-threads", type=int, default=1, help="torch threads per edge")
+    parser.add_argument("--silence-timeout", type=float, default=30.0)
+    args = parser.parse_args(argv)
+    try:
+        experiment = load_experiment(args.experiment, args.overrides)
+        load_bench(args.bench, args.bench_overrides)
+    except ConfigError as exc:
+        print(f"fedlora-run: configuration error: {exc}", file=sys.stderr)
+        return 2
+    run_dir = Path(args.run_dir or Path(args.runs_dir) / f"{time.strftime('%Y%m%d-%H%M%S')}-{experiment.name}")
+    (run_dir / "logs").mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
+
+    passthrough = []
+    for flag, value in (("--experiment", args.experiment), ("--bench", args.bench)):
+        if value:
+            passthrough += [flag, value]
+    passthrough += [x for o in args.overrides for x in ("--set", o)]
+    passthrough += [x for o in args.bench_overrides for x in ("--bench-set", o)]
+    bs_log = open(run_dir / "logs" / "bs.log", "w")
+    bs = subprocess.Popen([sys.executable, "-m", "bs_node.main", *passthrough, "--run-dir", str(run_dir),
+                           "--control", "tcp://127.0.0.1:0", "--data", "tcp://127.0.0.1:0",
+                           "--silence-timeout", str(args.silence_timeout)],
+                          env=env, stderr=bs_log, start_new_session=True)
+    edges: list[subprocess.Popen] = []
+    interrupted = [0]
+
+    def on_signal(signum, _frame):
+        interrupted[0] += 1
+        if interrupted[0] == 1:
+            print("\nstopping: asking the BS to close the run (Ctrl-C again to kill)", file=sys.stderr, flush=True)
+            _signal(bs, signal.SIGINT)
+        else:
+            for p in [bs, *edges]:
+                _signal(p, signal.SIGKILL)
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    try:
+        endpoints = _wait_endpoints(run_dir / "endpoints.json", bs)
+        if endpoints is None:
+            print(f"fedlora-run: the BS exited before binding (see {run_dir / 'logs' / 'bs.log'})", file=sys.stderr)
+            return bs.wait() or 1
+        for k in range(experiment.devices.count):
+            log = open(run_dir / "logs" / f"edge-{k}.log", "w")
+            edges.append(subprocess.Popen(
+                [sys.executable, "-m", "edge_node.main", "--bs", endpoints["control"], "--device-id", str(k),
+                 "--threads", str(args.edge_threads)],
+                env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
+        code = bs.wait()
+        deadline = time.monotonic() + 20
+        for p in edges:  # the BS told them to leave; give them a moment, then insist
+            try:
+                p.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                _signal(p, signal.SIGTERM)
+        for p in edges:
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                _signal(p, signal.SIGKILL)
+                p.wait()
+        for k, p in enumerate(edges):
+            if p.returncode not in (0, None):
+                print(f"edge {k} exited with code {p.returncode} (log: {run_dir / 'logs' / f'edge-{k}.log'})",
+                      file=sys.stderr)
+        return code
+    finally:
+        for p in [bs, *edges]:
+            if p.poll() is None:
+                _signal(p, signal.SIGKILL)
+        bs_log.close()
+
+
+def _signal(proc: subprocess.Popen, sig: int) -> None:
+    if proc.poll() is None:
+        try:
+            proc.send_signal(sig)
+        except ProcessLookupError:
+            pass
+
+
+def _wait_endpoints(path: Path, bs: subprocess.Popen, timeout_s: float = 120.0) -> dict | None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if path.exists():
+            try:
+                return json.loads(path.read_text())
+            except json.JSONDecodeError:
+                pass  # written but not flushed yet
+        if bs.poll() is not None:
+            return None
+        time.sleep(0.1)
+    return None
+
+
+if __name__ == "__main__":
+    sys.exit(main())

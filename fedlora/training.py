@@ -1,0 +1,160 @@
+"""Local training and evaluation loops (CPU, small models).
+
+Batches are padded to the longest sequence in the batch (not to max_length):
+on CPU that is ~20 % faster for short review snippets.  Local training runs a
+fixed number of *steps* (not epochs) so devices with different data sizes do
+comparable work per round; batches cycle over freshly shuffled epochs drawn
+from a seeded generator, so a run is reproducible.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from fedlora.tasks import Example
+
+
+@dataclass
+class TrainConfig:
+    local_steps: int = 25
+    batch_size: int = 16
+    lr: float = 5e-4
+    weight_decay: float = 0.0
+    max_length: int = 64
+    seed: int = 0
+
+
+@dataclass
+class TrainStats:
+    steps: int
+    examples: int  # examples processed (steps x batch size, with repeats)
+    mean_loss: float
+    final_loss: float
+    cpu_s: float  # process CPU seconds (time.process_time), all threads
+    wall_s: float
+
+
+def encode(tokenizer, batch: Sequence[Example], max_length: int) -> dict[str, torch.Tensor]:
+    """Tokenise a batch, as sentence pairs when the examples have ``text_pair``."""
+    texts = [e.text for e in batch]
+    pairs = [e.text_pair for e in batch]
+    has_pair = [p is not None for p in pairs]
+    if any(has_pair) and not all(has_pair):
+        raise ValueError("a batch mixes single sentences and sentence pairs")
+    return tokenizer(
+        texts,
+        text_pair=pairs if all(has_pair) else None,
+        padding="longest",
+        truncation=True,
+        max_length=max_length,
+        return_tensors="pt",
+    )
+
+
+def _batches(n: int, batch_size: int, gen: torch.Generator) -> Iterator[list[int]]:
+    """Endless stream of index batches over successive shuffled epochs."""
+    buf: list[int] = []
+    while True:
+        while len(buf) < batch_size:
+            buf.extend(torch.randperm(n, generator=gen).tolist())
+        yield buf[:batch_size]
+        buf = buf[batch_size:]
+
+
+def _logits(model: torch.nn.Module, enc: dict[str, torch.Tensor]) -> torch.Tensor:
+    out = model(**enc)
+    return out.logits if hasattr(out, "logits") else out[0]
+
+
+def train_local(
+    model: torch.nn.Module,
+    tokenizer,
+    examples: Sequence[Example],
+    cfg: TrainConfig,
+    *,
+    regularizer: Callable[[torch.nn.Module], torch.Tensor] | None = None,
+    progress: Callable[[int, float], None] | None = None,
+) -> TrainStats:
+    """Run ``cfg.local_steps`` AdamW steps on the trainable parameters of ``model``.
+
+    ``regularizer(model)`` is added to the loss (e.g. an orthogonality penalty).
+    ``progress(step, loss)`` is called after each step (1-based).  The global
+    torch RNG (dropout) is seeded from ``cfg.seed`` inside a fork, so the
+    caller's RNG state is untouched.
+    """
+    if not examples:
+        raise ValueError("train_local needs at least one example")
+    if cfg.local_steps < 0:
+        raise ValueError(f"local_steps must be >= 0, got {cfg.local_steps}")
+    if cfg.batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {cfg.batch_size}")
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("model has no trainable parameters")
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    batch_size = min(cfg.batch_size, len(examples))
+    gen = torch.Generator().manual_seed(cfg.seed)
+    batches = _batches(len(examples), batch_size, gen)
+
+    was_training = model.training
+    model.train()
+    cpu0, wall0 = time.process_time(), time.perf_counter()
+    losses: list[float] = []
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        for step in range(1, cfg.local_steps + 1):
+            idx = next(batches)
+            batch = [examples[i] for i in idx]
+            enc = encode(tokenizer, batch, cfg.max_length)
+            labels = torch.tensor([e.label for e in batch])
+            loss = F.cross_entropy(_logits(model, enc), labels)
+            if regularizer is not None:
+                loss = loss + regularizer(model)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            losses.append(float(loss.detach()))
+            if progress is not None:
+                progress(step, losses[-1])
+    model.train(was_training)
+    return TrainStats(
+        steps=cfg.local_steps,
+        examples=cfg.local_steps * batch_size,
+        mean_loss=sum(losses) / len(losses) if losses else float("nan"),
+        final_loss=losses[-1] if losses else float("nan"),
+        cpu_s=time.process_time() - cpu0,
+        wall_s=time.perf_counter() - wall0,
+    )
+
+
+def evaluate(
+    model: torch.nn.Module,
+    tokenizer,
+    examples: Sequence[Example],
+    batch_size: int = 64,
+    max_length: int = 64,
+) -> dict:
+    """Accuracy and mean cross-entropy over ``examples`` (eval mode, no grad)."""
+    if not examples:
+        return {"accuracy": float("nan"), "loss": float("nan"), "n": 0}
+    was_training = model.training
+    model.eval()
+    correct, loss_sum = 0, 0.0
+    try:
+        with torch.no_grad():
+            for start in range(0, len(examples), batch_size):
+                batch = examples[start : start + batch_size]
+                enc = encode(tokenizer, batch, max_length)
+                labels = torch.tensor([e.label for e in batch])
+                logits = _logits(model, enc)
+                loss_sum += float(F.cross_entropy(logits, labels, reduction="sum"))
+                correct += int((logits.argmax(-1) == labels).sum())
+    finally:
+        model.train(was_training)
+    n = len(examples)
+    return {"accuracy": correct / n, "loss": loss_sum / n, "n": n}

@@ -1,0 +1,1 @@
+"""phy package."""

@@ -1,0 +1,101 @@
+"""Bounded selective-repeat ARQ on the sender side, independent of the PHY.
+
+The ack path is a callback so the same logic works over any control channel
+(and in tests with a fake). Bounded by attempts and by airtime, because every
+retransmission costs airtime that the round's schedule has to pay for.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+from phy.channel import TxSetting
+from phy.framing import Frame
+from phy.link import UplinkTransmitter
+
+log = logging.getLogger(__name__)
+
+# request_ack(attempt, seqs_sent_this_attempt) -> seqs the receiver holds so far, or None (no answer)
+AckFn = Callable[[int, list[int]], "set[int] | None"]
+
+
+@dataclass
+class ArqResult:
+    delivered: bool
+    attempts: int
+    frames_sent: int
+    frames_lost: int  # transmissions not acknowledged (all of an attempt whose ack never came)
+    bytes_sent: int
+    airtime_s: float
+    stop_reason: str = ""  # "delivered" | "max_attempts" | "airtime_budget" | "no_ack"
+
+
+def send_with_arq(
+    tx: UplinkTransmitter,
+    frames: Sequence[Frame],
+    setting: TxSetting,
+    *,
+    round_idx: int,
+    request_ack: AckFn,
+    max_attempts: int,
+    airtime_budget_s: float | None,
+) -> ArqResult:
+    """Send frames, then resend only the unacknowledged ones.
+
+    Attempt 1 always sends everything (the budget only gates retransmissions).
+    Stops when all seqs are acked, after max_attempts, when request_ack returns
+    None, or when the next attempt's estimated airtime would push the total
+    past airtime_budget_s. The estimate is tx.estimate_airtime_s() when the
+    PHY knows it, else the mean airtime per frame so far times the frames left.
+    """
+    if max_attempts < 1:
+        raise ValueError(f"max_attempts must be >= 1, got {max_attempts}")
+    if airtime_budget_s is not None and airtime_budget_s < 0:
+        raise ValueError(f"airtime_budget_s must be >= 0 or None, got {airtime_budget_s}")
+    encoded: dict[int, bytes] = {}
+    for f in frames:
+        if f.round_idx != round_idx:
+            raise ValueError(f"frame seq {f.seq} has round_idx {f.round_idx}, sending for round {round_idx}")
+        if f.seq in encoded:
+            raise ValueError(f"duplicate seq {f.seq} in frames")
+        encoded[f.seq] = f.to_bytes()
+    result = ArqResult(delivered=False, attempts=0, frames_sent=0, frames_lost=0, bytes_sent=0, airtime_s=0.0)
+    missing = list(encoded)  # keeps the caller's order
+    while missing:
+        if result.attempts >= max_attempts:
+            result.stop_reason = "max_attempts"
+            break
+        payload = [encoded[s] for s in missing]
+        if result.attempts > 0 and airtime_budget_s is not None:
+            estimate_s = tx.estimate_airtime_s([len(p) for p in payload], setting)
+            if estimate_s is None:
+                estimate_s = result.airtime_s / max(1, result.frames_sent) * len(payload)
+            if result.airtime_s + estimate_s > airtime_budget_s:
+                log.info(
+                    "ARQ round %d: stopping before attempt %d, %.4f s + %.4f s would exceed budget %.4f s",
+                    round_idx, result.attempts + 1, result.airtime_s, estimate_s, airtime_budget_s,
+                )
+                result.stop_reason = "airtime_budget"
+                break
+        seqs = list(missing)
+        report = tx.send(payload, setting, round_idx=round_idx)
+        result.attempts += 1
+        result.frames_sent += report.frames_sent
+        result.bytes_sent += report.bytes_sent
+        result.airtime_s += report.airtime_s
+        acked = request_ack(result.attempts, seqs)
+        if acked is None:
+            result.frames_lost += len(seqs)
+            result.stop_reason = "no_ack"
+            log.warning("ARQ round %d: no ack after attempt %d, giving up", round_idx, result.attempts)
+            break
+        acked = set(acked)
+        result.frames_lost += sum(1 for s in seqs if s not in acked)
+        missing = [s for s in encoded if s not in acked]
+        log.debug("ARQ round %d attempt %d: %d/%d frames missing", round_idx, result.attempts, len(missing), len(encoded))
+    result.delivered = not missing
+    if result.delivered:
+        result.stop_reason = "delivered"
+    return result

@@ -1,0 +1,41 @@
+"""Open the uplink of the bench's PHY: the only place that knows which link implementation runs."""
+from __future__ import annotations
+
+from urllib.parse import urlsplit
+
+import zmq
+
+from fedlora.config import BenchConfig, ConfigError
+from phy.channel import DeviceGeometry, PerCurve, SimChannel
+from phy.link import UplinkReceiver, UplinkTransmitter
+from phy.sim import SimUplinkReceiver, SimUplinkTransmitter
+
+
+def per_curve_for(bench: BenchConfig) -> PerCurve:
+    return PerCurve.from_file(bench.per_curve) if bench.per_curve else PerCurve.default()
+
+
+def open_uplink_transmitter(bench: BenchConfig, device_id: int, *, data_address: str, seed: int,
+                            context: zmq.Context | None = None) -> UplinkTransmitter:
+    if bench.phy == "sim":
+        return SimUplinkTransmitter(
+            bs_data_address=data_address,
+            geometry=DeviceGeometry(device_id=device_id, distance_m=bench.device(device_id).distance_m),
+            channel=SimChannel(bench.channel, seed=seed), per_curve=per_curve_for(bench), seed=seed,
+            context=context)
+    raise ConfigError(f"bench {bench.name}: phy {bench.phy!r} has no uplink transmitter in this build")
+
+
+def open_uplink_receiver(bench: BenchConfig, *, bind_address: str,
+                         context: zmq.Context | None = None) -> UplinkReceiver:
+    if bench.phy == "sim":
+        return SimUplinkReceiver(bind_address=bind_address, context=context)
+    raise ConfigError(f"bench {bench.name}: phy {bench.phy!r} has no uplink receiver in this build")
+
+
+def reachable_address(bound: str, via: str) -> str:
+    """The BS binds wildcards (tcp://0.0.0.0:port); an edge reaches that port on the host it used for `via`."""
+    bound_parts, via_parts = urlsplit(bound), urlsplit(via)
+    if bound_parts.hostname in ("0.0.0.0", "*", "::", None) and via_parts.hostname:
+        return f"{bound_parts.scheme}://{via_parts.hostname}:{bound_parts.port}"
+    return bound

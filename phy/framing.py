@@ -1,0 +1,245 @@
+"""Data-plane framing: how an uplink message becomes packets on the air.
+
+One frame = one PHY packet. The format is fixed-size big-endian so it is the
+same bytes on the sim link and on the GNU Radio link (whose packet limit is
+4091 bytes, so header + MAX_FRAME_PAYLOAD + CRC must stay below it).
+
+Layout::
+
+    magic(2) version(1) flags(1) device_id u16  round_idx u32
+    seq u16  total u16  payload_len u16  | payload | CRC32(header+payload)
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+import zlib
+from dataclasses import dataclass
+
+MAGIC = b"FL"
+VERSION = 1
+_HEADER = struct.Struct(">2sBBHIHHH")
+_CRC = struct.Struct(">I")
+HEADER_BYTES = _HEADER.size  # 16
+CRC_BYTES = _CRC.size  # 4
+OVERHEAD_BYTES = HEADER_BYTES + CRC_BYTES
+MAX_FRAME_PAYLOAD = 4000
+MAX_FRAME_BYTES = OVERHEAD_BYTES + MAX_FRAME_PAYLOAD  # 4020 <= 4091 (GNU Radio limit)
+MAX_FRAMES_PER_MESSAGE = 0xFFFF
+
+_U16 = 0xFFFF
+_U32 = 0xFFFFFFFF
+
+
+class FrameError(ValueError):
+    """A frame (or a set of frames) is malformed or inconsistent."""
+
+
+@dataclass(frozen=True)
+class Frame:
+    """One fragment of a device's uplink message for one round."""
+
+    device_id: int
+    round_idx: int
+    seq: int
+    total: int
+    payload: bytes
+
+    def __post_init__(self) -> None:
+        # Accept bytearray/memoryview but store immutable bytes (frame is hashable).
+        if not isinstance(self.payload, bytes):
+            object.__setattr__(self, "payload", bytes(self.payload))
+        _check_range("device_id", self.device_id, _U16)
+        _check_range("round_idx", self.round_idx, _U32)
+        _check_range("seq", self.seq, _U16)
+        _check_range("total", self.total, _U16)
+        if self.total < 1:
+            raise FrameError(f"total must be >= 1, got {self.total}")
+        if self.seq >= self.total:
+            raise FrameError(f"seq {self.seq} out of range for total {self.total}")
+        if len(self.payload) > MAX_FRAME_PAYLOAD:
+            raise FrameError(
+                f"payload of {len(self.payload)} bytes exceeds MAX_FRAME_PAYLOAD={MAX_FRAME_PAYLOAD}"
+            )
+
+    def to_bytes(self) -> bytes:
+        header = _HEADER.pack(
+            MAGIC, VERSION, 0, self.device_id, self.round_idx, self.seq, self.total, len(self.payload)
+        )
+        body = header + self.payload
+        return body + _CRC.pack(zlib.crc32(body))
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> "Frame":
+        """Parse and verify; raises FrameError (only) on anything malformed."""
+        try:
+            data = bytes(data)
+        except (TypeError, ValueError) as exc:
+            raise FrameError(f"frame data is not bytes-like: {type(data).__name__}") from exc
+        if len(data) < OVERHEAD_BYTES:
+            raise FrameError(f"frame too short: {len(data)} bytes < {OVERHEAD_BYTES} (header+CRC)")
+        magic, version, flags, device_id, round_idx, seq, total, payload_len = _HEADER.unpack_from(data)
+        if magic != MAGIC:
+            raise FrameError(f"bad magic {magic!r}, expected {MAGIC!r}")
+        if version != VERSION:
+            raise FrameError(f"unsupported version {version}, expected {VERSION}")
+        expected_len = OVERHEAD_BYTES + payload_len
+        if len(data) != expected_len:
+            raise FrameError(
+                f"length mismatch: header says payload_len={payload_len} "
+                f"({expected_len} bytes total), got {len(data)} bytes"
+            )
+        body = data[:-CRC_BYTES]
+        (crc_rx,) = _CRC.unpack_from(data, len(body))
+        crc_calc = zlib.crc32(body)
+        if crc_rx != crc_calc:
+            raise FrameError(f"CRC mismatch: received {crc_rx:#010x}, computed {crc_calc:#010x}")
+        # CRC-valid from here on: remaining checks catch a buggy/foreign sender, not noise.
+        if flags != 0:
+            raise FrameError(f"unsupported flags {flags:#04x} (reserved, must be 0)")
+        if payload_len > MAX_FRAME_PAYLOAD:
+            raise FrameError(f"payload_len {payload_len} exceeds MAX_FRAME_PAYLOAD={MAX_FRAME_PAYLOAD}")
+        if total < 1 or seq >= total:
+            raise FrameError(f"bad seq/total: seq={seq} total={total}")
+        return cls(device_id, round_idx, seq, total, body[HEADER_BYTES:])
+
+
+def _check_range(name: str, value: int, upper: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise FrameError(f"{name} must be int, got {type(value).__name__}")
+    if not 0 <= value <= upper:
+        raise FrameError(f"{name}={value} out of range [0, {upper}]")
+
+
+def fragment(message: bytes, device_id: int, round_idx: int, frame_payload_bytes: int) -> list[Frame]:
+    """Split a message into frames of frame_payload_bytes (last one shorter).
+
+    An empty message still yields one (empty) frame so the receiver learns it
+    is complete.
+    """
+    if isinstance(frame_payload_bytes, bool) or not isinstance(frame_payload_bytes, int):
+        raise ValueError(f"frame_payload_bytes must be int, got {type(frame_payload_bytes).__name__}")
+    if not 1 <= frame_payload_bytes <= MAX_FRAME_PAYLOAD:
+        raise ValueError(f"frame_payload_bytes={frame_payload_bytes} out of range [1, {MAX_FRAME_PAYLOAD}]")
+    message = bytes(message)
+    total = max(1, math.ceil(len(message) / frame_payload_bytes))
+    if total > MAX_FRAMES_PER_MESSAGE:
+        raise ValueError(
+            f"message of {len(message)} bytes needs {total} frames of {frame_payload_bytes} bytes "
+            f"(max {MAX_FRAMES_PER_MESSAGE}); use larger frames"
+        )
+    return [
+        Frame(device_id, round_idx, seq, total, message[seq * frame_payload_bytes : (seq + 1) * frame_payload_bytes])
+        for seq in range(total)
+    ]
+
+
+class _Partial:
+    __slots__ = ("total", "frag_bytes", "parts", "nbytes")
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self.frag_bytes: int | None = None  # payload size of every non-last frame
+        self.parts: dict[int, bytes] = {}
+        self.nbytes = 0
+
+
+class Reassembler:
+    """BS side: collects frames per (device_id, round_idx).
+
+    Memory is bounded: a frame whose header implies a message larger than
+    max_message_bytes is rejected before anything is stored, and (optionally)
+    max_total_bytes caps all buffered partial messages together. Duplicates
+    (retransmissions) are ignored; a frame disagreeing with earlier frames of
+    the same message (total, fragment size) raises FrameError.
+    """
+
+    def __init__(self, max_message_bytes: int = 64 * 2**20, *, max_total_bytes: int | None = None) -> None:
+        if max_message_bytes < 0:
+            raise ValueError("max_message_bytes must be >= 0")
+        self.max_message_bytes = max_message_bytes
+        self.max_total_bytes = max_total_bytes
+        self._partials: dict[tuple[int, int], _Partial] = {}
+        self._buffered_bytes = 0
+
+    @property
+    def buffered_bytes(self) -> int:
+        return self._buffered_bytes
+
+    def add(self, frame: Frame) -> bool:
+        """Store a frame; True if it was new, False for a duplicate."""
+        key = (frame.device_id, frame.round_idx)
+        n = len(frame.payload)
+        is_last = frame.seq == frame.total - 1
+        # Non-last frames are all full-size, the last one is no larger: lower bound on the message size.
+        min_message_bytes = frame.total * n if is_last else (frame.total - 1) * n
+        if min_message_bytes > self.max_message_bytes:
+            raise FrameError(
+                f"device {frame.device_id} round {frame.round_idx}: total={frame.total} frames of "
+                f"{n} bytes implies >= {min_message_bytes} bytes > max_message_bytes={self.max_message_bytes}"
+            )
+        part = self._partials.get(key)
+        if part is not None:
+            if part.total != frame.total:
+                raise FrameError(
+                    f"device {frame.device_id} round {frame.round_idx}: conflicting total "
+                    f"{frame.total} (earlier frames said {part.total})"
+                )
+            if frame.seq in part.parts:
+                return False
+        else:
+            part = _Partial(frame.total)
+        if not is_last:
+            if part.frag_bytes is not None and part.frag_bytes != n:
+                raise FrameError(
+                    f"device {frame.device_id} round {frame.round_idx}: conflicting fragment size "
+                    f"{n} (earlier frames had {part.frag_bytes})"
+                )
+        elif part.frag_bytes is not None and n > part.frag_bytes:
+            raise FrameError(
+                f"device {frame.device_id} round {frame.round_idx}: last frame ({n} bytes) larger "
+                f"than fragment size {part.frag_bytes}"
+            )
+        if part.nbytes + n > self.max_message_bytes:
+            raise FrameError(
+                f"device {frame.device_id} round {frame.round_idx}: message exceeds "
+                f"max_message_bytes={self.max_message_bytes}"
+            )
+        if self.max_total_bytes is not None and self._buffered_bytes + n > self.max_total_bytes:
+            raise FrameError(f"reassembly buffer full ({self._buffered_bytes} bytes buffered)")
+        if not is_last:
+            part.frag_bytes = n
+        part.parts[frame.seq] = frame.payload
+        part.nbytes += n
+        self._buffered_bytes += n
+        self._partials[key] = part
+        return True
+
+    def received_seqs(self, device_id: int, round_idx: int) -> set[int]:
+        part = self._partials.get((device_id, round_idx))
+        return set(part.parts) if part is not None else set()
+
+    def is_complete(self, device_id: int, round_idx: int) -> bool:
+        part = self._partials.get((device_id, round_idx))
+        return part is not None and len(part.parts) == part.total
+
+    def pop(self, device_id: int, round_idx: int) -> bytes:
+        """Return the reassembled message and forget it.
+
+        KeyError if nothing was received for the key, FrameError if incomplete
+        (state is kept so more frames can still arrive).
+        """
+        key = (device_id, round_idx)
+        part = self._partials[key]
+        if len(part.parts) != part.total:
+            missing = part.total - len(part.parts)
+            raise FrameError(f"device {device_id} round {round_idx}: incomplete, {missing}/{part.total} frames missing")
+        del self._partials[key]
+        self._buffered_bytes -= part.nbytes
+        return b"".join(part.parts[seq] for seq in range(part.total))
+
+    def discard_round(self, round_idx: int) -> None:
+        """Drop every (possibly partial) message of a round, e.g. after its deadline."""
+        for key in [k for k in self._partials if k[1] == round_idx]:
+            self._buffered_bytes -= self._partials.pop(key).nbytes

@@ -1,0 +1,100 @@
+"""The one uplink interface every PHY implements (sim now; gr-loopback, gr-zmq-iq, rf later).
+
+Nodes talk only to these classes, so the base station and edge code never
+branch on which PHY is underneath.
+"""
+
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Sequence
+
+from phy.channel import TxSetting
+
+if TYPE_CHECKING:  # pragma: no cover
+    import zmq
+
+
+@dataclass
+class TxReport:
+    """What one send() put on the air (lost frames included: they still cost airtime)."""
+
+    frames_sent: int
+    bytes_sent: int  # frame bytes put on the air
+    airtime_s: float
+
+
+@dataclass
+class RxFrame:
+    """One packet that passed the PHY; parse data with Frame.from_bytes."""
+
+    data: bytes
+    snr_db: float | None  # the receiver's *measured* per-frame SNR (None if the PHY has none)
+    rx_time: float  # time.time() at reception
+
+
+class UplinkTransmitter(ABC):
+    """Edge side of the data plane."""
+
+    @abstractmethod
+    def send(self, frames: Sequence[bytes], setting: TxSetting, *, round_idx: int) -> TxReport:
+        """Transmit one burst of frames (best effort; no delivery guarantee)."""
+
+    def estimate_airtime_s(self, frame_sizes: Sequence[int], setting: TxSetting) -> float | None:
+        """Airtime that sending frames of these sizes would take, or None if unknown.
+
+        Lets ARQ check an airtime budget before a retransmission instead of
+        extrapolating from earlier attempts.
+        """
+        return None
+
+    def close(self) -> None:
+        """Release resources; idempotent."""
+
+    def __enter__(self) -> "UplinkTransmitter":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+class UplinkReceiver(ABC):
+    """Base-station side of the data plane."""
+
+    @abstractmethod
+    def recv(self, timeout_s: float) -> list[RxFrame]:
+        """Whatever arrived within timeout_s (possibly empty); never raises on garbage input."""
+
+    @property
+    def poll_socket(self) -> "zmq.Socket | None":
+        """A zmq socket that becomes readable when frames are waiting (for zmq.Poller), or None."""
+        return None
+
+    def drain_until_quiet(self, quiet_s: float, max_wait_s: float) -> list[RxFrame]:
+        """Collect frames until none arrived for quiet_s (or max_wait_s passed).
+
+        Data and control travel on different paths, so an ARQ ack request can
+        overtake the tail of a burst; the BS calls this before answering it.
+        """
+        deadline = time.monotonic() + max_wait_s
+        out: list[RxFrame] = []
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            got = self.recv(min(quiet_s, remaining))
+            if not got:
+                break
+            out.extend(got)
+        return out
+
+    def close(self) -> None:
+        """Release resources; idempotent."""
+
+    def __enter__(self) -> "UplinkReceiver":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
