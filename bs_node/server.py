@@ -183,6 +183,10 @@ class BaseStation:
         exp = self.exp
         self.round_idx = r
         t0 = time.monotonic()
+        self._poll(0.0)  # registrations and heartbeats that came in while the last round was evaluated
+        while not self.stopping and not self._ready_edges() and time.monotonic() < t0 + exp.round.deadline_s:
+            self.view.status(r, time.monotonic() - t0, {0: "waiting for a ready edge"})
+            self._poll(0.5)
         ready = self._ready_edges()
         state = RoundState(
             round_idx=r,
@@ -205,13 +209,13 @@ class BaseStation:
                 views[spec] = encode_update(self.global_adapter.view(spec), spec=spec, round_idx=r,
                                             device_id=BS_DEVICE_ID, dtype=exp.codec.downlink_dtype)
             attachment = views.get(spec) if plan.participate else None
-            self._send(edge, "plan", attachment, round=r, deadline_s=exp.round.deadline_s,
+            delivered = self._send(edge, "plan", attachment, round=r, deadline_s=exp.round.deadline_s,
                        participate=plan.participate, rank=plan.rank, depth=plan.depth,
                        tx_power_dbm=plan.tx_power_dbm, bandwidth_hz=plan.bandwidth_hz, modulation=plan.modulation,
                        keep_fraction=plan.keep_fraction, local_steps=plan.local_steps)
             if plan.participate:
-                downlink_bytes += len(attachment)
-                self.pending[device_id] = Pending(plan)
+                self.pending[device_id] = Pending(plan, dropped=None if delivered else "disconnected")
+                downlink_bytes += len(attachment) if delivered else 0
         deadline = t0 + exp.round.deadline_s
         while not self.stopping and time.monotonic() < deadline and not self._round_settled():
             self._poll(min(1.0, max(0.0, deadline - time.monotonic())))
@@ -269,7 +273,7 @@ class BaseStation:
             row.snr_db_min, row.snr_db_max = min(p.snr_db), max(p.snr_db)
         row.frames_received = len(self.reassembler.received_seqs(row.device_id, r))
         if p.report is None:
-            row.status = "timeout" if not p.dropped else "dropped"
+            row.status = "timeout" if not p.dropped else ("offline" if p.dropped == "disconnected" else "dropped")
             row.error = p.dropped or f"no report before the {self.exp.round.deadline_s:.0f} s deadline"
             self.view.line(f"round {r}: edge {row.device_id} {row.status}: {row.error}")
             return
@@ -353,6 +357,8 @@ class BaseStation:
         if edge is None or edge.identity != identity:
             log.warning("control: %s from unregistered peer %r (device %s) ignored", kind, identity,
                         msg.get("device_id"))
+            if kind != "bye":  # e.g. an edge that outlived a BS restart: tell it to register again
+                self._send_raw(identity, "reject", reason="not registered with this BS run: register first")
             return
         edge.last_seen = time.monotonic()
         if kind == "heartbeat":
@@ -413,15 +419,25 @@ class BaseStation:
                 keep.append(a)
         self.acks = keep
 
-    def _send(self, edge: Edge, msg_type: str, attachment: bytes | None = None, **fields: Any) -> None:
-        self._send_raw(edge.identity, msg_type, attachment, **fields)
+    def _send(self, edge: Edge, msg_type: str, attachment: bytes | None = None, **fields: Any) -> bool:
+        if self._send_raw(edge.identity, msg_type, attachment, **fields):
+            return True
+        if edge.state != "offline":  # the ROUTER knows the peer's connection is gone: a crash or a disconnect
+            edge.state = "offline"
+            self.view.line(f"edge {edge.device_id} is disconnected (a {msg_type} could not be delivered)")
+        p = self.pending.get(edge.device_id)
+        if p is not None and p.report is None and not p.dropped:
+            p.dropped = "disconnected"
+        return False
 
-    def _send_raw(self, identity: bytes, msg_type: str, attachment: bytes | None = None, **fields: Any) -> None:
+    def _send_raw(self, identity: bytes, msg_type: str, attachment: bytes | None = None, **fields: Any) -> bool:
         parts = [identity, messages.encode(msg_type, **fields)] + ([attachment] if attachment is not None else [])
         try:
             self.control.send_multipart(parts, zmq.NOBLOCK)
+            return True
         except zmq.ZMQError as exc:
             log.warning("control: could not send %s to %r: %s", msg_type, identity, exc)
+            return False
 
     def _broadcast(self, msg_type: str, **fields: Any) -> None:
         for edge in self.edges.values():

@@ -39,11 +39,10 @@ class _Stopped(Exception):
 
 
 class EdgeNode:
-    def __init__(self, bs_address: str, device_id: int, *, threads: int = 1, reregister_s: float = 30.0):
+    def __init__(self, bs_address: str, device_id: int, *, threads: int = 1):
         self.bs_address = bs_address
         self.device_id = device_id
         self.threads = threads
-        self.reregister_s = reregister_s  # BS silent this long: register again (the BS may have restarted)
         self.ctx = zmq.Context.instance()
         self.sock = self.ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.IDENTITY, f"edge-{device_id}-{os.getpid()}".encode())
@@ -52,7 +51,6 @@ class EdgeNode:
         self.run_id: str | None = None
         self.stopping = False
         self._pending: list[tuple[dict, bytes | None]] = []
-        self._last_heard = time.monotonic()
         self._last_sent = 0.0
         self.tx = None
 
@@ -72,7 +70,6 @@ class EdgeNode:
             if not self.sock.poll(remaining_ms):
                 return None
             parts = self.sock.recv_multipart()
-            self._last_heard = time.monotonic()
             try:
                 if len(parts) not in (1, 2):
                     raise messages.MessageError(f"{len(parts)} message parts (expected 1 or 2)")
@@ -158,10 +155,6 @@ class EdgeNode:
         while not self.stopping:
             got = self._recv(heartbeat_s)
             if got is None:
-                if time.monotonic() - self._last_heard > self.reregister_s:
-                    log.warning("edge %d: BS silent for %.0f s; registering again", self.device_id,
-                                time.monotonic() - self._last_heard)
-                    return "reregister"
                 self._heartbeat("idle")
                 continue
             msg, attachment = got
@@ -172,6 +165,9 @@ class EdgeNode:
                 return "shutdown"
             elif msg["type"] == "welcome":
                 self._setup(msg)
+            elif msg["type"] == "reject":  # the BS does not know us (it restarted): register again
+                log.warning("edge %d: BS says %s", self.device_id, msg["reason"])
+                return "reregister"
             elif msg["type"] in ("ack", "report_ack"):
                 pass  # late answers to a round that is over
             else:
@@ -206,6 +202,8 @@ class EdgeNode:
             raise ValueError(f"adapter view is for module {view.spec}, the plan says {spec}")
         self.local.load(spec, view.state)
         steps = plan["local_steps"]
+        log.info("edge %d: round %d: training module rank %d depth %d for %d steps", self.device_id, round_idx,
+                 spec.rank, spec.depth, steps)
         cfg = TrainConfig(**{**asdict(self.exp.training), "local_steps": steps,
                              "seed": self.exp.seed * 100003 + round_idx * 101 + self.device_id})
         last_hb = [0.0]

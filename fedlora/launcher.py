@@ -74,6 +74,13 @@ def main(argv: list[str] | None = None) -> int:
                 [sys.executable, "-m", "edge_node.main", "--bs", endpoints["control"], "--device-id", str(k),
                  "--threads", str(args.edge_threads)],
                 env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
+        while bs.poll() is None:
+            time.sleep(0.5)
+            if edges and all(p.poll() not in (None, 0) for p in edges) and not interrupted[0]:
+                print(f"fedlora-run: every edge exited with an error (see {run_dir / 'logs'}); stopping the BS",
+                      file=sys.stderr, flush=True)
+                interrupted[0] += 1
+                _signal(bs, signal.SIGINT)
         code = bs.wait()
         deadline = time.monotonic() + 20
         for p in edges:  # the BS told them to leave; give them a moment, then insist

@@ -197,8 +197,9 @@ class LocalModel:
             bias="none",
             modules_to_save=list(self._heads),
         )
-        with warnings.catch_warnings():
-            # peft 0.21 calls a transformers-5-deprecated gradient-checkpointing helper
+        # peft's random LoRA init (overwritten by load) must not consume the caller's RNG;
+        # peft 0.21 also calls a transformers-5-deprecated gradient-checkpointing helper.
+        with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
             model = get_peft_model(copy.deepcopy(self._backbone), config)
         got = {p for p in self._modules if hasattr(model.get_base_model().get_submodule(p), "lora_A")}

@@ -18,7 +18,7 @@ from phy.link import UplinkTransmitter
 log = logging.getLogger(__name__)
 
 # request_ack(attempt, seqs_sent_this_attempt) -> seqs the receiver holds so far, or None (no answer)
-AckFn = Callable[[int, list[int]], "set[int] | None"]
+AckFn = Callable[[int, list[int]], set[int] | None]
 
 
 @dataclass

@@ -152,7 +152,10 @@ class Reassembler:
     max_message_bytes is rejected before anything is stored, and (optionally)
     max_total_bytes caps all buffered partial messages together. Duplicates
     (retransmissions) are ignored; a frame disagreeing with earlier frames of
-    the same message (total, fragment size) raises FrameError.
+    the same message (total, fragment size) raises FrameError. A popped
+    message is remembered (just its frame count) until discard_round, so late
+    duplicates don't start a new partial and acks after pop() still report
+    every seq as received.
     """
 
     def __init__(self, max_message_bytes: int = 64 * 2**20, *, max_total_bytes: int | None = None) -> None:
@@ -161,6 +164,7 @@ class Reassembler:
         self.max_message_bytes = max_message_bytes
         self.max_total_bytes = max_total_bytes
         self._partials: dict[tuple[int, int], _Partial] = {}
+        self._popped: dict[tuple[int, int], int] = {}  # key -> total, for messages already delivered
         self._buffered_bytes = 0
 
     @property
@@ -170,6 +174,8 @@ class Reassembler:
     def add(self, frame: Frame) -> bool:
         """Store a frame; True if it was new, False for a duplicate."""
         key = (frame.device_id, frame.round_idx)
+        if key in self._popped:
+            return False
         n = len(frame.payload)
         is_last = frame.seq == frame.total - 1
         # Non-last frames are all full-size, the last one is no larger: lower bound on the message size.
@@ -217,25 +223,33 @@ class Reassembler:
         return True
 
     def received_seqs(self, device_id: int, round_idx: int) -> set[int]:
-        part = self._partials.get((device_id, round_idx))
+        key = (device_id, round_idx)
+        if key in self._popped:
+            return set(range(self._popped[key]))
+        part = self._partials.get(key)
         return set(part.parts) if part is not None else set()
 
     def is_complete(self, device_id: int, round_idx: int) -> bool:
-        part = self._partials.get((device_id, round_idx))
-        return part is not None and len(part.parts) == part.total
+        """True once all frames arrived (stays True after pop() until discard_round)."""
+        key = (device_id, round_idx)
+        part = self._partials.get(key)
+        return key in self._popped or (part is not None and len(part.parts) == part.total)
 
     def pop(self, device_id: int, round_idx: int) -> bytes:
         """Return the reassembled message and forget it.
 
-        KeyError if nothing was received for the key, FrameError if incomplete
-        (state is kept so more frames can still arrive).
+        KeyError if nothing was received for the key or it was already popped,
+        FrameError if incomplete (state is kept so more frames can still arrive).
         """
         key = (device_id, round_idx)
+        if key in self._popped:
+            raise KeyError(f"device {device_id} round {round_idx}: message already popped")
         part = self._partials[key]
         if len(part.parts) != part.total:
             missing = part.total - len(part.parts)
             raise FrameError(f"device {device_id} round {round_idx}: incomplete, {missing}/{part.total} frames missing")
         del self._partials[key]
+        self._popped[key] = part.total
         self._buffered_bytes -= part.nbytes
         return b"".join(part.parts[seq] for seq in range(part.total))
 
@@ -243,3 +257,5 @@ class Reassembler:
         """Drop every (possibly partial) message of a round, e.g. after its deadline."""
         for key in [k for k in self._partials if k[1] == round_idx]:
             self._buffered_bytes -= self._partials.pop(key).nbytes
+        for key in [k for k in self._popped if k[1] == round_idx]:
+            del self._popped[key]

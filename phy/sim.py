@@ -91,7 +91,7 @@ class SimUplinkTransmitter(UplinkTransmitter):
             n = len(frame)
             if n not in per_by_size:
                 per_by_size[n] = self.per_curve.per(true_snr_db, setting.modulation, n)
-            if False:
+            if uniforms[i] < per_by_size[n]:
                 self.last_frames_lost += 1
                 continue
             if not peer_ok:

@@ -184,6 +184,21 @@ def test_fragment_reassemble_shuffled_with_duplicates(message, frame_payload_byt
         r.pop(7, 3)
 
 
+def test_after_pop_late_duplicates_ignored_and_acks_stay_full():
+    r = Reassembler()
+    fr = fragment(b"x" * 50, 1, 4, 10)
+    for f in fr:
+        r.add(f)
+    assert r.pop(1, 4) == b"x" * 50
+    assert not r.add(fr[2])  # late retransmission does not start a new partial
+    assert r.buffered_bytes == 0
+    assert r.is_complete(1, 4) and r.received_seqs(1, 4) == set(range(5))
+    with pytest.raises(KeyError, match="already popped"):
+        r.pop(1, 4)
+    r.discard_round(4)
+    assert not r.is_complete(1, 4) and r.received_seqs(1, 4) == set()
+
+
 def test_reassembler_incomplete_and_keys_separate():
     r = Reassembler()
     a = fragment(b"A" * 30, 1, 5, 10)

@@ -26,7 +26,7 @@ SENTINEL = Frame(device_id=999, round_idx=0, seq=0, total=1, payload=b"END").to_
 def ctx():
     context = zmq.Context()
     yield context
-    context.term()
+    context.destroy(linger=0)  # closes sockets a failed test left open; term() would hang
 
 
 @pytest.fixture

@@ -1,0 +1,68 @@
+"""Start real BS and edge processes for integration tests, and always clean them up."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
+TINY = ["--set", "model.name_or_path=tiny", "--set", "task.test_size=200", "--set", "task.max_train=2000",
+        "--set", "round.heartbeat_s=0.5", "--set", "training.batch_size=8"]
+
+
+class Procs:
+    def __init__(self, tmp: Path):
+        self.tmp = tmp
+        self.procs: list[subprocess.Popen] = []
+
+    def start(self, name: str, args: list[str]) -> subprocess.Popen:
+        out = open(self.tmp / f"{name}.out", "w")
+        p = subprocess.Popen([sys.executable, *args], cwd=REPO, env=ENV, stdout=out, stderr=subprocess.STDOUT)
+        p.name = name  # type: ignore[attr-defined]
+        self.procs.append(p)
+        return p
+
+    def bs(self, run_dir: Path, *extra: str) -> tuple[subprocess.Popen, dict]:
+        p = self.start("bs", ["-m", "bs_node.main", "--run-dir", str(run_dir), "--control", "tcp://127.0.0.1:0",
+                              "--data", "tcp://127.0.0.1:0", "--log-level", "INFO", *TINY, *extra])
+        endpoints = run_dir / "endpoints.json"
+        deadline = time.monotonic() + 60
+        while not endpoints.exists():
+            assert p.poll() is None, self.output("bs")
+            assert time.monotonic() < deadline, "BS did not bind"
+            time.sleep(0.1)
+        time.sleep(0.1)
+        return p, json.loads(endpoints.read_text())
+
+    def edge(self, control: str, device_id: int, name: str | None = None) -> subprocess.Popen:
+        return self.start(name or f"edge{device_id}",
+                          ["-m", "edge_node.main", "--bs", control, "--device-id", str(device_id)])
+
+    def output(self, name: str) -> str:
+        return (self.tmp / f"{name}.out").read_text()
+
+    def cleanup(self) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGKILL)
+                p.wait()
+
+
+def read_rounds(run_dir: Path) -> list[dict]:
+    path = run_dir / "rounds.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def wait_for(predicate, timeout_s: float, what: str, poll_s: float = 0.1):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(poll_s)
+    raise AssertionError(f"timed out waiting for {what}")

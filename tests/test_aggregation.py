@@ -1,0 +1,166 @@
+"""Component-wise aggregation of heterogeneous LoRA updates."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fedlora.aggregation import ClientUpdate, aggregate
+from fedlora.lora import GlobalAdapter, ModuleSpec, layer_index, module_keys
+from fedlora.models import ModelConfig, build_backbone
+
+TINY = ModelConfig(name_or_path="tiny", max_rank=8)
+L0Q = "bert.encoder.layer.0.attention.self.query"
+L1Q = "bert.encoder.layer.1.attention.self.query"
+
+
+@pytest.fixture(scope="module")
+def adapter() -> GlobalAdapter:
+    return GlobalAdapter(build_backbone(TINY, 2, seed=0), TINY, seed=0)
+
+
+def _delta(adapter: GlobalAdapter, spec: ModuleSpec, seed: int) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return {k: torch.randn(v.shape, generator=gen) for k, v in adapter.view(spec).items()}
+
+
+def test_equal_dense_modules_is_exactly_fedavg(adapter):
+    spec = ModuleSpec(8, 2)
+    deltas = [_delta(adapter, spec, s) for s in range(3)]
+    weights = [10.0, 30.0, 60.0]
+    out = aggregate(adapter, [ClientUpdate(spec, d, w) for d, w in zip(deltas, weights)])
+    assert out.keys() == adapter.state.keys()
+    for k in out:
+        fedavg = sum(w * d[k] for d, w in zip(deltas, weights)) / sum(weights)
+        torch.testing.assert_close(out[k], fedavg, atol=1e-6, rtol=1e-6)
+
+
+def test_smaller_rank_does_not_dilute_components_it_lacks(adapter):
+    big, small = ModuleSpec(8, 2), ModuleSpec(2, 2)
+    d1, d2 = _delta(adapter, big, 1), _delta(adapter, small, 2)
+    out = aggregate(adapter, [ClientUpdate(big, d1, 1.0), ClientUpdate(small, d2, 3.0)])
+    a, b = L1Q + ".lora_A", L1Q + ".lora_B"
+    assert torch.equal(out[a][2:], d1[a][2:])
+    assert torch.equal(out[b][:, 2:], d1[b][:, 2:])
+    torch.testing.assert_close(out[a][:2], (d1[a][:2] + 3 * d2[a]) / 4)
+    torch.testing.assert_close(out[b][:, :2], (d1[b][:, :2] + 3 * d2[b]) / 4)
+    # the head is trained densely by everybody: plain weighted mean
+    h = "head.classifier.weight"
+    torch.testing.assert_close(out[h], (d1[h] + 3 * d2[h]) / 4)
+
+
+def test_shallower_device_does_not_dilute_lower_layers(adapter):
+    deep, shallow = ModuleSpec(4, 2), ModuleSpec(4, 1)
+    d1, d2 = _delta(adapter, deep, 1), _delta(adapter, shallow, 2)
+    out = aggregate(adapter, [ClientUpdate(deep, d1, 1.0), ClientUpdate(shallow, d2, 1.0)])
+    assert torch.equal(out[L0Q + ".lora_A"][:4], d1[L0Q + ".lora_A"])
+    torch.testing.assert_close(out[L1Q + ".lora_A"][:4], (d1[L1Q + ".lora_A"] + d2[L1Q + ".lora_A"]) / 2)
+    assert torch.count_nonzero(out[L0Q + ".lora_A"][4:]) == 0  # nobody has components 4..7
+    assert torch.count_nonzero(out[L0Q + ".lora_B"][:, 4:]) == 0
+
+
+def test_kept_masks_exclude_unsent_components(adapter):
+    spec = ModuleSpec(4, 2)
+    d1, d2 = _delta(adapter, spec, 1), _delta(adapter, spec, 2)
+    paths = module_keys(d1)
+    kept1 = {p: torch.tensor([True, False, True, False]) for p in paths}
+    kept2 = {p: torch.tensor([True, True, False, False]) for p in paths}
+    out = aggregate(adapter, [ClientUpdate(spec, d1, 1.0, kept1), ClientUpdate(spec, d2, 1.0, kept2)])
+    a, b = L1Q + ".lora_A", L1Q + ".lora_B"
+    torch.testing.assert_close(out[a][0], (d1[a][0] + d2[a][0]) / 2)
+    assert torch.equal(out[a][1], d2[a][1])  # only device 2 sent component 1
+    assert torch.equal(out[a][2], d1[a][2])  # only device 1 sent component 2
+    assert torch.equal(out[b][:, 1], d2[b][:, 1])
+    assert torch.count_nonzero(out[a][3]) == 0 and torch.count_nonzero(out[b][:, 3]) == 0  # nobody sent it
+
+
+def test_empty_update_list_is_a_zero_delta(adapter):
+    out = aggregate(adapter, [])
+    assert out.keys() == adapter.state.keys()
+    for k, v in out.items():
+        assert v.shape == adapter.state[k].shape and torch.count_nonzero(v) == 0
+
+
+def test_bad_updates_name_the_device_and_key(adapter):
+    spec = ModuleSpec(2, 1)
+    good = ClientUpdate(spec, _delta(adapter, spec, 0), 1.0)
+    bad = _delta(adapter, spec, 1)
+    bad[L1Q + ".lora_A"] = torch.zeros(3, 32)
+    with pytest.raises(ValueError, match=rf"device 1: key '{L1Q}.lora_A' has shape \(3, 32\)"):
+        aggregate(adapter, [good, ClientUpdate(spec, bad, 1.0)])
+    outside = _delta(adapter, ModuleSpec(2, 2), 1)
+    with pytest.raises(ValueError, match=rf"device 1: key '{L0Q}.lora_A' is not part"):
+        aggregate(adapter, [good, ClientUpdate(spec, outside, 1.0)])
+    missing = _delta(adapter, spec, 1)
+    del missing["head.classifier.bias"]
+    with pytest.raises(ValueError, match="device 0: missing key 'head.classifier.bias'"):
+        aggregate(adapter, [ClientUpdate(spec, missing, 1.0)])
+    with pytest.raises(ValueError, match="device 0: weight"):
+        aggregate(adapter, [ClientUpdate(spec, _delta(adapter, spec, 1), 0.0)])
+    with pytest.raises(ValueError, match="device 0: ModuleSpec.rank"):
+        aggregate(adapter, [ClientUpdate(ModuleSpec(9, 1), {}, 1.0)])
+    masks = {p: torch.ones(2, dtype=torch.bool) for p in module_keys(good.delta)}
+    masks[L1Q] = torch.ones(3, dtype=torch.bool)
+    with pytest.raises(ValueError, match=f"device 0: kept mask for '{L1Q}'"):
+        aggregate(adapter, [ClientUpdate(spec, good.delta, 1.0, masks)])
+    del masks[L1Q]
+    with pytest.raises(ValueError, match=f"device 0: kept has no mask for module '{L1Q}'"):
+        aggregate(adapter, [ClientUpdate(spec, good.delta, 1.0, masks)])
+
+
+def _reference(adapter, updates):
+    """Per-component loop straight from the rule; slow but obviously right."""
+    out = {k: torch.zeros_like(v, dtype=torch.float64) for k, v in adapter.state.items()}
+    for k in out:
+        if layer_index(k) is None:
+            tot = sum(u.weight for u in updates)
+            if tot:
+                out[k] = sum(u.weight * u.delta[k].double() for u in updates) / tot
+            continue
+        path = k.rsplit(".", 1)[0]
+        for i in range(adapter.max_rank):
+            voters = [
+                u for u in updates
+                if k in u.delta and i < u.spec.rank and (u.kept is None or bool(u.kept[path][i]))
+            ]
+            tot = sum(u.weight for u in voters)
+            for u in voters:
+                if k.endswith("lora_A"):
+                    out[k][i] += u.weight * u.delta[k][i].double() / tot
+                else:
+                    out[k][:, i] += u.weight * u.delta[k][:, i].double() / tot
+    return out
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.data())
+def test_matches_the_per_component_rule(adapter, data):
+    n = data.draw(st.integers(1, 4))
+    updates = []
+    for _ in range(n):
+        spec = ModuleSpec(data.draw(st.integers(1, 8)), data.draw(st.integers(1, 2)))
+        delta = _delta(adapter, spec, data.draw(st.integers(0, 1000)))
+        kept = None
+        if data.draw(st.booleans()):
+            kept = {
+                p: torch.tensor(data.draw(st.lists(st.booleans(), min_size=spec.rank, max_size=spec.rank)))
+                for p in module_keys(delta)
+            }
+        updates.append(ClientUpdate(spec, delta, data.draw(st.floats(0.1, 100.0)), kept))
+    out = aggregate(adapter, updates)
+    ref = _reference(adapter, updates)
+    for k in out:
+        torch.testing.assert_close(out[k].double(), ref[k], atol=1e-5, rtol=1e-5)
+
+
+def test_apply_after_aggregate_moves_global_state():
+    g = GlobalAdapter(build_backbone(TINY, 2, seed=0), TINY, seed=0)
+    before = {k: v.clone() for k, v in g.state.items()}
+    spec = ModuleSpec(2, 1)
+    d = _delta(g, spec, 3)
+    g.apply(aggregate(g, [ClientUpdate(spec, d, 5)]))
+    torch.testing.assert_close(g.state[L1Q + ".lora_A"][:2], before[L1Q + ".lora_A"][:2] + d[L1Q + ".lora_A"])
+    assert torch.equal(g.state[L1Q + ".lora_A"][2:], before[L1Q + ".lora_A"][2:])
+    assert torch.equal(g.state[L0Q + ".lora_A"], before[L0Q + ".lora_A"])

@@ -1,0 +1,114 @@
+"""Real BS and edge processes over real sockets (tiny model): a run, a killed edge, a rejoin, garbage input."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+import zmq
+
+from tests.processes import ENV, REPO, TINY, Procs, read_rounds, wait_for
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def procs(tmp_path):
+    p = Procs(tmp_path)
+    yield p
+    p.cleanup()
+
+
+def test_launcher_runs_a_whole_experiment(tmp_path):
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, "-m", "fedlora.launcher", "--run-dir", str(run_dir), *TINY,
+           "--set", "devices.count=3", "--set", "round.rounds=2", "--set", "training.local_steps=4"]
+    out = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    rounds = read_rounds(run_dir)
+    assert [r["round"] for r in rounds] == [1, 2]
+    for r in rounds:
+        assert 0.0 <= r["accuracy"] <= 1.0
+        assert [d["device_id"] for d in r["devices"]] == [0, 1, 2]
+        for d in r["devices"]:
+            assert d["status"] == "ok", d
+            assert d["participated"] and d["rank"] == 8
+            assert d["uplink_bytes"] >= d["update_bytes"] > 0
+            assert d["frames_sent"] >= d["frames_received"] > 0
+            assert d["snr_db"] is not None and d["airtime_s"] > 0
+            assert d["compute_s"] > 0 and d["energy_j"] == pytest.approx(d["compute_energy_j"] + d["transmit_energy_j"])
+    # nearer devices are measured at a higher SNR (10 m vs 35 m: ~19 dB of path loss, fading aside)
+    assert rounds[0]["devices"][0]["snr_db"] is not None
+    for name in ("experiment.yaml", "bench.yaml", "plot.png", "summary.json", "adapter.pt"):
+        assert (run_dir / name).exists(), name
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["rounds"] == 2 and not summary["stopped_early"]
+    adapter = torch.load(run_dir / "adapter.pt")
+    assert any(k.endswith("lora_B") and v.abs().sum() > 0 for k, v in adapter.items()), "no update was applied"
+    assert "round   2 | accuracy" in out.stdout
+    for k in range(3):
+        assert "BS ends the run" in (run_dir / "logs" / f"edge-{k}.log").read_text()
+
+
+def test_killed_edge_is_dropped_at_the_deadline_and_can_rejoin(procs, tmp_path):
+    run_dir = tmp_path / "run"
+    bs, ep = procs.bs(run_dir, "--set", "devices.count=3", "--set", "round.rounds=10",
+                      "--set", "round.deadline_s=40", "--set", "training.local_steps=100",
+                      "--silence-timeout", "600")  # only the deadline or the disconnect can drop it
+    edges = [procs.edge(ep["control"], k) for k in range(3)]
+    wait_for(lambda: "round 2: training" in procs.output("edge1"), 240, "edge 1 training in round 2")
+    edges[1].send_signal(signal.SIGKILL)  # edge 1 dies while training
+    edges[1].wait()
+    wait_for(lambda: len(read_rounds(run_dir)) >= 2, 120, "round 2")
+    procs.edge(ep["control"], 1, name="edge1-again")
+    assert bs.wait(timeout=400) == 0, procs.output("bs")
+    rounds = read_rounds(run_dir)
+    assert len(rounds) == 10
+    r2 = {d["device_id"]: d for d in rounds[1]["devices"]}
+    assert r2[1]["status"] == "timeout", r2[1]
+    assert "deadline" in r2[1]["error"]
+    assert r2[0]["status"] == "ok" and r2[2]["status"] == "ok"
+    assert rounds[1]["wall_s"] >= 40 * 0.95  # the round waited for its deadline, then closed with the others
+    # the dead edge is marked offline when the next plan cannot reach it; the restarted one rejoins later
+    statuses = [{d["device_id"]: d["status"] for d in r["devices"]} for r in rounds[2:]]
+    assert all(s.get(1) in (None, "offline", "ok") for s in statuses), statuses
+    assert statuses[-1].get(1) == "ok", f"the restarted edge did not rejoin: {statuses}"
+    assert "edge 1 timeout" in procs.output("bs")
+    assert "re-registered" in procs.output("bs")
+
+
+def test_garbage_on_both_sockets_is_logged_and_ignored(procs, tmp_path):
+    run_dir = tmp_path / "run"
+    bs, ep = procs.bs(run_dir, "--set", "devices.count=2", "--set", "round.rounds=2",
+                      "--set", "training.local_steps=20")
+    ctx = zmq.Context.instance()
+    rogue = ctx.socket(zmq.DEALER)
+    rogue.setsockopt(zmq.IDENTITY, b"rogue")
+    rogue.connect(ep["control"])
+    data = ctx.socket(zmq.PUSH)
+    data.connect(ep["data"])
+    for payload in ([b"\x00\xff garbage"], [b'{"v": 1, "type": "plan"}'], [b"a", b"b", b"c", b"d"],
+                    [json.dumps({"v": 1, "type": "report", "device_id": 0, "round": 1, "status": "ok",
+                                 "measurements": {}}).encode()]):
+        rogue.send_multipart(payload)
+    for payload in ([b"not json", b"\x00" * 40], [b'{"snr_db": 10}', b"FRAME?" * 10], [b"single part"]):
+        data.send_multipart(payload)
+    edges = [procs.edge(ep["control"], k) for k in range(2)]
+    wait_for(lambda: len(read_rounds(run_dir)) >= 1, 180, "round 1")
+    rogue.send_multipart([b"\xde\xad"])
+    data.send_multipart([b'{"snr_db": 12.0}', b"\x46\x4c" + os.urandom(60)])
+    assert bs.wait(timeout=300) == 0, procs.output("bs")
+    rounds = read_rounds(run_dir)
+    assert len(rounds) == 2
+    assert all(d["status"] == "ok" for r in rounds for d in r["devices"])
+    log = procs.output("bs")
+    assert "ignored bad message from peer b'rogue'" in log
+    assert "unregistered peer b'rogue'" in log
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["bad_frames"] >= 1
+    rogue.close(0)
+    data.close(0)
