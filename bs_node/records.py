@@ -22,6 +22,7 @@ class RunRecorder:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.rounds_path = self.run_dir / "rounds.jsonl"
         self.records: list[RoundRecord] = []
+        self.initial_accuracy: float | None = None  # before fine-tuning: round 0 of the plot
 
     def snapshot_config(self, experiment: dict, bench: dict) -> None:
         (self.run_dir / "experiment.yaml").write_text(yaml.safe_dump(experiment, sort_keys=False))
@@ -55,7 +56,10 @@ class RunRecorder:
         device_ids = sorted({d.device_id for r in self.records for d in r.devices})
         fig, axes = plt.subplots(3, 1, figsize=(7, 8), sharex=True)
         acc = [r.accuracy * 100 if r.accuracy is not None else math.nan for r in self.records]
-        axes[0].plot(rounds, acc, marker="o")
+        if self.initial_accuracy is not None:
+            axes[0].plot([0, *rounds], [self.initial_accuracy * 100, *acc], marker="o")
+        else:
+            axes[0].plot(rounds, acc, marker="o")
         axes[0].set_ylabel("held-out accuracy (%)")
         axes[0].grid(alpha=0.3)
         for ax, field, scale, label in ((axes[1], "uplink_bytes", 1e-3, "uplink on air (kB)"),

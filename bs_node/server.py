@@ -130,6 +130,7 @@ class BaseStation:
                        f"PHY {self.bench.phy}, policy {exp.controller.policy}, run folder {self.recorder.run_dir}")
         self._prepare_model()
         initial = self._evaluate()
+        self.recorder.initial_accuracy = initial["accuracy"]
         self.view.line(f"round   0 | accuracy {initial['accuracy'] * 100:.1f} % before fine-tuning")
         summary: dict[str, Any] = {"run_id": self.run_id, "initial_accuracy": initial["accuracy"], "rounds": 0}
         t_start = time.monotonic()

@@ -19,7 +19,7 @@ import zmq
 
 from fedlora import messages
 from fedlora.codec import CodecError, decode_update, encode_update
-from fedlora.config import BenchConfig, ExperimentConfig, bench_from_mapping, experiment_from_mapping
+from fedlora.config import BenchConfig, ExperimentConfig, validated
 from fedlora.energy import EnergyMeter
 from fedlora.lora import LocalModel, ModuleSpec
 from fedlora.models import build_backbone, load_tokenizer
@@ -51,14 +51,12 @@ class EdgeNode:
         self.run_id: str | None = None
         self.stopping = False
         self._pending: list[tuple[dict, bytes | None]] = []
-        self._last_sent = 0.0
         self.tx = None
 
     # ------------------------------------------------------------------------------------------ plumbing
     def _send(self, msg_type: str, attachment: bytes | None = None, **fields: Any) -> None:
         parts = [messages.encode(msg_type, **fields)] + ([attachment] if attachment is not None else [])
         self.sock.send_multipart(parts)
-        self._last_sent = time.monotonic()
 
     def _recv(self, timeout_s: float) -> tuple[dict, bytes | None] | None:
         """Next valid message from the BS (queued first), or None after timeout. Garbage is logged, skipped."""
@@ -123,8 +121,8 @@ class EdgeNode:
             self._heartbeat("ready")
             return
         where = f"welcome from BS {self.bs_address}"
-        exp: ExperimentConfig = experiment_from_mapping(welcome["experiment"], f"{where}: experiment")
-        bench: BenchConfig = bench_from_mapping(welcome["bench"], f"{where}: bench")
+        exp: ExperimentConfig = validated(ExperimentConfig, welcome["experiment"], f"{where}: experiment")
+        bench: BenchConfig = validated(BenchConfig, welcome["bench"], f"{where}: bench")
         self.exp, self.bench, self.run_id = exp, bench, welcome["run_id"]
         torch.set_num_threads(self.threads)
         t0 = time.perf_counter()

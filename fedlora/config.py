@@ -276,20 +276,23 @@ def apply_overrides(data: dict, overrides: list[str], where: str) -> dict:
     return data
 
 
-def load_experiment(path: str | Path | None = None, overrides: list[str] = ()) -> ExperimentConfig:
-    path = Path(path) if path else DEFAULT_EXPERIMENT
-    data = apply_overrides(_read_yaml(path) or {}, list(overrides), str(path))
-    cfg = from_mapping(ExperimentConfig, data, str(path))
-    cfg.check(str(path))
+def validated(cls: type, data: Any, where: str) -> Any:
+    """A config object built from a mapping and checked across fields (ExperimentConfig or BenchConfig)."""
+    cfg = from_mapping(cls, data, where)
+    cfg.check(where)
     return cfg
+
+
+def _load(cls: type, path: Path, overrides: list[str]) -> Any:
+    return validated(cls, apply_overrides(_read_yaml(path) or {}, list(overrides), str(path)), str(path))
+
+
+def load_experiment(path: str | Path | None = None, overrides: list[str] = ()) -> ExperimentConfig:
+    return _load(ExperimentConfig, Path(path) if path else DEFAULT_EXPERIMENT, overrides)
 
 
 def load_bench(path: str | Path | None = None, overrides: list[str] = ()) -> BenchConfig:
-    path = Path(path) if path else DEFAULT_BENCH
-    data = apply_overrides(_read_yaml(path) or {}, list(overrides), str(path))
-    cfg = from_mapping(BenchConfig, data, str(path))
-    cfg.check(str(path))
-    return cfg
+    return _load(BenchConfig, Path(path) if path else DEFAULT_BENCH, overrides)
 
 
 def to_mapping(cfg: Any) -> Any:
@@ -298,16 +301,4 @@ def to_mapping(cfg: Any) -> Any:
         return {f.name: to_mapping(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
     if isinstance(cfg, (list, tuple)):
         return [to_mapping(v) for v in cfg]
-    return cfg
-
-
-def experiment_from_mapping(data: Any, where: str) -> ExperimentConfig:
-    cfg = from_mapping(ExperimentConfig, data, where)
-    cfg.check(where)
-    return cfg
-
-
-def bench_from_mapping(data: Any, where: str) -> BenchConfig:
-    cfg = from_mapping(BenchConfig, data, where)
-    cfg.check(where)
     return cfg

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 RAPL_ENERGY = Path("/sys/class/powercap/intel-rapl:0/energy_uj")
@@ -69,17 +69,6 @@ class EnergyMeter:
 
     def transmit_energy_j(self, tx_power_dbm: float, airtime_s: float) -> float:
         return (dbm_to_w(tx_power_dbm) / self.pa_efficiency + self.radio_on_power_w) * airtime_s
-
-
-@dataclass
-class RoundEnergy:
-    compute_j: float
-    transmit_j: float
-    total_j: float
-    compute_source: str
-
-    def as_dict(self) -> dict:
-        return asdict(self)
 
 
 def _read_int(path: Path) -> int | None:

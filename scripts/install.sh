@@ -7,6 +7,8 @@ cd "$(dirname "$0")/.."
 VENV=${FEDLORA_VENV:-.venv}
 STAMP="$VENV/.fedlora-installed"
 say() { printf '[install] %s\n' "$*" >&2; }
+# pip warns about every configured local index folder that does not exist: noise, not a problem.
+pip_quiet() { "$@" 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }; }
 
 # 1. GNU Radio (Debian package: the only one that carries the Python modules).
 GR_DIST=/usr/lib/python3/dist-packages
@@ -43,7 +45,7 @@ fi
 
 # 3. Python packages. torch 2.13.0 first so nothing later pulls a CUDA build.
 if [ ! -f "$STAMP" ] || [ pyproject.toml -nt "$STAMP" ] || [ "$0" -nt "$STAMP" ]; then
-  PIP=("$VENV/bin/python" -m pip install -q --disable-pip-version-check)
+  PIP=(pip_quiet "$VENV/bin/python" -m pip install -q --disable-pip-version-check)
   say "installing Python packages (torch 2.13.0 CPU, transformers, peft, pyzmq, ...)"
   "${PIP[@]}" "numpy<2" "torch==2.13.0"
   "${PIP[@]}" -e ".[test]" "numpy<2" "torch==2.13.0"

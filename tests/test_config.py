@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 
 from fedlora.config import (ConfigError, ExperimentConfig, apply_overrides, load_bench, load_experiment,
-                            to_mapping, experiment_from_mapping, bench_from_mapping)
+                            to_mapping, validated, BenchConfig)
 
 
 def test_shipped_configs_load():
@@ -17,9 +17,9 @@ def test_shipped_configs_load():
 
 def test_round_trip_through_mapping():
     exp = load_experiment()
-    assert experiment_from_mapping(to_mapping(exp), "rt") == exp
+    assert validated(ExperimentConfig, to_mapping(exp), "rt") == exp
     bench = load_bench()
-    assert bench_from_mapping(to_mapping(bench), "rt") == bench
+    assert validated(BenchConfig, to_mapping(bench), "rt") == bench
 
 
 @pytest.mark.parametrize("text, needle", [

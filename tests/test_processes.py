@@ -112,3 +112,27 @@ def test_garbage_on_both_sockets_is_logged_and_ignored(procs, tmp_path):
     assert summary["bad_frames"] >= 1
     rogue.close(0)
     data.close(0)
+
+
+def test_ctrl_c_stops_every_child_and_keeps_finished_rounds(tmp_path):
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, "-m", "fedlora.launcher", "--run-dir", str(run_dir), *TINY,
+           "--set", "devices.count=2", "--set", "round.rounds=50", "--set", "training.local_steps=40"]
+    launcher = subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_for(lambda: len(read_rounds(run_dir)) >= 1 or launcher.poll() is not None, 240, "round 1")
+        control = json.loads((run_dir / "endpoints.json").read_text())["control"]
+        launcher.send_signal(signal.SIGINT)
+        out, _ = launcher.communicate(timeout=120)
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+    assert launcher.returncode == 130, out
+    assert "stopping: asking the BS to close the run" in out
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["stopped_early"] and 1 <= summary["rounds"] < 50
+    assert len(read_rounds(run_dir)) >= summary["rounds"]
+    left = subprocess.run(["pgrep", "-f", control], capture_output=True, text=True).stdout.split()
+    assert left == [], f"children still running: {left}"
+    for k in range(2):
+        assert "BS ends the run (stopped)" in (run_dir / "logs" / f"edge-{k}.log").read_text()
