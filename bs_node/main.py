@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level, stream=sys.stderr, format="%(asctime)s bs %(levelname)s %(message)s")
 
-    from bs_node.server import BaseStation
+    from bs_node.server import BaseStation, StartupError
     from fedlora.config import ConfigError, load_bench, load_experiment
 
     try:
@@ -46,7 +46,11 @@ def main(argv: list[str] | None = None) -> int:
     (run_dir / "endpoints.json").write_text(json.dumps({"control": bs.control_endpoint, "data": bs.data_endpoint}))
     signal.signal(signal.SIGINT, bs.stop)
     signal.signal(signal.SIGTERM, bs.stop)
-    summary = bs.run()
+    try:
+        summary = bs.run()
+    except StartupError as exc:
+        print(f"fedlora-bs: {exc}", file=sys.stderr)
+        return 1
     return 0 if not summary.get("stopped_early") else 130
 
 

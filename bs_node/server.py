@@ -28,6 +28,7 @@ from fedlora.codec import CodecError, decode_update, encode_update, expected_sha
 from fedlora.config import BenchConfig, ExperimentConfig, to_mapping
 from fedlora.lora import GlobalAdapter, LocalModel, ModuleSpec
 from fedlora.models import build_backbone, load_tokenizer, num_layers
+from fedlora.partition import dirichlet_split
 from fedlora.tasks import load_task
 from fedlora.training import evaluate
 from phy.factory import open_uplink_receiver
@@ -35,6 +36,10 @@ from phy.framing import Frame, FrameError, Reassembler
 
 log = logging.getLogger("bs")
 BS_DEVICE_ID = 0xFFFF  # sender id written into the downlink adapter view
+
+
+class StartupError(RuntimeError):
+    """Too few edges became ready before the start-up timeout."""
 
 
 @dataclass
@@ -114,6 +119,11 @@ class BaseStation:
         self.full_spec = ModuleSpec(self.global_adapter.max_rank, self.num_layers)
         self.evaluator = LocalModel(backbone, exp.model)
         self.controller = make_controller(exp, self.bench)
+        # The same deterministic split the edges make: the BS weights updates by it, so a complete update
+        # whose report never came is still aggregated correctly.
+        shares = dirichlet_split([ex.label for ex in self.task.train], exp.devices.count,
+                                 exp.devices.dirichlet_alpha, seed=exp.seed, min_per_device=exp.devices.min_examples)
+        self.device_examples = [len(share) for share in shares]
         log.info("model and task ready in %.1f s: %s, %d train / %d test examples, %d layers, rank %d",
                  time.perf_counter() - t0, exp.task.name, len(self.task.train), len(self.task.test),
                  self.num_layers, self.global_adapter.max_rank)
@@ -173,7 +183,7 @@ class BaseStation:
                 if len(ready) >= self.exp.round.min_devices:
                     self.view.line(f"startup timeout: starting with {len(ready)} of {want} edges")
                     break
-                raise RuntimeError(f"only {len(ready)} of {want} edges ready after "
+                raise StartupError(f"only {len(ready)} of {want} edges ready after "
                                    f"{self.exp.round.startup_timeout_s:.0f} s (need round.min_devices="
                                    f"{self.exp.round.min_devices})")
             self._poll(0.5)
@@ -185,8 +195,9 @@ class BaseStation:
         self.round_idx = r
         t0 = time.monotonic()
         self._poll(0.0)  # registrations and heartbeats that came in while the last round was evaluated
+        if not self._ready_edges():
+            self.view.line(f"round {r}: no edge is ready; waiting up to {exp.round.deadline_s:.0f} s")
         while not self.stopping and not self._ready_edges() and time.monotonic() < t0 + exp.round.deadline_s:
-            self.view.status(r, time.monotonic() - t0, {0: "waiting for a ready edge"})
             self._poll(0.5)
         ready = self._ready_edges()
         state = RoundState(
@@ -211,9 +222,10 @@ class BaseStation:
                                             device_id=BS_DEVICE_ID, dtype=exp.codec.downlink_dtype)
             attachment = views.get(spec) if plan.participate else None
             delivered = self._send(edge, "plan", attachment, round=r, deadline_s=exp.round.deadline_s,
-                       participate=plan.participate, rank=plan.rank, depth=plan.depth,
-                       tx_power_dbm=plan.tx_power_dbm, bandwidth_hz=plan.bandwidth_hz, modulation=plan.modulation,
-                       keep_fraction=plan.keep_fraction, local_steps=plan.local_steps)
+                                   participate=plan.participate, rank=plan.rank, depth=plan.depth,
+                                   tx_power_dbm=plan.tx_power_dbm, bandwidth_hz=plan.bandwidth_hz,
+                                   modulation=plan.modulation, keep_fraction=plan.keep_fraction,
+                                   local_steps=plan.local_steps)
             if plan.participate:
                 self.pending[device_id] = Pending(plan, dropped=None if delivered else "disconnected")
                 downlink_bytes += len(attachment) if delivered else 0
@@ -285,10 +297,10 @@ class BaseStation:
             log.warning("edge %d report for round %d: bad measurements ignored: %s", row.device_id, r, problems)
 
     def _take_update(self, row: DeviceRound, r: int, p: Pending) -> ClientUpdate | None:
-        if row.status not in ("ok", "undelivered"):
-            return None
+        """Decode and check a device's update if every frame arrived, whatever became of its report."""
         if not self.reassembler.is_complete(row.device_id, r):
-            row.status = "undelivered"
+            if row.status == "ok":
+                row.status = "undelivered"
             return None
         spec = ModuleSpec(p.plan.rank, p.plan.depth)
         try:
@@ -301,8 +313,11 @@ class BaseStation:
             row.status, row.error = "bad_update", str(exc)
             self.view.line(f"round {r}: edge {row.device_id} sent a bad update: {exc}")
             return None
+        if p.report is None:
+            row.error = f"update received complete, but no report ({row.error}); measurements missing"
+            self.view.line(f"round {r}: edge {row.device_id}: {row.error}")
         row.status = "ok"
-        return ClientUpdate(spec=spec, delta=decoded.state, weight=float(max(1, row.train_examples)),
+        return ClientUpdate(spec=spec, delta=decoded.state, weight=float(self.device_examples[row.device_id]),
                             kept=decoded.kept or None)
 
     # ------------------------------------------------------------------------------------------ event loop
