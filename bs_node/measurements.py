@@ -34,6 +34,9 @@ class DeviceRound:
     energy_source: str = ""
     train_loss: float | None = None
     train_examples: int = 0
+    kept_components: int = 0  # rank components sent (all modules), of total_components
+    total_components: int = 0
+    residual_norm: float = 0.0  # error-feedback residual the device keeps for later rounds
     error: str | None = None
 
 
@@ -42,6 +45,7 @@ EDGE_REPORTED: dict[str, type] = {
     "update_bytes": int, "uplink_bytes": int, "frames_sent": int, "frames_lost": int, "arq_attempts": int,
     "airtime_s": float, "compute_s": float, "train_wall_s": float, "compute_energy_j": float,
     "transmit_energy_j": float, "energy_j": float, "energy_source": str, "train_loss": float, "train_examples": int,
+    "kept_components": int, "total_components": int, "residual_norm": float,
 }
 
 

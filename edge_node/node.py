@@ -24,6 +24,7 @@ from fedlora.energy import EnergyMeter
 from fedlora.lora import LocalModel, ModuleSpec
 from fedlora.models import build_backbone, load_tokenizer
 from fedlora.partition import dirichlet_split
+from fedlora.sparsify import sparsifier_from_config
 from fedlora.tasks import load_task
 from fedlora.training import TrainConfig, train_local
 from phy.arq import send_with_arq
@@ -135,6 +136,8 @@ class EdgeNode:
         self.examples = [task.train[i] for i in shares[self.device_id]]
         self.tokenizer = load_tokenizer(exp.model)
         self.local = LocalModel(build_backbone(exp.model, task.num_labels, exp.seed), exp.model)
+        # one per run: it carries this device's error-feedback residual from round to round
+        self.sparsifier = sparsifier_from_config(exp.codec, seed=exp.seed, device_id=self.device_id)
         profile = bench.device(self.device_id)
         self.meter = EnergyMeter(profile.compute_watts_per_core, bench.radio.pa_efficiency,
                                  bench.radio.radio_on_power_w)
@@ -213,12 +216,15 @@ class EdgeNode:
                 self._heartbeat("training", round=round_idx, step=step, steps=steps, loss=float(loss))
                 last_hb[0] = time.monotonic()
 
-        with self.meter.compute() as window:
-            stats = train_local(self.local.model, self.tokenizer, self.examples, cfg, progress=progress)
-        trained = self.local.state()
-        delta = {k: trained[k] - view.state[k] for k in view.state}
-        payload = encode_update(delta, spec=spec, round_idx=round_idx, device_id=self.device_id,
-                                dtype=self.exp.codec.uplink_dtype)
+        self.sparsifier.prepare_model(self.local.model)  # b_only: freeze A
+        with self.meter.compute() as window:  # sparsifying is edge compute too
+            stats = train_local(self.local.model, self.tokenizer, self.examples, cfg,
+                                regularizer=self.sparsifier.regularizer(), progress=progress)
+            trained = self.local.state()
+            delta = {k: trained[k] - view.state[k] for k in view.state}
+            update = self.sparsifier.sparsify(delta, trained, spec, plan["keep_fraction"], round_idx=round_idx)
+        payload = encode_update(update.delta, spec=spec, round_idx=round_idx, device_id=self.device_id,
+                                dtype=update.dtype, kept=update.kept)
         frames = fragment(payload, self.device_id, round_idx, self.bench.radio.frame_payload_bytes)
         setting = TxSetting(tx_power_dbm=plan["tx_power_dbm"], bandwidth_hz=plan["bandwidth_hz"],
                             modulation=plan["modulation"])
@@ -234,6 +240,8 @@ class EdgeNode:
             compute_s=compute.cpu_s, train_wall_s=compute.wall_s, compute_energy_j=compute.energy_j,
             transmit_energy_j=transmit_j, energy_j=compute.energy_j + transmit_j, energy_source=compute.source,
             train_loss=stats.mean_loss, train_examples=len(self.examples),
+            kept_components=update.info["kept_components"], total_components=update.info["total_components"],
+            residual_norm=update.info["residual_norm"],
             true_snr_db=getattr(self.tx, "last_true_snr_db", None))
         return "ok" if arq.delivered else "undelivered"
 

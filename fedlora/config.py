@@ -58,12 +58,20 @@ class ControllerConfig:
     rank: int | None = None  # None: the global adapter's max rank
     depth: int | None = None  # None: every transformer layer
     modulation: Literal["bpsk", "qpsk", "8psk"] = "qpsk"
+    keep_fraction: float = 1.0  # share of rank components a device sends (fixed policy); 1.0 = dense
 
 
 @dataclass(frozen=True)
 class CodecConfig:
     uplink_dtype: Literal["fp16", "fp32"] = "fp16"
     downlink_dtype: Literal["fp16", "fp32"] = "fp32"
+    # which part of a device's delta goes on the air (fedlora/sparsify, docs/soft.md); the share of rank
+    # components comes from the plan's keep_fraction
+    sparsifier: Literal["dense", "dense_fp16", "dense_fp32", "soft", "topk", "randomk", "b_only"] = "dense"
+    error_feedback: bool = True  # soft/topk/randomk: carry what was not sent to the next round
+    soft_lambda: float = 0.1  # weight of SOFT's orthogonality regulariser (0 = none)
+    soft_score: Literal["trained", "update"] = "trained"
+    soft_normalize: bool = True  # scale-free regulariser (per-module offdiag / diag)
 
 
 @dataclass(frozen=True)
@@ -89,6 +97,11 @@ class ExperimentConfig:
         _positive(where, "training.lr", self.training.lr)
         _positive(where, "model.max_rank", self.model.max_rank)
         _positive(where, "task.test_size", self.task.test_size)
+        if not 0 <= self.codec.soft_lambda < float("inf"):
+            raise ConfigError(f"{where}: codec.soft_lambda: must be a finite number >= 0, got {self.codec.soft_lambda!r}")
+        if not 0 <= self.controller.keep_fraction <= 1:
+            raise ConfigError(f"{where}: controller.keep_fraction: must be within [0, 1], got "
+                              f"{self.controller.keep_fraction!r}")
         if self.controller.rank is not None and not 1 <= self.controller.rank <= self.model.max_rank:
             raise ConfigError(f"{where}: controller.rank: {self.controller.rank} is outside 1..model.max_rank "
                               f"({self.model.max_rank})")

@@ -1,4 +1,5 @@
-"""Fixed baseline: every ready device, max power, equal bandwidth, one rank and depth, dense updates."""
+"""Fixed baseline: every ready device, max power, equal bandwidth, one rank and depth, one keep fraction
+(dense by default)."""
 from __future__ import annotations
 
 from bs_node.controllers.base import Controller, DevicePlan, RoundState
@@ -17,6 +18,6 @@ class FixedController(Controller):
         return {
             d.device_id: DevicePlan(device_id=d.device_id, participate=True, rank=rank, depth=depth,
                                     tx_power_dbm=state.max_tx_power_dbm, bandwidth_hz=share_hz,
-                                    modulation=cfg.modulation, keep_fraction=1.0, local_steps=state.local_steps)
+                                    modulation=cfg.modulation, keep_fraction=cfg.keep_fraction, local_steps=state.local_steps)
             for d in state.devices
         }
