@@ -19,6 +19,7 @@ import torch
 import zmq
 
 from bs_node.controllers import DevicePlan, DeviceState, RoundState, make_controller
+from bs_node.controllers.costs import ModelShape
 from bs_node.live_view import LiveView
 from bs_node.measurements import DeviceRound, RoundRecord, apply_report
 from bs_node.records import RunRecorder
@@ -26,7 +27,7 @@ from fedlora import messages
 from fedlora.aggregation import ClientUpdate, aggregate
 from fedlora.codec import CodecError, decode_update, encode_update, expected_shapes
 from fedlora.config import BenchConfig, ExperimentConfig, to_mapping
-from fedlora.lora import GlobalAdapter, LocalModel, ModuleSpec
+from fedlora.lora import GlobalAdapter, LocalModel, ModuleSpec, layer_index
 from fedlora.models import build_backbone, load_tokenizer, num_layers
 from fedlora.partition import dirichlet_split
 from fedlora.tasks import load_task
@@ -36,6 +37,20 @@ from phy.framing import Frame, FrameError, Reassembler
 
 log = logging.getLogger("bs")
 BS_DEVICE_ID = 0xFFFF  # sender id written into the downlink adapter view
+
+
+def _model_shape(adapter: GlobalAdapter, num_layers: int) -> ModelShape:
+    """Per-layer LoRA widths Σ(in + out) and head size: what the controllers need to predict update bytes."""
+    widths = [0] * num_layers
+    per_layer = [0] * num_layers
+    for key, tensor in adapter.state.items():
+        layer = layer_index(key)
+        if layer is not None and key.endswith(".lora_A"):
+            b = adapter.state[key[: -len("lora_A")] + "lora_B"]
+            widths[layer] += tensor.shape[1] + b.shape[0]
+            per_layer[layer] += 2
+    head = sum(t.numel() for k, t in adapter.state.items() if layer_index(k) is None)
+    return ModelShape(tuple(widths), head, max(per_layer))
 
 
 class StartupError(RuntimeError):
@@ -124,6 +139,7 @@ class BaseStation:
         shares = dirichlet_split([ex.label for ex in self.task.train], exp.devices.count,
                                  exp.devices.dirichlet_alpha, seed=exp.seed, min_per_device=exp.devices.min_examples)
         self.device_examples = [len(share) for share in shares]
+        self.model_shape = _model_shape(self.global_adapter, self.num_layers)
         log.info("model and task ready in %.1f s: %s, %d train / %d test examples, %d layers, rank %d",
                  time.perf_counter() - t0, exp.task.name, len(self.task.train), len(self.task.test),
                  self.num_layers, self.global_adapter.max_rank)
@@ -206,7 +222,8 @@ class BaseStation:
                           for e in ready),
             total_bandwidth_hz=self.bench.radio.total_bandwidth_hz, max_tx_power_dbm=self.bench.radio.max_tx_power_dbm,
             min_tx_power_dbm=self.bench.radio.min_tx_power_dbm, max_rank=self.global_adapter.max_rank,
-            num_layers=self.num_layers, local_steps=exp.training.local_steps)
+            num_layers=self.num_layers, local_steps=exp.training.local_steps, model_shape=self.model_shape,
+            device_weights={e.device_id: float(self.device_examples[e.device_id]) for e in ready})
         plans = self.controller.decide(state)
         views: dict[ModuleSpec, bytes] = {}
         downlink_bytes = 0

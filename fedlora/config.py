@@ -59,6 +59,20 @@ class ControllerConfig:
     depth: int | None = None  # None: every transformer layer
     modulation: Literal["bpsk", "qpsk", "8psk"] = "qpsk"
     keep_fraction: float = 1.0  # share of rank components a device sends (fixed policy); 1.0 = dense
+    # online policies (docs/controller.md): the choices they have and how they weigh them
+    ranks: tuple[int, ...] = (2, 4, 8)
+    depths: tuple[int, ...] = (2, 4, 6)
+    keep_fractions: tuple[float, ...] = (0.25, 0.5, 1.0)
+    modulations: tuple[str, ...] = ("bpsk", "qpsk", "8psk")
+    v: float = 4.0  # Lyapunov penalty weight V: learning proxy vs. queues (which count in budgets)
+    loss_weights: tuple[float, ...] = (0.3, 0.2, 0.2)  # λ_r, λ_d, λ_s of the learning-loss proxy
+    latency_budget_s: float | None = None  # long-term round-latency budget T̄; None = no latency queue
+    gain_ewma: float = 0.5  # smoothing of channel-gain and compute estimates
+    snr_margin_sigmas: float = 1.0  # plan with the gain estimate minus this many standard deviations
+    power_levels: int = 5
+    share_levels: int = 10
+    round_length_levels: int = 6
+    price_iterations: int = 25
 
 
 @dataclass(frozen=True)
@@ -99,6 +113,19 @@ class ExperimentConfig:
         _positive(where, "task.test_size", self.task.test_size)
         if not 0 <= self.codec.soft_lambda < float("inf"):
             raise ConfigError(f"{where}: codec.soft_lambda: must be a finite number >= 0, got {self.codec.soft_lambda!r}")
+        c = self.controller
+        if len(c.loss_weights) != 3 or min(c.loss_weights) < 0 or sum(c.loss_weights) > 1:
+            raise ConfigError(f"{where}: controller.loss_weights: need three weights >= 0 summing to <= 1 "
+                              f"(rank, depth, sparsity), got {list(c.loss_weights)}")
+        bad = [m for m in c.modulations if m not in ("bpsk", "qpsk", "8psk")]
+        if bad or not c.modulations:
+            raise ConfigError(f"{where}: controller.modulations: unknown {bad}; known: bpsk, qpsk, 8psk")
+        if not c.ranks or min(c.ranks) < 1 or not c.depths or min(c.depths) < 1:
+            raise ConfigError(f"{where}: controller.ranks / controller.depths: need values >= 1")
+        if not c.keep_fractions or not all(0 < f <= 1 for f in c.keep_fractions):
+            raise ConfigError(f"{where}: controller.keep_fractions: every value must be in (0, 1]")
+        for name in ("v", "power_levels", "share_levels", "round_length_levels", "price_iterations"):
+            _positive(where, f"controller.{name}", getattr(c, name))
         if not 0 <= self.controller.keep_fraction <= 1:
             raise ConfigError(f"{where}: controller.keep_fraction: must be within [0, 1], got "
                               f"{self.controller.keep_fraction!r}")
@@ -148,11 +175,12 @@ class AddressConfig:
 @dataclass(frozen=True)
 class BenchConfig:
     name: str = "sim"
-    phy: Literal["sim"] = "sim"
+    phy: Literal["sim", "gr-loopback"] = "sim"
     radio: RadioConfig = field(default_factory=RadioConfig)
     arq: ArqConfig = field(default_factory=ArqConfig)
     channel: ChannelConfig = field(default_factory=ChannelConfig)  # sim PHY only
     per_curve: str | None = None  # PER-vs-SNR calibration file for the sim PHY; None = built-in curves
+    snr_offset_db: float = 0.0  # GNU Radio receivers: calibrated correction added to the SNR estimate
     addresses: AddressConfig = field(default_factory=AddressConfig)
     devices: tuple[DeviceProfile, ...] = (DeviceProfile(10.0), DeviceProfile(20.0), DeviceProfile(35.0),
                                           DeviceProfile(50.0))

@@ -3,9 +3,10 @@ from __future__ import annotations
 
 from bs_node.controllers.base import Controller, DevicePlan, DeviceState, RoundState
 from bs_node.controllers.fixed import FixedController
+from bs_node.controllers.lyapunov import LyapunovController
 from fedlora.config import BenchConfig, ConfigError, ExperimentConfig
 
-POLICIES: dict[str, type[Controller]] = {cls.name: cls for cls in (FixedController,)}
+POLICIES: dict[str, type[Controller]] = {cls.name: cls for cls in (FixedController, LyapunovController)}
 
 
 def make_controller(experiment: ExperimentConfig, bench: BenchConfig) -> Controller:

@@ -9,6 +9,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 
+from bs_node.controllers.costs import ModelShape
 from bs_node.measurements import RoundRecord
 from fedlora.config import BenchConfig, DeviceProfile, ExperimentConfig
 
@@ -45,6 +46,8 @@ class RoundState:
     max_rank: int
     num_layers: int
     local_steps: int
+    model_shape: ModelShape | None = None  # what an update's size depends on
+    device_weights: dict[int, float] = field(default_factory=dict)  # training examples per device
 
 
 class Controller(ABC):

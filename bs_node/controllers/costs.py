@@ -1,0 +1,119 @@
+"""Predicted cost of every option a device has in a round: bytes, airtime, delivery, energy, latency.
+
+Vectorised over the option grid (module x modulation x keep fraction x power x bandwidth share), so a policy
+can weigh thousands of options for a thousand devices in well under a training step. The formulas are the
+ones in docs/controller.md ("Link and cost model").
+"""
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from fedlora.config import BenchConfig
+from phy.channel import MODULATIONS, PerCurve, ofdm_airtime_s
+from phy.framing import OVERHEAD_BYTES
+
+FP16_BYTES = 2
+ENTRY_OVERHEAD_BYTES = 64  # codec: key, kind, shape and kept indices of one tensor
+CODEC_OVERHEAD_BYTES = 28  # codec header and checksum
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What the update size depends on: per transformer layer, Σ (in + out) over the LoRA target modules."""
+    layer_widths: tuple[int, ...]  # index 0 = bottom layer
+    head_values: int
+    lora_entries_per_layer: int  # tensors per layer (2 per target module)
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layer_widths)
+
+    def update_bytes(self, rank: int, depth: int, keep_fraction: float) -> int:
+        kept = max(1, math.ceil(keep_fraction * rank - 1e-9)) if keep_fraction > 0 else 0
+        top = self.layer_widths[self.num_layers - depth:]
+        values = kept * sum(top) + self.head_values
+        entries = depth * self.lora_entries_per_layer + 2
+        return FP16_BYTES * values + ENTRY_OVERHEAD_BYTES * entries + CODEC_OVERHEAD_BYTES
+
+
+@dataclass
+class OptionGrid:
+    """The options every device has, as flat arrays of length O (same for all devices)."""
+    rank: np.ndarray
+    depth: np.ndarray
+    modulation: np.ndarray  # index into `modulations`
+    keep: np.ndarray
+    power_dbm: np.ndarray
+    share: np.ndarray
+    info: np.ndarray  # 1 − λ_r(1 − r/R) − λ_d(1 − d/L) − λ_s(1 − s)
+    frames: np.ndarray
+    frame_airtime_s: np.ndarray
+    modulations: tuple[str, ...]
+    share_levels: np.ndarray  # the share grid; option o has share level o % len(share_levels)
+
+
+@dataclass
+class Predictions:
+    """Per device (rows) and option (columns)."""
+    delivery: np.ndarray  # ρ: probability the whole update arrives within the ARQ attempts
+    airtime_s: np.ndarray
+    energy_j: np.ndarray
+    latency_s: np.ndarray
+
+
+class CostModel:
+    def __init__(self, bench: BenchConfig, per_curve: PerCurve, shape: ModelShape, max_rank: int,
+                 loss_weights: tuple[float, float, float]):
+        self.bench, self.per_curve, self.shape, self.max_rank = bench, per_curve, shape, max_rank
+        self.loss_weights = loss_weights
+        self.frame_payload = bench.radio.frame_payload_bytes
+        self.frame_bytes = self.frame_payload + OVERHEAD_BYTES
+        ch = bench.channel
+        self.noise_psd_dbm_hz = ch.noise_psd_dbm_hz + ch.noise_figure_db
+        self._per_tables = {m: np.array(per_curve.points(m)).T for m in per_curve.modulations if m in MODULATIONS}
+
+    def per(self, snr_db: np.ndarray, modulation: str) -> np.ndarray:
+        snr, per_ref = self._per_tables[modulation]
+        p = np.interp(snr_db, snr, per_ref, left=1.0, right=0.0)
+        ratio = self.frame_bytes / self.per_curve.ref_frame_bytes
+        return -np.expm1(ratio * np.log1p(-np.minimum(p, 1 - 1e-12)))
+
+    def grid(self, modules: list[tuple[int, int]], modulations: list[str], keeps: list[float],
+             powers_dbm: np.ndarray, shares: np.ndarray) -> OptionGrid:
+        lam_r, lam_d, lam_s = self.loss_weights
+        mods = tuple(m for m in modulations if m in self._per_tables)
+        idx = np.array(list(itertools.product(range(len(modules)), range(len(mods)), range(len(keeps)),
+                                              range(len(powers_dbm)), range(len(shares)))), dtype=np.int64)
+        rank = np.array([m[0] for m in modules], dtype=float)[idx[:, 0]]
+        depth = np.array([m[1] for m in modules], dtype=float)[idx[:, 0]]
+        keep = np.asarray(keeps, dtype=float)[idx[:, 2]]
+        share = np.asarray(shares, dtype=float)[idx[:, 4]]
+        nbytes = np.array([[self.shape.update_bytes(r, d, k) for k in keeps] for r, d in modules], dtype=float)
+        frames = np.ceil(nbytes[idx[:, 0], idx[:, 2]] / self.frame_payload)
+        per_hz = np.array([ofdm_airtime_s(self.frame_bytes, m, 1.0) for m in mods])
+        info = 1 - lam_r * (1 - rank / self.max_rank) - lam_d * (1 - depth / self.shape.num_layers) \
+            - lam_s * (1 - keep)
+        return OptionGrid(rank=rank, depth=depth, modulation=idx[:, 1], keep=keep,
+                          power_dbm=np.asarray(powers_dbm, dtype=float)[idx[:, 3]], share=share, info=info,
+                          frames=frames, frame_airtime_s=per_hz[idx[:, 1]] / (share * self.bench.radio.total_bandwidth_hz),
+                          modulations=mods, share_levels=np.asarray(shares, dtype=float))
+
+    def predict(self, grid: OptionGrid, *, gain_db: np.ndarray, cpu_s: np.ndarray, wall_s: np.ndarray,
+                watts_per_core: np.ndarray) -> Predictions:
+        """gain_db, watts_per_core: (K,); cpu_s, wall_s: (K, O) compute of each option's module."""
+        radio, arq = self.bench.radio, self.bench.arq
+        noise = self.noise_psd_dbm_hz + 10 * np.log10(grid.share * radio.total_bandwidth_hz)
+        snr = grid.power_dbm[None, :] + gain_db[:, None] - noise[None, :]
+        per = np.empty_like(snr)
+        for q, name in enumerate(grid.modulations):
+            sel = grid.modulation == q
+            per[:, sel] = self.per(snr[:, sel], name)
+        airtime = grid.frames * grid.frame_airtime_s / (1 - np.minimum(per, 0.99))
+        delivery = (1 - per ** arq.max_attempts) ** grid.frames
+        tx_w = 10 ** (grid.power_dbm / 10) / 1000
+        energy = watts_per_core[:, None] * cpu_s + (tx_w / radio.pa_efficiency + radio.radio_on_power_w) * airtime
+        return Predictions(delivery=delivery, airtime_s=airtime, energy_j=energy, latency_s=wall_s + airtime)

@@ -1,0 +1,167 @@
+"""The proposed policy: Lyapunov drift-plus-penalty over module, power, bandwidth, modulation and sparsity.
+
+Per round: minimise V·Φ + Σ_k Q_k E_k + Z·T (docs/controller.md). The round length τ is searched on a grid;
+for each τ the devices decouple given a bandwidth price μ, which is bisected until the shares fit the band.
+Every input is a measurement: channel gains from the SNR the BS measured, compute from the devices' reports,
+energy and latency queues from what the round actually cost.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from bs_node.controllers.base import Controller, DevicePlan, RoundState
+from bs_node.controllers.costs import CostModel, OptionGrid, Predictions
+from bs_node.controllers.estimates import ChannelEstimator, ComputeEstimator
+from bs_node.measurements import RoundRecord
+from fedlora.config import BenchConfig, ExperimentConfig
+from phy.factory import per_curve_for
+
+
+TIE_BREAK = 1e-3
+
+
+class LyapunovController(Controller):
+    name = "lyapunov"
+
+    def __init__(self, experiment: ExperimentConfig, bench: BenchConfig):
+        super().__init__(experiment, bench)
+        cfg = experiment.controller
+        self.cfg = cfg
+        self.channel = ChannelEstimator(bench.channel, ewma=cfg.gain_ewma)
+        self.compute = ComputeEstimator(ewma=cfg.gain_ewma)
+        self.per_curve = per_curve_for(bench)
+        self.energy_queue: dict[int, float] = {}
+        self.latency_queue = 0.0
+        self._last: dict = {}
+        self._costs: CostModel | None = None
+        self._plan_steps: dict[int, int] = {}
+        self._num_layers = 1
+
+    # ------------------------------------------------------------------------------------------ decide
+    def decide(self, state: RoundState) -> dict[int, DevicePlan]:
+        if not state.devices:
+            return {}
+        cfg, radio = self.cfg, self.bench.radio
+        if self._costs is None:
+            self._costs = CostModel(self.bench, self.per_curve, state.model_shape, state.max_rank,
+                                    tuple(cfg.loss_weights))
+        L = self._num_layers = state.num_layers
+        K = len(state.devices)
+        modules = sorted({(min(r, state.max_rank), min(d, L)) for r in cfg.ranks for d in cfg.depths})
+        grid = self._costs.grid(modules, list(cfg.modulations), list(cfg.keep_fractions),
+                                np.linspace(radio.min_tx_power_dbm, radio.max_tx_power_dbm, cfg.power_levels),
+                                np.geomspace(1.0 / (4 * K), 1.0, cfg.share_levels))
+        ids = [d.device_id for d in state.devices]
+        depths = grid.depth.astype(int)
+        cpu = np.array([[self.compute.cpu_s(k, state.local_steps, d, L) for d in range(L + 1)] for k in ids])
+        wall = np.array([[self.compute.wall_s(k, state.local_steps, d, L) for d in range(L + 1)] for k in ids])
+        pred = self._costs.predict(
+            grid, gain_db=np.array([self.channel.planning_gain_db(d.device_id, d.profile.distance_m,
+                                                                  cfg.snr_margin_sigmas) for d in state.devices]),
+            cpu_s=cpu[:, depths], wall_s=wall[:, depths],
+            watts_per_core=np.array([d.profile.compute_watts_per_core for d in state.devices]))
+        weights = np.array([state.device_weights.get(k, 1.0) for k in ids])
+        weights = weights * K / weights.sum()  # mean 1: V is the price of one average device's round
+        budgets = np.array([self.bench.device(k).energy_budget_j or np.inf for k in ids])
+        queues = np.array([self.energy_queue.get(k, 0.0) for k in ids])
+        choice, tau, objective = self._solve(grid, pred, weights, queues, budgets)
+        plans: dict[int, DevicePlan] = {}
+        for row, (dev, c) in enumerate(zip(state.devices, choice)):
+            if c < 0:
+                plans[dev.device_id] = DevicePlan(dev.device_id, False, state.max_rank, L, radio.max_tx_power_dbm,
+                                                  0.0, cfg.modulation, 1.0, state.local_steps)
+                continue
+            plans[dev.device_id] = DevicePlan(
+                dev.device_id, True, int(grid.rank[c]), int(grid.depth[c]), float(grid.power_dbm[c]),
+                float(grid.share[c] * radio.total_bandwidth_hz), grid.modulations[int(grid.modulation[c])],
+                float(grid.keep[c]), state.local_steps)
+        self._plan_steps = {k: p.local_steps for k, p in plans.items()}
+        self._last = {
+            "round_length_s": round(tau, 2), "objective": round(objective, 4),
+            "gain_db": {k: round(self.channel.estimates[k].mean_db, 2) for k in ids},
+            "gain_std_db": {k: round(float(np.sqrt(self.channel.estimates[k].var_db2)), 2) for k in ids},
+            "predicted": {k: {"energy_j": round(float(pred.energy_j[i, c]), 2),
+                              "latency_s": round(float(pred.latency_s[i, c]), 2),
+                              "delivery": round(float(pred.delivery[i, c]), 4)}
+                          for i, (k, c) in enumerate(zip(ids, choice)) if c >= 0},
+        }
+        return plans
+
+    def _solve(self, grid: OptionGrid, pred: Predictions, weights: np.ndarray, queues: np.ndarray,
+               budgets: np.ndarray) -> tuple[list[int], float, float]:
+        """Best (τ, μ, per-device option); -1 = the device sits this round out.
+
+        Queues are in units of their budgets (Q_k E_k / Ē_k, Z T / T̄) so that V trades them against the
+        learning proxy without units. A tiny tie-break on energy and latency picks the cheaper of options
+        the objective cannot tell apart (e.g. every option while the queues are empty)."""
+        cfg = self.cfg
+        V, Z = cfg.v, self.latency_queue
+        t_ref = cfg.latency_budget_s or float(np.median(pred.latency_s))
+        e_ref = np.where(np.isfinite(budgets), budgets, np.median(pred.energy_j, axis=1))
+        base = V * weights[:, None] * (1 - pred.delivery * grid.info[None, :]) \
+            + (queues / e_ref)[:, None] * pred.energy_j \
+            + TIE_BREAK * (pred.energy_j / e_ref[:, None] + pred.latency_s / t_ref)
+        idle = V * weights
+        taus = np.unique(np.quantile(pred.latency_s, np.linspace(0.05, 1.0, cfg.round_length_levels)))
+        best: tuple[float, np.ndarray, float] = (np.inf, np.full(len(weights), -1), 0.0)
+        rows = np.arange(len(weights))
+        n_shares = len(grid.share_levels)
+        for tau in taus:
+            allowed = np.where(pred.latency_s <= tau, base, np.inf).reshape(len(weights), -1, n_shares)
+            # μ·β is the same for every option of one share level: the best option per level does not
+            # depend on μ, so the bisection works on a (devices x share levels) table.
+            best_of_level = allowed.argmin(axis=1)
+            level_cost = np.take_along_axis(allowed, best_of_level[:, None, :], axis=1)[:, 0, :]
+            level = self._allocate(level_cost, grid.share_levels, idle)
+            on = level >= 0
+            choice = np.where(on, best_of_level[rows, np.maximum(level, 0)] * n_shares + level, -1)
+            cost = float(np.where(on, level_cost[rows, np.maximum(level, 0)], idle).sum())
+            t_round = float(pred.latency_s[rows[on], choice[on]].max()) if on.any() else 0.0
+            cost += Z * t_round / t_ref
+            if cost < best[0]:
+                best = (cost, choice, t_round)
+        return [int(c) for c in best[1]], best[2], best[0]
+
+    def _allocate(self, cost: np.ndarray, share: np.ndarray, idle: np.ndarray) -> np.ndarray:
+        """Bisect the bandwidth price μ until the devices' best responses fit in the band together.
+
+        cost: (devices, share levels); returns each device's share level, or -1 to sit out."""
+
+        def respond(mu: float) -> tuple[np.ndarray, float]:
+            priced = cost + mu * share[None, :]
+            c = np.argmin(priced, axis=1)
+            c = np.where(priced[np.arange(len(c)), c] < idle, c, -1)
+            return c, float(share[c[c >= 0]].sum())
+
+        choice, used = respond(0.0)
+        if used <= 1.0 + 1e-9:
+            return choice
+        lo, hi = 0.0, max(float(idle.max()), 1.0)
+        while respond(hi)[1] > 1.0 + 1e-9:
+            hi *= 2
+        for _ in range(self.cfg.price_iterations):
+            mid = 0.5 * (lo + hi)
+            if respond(mid)[1] > 1.0 + 1e-9:
+                lo = mid
+            else:
+                hi = mid
+        return respond(hi)[0]
+
+    # ------------------------------------------------------------------------------------------ observe
+    def observe(self, record: RoundRecord) -> None:
+        round_latency = 0.0
+        for row in record.devices:
+            self.channel.observe(row)
+            if row.participated and row.status in ("ok", "undelivered"):
+                self.compute.observe(row, self._plan_steps.get(row.device_id, 0), self._num_layers)
+                round_latency = max(round_latency, row.train_wall_s + row.airtime_s)
+            budget = self.bench.device(row.device_id).energy_budget_j
+            if budget is not None:  # queues in units of the budget: Q += E/Ē − 1
+                q = self.energy_queue.get(row.device_id, 0.0)
+                self.energy_queue[row.device_id] = max(q + row.energy_j / budget - 1.0, 0.0)
+        if self.cfg.latency_budget_s is not None:
+            self.latency_queue = max(self.latency_queue + round_latency / self.cfg.latency_budget_s - 1.0, 0.0)
+
+    def explain(self) -> dict:
+        return {**self._last, "energy_queue": {k: round(v, 3) for k, v in self.energy_queue.items()},
+                "latency_queue": round(self.latency_queue, 3), "v": self.cfg.v}

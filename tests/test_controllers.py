@@ -1,0 +1,131 @@
+"""Controller policies: plans respect the resources, and the online policy acts on what was measured."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from bs_node.controllers import DeviceState, RoundState, make_controller
+from bs_node.controllers.costs import ModelShape
+from bs_node.measurements import DeviceRound, RoundRecord
+from fedlora.config import ConfigError, load_bench, load_experiment
+from phy.channel import SimChannel, TxSetting
+
+SHAPE = ModelShape(layer_widths=(1536,) * 6, head_values=770, lora_entries_per_layer=4)  # MiniLM, q/v
+
+
+def bench(budget_j: float | None = 150.0, distances=(10, 20, 35, 60)):
+    devices = ", ".join(f"{{distance_m: {d}" + (f", energy_budget_j: {budget_j}}}" if budget_j else "}")
+                        for d in distances)
+    return load_bench(None, [f"devices=[{devices}]"])
+
+
+def state(b, r=1, K=4) -> RoundState:
+    return RoundState(r, tuple(DeviceState(k, b.device(k)) for k in range(K)), b.radio.total_bandwidth_hz,
+                      b.radio.max_tx_power_dbm, b.radio.min_tx_power_dbm, 8, 6, 25, SHAPE,
+                      {k: 3000.0 for k in range(K)})
+
+
+def test_fixed_policy_plans_everyone_equally():
+    b = bench()
+    ctrl = make_controller(load_experiment(None, ["controller.rank=4", "controller.keep_fraction=0.5"]), b)
+    plans = ctrl.decide(state(b))
+    assert sorted(plans) == [0, 1, 2, 3]
+    assert all(p.participate and p.rank == 4 and p.depth == 6 and p.keep_fraction == 0.5 for p in plans.values())
+    assert sum(p.bandwidth_hz for p in plans.values()) == pytest.approx(b.radio.total_bandwidth_hz)
+    assert {p.tx_power_dbm for p in plans.values()} == {b.radio.max_tx_power_dbm}
+
+
+def lyapunov(b, *overrides):
+    return make_controller(load_experiment(None, ["controller.policy=lyapunov", *overrides]), b)
+
+
+def test_lyapunov_plans_fit_the_band_power_and_module_sets():
+    b = bench()
+    ctrl = lyapunov(b)
+    for K in (4, 40):
+        plans = ctrl.decide(state(b, K=K))
+        on = [p for p in plans.values() if p.participate]
+        assert on, "nobody planned"
+        assert sum(p.bandwidth_hz for p in on) <= b.radio.total_bandwidth_hz * (1 + 1e-9)
+        for p in on:
+            assert b.radio.min_tx_power_dbm <= p.tx_power_dbm <= b.radio.max_tx_power_dbm
+            assert p.rank in (2, 4, 8) and p.depth in (2, 4, 6) and p.keep_fraction in (0.25, 0.5, 1.0)
+            assert p.modulation in ("bpsk", "qpsk", "8psk")
+
+
+def row(k, *, snr_db, power=10.0, bw=2.5e5, energy=100.0, participated=True, depth=6):
+    return DeviceRound(k, participated, "ok" if participated else "not_selected", rank=8, depth=depth,
+                       tx_power_dbm=power, bandwidth_hz=bw, modulation="qpsk", snr_db=snr_db,
+                       compute_s=10.0 if participated else 0.0, train_wall_s=20.0 if participated else 0.0,
+                       airtime_s=1.0 if participated else 0.0, energy_j=energy if participated else 0.0)
+
+
+def test_channel_gain_comes_from_the_measured_snr_at_the_power_and_bandwidth_used():
+    b = bench()
+    ctrl = lyapunov(b)
+    ctrl.decide(state(b))
+    ctrl.observe(RoundRecord(1, 0.7, 0.5, 1.0, "lyapunov", 0, [row(0, snr_db=23.0, power=4.0, bw=1e5)]))
+    noise_dbm = SimChannel(b.channel, 0).noise_dbm(1e5)
+    assert ctrl.channel.estimates[0].mean_db == pytest.approx(23.0 - 4.0 + noise_dbm)
+    var = ctrl.channel.estimates[0].var_db2
+    ctrl.observe(RoundRecord(2, 0.7, 0.5, 1.0, "lyapunov", 0, [row(0, snr_db=None)]))  # planned, nothing measured
+    assert ctrl.channel.estimates[0].mean_db == pytest.approx(23.0 - 4.0 + noise_dbm)
+    assert ctrl.channel.estimates[0].var_db2 > var
+
+
+def test_a_device_measured_in_a_deep_fade_is_planned_more_carefully():
+    b = bench(budget_j=None, distances=(20, 20))
+    ctrl = lyapunov(b, "controller.snr_margin_sigmas=0")
+    ctrl.decide(state(b, K=2))
+    ctrl.observe(RoundRecord(1, 0.7, 0.5, 1.0, "lyapunov", 0, [row(0, snr_db=35.0), row(1, snr_db=8.0)]))
+    plans = ctrl.decide(state(b, r=2, K=2))
+    bits = {"bpsk": 1, "qpsk": 2, "8psk": 3}
+    good, bad = plans[0], plans[1]
+    # same distance, but device 1 was measured 27 dB worse: a denser constellation would not get through
+    assert good.participate and good.modulation == "8psk"
+    assert not bad.participate or bits[bad.modulation] < bits[good.modulation]
+
+
+def test_energy_queue_steers_a_device_to_cheaper_plans():
+    b = bench(budget_j=100.0, distances=(20, 20))
+    ctrl = lyapunov(b)
+    free = ctrl.decide(state(b, K=2))
+    energy_free = ctrl.explain()["predicted"][0]["energy_j"]
+    ctrl.energy_queue[0] = 3.0  # device 0 has overspent its budget for a while
+    tight = ctrl.decide(state(b, K=2))
+    pred = ctrl.explain()["predicted"]
+    assert free[0].participate
+    assert not tight[0].participate or pred[0]["energy_j"] < energy_free
+    assert tight[1].participate and pred[1]["energy_j"] == pytest.approx(energy_free, rel=0.2)
+
+
+def test_queues_follow_measured_energy_against_the_budget():
+    b = bench(budget_j=100.0, distances=(20, 20))
+    ctrl = lyapunov(b)
+    ctrl.decide(state(b, K=2))
+    ctrl.observe(RoundRecord(1, 0.7, 0.5, 1.0, "lyapunov", 0,
+                             [row(0, snr_db=30, energy=250.0), row(1, snr_db=30, participated=False)]))
+    assert ctrl.energy_queue[0] == pytest.approx(1.5)  # (250 − 100) / 100
+    assert ctrl.energy_queue[1] == 0.0
+    ctrl.observe(RoundRecord(2, 0.7, 0.5, 1.0, "lyapunov", 0, [row(0, snr_db=30, participated=False)]))
+    assert ctrl.energy_queue[0] == pytest.approx(0.5)
+
+
+def test_round_records_explain_the_decision():
+    b = bench()
+    ctrl = lyapunov(b)
+    ctrl.decide(state(b))
+    info = ctrl.explain()
+    assert set(info["gain_db"]) == {0, 1, 2, 3} and "energy_queue" in info and "round_length_s" in info
+    assert info["gain_db"][0] > info["gain_db"][3]  # prior from the bench distances until measured
+
+
+@pytest.mark.parametrize("override, needle", [
+    ("controller.loss_weights=[0.5, 0.5, 0.5]", "loss_weights"),
+    ("controller.modulations=[qam1024]", "modulations"),
+    ("controller.keep_fractions=[0]", "keep_fractions"),
+    ("controller.policy=clairvoyant", "unknown policy"),
+])
+def test_bad_controller_config_is_named(override, needle):
+    with pytest.raises(ConfigError, match=needle):
+        make_controller(load_experiment(None, [override]), bench())
