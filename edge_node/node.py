@@ -223,6 +223,9 @@ class EdgeNode:
             trained = self.local.state()
             delta = {k: trained[k] - view.state[k] for k in view.state}
             update = self.sparsifier.sparsify(delta, trained, spec, plan["keep_fraction"], round_idx=round_idx)
+        speed = self.bench.device(self.device_id).compute_speed
+        if speed < 1.0:  # emulated slower hardware: the extra time is really spent, the extra work is accounted
+            self._wait_emulated(window.result.wall_s * (1.0 / speed - 1.0), round_idx)
         payload = encode_update(update.delta, spec=spec, round_idx=round_idx, device_id=self.device_id,
                                 dtype=update.dtype, kept=update.kept)
         frames = fragment(payload, self.device_id, round_idx, self.bench.radio.frame_payload_bytes)
@@ -237,13 +240,22 @@ class EdgeNode:
         out.update(
             update_bytes=len(payload), uplink_bytes=arq.bytes_sent, frames_sent=arq.frames_sent,
             frames_lost=arq.frames_lost, arq_attempts=arq.attempts, airtime_s=arq.airtime_s,
-            compute_s=compute.cpu_s, train_wall_s=compute.wall_s, compute_energy_j=compute.energy_j,
-            transmit_energy_j=transmit_j, energy_j=compute.energy_j + transmit_j, energy_source=compute.source,
+            compute_s=compute.cpu_s / speed, train_wall_s=compute.wall_s / speed,
+            compute_energy_j=compute.energy_j / speed, transmit_energy_j=transmit_j,
+            energy_j=compute.energy_j / speed + transmit_j,
+            energy_source=compute.source + (f" x1/{speed:g} emulated" if speed < 1.0 else ""),
             train_loss=stats.mean_loss, train_examples=len(self.examples),
             kept_components=update.info["kept_components"], total_components=update.info["total_components"],
             residual_norm=update.info["residual_norm"],
             true_snr_db=getattr(self.tx, "last_true_snr_db", None))
         return "ok" if arq.delivered else "undelivered"
+
+    def _wait_emulated(self, seconds: float, round_idx: int) -> None:
+        """Spend the time emulated slower hardware would have needed, still heartbeating."""
+        end = time.monotonic() + seconds
+        while not self.stopping and time.monotonic() < end:
+            self._heartbeat("training (emulated slow-down)", round=round_idx)
+            time.sleep(min(self.exp.round.heartbeat_s, max(0.0, end - time.monotonic())))
 
     def _request_ack(self, round_idx: int, attempt: int, seqs: list[int], total: int) -> set[int] | None:
         """ARQ feedback over the control plane: which frames of this round the BS holds so far."""

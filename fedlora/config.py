@@ -73,6 +73,8 @@ class ControllerConfig:
     share_levels: int = 10
     round_length_levels: int = 6
     price_iterations: int = 25
+    greedy_top: int | None = None  # channel-greedy: how many devices take part (None: half)
+    random_participation: float = 0.5  # random policy: chance that a device takes part
 
 
 @dataclass(frozen=True)
@@ -126,6 +128,10 @@ class ExperimentConfig:
             raise ConfigError(f"{where}: controller.keep_fractions: every value must be in (0, 1]")
         for name in ("v", "power_levels", "share_levels", "round_length_levels", "price_iterations"):
             _positive(where, f"controller.{name}", getattr(c, name))
+        if not 0 < c.random_participation <= 1:
+            raise ConfigError(f"{where}: controller.random_participation: must be in (0, 1]")
+        if c.greedy_top is not None and c.greedy_top < 1:
+            raise ConfigError(f"{where}: controller.greedy_top: must be >= 1 (or null for half the devices)")
         if not 0 <= self.controller.keep_fraction <= 1:
             raise ConfigError(f"{where}: controller.keep_fraction: must be within [0, 1], got "
                               f"{self.controller.keep_fraction!r}")
@@ -146,6 +152,9 @@ class DeviceProfile:
     distance_m: float
     compute_watts_per_core: float = 12.0  # calibrated power of one busy core (CPU-seconds x this = joules)
     energy_budget_j: float | None = None  # long-term average energy per round (used by energy-aware policies)
+    # EMULATION of slower hardware: 0.5 = a device half as fast. The edge stretches its measured training
+    # time (it waits out the difference) and reports CPU-seconds and compute energy divided by this factor.
+    compute_speed: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -197,6 +206,9 @@ class BenchConfig:
         for i, dev in enumerate(self.devices):
             _positive(where, f"devices[{i}].distance_m", dev.distance_m)
             _positive(where, f"devices[{i}].compute_watts_per_core", dev.compute_watts_per_core)
+            if not 0 < dev.compute_speed <= 1:
+                raise ConfigError(f"{where}: devices[{i}].compute_speed: an emulated slow-down factor in (0, 1], "
+                                  f"got {dev.compute_speed!r}")
 
     def device(self, device_id: int) -> DeviceProfile:
         """Profile of a device; ids beyond the list reuse it cyclically (a bench of 4 can host 8 devices)."""

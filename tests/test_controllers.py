@@ -129,3 +129,33 @@ def test_round_records_explain_the_decision():
 def test_bad_controller_config_is_named(override, needle):
     with pytest.raises(ConfigError, match=needle):
         make_controller(load_experiment(None, [override]), bench())
+
+
+def test_tsfa_pins_rank_power_and_modulation_and_chooses_sparsity_and_bandwidth_online():
+    b = bench()
+    ctrl = make_controller(load_experiment(None, ["controller.policy=tsfa", "controller.rank=4"]), b)
+    plans = [p for p in ctrl.decide(state(b, K=8)).values() if p.participate]
+    assert plans
+    assert {(p.rank, p.depth, p.tx_power_dbm, p.modulation) for p in plans} == {(4, 6, 10.0, "qpsk")}
+    assert sum(p.bandwidth_hz for p in plans) <= b.radio.total_bandwidth_hz * (1 + 1e-9)
+    ctrl.energy_queue[0] = 50.0  # TSFA has no energy constraint: queues must not matter
+    assert ctrl.decide(state(b, K=8))[0].participate == (0 in {p.device_id for p in plans})
+
+
+def test_greedy_takes_the_best_measured_channels():
+    b = bench(budget_j=None, distances=(10, 10, 10, 10))
+    ctrl = make_controller(load_experiment(None, ["controller.policy=greedy", "controller.greedy_top=2"]), b)
+    ctrl.observe(RoundRecord(1, 0.7, 0.5, 1.0, "greedy", 0, [row(0, snr_db=5.0), row(1, snr_db=30.0),
+                                                              row(2, snr_db=12.0), row(3, snr_db=25.0)]))
+    plans = ctrl.decide(state(b))
+    assert {k for k, p in plans.items() if p.participate} == {1, 3}
+    assert plans[1].bandwidth_hz == b.radio.total_bandwidth_hz / 2
+
+
+def test_random_policy_is_seeded_and_never_empty():
+    b = bench()
+    exp = load_experiment(None, ["controller.policy=random", "controller.random_participation=0.01"])
+    first = make_controller(exp, b).decide(state(b, r=3))
+    again = make_controller(exp, b).decide(state(b, r=3))
+    assert first == again
+    assert sum(p.participate for p in first.values()) == 1

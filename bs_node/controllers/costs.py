@@ -54,6 +54,10 @@ class OptionGrid:
     frame_airtime_s: np.ndarray
     modulations: tuple[str, ...]
     share_levels: np.ndarray  # the share grid; option o has share level o % len(share_levels)
+    link: np.ndarray  # option -> index of its (modulation, power, share) link setting
+    link_modulation: np.ndarray
+    link_power_dbm: np.ndarray
+    link_share: np.ndarray
 
 
 @dataclass
@@ -97,23 +101,30 @@ class CostModel:
         per_hz = np.array([ofdm_airtime_s(self.frame_bytes, m, 1.0) for m in mods])
         info = 1 - lam_r * (1 - rank / self.max_rank) - lam_d * (1 - depth / self.shape.num_layers) \
             - lam_s * (1 - keep)
+        # the link (modulation, power, share) decides SNR and PER; modules and keep fractions only reuse it
+        n_p, n_s = len(powers_dbm), len(shares)
+        link = (idx[:, 1] * n_p + idx[:, 3]) * n_s + idx[:, 4]
+        link_mod, link_power, link_share = np.unravel_index(np.arange(len(mods) * n_p * n_s), (len(mods), n_p, n_s))
         return OptionGrid(rank=rank, depth=depth, modulation=idx[:, 1], keep=keep,
                           power_dbm=np.asarray(powers_dbm, dtype=float)[idx[:, 3]], share=share, info=info,
                           frames=frames, frame_airtime_s=per_hz[idx[:, 1]] / (share * self.bench.radio.total_bandwidth_hz),
-                          modulations=mods, share_levels=np.asarray(shares, dtype=float))
+                          modulations=mods, share_levels=np.asarray(shares, dtype=float), link=link,
+                          link_modulation=link_mod, link_power_dbm=np.asarray(powers_dbm, dtype=float)[link_power],
+                          link_share=np.asarray(shares, dtype=float)[link_share])
 
     def predict(self, grid: OptionGrid, *, gain_db: np.ndarray, cpu_s: np.ndarray, wall_s: np.ndarray,
                 watts_per_core: np.ndarray) -> Predictions:
         """gain_db, watts_per_core: (K,); cpu_s, wall_s: (K, O) compute of each option's module."""
         radio, arq = self.bench.radio, self.bench.arq
-        noise = self.noise_psd_dbm_hz + 10 * np.log10(grid.share * radio.total_bandwidth_hz)
-        snr = grid.power_dbm[None, :] + gain_db[:, None] - noise[None, :]
-        per = np.empty_like(snr)
+        noise = self.noise_psd_dbm_hz + 10 * np.log10(grid.link_share * radio.total_bandwidth_hz)
+        snr = grid.link_power_dbm[None, :] + gain_db[:, None] - noise[None, :]  # (K, links)
+        link_per = np.empty_like(snr)
         for q, name in enumerate(grid.modulations):
-            sel = grid.modulation == q
-            per[:, sel] = self.per(snr[:, sel], name)
+            sel = grid.link_modulation == q
+            link_per[:, sel] = self.per(snr[:, sel], name)
+        per = link_per[:, grid.link]
         airtime = grid.frames * grid.frame_airtime_s / (1 - np.minimum(per, 0.99))
-        delivery = (1 - per ** arq.max_attempts) ** grid.frames
+        delivery = (1 - link_per ** arq.max_attempts)[:, grid.link] ** grid.frames
         tx_w = 10 ** (grid.power_dbm / 10) / 1000
         energy = watts_per_core[:, None] * cpu_s + (tx_w / radio.pa_efficiency + radio.radio_on_power_w) * airtime
         return Predictions(delivery=delivery, airtime_s=airtime, energy_j=energy, latency_s=wall_s + airtime)

@@ -37,6 +37,15 @@ class LyapunovController(Controller):
         self._plan_steps: dict[int, int] = {}
         self._num_layers = 1
 
+    uses_energy_queues = True
+
+    def choices(self, state: RoundState) -> tuple[list[tuple[int, int]], list[str], list[float], np.ndarray]:
+        """The options every device has: modules (rank, depth), modulations, keep fractions, powers (dBm)."""
+        cfg, radio = self.cfg, self.bench.radio
+        modules = sorted({(min(r, state.max_rank), min(d, state.num_layers)) for r in cfg.ranks for d in cfg.depths})
+        powers = np.linspace(radio.min_tx_power_dbm, radio.max_tx_power_dbm, cfg.power_levels)
+        return modules, list(cfg.modulations), list(cfg.keep_fractions), powers
+
     # ------------------------------------------------------------------------------------------ decide
     def decide(self, state: RoundState) -> dict[int, DevicePlan]:
         if not state.devices:
@@ -47,10 +56,7 @@ class LyapunovController(Controller):
                                     tuple(cfg.loss_weights))
         L = self._num_layers = state.num_layers
         K = len(state.devices)
-        modules = sorted({(min(r, state.max_rank), min(d, L)) for r in cfg.ranks for d in cfg.depths})
-        grid = self._costs.grid(modules, list(cfg.modulations), list(cfg.keep_fractions),
-                                np.linspace(radio.min_tx_power_dbm, radio.max_tx_power_dbm, cfg.power_levels),
-                                np.geomspace(1.0 / (4 * K), 1.0, cfg.share_levels))
+        grid = self._costs.grid(*self.choices(state), np.geomspace(1.0 / (4 * K), 1.0, cfg.share_levels))
         ids = [d.device_id for d in state.devices]
         depths = grid.depth.astype(int)
         cpu = np.array([[self.compute.cpu_s(k, state.local_steps, d, L) for d in range(L + 1)] for k in ids])
@@ -63,7 +69,7 @@ class LyapunovController(Controller):
         weights = np.array([state.device_weights.get(k, 1.0) for k in ids])
         weights = weights * K / weights.sum()  # mean 1: V is the price of one average device's round
         budgets = np.array([self.bench.device(k).energy_budget_j or np.inf for k in ids])
-        queues = np.array([self.energy_queue.get(k, 0.0) for k in ids])
+        queues = np.array([self.energy_queue.get(k, 0.0) for k in ids]) if self.uses_energy_queues else np.zeros(K)
         choice, tau, objective = self._solve(grid, pred, weights, queues, budgets)
         plans: dict[int, DevicePlan] = {}
         for row, (dev, c) in enumerate(zip(state.devices, choice)):
@@ -96,13 +102,16 @@ class LyapunovController(Controller):
         the objective cannot tell apart (e.g. every option while the queues are empty)."""
         cfg = self.cfg
         V, Z = cfg.v, self.latency_queue
-        t_ref = cfg.latency_budget_s or float(np.median(pred.latency_s))
-        e_ref = np.where(np.isfinite(budgets), budgets, np.median(pred.energy_j, axis=1))
+        # scale references where there is no budget: each device's cheapest option, the slowest quickest device
+        t_ref = cfg.latency_budget_s or max(float(pred.latency_s.min(axis=1).max()), 1e-6)
+        e_ref = np.where(np.isfinite(budgets), budgets, np.maximum(pred.energy_j.min(axis=1), 1e-6))
         base = V * weights[:, None] * (1 - pred.delivery * grid.info[None, :]) \
             + (queues / e_ref)[:, None] * pred.energy_j \
             + TIE_BREAK * (pred.energy_j / e_ref[:, None] + pred.latency_s / t_ref)
         idle = V * weights
-        taus = np.unique(np.quantile(pred.latency_s, np.linspace(0.05, 1.0, cfg.round_length_levels)))
+        fastest = pred.latency_s.min(axis=1)  # each device's quickest option
+        taus = np.unique(np.geomspace(max(float(fastest.min()), 1e-6), max(float(pred.latency_s.max()), 1e-6),
+                                      cfg.round_length_levels))
         best: tuple[float, np.ndarray, float] = (np.inf, np.full(len(weights), -1), 0.0)
         rows = np.arange(len(weights))
         n_shares = len(grid.share_levels)
