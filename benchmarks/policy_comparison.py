@@ -28,13 +28,15 @@ def run_policy(policy: str, out: Path, args: argparse.Namespace) -> None:
            "--set", f"devices.count={args.devices}", "--set", f"seed={args.seed}", *args.extra]
     t0 = time.monotonic()
     print(f"[{policy}] running: {' '.join(cmd[3:])}", flush=True)
-    done = subprocess.run(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    for line in done.stdout.splitlines():
-        if line.startswith("round ") or line.startswith("run "):
-            print(f"[{policy}] {line}", flush=True)
-    if done.returncode != 0:
-        print(done.stdout[-3000:], file=sys.stderr)
-        raise SystemExit(f"[{policy}] failed with exit code {done.returncode}")
+    tail: list[str] = []
+    with subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
+        for line in proc.stdout:  # stream the live view's round lines as they come
+            tail = (tail + [line])[-40:]
+            if line.startswith(("round ", "run ", "edge ")):
+                print(f"[{policy}] {line.rstrip()}", flush=True)
+    if proc.returncode != 0:
+        print("".join(tail), file=sys.stderr)
+        raise SystemExit(f"[{policy}] failed with exit code {proc.returncode}")
     print(f"[{policy}] done in {time.monotonic() - t0:.0f} s", flush=True)
 
 
