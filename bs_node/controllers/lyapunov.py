@@ -22,6 +22,7 @@ TIE_BREAK = 1e-3
 
 class LyapunovController(Controller):
     name = "lyapunov"
+    uses_energy_queues = True  # TSFA reuses the solver without them
 
     def __init__(self, experiment: ExperimentConfig, bench: BenchConfig):
         super().__init__(experiment, bench)
@@ -34,10 +35,8 @@ class LyapunovController(Controller):
         self.latency_queue = 0.0
         self._last: dict = {}
         self._costs: CostModel | None = None
-        self._plan_steps: dict[int, int] = {}
+        self._local_steps = 0
         self._num_layers = 1
-
-    uses_energy_queues = True
 
     def choices(self, state: RoundState) -> tuple[list[tuple[int, int]], list[str], list[float], np.ndarray]:
         """The options every device has: modules (rank, depth), modulations, keep fractions, powers (dBm)."""
@@ -72,7 +71,7 @@ class LyapunovController(Controller):
         queues = np.array([self.energy_queue.get(k, 0.0) for k in ids]) if self.uses_energy_queues else np.zeros(K)
         choice, tau, objective = self._solve(grid, pred, weights, queues, budgets)
         plans: dict[int, DevicePlan] = {}
-        for row, (dev, c) in enumerate(zip(state.devices, choice)):
+        for dev, c in zip(state.devices, choice):
             if c < 0:
                 plans[dev.device_id] = DevicePlan(dev.device_id, False, state.max_rank, L, radio.max_tx_power_dbm,
                                                   0.0, cfg.modulation, 1.0, state.local_steps)
@@ -81,7 +80,7 @@ class LyapunovController(Controller):
                 dev.device_id, True, int(grid.rank[c]), int(grid.depth[c]), float(grid.power_dbm[c]),
                 float(grid.share[c] * radio.total_bandwidth_hz), grid.modulations[int(grid.modulation[c])],
                 float(grid.keep[c]), state.local_steps)
-        self._plan_steps = {k: p.local_steps for k, p in plans.items()}
+        self._local_steps = state.local_steps
         self._last = {
             "round_length_s": round(tau, 2), "objective": round(objective, 4),
             "gain_db": {k: round(self.channel.estimates[k].mean_db, 2) for k in ids},
@@ -162,7 +161,7 @@ class LyapunovController(Controller):
         for row in record.devices:
             self.channel.observe(row)
             if row.participated and row.status in ("ok", "undelivered"):
-                self.compute.observe(row, self._plan_steps.get(row.device_id, 0), self._num_layers)
+                self.compute.observe(row, self._local_steps, self._num_layers)
                 round_latency = max(round_latency, row.train_wall_s + row.airtime_s)
             budget = self.bench.device(row.device_id).energy_budget_j
             if budget is not None:  # queues in units of the budget: Q += E/Ē − 1
