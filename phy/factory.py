@@ -1,28 +1,40 @@
 """Open the uplink of the bench's PHY: the only place that knows which link implementation runs."""
 from __future__ import annotations
 
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import zmq
 
-from fedlora.config import BenchConfig, ConfigError
+from fedlora.config import REPO_ROOT, BenchConfig, ConfigError
 from phy.channel import DeviceGeometry, PerCurve, SimChannel
 from phy.link import UplinkReceiver, UplinkTransmitter
 from phy.sim import SimUplinkReceiver, SimUplinkTransmitter
 
 
 def per_curve_for(bench: BenchConfig) -> PerCurve:
-    return PerCurve.from_file(bench.per_curve) if bench.per_curve else PerCurve.default()
+    """The bench's calibrated PER curve (a relative path is taken from the repository), or the built-in one."""
+    if not bench.per_curve:
+        return PerCurve.default()
+    path = Path(bench.per_curve)
+    if not path.is_absolute() and not path.exists():
+        path = REPO_ROOT / path
+    return PerCurve.from_file(path)
 
 
 def open_uplink_transmitter(bench: BenchConfig, device_id: int, *, data_address: str, seed: int,
                             context: zmq.Context | None = None) -> UplinkTransmitter:
+    geometry = DeviceGeometry(device_id=device_id, distance_m=bench.device(device_id).distance_m)
     if bench.phy == "sim":
-        return SimUplinkTransmitter(
-            bs_data_address=data_address,
-            geometry=DeviceGeometry(device_id=device_id, distance_m=bench.device(device_id).distance_m),
-            channel=SimChannel(bench.channel, seed=seed), per_curve=per_curve_for(bench), seed=seed,
-            context=context)
+        return SimUplinkTransmitter(bs_data_address=data_address, geometry=geometry,
+                                    channel=SimChannel(bench.channel, seed=seed), per_curve=per_curve_for(bench),
+                                    seed=seed, context=context)
+    if bench.phy == "gr-loopback":
+        from phy.gr_link import GrLoopbackTransmitter  # needs no GNU Radio on the edge, but shares ofdm sizes
+
+        return GrLoopbackTransmitter(bs_data_address=data_address, geometry=geometry,
+                                     channel=SimChannel(bench.channel, seed=seed), per_curve=per_curve_for(bench),
+                                     seed=seed, context=context)
     raise ConfigError(f"bench {bench.name}: phy {bench.phy!r} has no uplink transmitter in this build")
 
 
@@ -30,6 +42,10 @@ def open_uplink_receiver(bench: BenchConfig, *, bind_address: str,
                          context: zmq.Context | None = None) -> UplinkReceiver:
     if bench.phy == "sim":
         return SimUplinkReceiver(bind_address=bind_address, context=context)
+    if bench.phy == "gr-loopback":
+        from phy.gr_link import GrLoopbackReceiver  # GNU Radio is imported only when this PHY runs
+
+        return GrLoopbackReceiver(bind_address=bind_address, snr_offset_db=bench.snr_offset_db, context=context)
     raise ConfigError(f"bench {bench.name}: phy {bench.phy!r} has no uplink receiver in this build")
 
 

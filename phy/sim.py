@@ -91,13 +91,15 @@ class SimUplinkTransmitter(UplinkTransmitter):
             n = len(frame)
             if n not in per_by_size:
                 per_by_size[n] = self.per_curve.per(true_snr_db, setting.modulation, n)
-            if uniforms[i] < per_by_size[n]:
+            sidecar_fields = self._sidecar(true_snr_db, setting, lost=uniforms[i] < per_by_size[n],
+                                           est_err_db=float(est_err_db[i]))
+            if sidecar_fields is None:
                 self.last_frames_lost += 1
                 continue
             if not peer_ok:
                 self.last_frames_undeliverable += 1
                 continue
-            sidecar = json.dumps({"snr_db": float(true_snr_db + est_err_db[i])}).encode()
+            sidecar = json.dumps(sidecar_fields).encode()
             try:
                 self._sock.send_multipart([sidecar, frame])
             except zmq.Again:
@@ -118,6 +120,11 @@ class SimUplinkTransmitter(UplinkTransmitter):
             bytes_sent=sum(len(f) for f in frames),
             airtime_s=self.estimate_airtime_s([len(f) for f in frames], setting),
         )
+
+    def _sidecar(self, true_snr_db: float, setting: TxSetting, *, lost: bool, est_err_db: float) -> dict | None:
+        """What travels beside a frame, or None when the channel loses it: here the PER draw decides and the
+        sidecar carries the receiver's SNR estimate (true SNR + estimation error)."""
+        return None if lost else {"snr_db": float(true_snr_db + est_err_db)}
 
     def close(self) -> None:
         if not self._closed:
