@@ -1,0 +1,53 @@
+"""benchmarks/sparsify_accuracy.py --quick end to end: the table is complete and SOFT's bytes are what the
+component codec promises (behaviour only: a tiny random BERT for 2 rounds says nothing about accuracy).
+
+Runs in-process (the script's `main`), so the suite does not pay a second interpreter's torch/peft imports."""
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+METHODS = ["dense_fp32", "dense_fp16", "soft@0.125", "soft@0.25", "topk@0.125", "topk@0.25", "randomk@0.125",
+           "randomk@0.25", "b_only"]
+
+
+def load_script(monkeypatch):
+    spec = importlib.util.spec_from_file_location("sparsify_accuracy", ROOT / "benchmarks" / "sparsify_accuracy.py")
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, module)  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_sparsify_accuracy_quick_runs_end_to_end(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    out = tmp_path / "quick.json"
+    threads = torch.get_num_threads()
+    try:
+        load_script(monkeypatch).main(["--quick", "--threads", "1", "--out", str(out)])
+    finally:
+        torch.set_num_threads(threads)
+    printed = capsys.readouterr()
+    assert "round 2/2 device 6/6" in printed.err  # progress was shown
+
+    lines = printed.out.strip().splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("method"))
+    rows = {line.split()[0]: line.split() for line in lines[header + 2:header + 2 + len(METHODS)]}
+    assert list(rows) == METHODS
+    for cells in rows.values():
+        assert len(cells) == 7 + 3  # 7 columns + accuracy after rounds 0, 1, 2
+        assert all(0.0 <= float(a) <= 1.0 for a in cells[7:])
+    assert float(rows["dense_fp32"][4]) == 1.0  # the reference's ratio
+
+    results = {r["label"]: r for r in json.loads(out.read_text())["results"]}
+    assert list(results) == METHODS
+    dense32, dense16 = results["dense_fp32"]["update_bytes"], results["dense_fp16"]["update_bytes"]
+    assert results["soft@0.125"]["update_bytes"] < dense32 / 8
+    assert results["soft@0.125"]["update_bytes"] < results["soft@0.25"]["update_bytes"] < dense16
+    assert results["b_only"]["update_bytes"] < 0.6 * dense16  # A's zeros travel as shapes only
+    for r in results.values():
+        assert len(r["accuracy"]) == 3 and r["air_bytes"] > r["update_bytes"]
+    assert results["soft@0.125"]["kept_fraction"] == 0.125
