@@ -311,9 +311,12 @@ def modulate(frames: Sequence[bytes], modulation: str = "qpsk", *, pre_pad: int 
     tb.start()
     try:
         deadline = time.monotonic() + timeout_s
-        while tx.samples_out() < expected:
+        # wait for what the sink consumed, not what the transmitter produced: stopping the flowgraph drops
+        # whatever is still in the buffer between them (seen on a busy machine: an empty result)
+        while sink.nitems_read(0) < expected:
             if time.monotonic() > deadline:
-                raise TimeoutError(f"transmitter produced {tx.samples_out()}/{expected} samples")
+                raise TimeoutError(f"transmitter produced {tx.samples_out()}/{expected} samples, "
+                                   f"the sink took {sink.nitems_read(0)}")
             time.sleep(0.002)
     finally:
         tb.stop()
