@@ -74,6 +74,7 @@ class Settings:
     model: str
     rank: int = 8
     lr: float = 5e-3
+    logit_adjustment: float = 1.0
     batch_size: int = 16
     alpha: float = 1.0
     seed: int = 0
@@ -182,6 +183,7 @@ class Experiment:
         """Same seed for the same (round, device) in every method -- the edge's formula (edge_node/node.py),
         so a dense run reproduces the testbed's."""
         return TrainConfig(local_steps=self.s.local_steps, batch_size=self.s.batch_size, lr=self.s.lr,
+                           logit_adjustment=self.s.logit_adjustment,
                            max_length=self.cfg.max_length, seed=self.s.seed * 100003 + round_idx * 101 + device)
 
     def evaluate(self, local: LocalModel, adapter: GlobalAdapter) -> float:
@@ -284,6 +286,8 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, Settings
     p.add_argument("--keep-fractions", default="0.125,0.25", help="for component methods without @")
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--lr", type=float, default=5e-3)
+    p.add_argument("--logit-adjustment", type=float, default=1.0,
+                   help="tau of the label-skew correction in local training (fedlora.training)")
     p.add_argument("--alpha", type=float, default=1.0, help="Dirichlet label-skew concentration")
     p.add_argument("--seed", type=int, default=1,
                    help="model, adapter, split and training seeds (default 1: seed 0's 6-device split gives one "
@@ -292,16 +296,38 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, Settings
     p.add_argument("--frame-payload", type=int, default=1000, help="update bytes per PHY frame")
     p.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1), help="torch intra-op threads")
     p.add_argument("--out", type=Path, help="write results as .json or .csv")
+    p.add_argument("--merge", type=Path, nargs="+", metavar="JSON",
+                   help="print one table from the --out .json files of earlier runs (split runs) and exit")
     args = p.parse_args(argv)
     preset = QUICK if args.quick else FULL
     picked = {k: (getattr(args, k) if getattr(args, k) is not None else v) for k, v in preset.items()}
-    settings = Settings(**picked, rank=args.rank, lr=args.lr, alpha=args.alpha, seed=args.seed,
-                        compress=args.compress, frame_payload=args.frame_payload)
+    settings = Settings(**picked, rank=args.rank, lr=args.lr, logit_adjustment=args.logit_adjustment,
+                        alpha=args.alpha, seed=args.seed, compress=args.compress, frame_payload=args.frame_payload)
     return args, settings
+
+
+def load_results(paths: Sequence[Path]) -> tuple[dict, list[Result]]:
+    """Results of split runs; they must share their settings (same seeds, rounds, devices)."""
+    settings: dict | None = None
+    results: list[Result] = []
+    for path in paths:
+        payload = json.loads(path.read_text())
+        if settings is not None and payload["settings"] != settings:
+            raise SystemExit(f"--merge: {path} was run with other settings than {paths[0]}")
+        settings = payload["settings"]
+        for r in payload["results"]:
+            r.pop("final_accuracy", None)
+            results.append(Result(**r))
+    return settings or {}, results
 
 
 def main(argv: Sequence[str] | None = None) -> list[Result]:
     args, settings = parse_args(argv)
+    if args.merge:
+        merged_settings, results = load_results(args.merge)
+        print(f"settings: {merged_settings}")
+        print(table(results))
+        return results
     keep = [float(x) for x in args.keep_fractions.split(",") if x.strip()]
     methods = parse_methods(args.methods, keep)
     torch.set_num_threads(args.threads)
@@ -317,7 +343,7 @@ def main(argv: Sequence[str] | None = None) -> list[Result]:
             write_out(args.out, settings, results)
     print(f"\nRotten Tomatoes, {settings.model}, {settings.devices} devices (Dirichlet α={settings.alpha}), "
           f"{settings.rounds} rounds × {settings.local_steps} local steps, rank {settings.rank}, lr {settings.lr}, "
-          f"test {len(exp.test)}, compress={settings.compress}, frames of {settings.frame_payload} B")
+          f"logit adjustment {settings.logit_adjustment}, test {len(exp.test)}, compress={settings.compress}, frames of {settings.frame_payload} B")
     print(table(results))
     return results
 

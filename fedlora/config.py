@@ -61,12 +61,14 @@ class ControllerConfig:
     keep_fraction: float = 1.0  # share of rank components a device sends (fixed policy); 1.0 = dense
     # online policies (docs/controller.md): the choices they have and how they weigh them
     ranks: tuple[int, ...] = (2, 4, 8)
-    depths: tuple[int, ...] = (2, 4, 6)
+    depths: tuple[int, ...] = (1, 2, 4, 6)
     keep_fractions: tuple[float, ...] = (0.25, 0.5, 1.0)
     modulations: tuple[str, ...] = ("bpsk", "qpsk", "8psk")
     v: float = 4.0  # Lyapunov penalty weight V: learning proxy vs. queues (which count in budgets)
     loss_weights: tuple[float, ...] = (0.3, 0.2, 0.2)  # λ_r, λ_d, λ_s of the learning-loss proxy
     latency_budget_s: float | None = None  # long-term round-latency budget T̄; None = no latency queue
+    energy_guard: bool = True  # never plan past a device's cumulative energy allowance (docs/controller.md)
+    energy_guard_margin: float = 0.1  # share of the allowance kept back for prediction error
     gain_ewma: float = 0.5  # smoothing of channel-gain and compute estimates
     snr_margin_sigmas: float = 1.0  # plan with the gain estimate minus this many standard deviations
     power_levels: int = 5
@@ -128,6 +130,12 @@ class ExperimentConfig:
             raise ConfigError(f"{where}: controller.keep_fractions: every value must be in (0, 1]")
         for name in ("v", "power_levels", "share_levels", "round_length_levels", "price_iterations"):
             _positive(where, f"controller.{name}", getattr(c, name))
+        if not 0 <= c.energy_guard_margin < 1:
+            raise ConfigError(f"{where}: controller.energy_guard_margin: must be in [0, 1), got "
+                              f"{c.energy_guard_margin!r}")
+        if not 0 <= self.training.logit_adjustment < float("inf"):
+            raise ConfigError(f"{where}: training.logit_adjustment: must be a finite number >= 0, got "
+                              f"{self.training.logit_adjustment!r}")
         if not 0 < c.random_participation <= 1:
             raise ConfigError(f"{where}: controller.random_participation: must be in (0, 1]")
         if c.greedy_top is not None and c.greedy_top < 1:

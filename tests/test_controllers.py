@@ -49,7 +49,8 @@ def test_lyapunov_plans_fit_the_band_power_and_module_sets():
         assert sum(p.bandwidth_hz for p in on) <= b.radio.total_bandwidth_hz * (1 + 1e-9)
         for p in on:
             assert b.radio.min_tx_power_dbm <= p.tx_power_dbm <= b.radio.max_tx_power_dbm
-            assert p.rank in (2, 4, 8) and p.depth in (2, 4, 6) and p.keep_fraction in (0.25, 0.5, 1.0)
+            cfg = ctrl.cfg
+            assert p.rank in cfg.ranks and p.depth in cfg.depths and p.keep_fraction in cfg.keep_fractions
             assert p.modulation in ("bpsk", "qpsk", "8psk")
 
 
@@ -109,6 +110,46 @@ def test_queues_follow_measured_energy_against_the_budget():
     assert ctrl.energy_queue[1] == 0.0
     ctrl.observe(RoundRecord(2, 0.7, 0.5, 1.0, "lyapunov", 0, [row(0, snr_db=30, participated=False)]))
     assert ctrl.energy_queue[0] == pytest.approx(0.5)
+
+
+def _spend(ctrl, r, energies, *, depth=6):
+    """A round in which device k spent energies[k] (None: sat out)."""
+    rows = [row(k, snr_db=30.0, energy=e if e is not None else 0.0, participated=e is not None, depth=depth)
+            for k, e in enumerate(energies)]
+    ctrl.observe(RoundRecord(r, 0.7, 0.5, 1.0, "lyapunov", 0, rows))
+
+
+def test_energy_guard_keeps_every_plan_within_the_cumulative_allowance():
+    b = bench(budget_j=100.0, distances=(20, 20))
+    ctrl = lyapunov(b)
+    ctrl.decide(state(b, K=2))
+    _spend(ctrl, 1, [250.0, 40.0])  # device 0 overspent round 1 by 150 J, device 1 saved 60 J
+    plans = ctrl.decide(state(b, r=2, K=2))
+    info = ctrl.explain()
+    assert info["energy_allowance_j"] == {0: pytest.approx(-50.0), 1: pytest.approx(160.0)}
+    assert not plans[0].participate  # nothing costs less than nothing left
+    assert plans[1].participate and info["predicted"][1]["energy_j"] <= 0.9 * 160.0
+    _spend(ctrl, 2, [None, 100.0])
+    ctrl.decide(state(b, r=3, K=2))
+    assert ctrl.explain()["energy_allowance_j"] == {0: pytest.approx(50.0), 1: pytest.approx(160.0)}
+
+
+def test_energy_guard_lets_an_unmeasured_device_probe_its_cheapest_module_once():
+    b = bench(budget_j=1.0, distances=(20, 20))  # no module fits a 1 J budget by the prior
+    ctrl = lyapunov(b)
+    first = ctrl.decide(state(b, K=2))
+    assert all(p.participate and p.depth == min(ctrl.cfg.depths) for p in first.values())
+    _spend(ctrl, 1, [60.0, 60.0], depth=1)  # measured now: the guard applies
+    second = ctrl.decide(state(b, r=2, K=2))
+    assert not any(p.participate for p in second.values())
+
+
+def test_without_the_guard_only_the_queues_hold_a_device_back():
+    b = bench(budget_j=1.0, distances=(20, 20))
+    ctrl = lyapunov(b, "controller.energy_guard=false")
+    plans = ctrl.decide(state(b, K=2))  # empty queues, no guard: the full module, whatever it costs
+    assert all(p.participate and p.depth == max(ctrl.cfg.depths) for p in plans.values())
+    assert ctrl.explain()["energy_allowance_j"] == {}
 
 
 def test_round_records_explain_the_decision():

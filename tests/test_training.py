@@ -155,3 +155,35 @@ def test_train_local_rejects_bad_input(parts):
         train_local(lm.model, parts[2], [], FAST)
     with pytest.raises(ValueError, match="batch_size"):
         train_local(lm.model, parts[2], TOY, TrainConfig(batch_size=0))
+
+
+def _p_positive(lm, tok, text: str) -> float:
+    lm.model.eval()
+    with torch.no_grad():
+        logits = lm.model(**encode(tok, [Example(text, None, 0)], 16)).logits
+    return float(torch.softmax(logits, -1)[0, 1])
+
+
+def test_logit_adjustment_keeps_the_local_label_prior_out_of_the_model(parts):
+    """Text that says nothing, 90 % positive: plain cross-entropy learns the prior (p ≈ 0.9), the adjusted loss
+    learns what the text says beyond it (nothing: p ≈ 0.5; 0.59 exactly, as the prior is add-one smoothed: 19/22
+    against the sample's 18/20), so non-IID devices do not average their priors."""
+    tok = parts[2]
+    skewed = [Example("a film", None, 1)] * 18 + [Example("a film", None, 0)] * 2
+    cfg = TrainConfig(local_steps=60, batch_size=10, lr=3e-2, max_length=16, seed=0)
+    plain, adjusted = _fresh(parts), _fresh(parts)
+    train_local(plain.model, tok, skewed, cfg)
+    train_local(adjusted.model, tok, skewed, TrainConfig(**{**cfg.__dict__, "logit_adjustment": 1.0}))
+    assert _p_positive(plain, tok, "a film") > 0.8
+    assert 0.45 < _p_positive(adjusted, tok, "a film") < 0.65
+
+
+def test_label_log_prior_is_smoothed_and_checks_labels():
+    from fedlora.training import label_log_prior
+
+    prior = label_log_prior([Example("x", None, 1)] * 3, 2).exp()
+    assert prior.tolist() == pytest.approx([1 / 5, 4 / 5])  # add-one smoothing: no class gets log 0
+    with pytest.raises(ValueError, match="label 2"):
+        label_log_prior([Example("x", None, 2)], 2)
+    with pytest.raises(ValueError, match="logit_adjustment"):
+        train_local(torch.nn.Linear(1, 1), None, [Example("x", None, 0)], TrainConfig(logit_adjustment=-1.0))

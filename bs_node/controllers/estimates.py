@@ -82,6 +82,9 @@ class ComputeEstimator:
             old = self.wall_per_cpu.get(row.device_id)
             self.wall_per_cpu[row.device_id] = ratio if old is None else old + self.ewma * (ratio - old)
 
+    def measured(self, device_id: int) -> bool:
+        return device_id in self.per_unit
+
     def cpu_s(self, device_id: int, steps: int, depth: int, num_layers: int) -> float:
         return self.per_unit.get(device_id, self.prior) * steps * self.cost(depth, num_layers)
 

@@ -32,6 +32,8 @@ class LyapunovController(Controller):
         self.compute = ComputeEstimator(ewma=cfg.gain_ewma)
         self.per_curve = per_curve_for(bench)
         self.energy_queue: dict[int, float] = {}
+        self.energy_spent_j: dict[int, float] = {}  # measured, since the device was first planned
+        self.rounds_planned: dict[int, int] = {}  # rounds the device was present for (its budget accrues)
         self.latency_queue = 0.0
         self._last: dict = {}
         self._costs: CostModel | None = None
@@ -69,7 +71,9 @@ class LyapunovController(Controller):
         weights = weights * K / weights.sum()  # mean 1: V is the price of one average device's round
         budgets = np.array([self.bench.device(k).energy_budget_j or np.inf for k in ids])
         queues = np.array([self.energy_queue.get(k, 0.0) for k in ids]) if self.uses_energy_queues else np.zeros(K)
-        choice, tau, objective = self._solve(grid, pred, weights, queues, budgets)
+        allowance = self._allowance_j(ids, budgets)
+        feasible = self._energy_feasible(ids, grid, pred, allowance)
+        choice, tau, objective = self._solve(grid, pred, weights, queues, budgets, feasible)
         plans: dict[int, DevicePlan] = {}
         for dev, c in zip(state.devices, choice):
             if c < 0:
@@ -84,6 +88,7 @@ class LyapunovController(Controller):
         self._last = {
             "round_length_s": round(tau, 2), "objective": round(objective, 4),
             "gain_db": {k: round(self.channel.estimates[k].mean_db, 2) for k in ids},
+            "energy_allowance_j": {k: round(float(a), 1) for k, a in zip(ids, allowance) if np.isfinite(a)},
             "gain_std_db": {k: round(float(np.sqrt(self.channel.estimates[k].var_db2)), 2) for k in ids},
             "predicted": {k: {"energy_j": round(float(pred.energy_j[i, c]), 2),
                               "latency_s": round(float(pred.latency_s[i, c]), 2),
@@ -92,8 +97,31 @@ class LyapunovController(Controller):
         }
         return plans
 
+    def _allowance_j(self, ids: list[int], budgets: np.ndarray) -> np.ndarray:
+        """Energy each device may still spend this round without its time average exceeding its budget:
+        Ē_k · (rounds present, this one included) − measured energy so far (inf without a budget)."""
+        for k in ids:
+            self.rounds_planned[k] = self.rounds_planned.get(k, 0) + 1
+        if not (self.uses_energy_queues and self.cfg.energy_guard):
+            return np.full(len(ids), np.inf)
+        return np.array([b * self.rounds_planned[k] - self.energy_spent_j.get(k, 0.0) if np.isfinite(b) else np.inf
+                         for k, b in zip(ids, budgets)])
+
+    def _energy_feasible(self, ids: list[int], grid: OptionGrid, pred: Predictions,
+                         allowance: np.ndarray) -> np.ndarray:
+        """(devices, options) mask of the energy guard: predicted energy within (1 − margin) × allowance.
+
+        A device whose compute has never been measured may run its cheapest module once whatever the guard
+        says (a probe): its prediction is only the prior, and without a measurement it would never get one."""
+        ok = pred.energy_j <= (1 - self.cfg.energy_guard_margin) * allowance[:, None]
+        cheapest = grid.depth == grid.depth.min()
+        for i, k in enumerate(ids):
+            if not self.compute.measured(k) and np.isfinite(allowance[i]):
+                ok[i] |= cheapest
+        return ok
+
     def _solve(self, grid: OptionGrid, pred: Predictions, weights: np.ndarray, queues: np.ndarray,
-               budgets: np.ndarray) -> tuple[list[int], float, float]:
+               budgets: np.ndarray, feasible: np.ndarray | None = None) -> tuple[list[int], float, float]:
         """Best (τ, μ, per-device option); -1 = the device sits this round out.
 
         Queues are in units of their budgets (Q_k E_k / Ē_k, Z T / T̄) so that V trades them against the
@@ -107,6 +135,8 @@ class LyapunovController(Controller):
         base = V * weights[:, None] * (1 - pred.delivery * grid.info[None, :]) \
             + (queues / e_ref)[:, None] * pred.energy_j \
             + TIE_BREAK * (pred.energy_j / e_ref[:, None] + pred.latency_s / t_ref)
+        if feasible is not None:
+            base = np.where(feasible, base, np.inf)
         idle = V * weights
         fastest = pred.latency_s.min(axis=1)  # each device's quickest option
         taus = np.unique(np.geomspace(max(float(fastest.min()), 1e-6), max(float(pred.latency_s.max()), 1e-6),
@@ -164,6 +194,8 @@ class LyapunovController(Controller):
                 self.compute.observe(row, self._local_steps, self._num_layers)
                 round_latency = max(round_latency, row.train_wall_s + row.airtime_s)
             budget = self.bench.device(row.device_id).energy_budget_j
+            if budget is not None:
+                self.energy_spent_j[row.device_id] = self.energy_spent_j.get(row.device_id, 0.0) + row.energy_j
             if budget is not None:  # queues in units of the budget: Q += E/Ē − 1
                 q = self.energy_queue.get(row.device_id, 0.0)
                 self.energy_queue[row.device_id] = max(q + row.energy_j / budget - 1.0, 0.0)
