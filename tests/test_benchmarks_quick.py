@@ -51,3 +51,29 @@ def test_sparsify_accuracy_quick_runs_end_to_end(tmp_path, capsys, monkeypatch):
     for r in results.values():
         assert len(r["accuracy"]) == 3 and r["air_bytes"] > r["update_bytes"]
     assert results["soft@0.125"]["kept_fraction"] == 0.125
+
+
+def test_phy_calibration_quick_runs_end_to_end(tmp_path, capsys, monkeypatch):
+    """benchmarks/phy_calibration.py --quick through the real OFDM loopback: both tables, the file, progress."""
+    import pytest
+
+    pytest.importorskip("gnuradio")
+    spec = importlib.util.spec_from_file_location("phy_calibration", ROOT / "benchmarks" / "phy_calibration.py")
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, module)  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    out = tmp_path / "phy.json"
+    module.main(["--quick", "--out", str(out)])
+    printed = capsys.readouterr()
+    assert "[ 12/12" in printed.err  # progress: 3 modulations x (3 waterfall SNRs + 30 dB)
+    assert "(a) PER" in printed.out and "(b) SNR estimate error" in printed.out and "summary" in printed.out
+    doc = json.loads(out.read_text())
+    points = doc["points"]
+    assert [p["modulation"] for p in points] == ["bpsk"] * 4 + ["qpsk"] * 4 + ["8psk"] * 4
+    assert all(p["sent"] == 20 and p["frame_bytes"] == 1000 and 0.0 <= p["per_gr"] <= 1.0 for p in points)
+    sims = [round(p["per_sim"], 6) for p in points if p["snr_db"] != 30.0]
+    assert sims == [0.8, 0.5, 0.15] * 3  # the waterfall SNRs come from the curve file
+    for p in points[3::4]:  # 30 dB: every packet through, the estimate close to the configured SNR
+        assert p["snr_db"] == 30.0 and p["per_gr"] == 0.0 and p["per_sim"] == 0.0
+        assert abs(p["raw_err_mean_db"]) < 1.0 and abs(p["cal_err_mean_db"] - p["raw_err_mean_db"]) < 0.1
+    assert set(doc["summary"]) == {"bpsk@1000", "qpsk@1000", "8psk@1000"}
