@@ -70,7 +70,7 @@ class ControllerConfig:
     energy_guard: bool = True  # never plan past a device's cumulative energy allowance (docs/controller.md)
     energy_guard_margin: float = 0.1  # share of the allowance kept back for prediction error
     gain_ewma: float = 0.5  # smoothing of channel-gain and compute estimates
-    snr_margin_sigmas: float = 1.0  # plan with the gain estimate minus this many standard deviations
+    snr_margin_sigmas: float = 0.0  # extra back-off: plan with the gain estimate minus this many std devs
     power_levels: int = 5
     share_levels: int = 10
     round_length_levels: int = 6

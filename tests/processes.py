@@ -31,7 +31,7 @@ class Procs:
         p = self.start("bs", ["-m", "bs_node.main", "--run-dir", str(run_dir), "--control", "tcp://127.0.0.1:0",
                               "--data", "tcp://127.0.0.1:0", "--log-level", "INFO", *TINY, *extra])
         endpoints = run_dir / "endpoints.json"
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + 180  # a loaded 2-core machine needs a while to import torch + GNU Radio
         while not endpoints.exists():
             assert p.poll() is None, self.output("bs")
             assert time.monotonic() < deadline, "BS did not bind"

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -154,3 +155,25 @@ def test_a_round_over_the_gnuradio_ofdm_loopback(procs, tmp_path):
     # the SNR in the record is the OFDM receiver's estimate: the nearer device reads higher
     assert near["snr_db"] > far["snr_db"] + 5
     assert near["frames_received"] == near["frames_sent"] > 0
+
+
+@pytest.mark.gnuradio
+def test_the_online_controller_runs_unchanged_over_the_gnuradio_link(procs, tmp_path):
+    """lyapunov over gr-loopback: round 2 is planned from the gains the OFDM receiver's SNR estimates gave."""
+    pytest.importorskip("gnuradio")
+    run_dir = tmp_path / "run"
+    bs, ep = procs.bs(run_dir, "--bench", "hw_configs/loopback.yaml", "--set", "devices.count=2",
+                      "--set", "round.rounds=2", "--set", "training.local_steps=2",
+                      "--set", "controller.policy=lyapunov",
+                      "--bench-set", "devices=[{distance_m: 10, energy_budget_j: 1000}, {distance_m: 30}]")
+    for k in range(2):
+        procs.edge(ep["control"], k)
+    assert bs.wait(timeout=400) == 0, procs.output("bs")
+    first, second = read_rounds(run_dir)
+    measured = {d["device_id"]: d for d in first["devices"] if d["snr_db"] is not None}
+    assert measured, first["devices"]
+    gains = second["controller"]["gain_db"]
+    for k, d in measured.items():  # the gain the BS plans with = measured SNR − power + noise of the share used
+        noise_dbm = -174 + 9 + 10 * math.log10(d["bandwidth_hz"])
+        assert gains[str(k)] == pytest.approx(d["snr_db"] - d["tx_power_dbm"] + noise_dbm, abs=0.05)
+    assert second["controller"]["energy_allowance_j"].keys() == {"0"}  # only device 0 has a budget

@@ -113,18 +113,30 @@ class CostModel:
                           link_share=np.asarray(shares, dtype=float)[link_share])
 
     def predict(self, grid: OptionGrid, *, gain_db: np.ndarray, cpu_s: np.ndarray, wall_s: np.ndarray,
-                watts_per_core: np.ndarray) -> Predictions:
-        """gain_db, watts_per_core: (K,); cpu_s, wall_s: (K, O) compute of each option's module."""
+                watts_per_core: np.ndarray, fading_db: np.ndarray | None = None) -> Predictions:
+        """gain_db, watts_per_core: (K,); cpu_s, wall_s: (K, O) compute of each option's module.
+
+        fading_db: (K, J) equally likely offsets of the round's channel around gain_db (block fading: one draw
+        for the whole update, so ARQ cannot retry its way out of a fade); delivery and airtime are averaged
+        over them. None: the channel is exactly gain_db."""
         radio, arq = self.bench.radio, self.bench.arq
+        if fading_db is None:
+            fading_db = np.zeros((len(gain_db), 1))
         noise = self.noise_psd_dbm_hz + 10 * np.log10(grid.link_share * radio.total_bandwidth_hz)
-        snr = grid.link_power_dbm[None, :] + gain_db[:, None] - noise[None, :]  # (K, links)
+        snr = (grid.link_power_dbm[None, :, None] + gain_db[:, None, None] + fading_db[:, None, :]
+               - noise[None, :, None])  # (K, links, J)
         link_per = np.empty_like(snr)
         for q, name in enumerate(grid.modulations):
             sel = grid.link_modulation == q
             link_per[:, sel] = self.per(snr[:, sel], name)
-        per = link_per[:, grid.link]
-        airtime = grid.frames * grid.frame_airtime_s / (1 - np.minimum(per, 0.99))
-        delivery = (1 - link_per ** arq.max_attempts)[:, grid.link] ** grid.frames
+        # per node: expected transmissions per frame, and the chance that all n frames get through within A
+        # attempts each; averaged over the nodes per link setting and per distinct frame count (never K x O x J)
+        tx_per_frame = (1 / (1 - np.minimum(link_per, 0.99))).mean(axis=2)  # (K, links)
+        frame_ok = 1 - link_per ** arq.max_attempts
+        counts, count_of_option = np.unique(grid.frames, return_inverse=True)
+        link_delivery = np.stack([(frame_ok ** n).mean(axis=2) for n in counts])  # (counts, K, links)
+        airtime = (grid.frames * grid.frame_airtime_s)[None, :] * tx_per_frame[:, grid.link]
+        delivery = link_delivery[count_of_option, :, grid.link].T  # (K, O)
         tx_w = 10 ** (grid.power_dbm / 10) / 1000
         energy = watts_per_core[:, None] * cpu_s + (tx_w / radio.pa_efficiency + radio.radio_on_power_w) * airtime
         return Predictions(delivery=delivery, airtime_s=airtime, energy_j=energy, latency_s=wall_s + airtime)

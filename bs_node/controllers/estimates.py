@@ -8,9 +8,30 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from statistics import NormalDist
+
+import numpy as np
 
 from bs_node.measurements import DeviceRound
 from phy.channel import ChannelConfig, SimChannel, TxSetting
+
+
+FADING_NODES = 8  # quantile nodes of the next round's channel (equal weights)
+# 10 log10 |h|^2 with |h|^2 ~ Exp(1) (Rayleigh block fading): mean −2.51 dB, standard deviation 5.57 dB
+RAYLEIGH_LOG_MEAN_DB = -10 * 0.5772156649 / math.log(10)
+RAYLEIGH_LOG_STD_DB = 10 / math.log(10) * math.pi / math.sqrt(6)
+
+
+def rayleigh_nodes_db(n: int = FADING_NODES) -> np.ndarray:
+    """Mid-quantile nodes of 10 log10 Exp(1) minus its mean: the spread of a Rayleigh block fade around the
+    dB-average an EWMA of measured gains converges to."""
+    u = (np.arange(n) + 0.5) / n
+    return 10 * np.log10(-np.log1p(-u)) - RAYLEIGH_LOG_MEAN_DB
+
+
+def gaussian_nodes_db(std_db: float, n: int = FADING_NODES) -> np.ndarray:
+    dist = NormalDist()
+    return np.array([std_db * dist.inv_cdf((i + 0.5) / n) for i in range(n)])
 
 
 @dataclass
@@ -24,16 +45,19 @@ class ChannelEstimator:
     """Per-device channel power gain (dB): EWMA of g = snr − p + N(bw) with its variance."""
 
     def __init__(self, channel: ChannelConfig, ewma: float = 0.5, prior_var_db2: float = 100.0,
-                 missing_var_growth_db2: float = 4.0):
+                 missing_var_growth_db2: float = 4.0, min_std_db: float = 1.0):
         self.channel = SimChannel(channel, seed=0)  # for its noise and path-loss formulas only
+        self.rayleigh = channel.fading == "rayleigh"
+        self.min_std_db = min_std_db
         self.ewma, self.prior_var, self.growth = ewma, prior_var_db2, missing_var_growth_db2
         self.estimates: dict[int, GainEstimate] = {}
 
     def prior(self, device_id: int, distance_m: float) -> GainEstimate:
         """Before the first measurement: the nominal path loss at the bench distance, very uncertain."""
         est = self.estimates.get(device_id)
-        if est is None:
-            est = GainEstimate(-self.channel.path_loss_db(distance_m), self.prior_var)
+        if est is None:  # nominal path loss is the mean power gain; the EWMA tracks the dB average
+            fade_db = RAYLEIGH_LOG_MEAN_DB if self.rayleigh else 0.0
+            est = GainEstimate(-self.channel.path_loss_db(distance_m) + fade_db, self.prior_var)
             self.estimates[device_id] = est
         return est
 
@@ -57,6 +81,18 @@ class ChannelEstimator:
     def planning_gain_db(self, device_id: int, distance_m: float, margin_sigmas: float) -> float:
         est = self.estimates.get(device_id) or self.prior(device_id, distance_m)
         return est.mean_db - margin_sigmas * math.sqrt(max(est.var_db2, 0.0))
+
+    def spread_nodes_db(self, device_id: int, distance_m: float) -> np.ndarray:
+        """Equally likely offsets (dB) of the next round's gain around the estimate.
+
+        With a Rayleigh bench the next block is a fresh fade: its exact quantiles, unless the estimate itself is
+        even less certain (no measurement yet), then a Gaussian of the estimate's spread. Without a fading
+        model: a Gaussian of the measured spread (at least ``min_std_db``)."""
+        est = self.estimates.get(device_id) or self.prior(device_id, distance_m)
+        std_db = math.sqrt(max(est.var_db2, 0.0))
+        if self.rayleigh and std_db <= RAYLEIGH_LOG_STD_DB:
+            return rayleigh_nodes_db()
+        return gaussian_nodes_db(max(std_db, self.min_std_db))
 
 
 class ComputeEstimator:

@@ -66,7 +66,9 @@ class LyapunovController(Controller):
             grid, gain_db=np.array([self.channel.planning_gain_db(d.device_id, d.profile.distance_m,
                                                                   cfg.snr_margin_sigmas) for d in state.devices]),
             cpu_s=cpu[:, depths], wall_s=wall[:, depths],
-            watts_per_core=np.array([d.profile.compute_watts_per_core for d in state.devices]))
+            watts_per_core=np.array([d.profile.compute_watts_per_core for d in state.devices]),
+            fading_db=np.array([self.channel.spread_nodes_db(d.device_id, d.profile.distance_m)
+                                for d in state.devices]))
         weights = np.array([state.device_weights.get(k, 1.0) for k in ids])
         weights = weights * K / weights.sum()  # mean 1: V is the price of one average device's round
         budgets = np.array([self.bench.device(k).energy_budget_j or np.inf for k in ids])
