@@ -132,9 +132,14 @@ class CostModel:
         # per node: expected transmissions per frame, and the chance that all n frames get through within A
         # attempts each; averaged over the nodes per link setting and per distinct frame count (never K x O x J)
         tx_per_frame = (1 / (1 - np.minimum(link_per, 0.99))).mean(axis=2)  # (K, links)
-        frame_ok = 1 - link_per ** arq.max_attempts
-        counts, count_of_option = np.unique(grid.frames, return_inverse=True)
-        link_delivery = np.stack([(frame_ok ** n).mean(axis=2) for n in counts])  # (counts, K, links)
+        with np.errstate(divide="ignore"):  # a frame that never gets through: log 0 = -inf, exp(-inf) = 0
+            log_frame_ok = np.log1p(-link_per ** arq.max_attempts)
+        counts, count_of_option = np.unique(grid.frames, return_inverse=True)  # frames >= 1 (the head)
+        lossy = (log_frame_ok < 0).any(axis=2)  # (K, links); elsewhere every node delivers for sure
+        lossy_log = log_frame_ok[lossy]  # (M, J)
+        link_delivery = np.ones((len(counts),) + lossy.shape)  # (counts, K, links)
+        for c, n in enumerate(counts):
+            link_delivery[c][lossy] = np.exp(n * lossy_log).mean(axis=1)
         airtime = (grid.frames * grid.frame_airtime_s)[None, :] * tx_per_frame[:, grid.link]
         delivery = link_delivery[count_of_option, :, grid.link].T  # (K, O)
         tx_w = 10 ** (grid.power_dbm / 10) / 1000
