@@ -107,7 +107,8 @@ class BaseStation:
         self.control.bind(control_address or bench.addresses.control)
         self.control_endpoint = self.control.getsockopt_string(zmq.LAST_ENDPOINT)
         self.uplink = open_uplink_receiver(bench, bind_address=data_address or bench.addresses.data,
-                                           context=self.ctx)
+                                           context=self.ctx, device_count=experiment.devices.count,
+                                           seed=experiment.seed)
         self.data_endpoint = self.uplink.address
         self.poller = zmq.Poller()
         self.poller.register(self.control, zmq.POLLIN)
@@ -225,6 +226,9 @@ class BaseStation:
             num_layers=self.num_layers, local_steps=exp.training.local_steps, model_shape=self.model_shape,
             device_weights={e.device_id: float(self.device_examples[e.device_id]) for e in ready})
         plans = self.controller.decide(state)
+        start_round = getattr(self.uplink, "start_round", None)  # PHYs with a subband schedule (gr-zmq-iq)
+        if start_round is not None:
+            start_round(r, {d: p.bandwidth_hz for d, p in plans.items() if p.participate})
         views: dict[ModuleSpec, bytes] = {}
         downlink_bytes = 0
         self.pending = {}
@@ -441,6 +445,12 @@ class BaseStation:
 
     def _fire_acks(self) -> None:
         now = time.monotonic()
+        if any(a.due <= now and not a.seqs <= self.reassembler.received_seqs(a.device_id, a.round_idx)
+               for a in self.acks):
+            # an ack is due with frames missing: take what the PHY still holds (a receiver may lag the air)
+            max_wait_s = self.bench.arq.ack_timeout_s / 2  # the edge waits ack_timeout_s for the answer
+            for rx in self.uplink.drain_until_quiet(quiet_s=0.05, max_wait_s=max_wait_s):
+                self._on_frame(rx.data, rx.snr_db)
         keep = []
         for a in self.acks:
             have = self.reassembler.received_seqs(a.device_id, a.round_idx)

@@ -190,15 +190,46 @@ class AddressConfig:
 
 
 @dataclass(frozen=True)
+class AirConfig:
+    """gr-zmq-iq: the air process (phy/air.py) between the edges and the BS (tcp://host:0 = a free port)."""
+    address: str = "tcp://127.0.0.1:5757"  # air's ROUTER: edges send bursts here, the BS announces subbands
+    medium: str = "tcp://127.0.0.1:5758"  # air's PUSH: the summed medium; the BS connects here
+    max_cfo_hz: float = 300.0  # per-link carrier frequency offset, drawn uniform in +-this per device
+    clock_speed: float = 1.0  # medium clock / real time (1 = real time; >1 runs the air faster, if CPU allows)
+    hangover_s: float = 0.02  # noise after the last burst, so the receivers release the last packets
+    filter_attenuation_db: float = 60.0  # stopband of the subband filters (air and BS channelizer)
+
+
+@dataclass(frozen=True)
+class RfConfig:
+    """rf: the OFDM flowgraphs on radios (phy/rf.py); gr-uhd (USRP) or gr-soapy (HackRF and others)."""
+    driver: Literal["uhd", "soapy"] = "uhd"
+    bs_device_args: str = "type=b200"  # the BS's radio (uhd device address or SoapySDR args)
+    edge_device_args: tuple[str, ...] = ("type=b200",)  # edge k uses entry k (cyclically)
+    center_freq_hz: float = 2.45e9
+    sample_rate_hz: float = 1.0e6  # the radios' rate (>= radio.total_bandwidth_hz)
+    tx_gain_db: float = 60.0  # at radio.max_tx_power_dbm; a lower planned power lowers the gain dB for dB
+    rx_gain_db: float = 40.0
+    tx_antenna: str = ""  # "" = the driver's default
+    rx_antenna: str = ""
+    access: Literal["fdma", "tdma"] = "fdma"  # tdma: devices take turns in time slots over the whole band
+    slot_s: float = 0.5  # tdma: one device's slot
+    guard_s: float = 0.02  # tdma: silence at the end of a slot (clock error, TX/RX switching)
+    digital_backoff_db: float = 6.0  # peak headroom of the OFDM samples below DAC full scale
+
+
+@dataclass(frozen=True)
 class BenchConfig:
     name: str = "sim"
-    phy: Literal["sim", "gr-loopback"] = "sim"
+    phy: Literal["sim", "gr-loopback", "gr-zmq-iq", "rf"] = "sim"
     radio: RadioConfig = field(default_factory=RadioConfig)
     arq: ArqConfig = field(default_factory=ArqConfig)
     channel: ChannelConfig = field(default_factory=ChannelConfig)  # sim PHY only
     per_curve: str | None = None  # PER-vs-SNR calibration file for the sim PHY; None = built-in curves
     snr_offset_db: float = 0.0  # GNU Radio receivers: calibrated correction added to the SNR estimate
     addresses: AddressConfig = field(default_factory=AddressConfig)
+    air: AirConfig = field(default_factory=AirConfig)  # gr-zmq-iq only
+    rf: RfConfig = field(default_factory=RfConfig)  # rf only
     devices: tuple[DeviceProfile, ...] = (DeviceProfile(10.0), DeviceProfile(20.0), DeviceProfile(35.0),
                                           DeviceProfile(50.0))
 
@@ -217,6 +248,48 @@ class BenchConfig:
             if not 0 < dev.compute_speed <= 1:
                 raise ConfigError(f"{where}: devices[{i}].compute_speed: an emulated slow-down factor in (0, 1], "
                                   f"got {dev.compute_speed!r}")
+        if self.phy == "gr-zmq-iq":
+            self._check_air(where)
+        if self.phy == "rf":
+            self._check_rf(where)
+
+    def _check_rf(self, where: str) -> None:
+        rf = self.rf
+        _positive(where, "rf.center_freq_hz", rf.center_freq_hz)
+        if not rf.sample_rate_hz >= self.radio.total_bandwidth_hz:
+            raise ConfigError(f"{where}: rf.sample_rate_hz: must be >= radio.total_bandwidth_hz "
+                              f"({self.radio.total_bandwidth_hz:g}), got {rf.sample_rate_hz!r}")
+        if not rf.bs_device_args or not rf.edge_device_args or not all(rf.edge_device_args):
+            raise ConfigError(f"{where}: rf.bs_device_args / rf.edge_device_args: every radio needs device args")
+        if rf.driver == "soapy" and not all("driver=" in a for a in (rf.bs_device_args, *rf.edge_device_args)):
+            raise ConfigError(f"{where}: rf.edge_device_args / rf.bs_device_args: SoapySDR args need driver=... "
+                              f"(e.g. driver=hackrf)")
+        if not 0 <= rf.guard_s < rf.slot_s:
+            raise ConfigError(f"{where}: rf.guard_s: must be within [0, rf.slot_s), got {rf.guard_s!r}")
+        if not 0 <= rf.digital_backoff_db <= 30:
+            raise ConfigError(f"{where}: rf.digital_backoff_db: must be within [0, 30] dB, got "
+                              f"{rf.digital_backoff_db!r}")
+
+    def _check_air(self, where: str) -> None:
+        air = self.air
+        for name in ("address", "medium"):
+            value = getattr(air, name)
+            if not value.startswith(("tcp://", "ipc://", "inproc://")):
+                raise ConfigError(f"{where}: air.{name}: a zmq address (tcp://host:port, ipc://path) is needed, "
+                                  f"got {value!r}")
+        if air.address == air.medium and not air.address.endswith(":0"):
+            raise ConfigError(f"{where}: air.medium: must differ from air.address ({air.address!r})")
+        if not 0 <= air.max_cfo_hz <= self.radio.total_bandwidth_hz / 2000:
+            raise ConfigError(f"{where}: air.max_cfo_hz: must be within [0, radio.total_bandwidth_hz / 2000] = "
+                              f"[0, {self.radio.total_bandwidth_hz / 2000:g}] Hz (the subband filters' margin), "
+                              f"got {air.max_cfo_hz!r}")
+        _positive(where, "air.clock_speed", air.clock_speed)
+        if not 0.005 <= air.hangover_s <= 10:
+            raise ConfigError(f"{where}: air.hangover_s: must be within [0.005, 10] s (the receivers need a few "
+                              f"ms of samples after a burst), got {air.hangover_s!r}")
+        if not 40 <= air.filter_attenuation_db <= 120:
+            raise ConfigError(f"{where}: air.filter_attenuation_db: must be within [40, 120] dB, got "
+                              f"{air.filter_attenuation_db!r}")
 
     def device(self, device_id: int) -> DeviceProfile:
         """Profile of a device; ids beyond the list reuse it cyclically (a bench of 4 can host 8 devices)."""

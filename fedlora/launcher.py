@@ -1,7 +1,9 @@
 """`fedlora-run`: one experiment on one machine: the BS and K edges as separate processes.
 
-The BS prints the live view on this terminal; each edge logs to <run>/logs/edge-K.log. Ctrl-C asks the BS to
-stop (it writes what it has and tells the edges to leave); a second Ctrl-C kills every child.
+The BS prints the live view on this terminal; each edge logs to <run>/logs/edge-K.log. With a gr-zmq-iq bench
+the air process (phy/air.py) starts first, on free ports, and logs to <run>/logs/air.log. Ctrl-C asks the BS to
+stop (it writes what it has and tells the edges to leave; the air stops after them); a second Ctrl-C kills
+every child.
 """
 from __future__ import annotations
 
@@ -30,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         experiment = load_experiment(args.experiment, args.overrides)
-        load_bench(args.bench, args.bench_overrides)
+        bench = load_bench(args.bench, args.bench_overrides)
     except ConfigError as exc:
         print(f"fedlora-run: configuration error: {exc}", file=sys.stderr)
         return 2
@@ -44,6 +46,15 @@ def main(argv: list[str] | None = None) -> int:
             passthrough += [flag, value]
     passthrough += [x for o in args.overrides for x in ("--set", o)]
     passthrough += [x for o in args.bench_overrides for x in ("--bench-set", o)]
+    air: subprocess.Popen | None = None
+    if bench.phy == "gr-zmq-iq":
+        air, air_endpoints = _start_air(args, run_dir, env)
+        if air_endpoints is None:
+            print(f"fedlora-run: the air process did not start (see {run_dir / 'logs' / 'air.log'})", file=sys.stderr)
+            _stop(air)
+            return 1
+        passthrough += ["--bench-set", f"air.address={air_endpoints['address']}",
+                        "--bench-set", f"air.medium={air_endpoints['medium']}"]
     bs_log = open(run_dir / "logs" / "bs.log", "w")
     bs = subprocess.Popen([sys.executable, "-m", "bs_node.main", *passthrough, "--run-dir", str(run_dir),
                            "--control", "tcp://127.0.0.1:0", "--data", "tcp://127.0.0.1:0",
@@ -58,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
             print("\nstopping: asking the BS to close the run (Ctrl-C again to kill)", file=sys.stderr, flush=True)
             _signal(bs, signal.SIGINT)
         else:
-            for p in [bs, *edges]:
+            for p in [bs, *edges, *([air] if air else [])]:
                 _signal(p, signal.SIGKILL)
 
     signal.signal(signal.SIGINT, on_signal)
@@ -94,16 +105,46 @@ def main(argv: list[str] | None = None) -> int:
             except subprocess.TimeoutExpired:
                 _signal(p, signal.SIGKILL)
                 p.wait()
+        if air is not None:
+            _stop(air)
         for k, p in enumerate(edges):
             if p.returncode not in (0, None):
                 print(f"edge {k} exited with code {p.returncode} (log: {run_dir / 'logs' / f'edge-{k}.log'})",
                       file=sys.stderr)
         return code
     finally:
-        for p in [bs, *edges]:
+        for p in [bs, *edges, *([air] if air else [])]:
             if p.poll() is None:
                 _signal(p, signal.SIGKILL)
         bs_log.close()
+
+
+def _start_air(args: argparse.Namespace, run_dir: Path, env: dict) -> tuple[subprocess.Popen, dict | None]:
+    """The gr-zmq-iq air on free loopback ports; returns it and its bound addresses (None if it failed)."""
+    endpoints = run_dir / "air.json"
+    endpoints.unlink(missing_ok=True)
+    cmd = [sys.executable, "-m", "phy.air", "--address", "tcp://127.0.0.1:0", "--medium", "tcp://127.0.0.1:0",
+           "--endpoints-file", str(endpoints)]
+    if args.bench:
+        cmd += ["--bench", args.bench]
+    cmd += [x for o in args.bench_overrides for x in ("--bench-set", o)]
+    with open(run_dir / "logs" / "air.log", "w") as log:
+        air = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        return air, _wait_endpoints(endpoints, air, timeout_s=60.0)
+    except BaseException:  # Ctrl-C while it starts: it is in its own session, so take it down here
+        _signal(air, signal.SIGKILL)
+        raise
+
+
+def _stop(proc: subprocess.Popen, timeout_s: float = 10.0) -> None:
+    """SIGTERM (the air closes its sockets and exits), then SIGKILL if it does not."""
+    _signal(proc, signal.SIGTERM)
+    try:
+        proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        _signal(proc, signal.SIGKILL)
+        proc.wait()
 
 
 def _signal(proc: subprocess.Popen, sig: int) -> None:

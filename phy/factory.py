@@ -35,17 +35,42 @@ def open_uplink_transmitter(bench: BenchConfig, device_id: int, *, data_address:
         return GrLoopbackTransmitter(bs_data_address=data_address, geometry=geometry,
                                      channel=SimChannel(bench.channel, seed=seed), per_curve=per_curve_for(bench),
                                      seed=seed, context=context)
+    if bench.phy == "gr-zmq-iq":
+        from phy.gr_zmq_iq import ZmqIqTransmitter  # the edge modulates: GNU Radio on the edge
+
+        return ZmqIqTransmitter(air_address=reachable_address(bench.air.address, data_address), geometry=geometry,
+                                context=context, clock_speed=bench.air.clock_speed)
+    if bench.phy == "rf":
+        from phy.rf import RfUplinkTransmitter
+
+        return RfUplinkTransmitter(bench, geometry, device_count=len(bench.devices))
     raise ConfigError(f"bench {bench.name}: phy {bench.phy!r} has no uplink transmitter in this build")
 
 
-def open_uplink_receiver(bench: BenchConfig, *, bind_address: str,
-                         context: zmq.Context | None = None) -> UplinkReceiver:
+def open_uplink_receiver(bench: BenchConfig, *, bind_address: str, context: zmq.Context | None = None,
+                         device_count: int | None = None, seed: int = 0) -> UplinkReceiver:
+    """device_count / seed: the experiment's (gr-zmq-iq: one subband receiver per device; the air's channel draws)."""
     if bench.phy == "sim":
         return SimUplinkReceiver(bind_address=bind_address, context=context)
     if bench.phy == "gr-loopback":
         from phy.gr_link import GrLoopbackReceiver  # GNU Radio is imported only when this PHY runs
 
         return GrLoopbackReceiver(bind_address=bind_address, snr_offset_db=bench.snr_offset_db, context=context)
+    if bench.phy == "gr-zmq-iq":
+        from phy.gr_zmq_iq import ZmqIqReceiver
+
+        count = device_count or len(bench.devices)
+        air = bench.air
+        return ZmqIqReceiver(air_address=air.address, medium_address=air.medium,
+                             total_bandwidth_hz=bench.radio.total_bandwidth_hz, device_count=count,
+                             distances_m=[bench.device(k).distance_m for k in range(count)], channel=bench.channel,
+                             seed=seed, snr_offset_db=bench.snr_offset_db, max_cfo_hz=air.max_cfo_hz,
+                             clock_speed=air.clock_speed, hangover_s=air.hangover_s,
+                             attenuation_db=air.filter_attenuation_db, context=context)
+    if bench.phy == "rf":
+        from phy.rf import RfUplinkReceiver
+
+        return RfUplinkReceiver(bench, device_count=device_count or len(bench.devices))
     raise ConfigError(f"bench {bench.name}: phy {bench.phy!r} has no uplink receiver in this build")
 
 

@@ -1,0 +1,384 @@
+"""rf link: the gr-zmq-iq flowgraphs on radios: gr-uhd (USRP B210) or gr-soapy (HackRF One and others).
+
+    edge: frames --> OfdmTransmitter (rate b) --> to the radio rate, into its subband --> level --> radio sink
+    BS:   radio source --+--> SubbandChannelizer(dev 0) --> OfdmReceiver --> frames
+                         +--> SubbandChannelizer(dev 1) --> OfdmReceiver --> frames ...   (fdma)
+          radio source --> SubbandChannelizer(whole band) --> OfdmReceiver --> frames      (tdma)
+
+What the air process does in gr-zmq-iq, the radios and the room do here: path loss, fading, noise, carrier
+offsets are real, and the SNR the BS records is what its receivers measured.
+
+Access (bench ``rf.access``):
+
+* ``fdma`` (USRP B210: full duplex, 12-bit, 61 dB of dynamic range or more): device k's subband is centred in
+  slot k of an equal grid over the band (``rf_subbands``), width = its planned bandwidth_hz, at most the slot
+  (B / K). A radio cannot be told another centre mid-run without a control message the plan does not carry,
+  so the centres are fixed per device and only the widths follow the controller.
+* ``tdma`` (HackRF One: half duplex, 8-bit, 2-20 Msps): every device uses the whole band, in turn: device k
+  transmits only in slot k of a cycle of K slots of ``slot_s`` (``next_slot_start``), a burst longer than a
+  slot is sent over several cycles, ``guard_s`` of each slot stays silent. Same-band bursts at once collide
+  (platform facts) and an 8-bit receiver cannot hold a 10 m and a 50 m device side by side in frequency.
+  Slots follow the hosts' wall clocks: keep them NTP-synchronised (a few ms) and guard_s above their error.
+  The rate is the whole band, so airtime = samples / total_bandwidth_hz; the plan's share is not used.
+
+Transmit power: the planned tx_power_dbm sets the radio's gain, ``rf.tx_gain_db`` at radio.max_tx_power_dbm
+and dB for dB below it; the gain-to-dBm relation of a radio needs a bench measurement (see the bench files).
+
+``python -m phy.rf --bench hw_configs/usrp_b210.yaml --dry-run`` prints both flowgraphs (blocks and
+connections) and the settings without opening a radio.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+
+from phy import fdma, ofdm
+from phy.channel import DeviceGeometry, TxSetting
+from phy.link import RxFrame, TxReport, UplinkReceiver, UplinkTransmitter
+
+
+# --------------------------------------------------------------------------------------------- plans
+def rf_subbands(total_bandwidth_hz: float, device_count: int, widths_hz: dict[int, float] | None = None
+                ) -> dict[int, fdma.Subband]:
+    """FDMA on radios: device k centred in slot k of K equal slots; its width (<= the slot) from the plan."""
+    slot_hz = total_bandwidth_hz / device_count
+    widths_hz = widths_hz or {}
+    out = {}
+    for k in range(device_count):
+        width = min(float(widths_hz.get(k, slot_hz)), slot_hz)
+        out[k] = fdma.Subband(k, -total_bandwidth_hz / 2 + (k + 0.5) * slot_hz, width)
+    return out
+
+
+def next_slot_start(now_s: float, device_id: int, device_count: int, slot_s: float) -> float:
+    """TDMA: the start (wall-clock seconds) of device k's next slot in a cycle of device_count slots of slot_s."""
+    cycle_s = device_count * slot_s
+    offset_s = (device_id % device_count) * slot_s
+    start = math.floor((now_s - offset_s) / cycle_s) * cycle_s + offset_s
+    return start if start >= now_s - 1e-9 else start + cycle_s
+
+
+def slot_groups(frame_sizes: Sequence[int], modulation: str, sample_rate_hz: float, usable_s: float
+                ) -> list[list[int]]:
+    """Indices of frames per slot: consecutive frames whose packets fit in usable_s (at least one each)."""
+    groups: list[list[int]] = [[]]
+    used = 0.0
+    for i, n in enumerate(frame_sizes):
+        t = ofdm.packet_samples(n, modulation) / sample_rate_hz
+        if groups[-1] and used + t > usable_s:
+            groups.append([])
+            used = 0.0
+        groups[-1].append(i)
+        used += t
+    return [g for g in groups if g]
+
+
+def bs_subbands(bench: Any, device_count: int, widths_hz: dict[int, float] | None = None
+                ) -> dict[int, fdma.Subband]:
+    """What the BS channelizes: fdma: every device's slot; tdma: the whole band, once."""
+    if bench.rf.access == "tdma":
+        return {0: fdma.Subband(0, 0.0, bench.radio.total_bandwidth_hz)}
+    return rf_subbands(bench.radio.total_bandwidth_hz, device_count, widths_hz)
+
+
+def tx_gain_db(rf: Any, tx_power_dbm: float, max_tx_power_dbm: float) -> float:
+    """The radio gain for a planned power: rf.tx_gain_db at the bench's max power, dB for dB below."""
+    return rf.tx_gain_db - (max_tx_power_dbm - tx_power_dbm)
+
+
+# --------------------------------------------------------------------------------------------- radios
+@dataclass
+class RadioSpec:
+    """What a radio block would be opened with (printed by --dry-run; the flowgraph opens it for real)."""
+
+    driver: str
+    direction: str  # "tx" | "rx"
+    device_args: str
+    center_freq_hz: float
+    sample_rate_hz: float
+    gain_db: float
+    antenna: str
+
+    def describe(self) -> str:
+        kind = {"uhd": {"tx": "uhd.usrp_sink", "rx": "uhd.usrp_source"},
+                "soapy": {"tx": "soapy.sink", "rx": "soapy.source"}}[self.driver][self.direction]
+        return (f"{kind}({self.device_args!r}, {self.center_freq_hz / 1e6:.3f} MHz, {self.sample_rate_hz / 1e6:.3f} "
+                f"Msps, gain {self.gain_db:.1f} dB{', antenna ' + self.antenna if self.antenna else ''})")
+
+
+def open_radio(spec: RadioSpec) -> Any:
+    """The GNU Radio block of a real radio (raises if the device is not there)."""
+    if spec.driver == "uhd":
+        from gnuradio import uhd
+
+        stream = uhd.stream_args(cpu_format="fc32", channels=[0])
+        if spec.direction == "tx":
+            block = uhd.usrp_sink(spec.device_args, stream, "packet_len")
+        else:
+            block = uhd.usrp_source(spec.device_args, stream)
+        block.set_samp_rate(spec.sample_rate_hz)
+        block.set_center_freq(spec.center_freq_hz, 0)
+        block.set_gain(spec.gain_db, 0)
+        if spec.antenna:
+            block.set_antenna(spec.antenna, 0)
+        return block
+    from gnuradio import soapy
+
+    make = soapy.sink if spec.direction == "tx" else soapy.source
+    driver = dict(kv.split("=", 1) for kv in spec.device_args.split(",") if "=" in kv).get("driver", "")
+    block = make(f"driver={driver}", "fc32", 1, spec.device_args, "", [""], [""])
+    block.set_sample_rate(0, spec.sample_rate_hz)
+    block.set_frequency(0, spec.center_freq_hz)
+    block.set_gain(0, spec.gain_db)
+    if spec.antenna:
+        block.set_antenna(0, spec.antenna)
+    return block
+
+
+class Wiring:
+    """Records a flowgraph's blocks and connections as it is built (for --dry-run and tests)."""
+
+    def __init__(self, tb: Any) -> None:
+        self.tb = tb
+        self.labels: dict[int, str] = {}
+        self.edges: list[tuple[str, str]] = []
+
+    def label(self, block: Any, text: str) -> Any:
+        self.labels[id(block)] = text
+        return block
+
+    def chain(self, *blocks: Any) -> None:
+        self.tb.connect(*blocks)
+        names = [self.labels.get(id(b), type(b).__name__) for b in blocks]
+        self.edges += list(zip(names, names[1:]))
+
+    def msg(self, src: Any, src_port: str, dst: Any, dst_port: str) -> None:
+        self.tb.msg_connect(src, src_port, dst, dst_port)
+        self.edges.append((f"{self.labels.get(id(src), type(src).__name__)}:{src_port}",
+                           f"{self.labels.get(id(dst), type(dst).__name__)}:{dst_port}"))
+
+    def describe(self) -> str:
+        return "\n".join(f"  {a} --> {b}" for a, b in self.edges)
+
+
+# --------------------------------------------------------------------------------------------- BS
+class RfReceiverFlowgraph:
+    """BS: radio source --> per subband: SubbandChannelizer --> OfdmReceiver --> FrameCollector.
+
+    source: a radio block, or any stream source of the radio's rate (tests: a vector source).
+    """
+
+    def __init__(self, source: Any, source_label: str, subbands: dict[int, fdma.Subband], sample_rate_hz: float,
+                 *, snr_offset_db: float = 0.0, attenuation_db: float = fdma.DEFAULT_ATTENUATION_DB) -> None:
+        from gnuradio import gr
+
+        from phy.gr_zmq_iq import FrameInbox, _make_blocks
+        from phy.ofdm_rx import OfdmReceiver
+
+        _, FrameCollector = _make_blocks()
+        self.tb = gr.top_block("rf_bs")
+        self.wiring = Wiring(self.tb)
+        self.inbox = FrameInbox()
+        self.source = self.wiring.label(source, source_label)
+        self.channelizers, self.receivers, self.collectors = {}, {}, {}
+        for k, subband in subbands.items():
+            channelizer = self.wiring.label(
+                fdma.SubbandChannelizer(subband, sample_rate_hz, attenuation_db=attenuation_db),
+                f"SubbandChannelizer(dev {k}: {subband.center_hz / 1e3:+.1f} kHz, "
+                f"{subband.bandwidth_hz / 1e3:.1f} kHz)")
+            receiver = self.wiring.label(OfdmReceiver(snr_offset_db), f"OfdmReceiver(dev {k})")
+            collector = self.wiring.label(FrameCollector(k, self.inbox), f"FrameCollector(dev {k})")
+            self.wiring.chain(self.source, channelizer, receiver)
+            self.wiring.msg(receiver, "out", collector, "in")
+            self.channelizers[k], self.receivers[k], self.collectors[k] = channelizer, receiver, collector
+
+    def retune(self, subbands: dict[int, fdma.Subband]) -> None:
+        for k, subband in subbands.items():
+            if k in self.channelizers and subband != self.channelizers[k].subband:
+                self.channelizers[k].retune(subband)
+
+
+class RfUplinkReceiver(UplinkReceiver):
+    """BS side of the rf link: one radio receiving the whole band continuously."""
+
+    def __init__(self, bench: Any, *, device_count: int, source: Any | None = None) -> None:
+        rf = bench.rf
+        self.bench, self.device_count = bench, device_count
+        self.total_bandwidth_hz = bench.radio.total_bandwidth_hz
+        self.spec = RadioSpec(rf.driver, "rx", rf.bs_device_args, rf.center_freq_hz, rf.sample_rate_hz,
+                              rf.rx_gain_db, rf.rx_antenna)
+        self.address = f"rf:{rf.bs_device_args}"
+        self.flowgraph = RfReceiverFlowgraph(source if source is not None else open_radio(self.spec),
+                                             self.spec.describe(), self._subbands(None), rf.sample_rate_hz,
+                                             snr_offset_db=bench.snr_offset_db)
+        self._closed = False
+        self.flowgraph.tb.start()
+
+    def _subbands(self, widths_hz: dict[int, float] | None) -> dict[int, fdma.Subband]:
+        return bs_subbands(self.bench, self.device_count, widths_hz)
+
+    def start_round(self, round_idx: int, widths_hz: dict[int, float]) -> None:
+        self.flowgraph.retune(self._subbands(dict(widths_hz)))
+
+    @property
+    def poll_socket(self) -> int:  # type: ignore[override]
+        return self.flowgraph.inbox.fd
+
+    def recv(self, timeout_s: float) -> list[RxFrame]:
+        return [] if self._closed else self.flowgraph.inbox.take(timeout_s)
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self.flowgraph.tb.stop()
+            self.flowgraph.tb.wait()
+            self.flowgraph.inbox.close()
+
+
+# --------------------------------------------------------------------------------------------- edge
+def edge_burst(frames: Sequence[bytes], setting: TxSetting, subband: fdma.Subband, sample_rate_hz: float,
+               backoff_db: float) -> np.ndarray:
+    """OfdmTransmitter's burst at the subband rate, resampled to the radio rate, shifted into its subband, and
+    scaled so the OFDM peaks (~10 dB above the mean) sit backoff_db under the DAC's full scale."""
+    from phy.air import to_medium
+    from phy.ofdm_tx import modulate
+
+    burst = modulate(frames, setting.modulation)
+    level = 10 ** (-(10.0 + backoff_db) / 20)
+    return to_medium(burst, subband, sample_rate_hz, amplitude=level, cfo_hz=0.0, start_index=0)
+
+
+class RfTransmitterFlowgraph:
+    """Edge: burst (vector source, one packet_len tag: one UHD burst) --> radio sink, run once per burst."""
+
+    def __init__(self, burst: np.ndarray, sink: Any, sink_label: str) -> None:
+        import pmt
+        from gnuradio import blocks, gr
+
+        self.tb = gr.top_block("rf_edge")
+        self.wiring = Wiring(self.tb)
+        tag = gr.tag_t()
+        tag.offset, tag.key, tag.value = 0, pmt.intern("packet_len"), pmt.from_long(len(burst))
+        source = self.wiring.label(blocks.vector_source_c(burst.tolist(), False, 1, [tag]),
+                                   "burst (OfdmTransmitter -> resample to the radio rate -> shift into the "
+                                   "subband -> level)")
+        self.wiring.chain(source, self.wiring.label(sink, sink_label))
+
+
+class RfUplinkTransmitter(UplinkTransmitter):
+    """Edge side of the rf link: one radio; fdma: its fixed subband; tdma: its time slots."""
+
+    def __init__(self, bench: Any, geometry: DeviceGeometry, *, device_count: int, sink_factory=None) -> None:
+        self.bench, self.geometry, self.device_count = bench, geometry, device_count
+        rf = bench.rf
+        self.device_args = rf.edge_device_args[geometry.device_id % len(rf.edge_device_args)]
+        self._sink_factory = sink_factory or open_radio
+        self._sink = None
+        self.last_error: str | None = None
+
+    def _rate_hz(self, setting: TxSetting) -> float:
+        return self.bench.radio.total_bandwidth_hz if self.bench.rf.access == "tdma" else setting.bandwidth_hz
+
+    def _subband(self, setting: TxSetting) -> fdma.Subband:
+        if self.bench.rf.access == "tdma":
+            return fdma.Subband(self.geometry.device_id, 0.0, self.bench.radio.total_bandwidth_hz)
+        return rf_subbands(self.bench.radio.total_bandwidth_hz, self.device_count,
+                           {self.geometry.device_id: setting.bandwidth_hz})[self.geometry.device_id]
+
+    def spec(self, setting: TxSetting) -> RadioSpec:
+        rf = self.bench.rf
+        return RadioSpec(rf.driver, "tx", self.device_args, rf.center_freq_hz, rf.sample_rate_hz,
+                         tx_gain_db(rf, setting.tx_power_dbm, self.bench.radio.max_tx_power_dbm), rf.tx_antenna)
+
+    def estimate_airtime_s(self, frame_sizes: Sequence[int], setting: TxSetting) -> float:
+        return sum(ofdm.packet_samples(n, setting.modulation) for n in frame_sizes) / self._rate_hz(setting)
+
+    def send(self, frames: Sequence[bytes], setting: TxSetting, *, round_idx: int) -> TxReport:
+        frames = [bytes(f) for f in frames]
+        if not frames:
+            return TxReport(0, 0, 0.0)
+        rf = self.bench.rf
+        rate_setting = TxSetting(setting.tx_power_dbm, self._rate_hz(setting), setting.modulation)
+        spec = self.spec(setting)
+        if self._sink is None:
+            self._sink = self._sink_factory(spec)
+        elif hasattr(self._sink, "set_gain"):
+            self._sink.set_gain(spec.gain_db, 0) if rf.driver == "uhd" else self._sink.set_gain(0, spec.gain_db)
+        if rf.access == "tdma":
+            groups = slot_groups([len(f) for f in frames], setting.modulation, rate_setting.bandwidth_hz,
+                                 rf.slot_s - rf.guard_s)
+        else:
+            groups = [list(range(len(frames)))]
+        for group in groups:
+            burst = edge_burst([frames[i] for i in group], rate_setting, self._subband(setting), rf.sample_rate_hz,
+                               rf.digital_backoff_db)
+            if rf.access == "tdma":
+                start = next_slot_start(time.time(), self.geometry.device_id, self.device_count, rf.slot_s)
+                time.sleep(max(0.0, start - time.time()))
+            RfTransmitterFlowgraph(burst, self._sink, spec.describe()).tb.run()
+        return TxReport(len(frames), sum(len(f) for f in frames),
+                        self.estimate_airtime_s([len(f) for f in frames], setting))
+
+
+# --------------------------------------------------------------------------------------------- dry run
+def describe(bench: Any, device_count: int) -> str:
+    """Both flowgraphs, built with stand-ins for the radios (nothing is opened), and the settings."""
+    from gnuradio import blocks, gr
+
+    rf = bench.rf
+    lines = [f"bench {bench.name}: phy rf, driver {rf.driver}, access {rf.access}, {device_count} devices",
+             f"  centre {rf.center_freq_hz / 1e6:.3f} MHz, radio rate {rf.sample_rate_hz / 1e6:.3f} Msps, band "
+             f"{bench.radio.total_bandwidth_hz / 1e3:.1f} kHz, tx gain {rf.tx_gain_db} dB at "
+             f"{bench.radio.max_tx_power_dbm} dBm, rx gain {rf.rx_gain_db} dB"
+             + (f", slots of {rf.slot_s} s (guard {rf.guard_s} s)" if rf.access == "tdma" else "")]
+    spec = RadioSpec(rf.driver, "rx", rf.bs_device_args, rf.center_freq_hz, rf.sample_rate_hz, rf.rx_gain_db,
+                     rf.rx_antenna)
+    bs = RfReceiverFlowgraph(blocks.null_source(gr.sizeof_gr_complex), spec.describe(),
+                             bs_subbands(bench, device_count), rf.sample_rate_hz, snr_offset_db=bench.snr_offset_db)
+    lines += ["BS flowgraph:", bs.wiring.describe()]
+    bs.inbox.close()
+    share = bench.radio.total_bandwidth_hz / device_count
+    for k in range(device_count):
+        tx = RfUplinkTransmitter(bench, DeviceGeometry(k, bench.device(k).distance_m), device_count=device_count)
+        setting = TxSetting(bench.radio.max_tx_power_dbm, share, "qpsk")
+        sb = tx._subband(setting)
+        edge = RfTransmitterFlowgraph(np.zeros(16, np.complex64), blocks.null_sink(gr.sizeof_gr_complex),
+                                      tx.spec(setting).describe())
+        lines += [f"edge {k} ({tx.device_args}; subband {sb.center_hz / 1e3:+.1f} kHz, "
+                  f"{sb.bandwidth_hz / 1e3:.1f} kHz at an equal share):", edge.wiring.describe()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m phy.rf", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--bench", required=True, help="bench YAML with phy: rf")
+    parser.add_argument("--bench-set", dest="bench_overrides", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--devices", type=int, help="device count (default: the bench's device list)")
+    parser.add_argument("--dry-run", action="store_true", help="print the flowgraphs and settings; open no radio")
+    args = parser.parse_args(argv)
+    from fedlora.config import ConfigError, load_bench
+
+    try:
+        bench = load_bench(args.bench, args.bench_overrides)
+    except ConfigError as exc:
+        print(f"phy.rf: configuration error: {exc}", file=sys.stderr)
+        return 2
+    if bench.phy != "rf":
+        print(f"phy.rf: {args.bench} is a {bench.phy!r} bench, not rf", file=sys.stderr)
+        return 2
+    if not args.dry_run:
+        print("phy.rf: only --dry-run runs on its own; fedlora-run --bench <rf bench> drives the radios",
+              file=sys.stderr)
+        return 2
+    print(describe(bench, args.devices or len(bench.devices)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,348 @@
+"""gr-zmq-iq: FDMA subband plan, the air's gain math, config checks, the air's robustness against garbage, a
+link of real processes (air + 2 edge transmitters, BS receiver here) and one fedlora-run over it (tiny model).
+
+Run an edge transmitter on its own: ``python -m tests.test_zmq_iq edge AIR DEVICE ROUND N_FRAMES POWER BW``.
+"""
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from phy import fdma
+from phy.channel import DeviceGeometry, SimChannel, TxSetting
+from tests.processes import ENV, REPO, TINY, read_rounds
+
+ZMQ_IQ = REPO / "hw_configs" / "zmq_iq.yaml"
+
+
+def load_bench(*args, **kwargs):  # imported here, not at the top: the edge helper processes need no torch
+    from fedlora.config import load_bench
+
+    return load_bench(*args, **kwargs)
+
+
+# --------------------------------------------------------------------------------------------- subband plan
+def test_equal_shares_tile_the_band_in_device_order():
+    plan = fdma.equal_subbands(1e6, 4)
+    assert [plan[k].center_hz for k in range(4)] == [-375e3, -125e3, 125e3, 375e3]
+    assert all(s.bandwidth_hz == 250e3 for s in plan.values())
+    assert plan[0].low_hz == -500e3 and plan[3].high_hz == 500e3
+
+
+def test_unequal_shares_and_absent_devices_pack_from_the_lower_edge():
+    plan = fdma.plan_subbands(1e6, {3: 100e3, 0: 500e3, 2: 200e3})  # device 1 does not take part
+    assert sorted(plan) == [0, 2, 3]
+    assert plan[0].low_hz == -500e3 and plan[0].high_hz == 0
+    assert plan[2].low_hz == 0 and plan[2].high_hz == 200e3
+    assert plan[3].low_hz == 200e3 and plan[3].high_hz == 300e3
+    ordered = sorted(plan.values(), key=lambda s: s.center_hz)
+    for a, b in zip(ordered, ordered[1:]):
+        assert a.high_hz <= b.low_hz + 1e-6  # no overlap
+
+
+@pytest.mark.parametrize("widths, match", [({0: 600e3, 1: 500e3}, "more than"), ({0: 0.0}, "bandwidth_hz"),
+                                           ({0: float("nan")}, "bandwidth_hz"), ({-1: 1e5}, "device id")])
+def test_bad_plans_are_refused(widths, match):
+    with pytest.raises(ValueError, match=match):
+        fdma.plan_subbands(1e6, widths)
+
+
+# --------------------------------------------------------------------------------------------- gain math
+@pytest.mark.parametrize("bandwidth_hz", [100e3, 250e3, 1e6])
+def test_amplitude_gives_the_sim_channel_snr_in_the_subband(bandwidth_hz):
+    """Unit medium noise over B; in a subband of width b the noise is b / B of it: SNR = a^2 B / b."""
+    bench = load_bench(ZMQ_IQ)
+    channel = SimChannel(bench.channel, seed=0)
+    setting = TxSetting(10.0, bandwidth_hz, "qpsk")
+    snr_db = channel.snr_db(DeviceGeometry(2, 35.0), 3, setting)
+    a = fdma.signal_amplitude(snr_db, bandwidth_hz, 1e6)
+    assert 10 * math.log10(a * a * 1e6 / bandwidth_hz) == pytest.approx(snr_db, abs=1e-9)
+    # the same number from the dBm side: rx power over thermal noise in the whole band, times B / b
+    rx_dbm = setting.tx_power_dbm + channel.gain_db(DeviceGeometry(2, 35.0), 3)
+    assert 20 * math.log10(a) == pytest.approx(rx_dbm - channel.noise_dbm(1e6), abs=1e-9)
+
+
+def test_carrier_offsets_are_reproducible_and_bounded():
+    offsets = [fdma.carrier_offset_hz(7, k, 300.0) for k in range(50)]
+    assert offsets == [fdma.carrier_offset_hz(7, k, 300.0) for k in range(50)]
+    assert max(map(abs, offsets)) <= 300.0 and len(set(offsets)) == 50
+    assert fdma.carrier_offset_hz(7, 3, 0.0) == 0.0
+
+
+def test_to_medium_puts_the_burst_in_its_subband_at_its_power():
+    pytest.importorskip("scipy")
+    from phy.air import to_medium
+
+    rng = np.random.default_rng(0)
+    n = 40_000
+    # a unit-power signal confined to +-0.4 b (like the OFDM carriers)
+    spectrum = np.zeros(n, dtype=np.complex128)
+    keep = np.abs(np.fft.fftfreq(n)) < 0.4
+    spectrum[keep] = rng.standard_normal(keep.sum()) + 1j * rng.standard_normal(keep.sum())
+    x = np.fft.ifft(spectrum).astype(np.complex64)
+    x /= np.sqrt(np.mean(np.abs(x) ** 2))
+    plan = fdma.plan_subbands(1e6, {0: 400e3, 1: 200e3, 2: 400e3})  # ratios 5/2 and 5/1
+    for k in (0, 1):
+        y = to_medium(x, plan[k], 1e6, amplitude=2.0, cfo_hz=0.0, start_index=123)
+        assert len(y) == round(n * 1e6 / plan[k].bandwidth_hz)
+        # power per medium sample: a^2 (interpolation keeps the sample power; unit noise in the subband is b / B)
+        assert np.mean(np.abs(y) ** 2) == pytest.approx(4.0, rel=0.03)
+        f = np.fft.fftfreq(len(y), 1e-6)
+        p = np.abs(np.fft.fft(y)) ** 2
+        inside = (f > plan[k].low_hz) & (f < plan[k].high_hz)
+        others = [(f > s.low_hz + 0.03 * s.bandwidth_hz) & (f < s.high_hz - 0.03 * s.bandwidth_hz)
+                  for j, s in plan.items() if j != k]
+        for m in others:
+            assert p[m].mean() < 1e-5 * p[inside].mean()  # > 50 dB below, in every other subband
+
+
+def test_frame_inbox_keeps_good_frames_of_planned_subbands_only():
+    from phy.gr_zmq_iq import FrameInbox
+
+    inbox = FrameInbox()
+    try:
+        inbox.deliver(0, b"a", {"crc_ok": True, "snr_db": 20.0})
+        inbox.deliver(1, b"b", {"crc_ok": False, "snr_db": 20.0})
+        inbox.active = {0}
+        inbox.deliver(1, b"c", {"crc_ok": True, "snr_db": 20.0})  # a stale subband's receiver
+        inbox.deliver(0, b"d", {"crc_ok": True, "snr_db": float("nan")})
+        got = inbox.take(0.0)
+        assert [f.data for f in got] == [b"a", b"d"] and got[0].snr_db == 20.0 and got[1].snr_db is None
+        assert inbox.crc_failures == 1 and inbox.take(0.05) == []
+    finally:
+        inbox.close()
+
+
+# --------------------------------------------------------------------------------------------- config
+def test_zmq_iq_bench_loads():
+    bench = load_bench(ZMQ_IQ)
+    assert bench.phy == "gr-zmq-iq"
+    assert [d.distance_m for d in bench.devices] == [10, 20, 35, 50]
+    assert bench.air.max_cfo_hz == 300 and bench.air.clock_speed == 1.0
+
+
+@pytest.mark.parametrize("override, field", [
+    ("air.max_cfo_hz=5000", "air.max_cfo_hz"),
+    ("air.max_cfo_hz=-1", "air.max_cfo_hz"),
+    ("air.clock_speed=0", "air.clock_speed"),
+    ("air.hangover_s=0", "air.hangover_s"),
+    ("air.filter_attenuation_db=20", "air.filter_attenuation_db"),
+    ("air.address=localhost:5757", "air.address"),
+    ("air.medium=5758", "air.medium"),
+    ("air.colour=blue", "colour"),
+    ("phy=gr-zmq", "phy"),
+])
+def test_bad_air_settings_name_the_field(override, field):
+    from fedlora.config import ConfigError
+
+    with pytest.raises(ConfigError) as err:
+        load_bench(ZMQ_IQ, [override])
+    assert field in str(err.value) and "zmq_iq.yaml" in str(err.value)
+
+
+def test_air_settings_are_not_checked_for_other_phys():
+    load_bench(REPO / "hw_configs" / "sim.yaml", ["air.max_cfo_hz=5000"])
+
+
+# --------------------------------------------------------------------------------------------- real processes
+gnuradio = pytest.mark.gnuradio
+
+
+def _start_air(tmp_path, *bench_set: str) -> tuple[subprocess.Popen, dict]:
+    endpoints = tmp_path / "air.json"
+    cmd = [sys.executable, "-m", "phy.air", "--bench", str(ZMQ_IQ), "--address", "tcp://127.0.0.1:0",
+           "--medium", "tcp://127.0.0.1:0", "--endpoints-file", str(endpoints)]
+    cmd += [x for o in bench_set for x in ("--bench-set", o)]
+    log = open(tmp_path / "air.log", "w")
+    air = subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 120
+    try:
+        while not endpoints.exists():
+            assert air.poll() is None, (tmp_path / "air.log").read_text()
+            assert time.monotonic() < deadline, "the air did not bind"
+            time.sleep(0.05)
+        return air, json.loads(endpoints.read_text())
+    except BaseException:
+        air.kill()
+        air.wait()
+        raise
+
+
+def _edges(air_address: str, jobs: list[tuple[int, int, int, float, float]]) -> list[dict]:
+    """Edge transmitters as processes: (device, round, frames, power dBm, bandwidth Hz) each; their reports."""
+    procs = [subprocess.Popen([sys.executable, "-m", "tests.test_zmq_iq", "edge", air_address, *map(str, job)],
+                              cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for job in jobs]
+    out = []
+    for p in procs:
+        stdout, stderr = p.communicate(timeout=120)
+        assert p.returncode == 0, stderr
+        out.append(json.loads(stdout.strip().splitlines()[-1]))
+    return out
+
+
+def _by_device(frames) -> dict[int, list[float]]:
+    from phy.framing import Frame
+
+    got: dict[int, list[float]] = {}
+    for rx in frames:
+        f = Frame.from_bytes(rx.data)
+        got.setdefault(f.device_id, []).append(rx.snr_db)
+    return got
+
+
+@gnuradio
+@pytest.mark.integration
+def test_air_link_delivers_by_subband_with_snr_following_distance(tmp_path):
+    pytest.importorskip("gnuradio")
+    from phy.factory import open_uplink_receiver
+
+    # devices 0 and 3 of zmq_iq.yaml: 10 m and 50 m; no fading, so the order is the path loss's
+    air, ep = _start_air(tmp_path)
+    rx = open_uplink_receiver(load_bench(ZMQ_IQ, ["channel.fading=none", f"air.address={ep['address']}",
+                                                  f"air.medium={ep['medium']}"]), bind_address="", seed=0)
+    try:
+        # round 1: equal shares, full power: nothing lost, the near device is measured higher
+        rx.start_round(1, {k: 250e3 for k in range(4)})
+        reports = _edges(ep["address"], [(0, 1, 20, 10.0, 250e3), (3, 1, 20, 10.0, 250e3)])
+        got = _by_device(rx.drain_until_quiet(0.2, 30.0))
+        assert all(r["error"] is None for r in reports), reports
+        assert reports[0]["airtime_s"] == pytest.approx(reports[0]["samples"] / 250e3)
+        assert len(got.get(0, [])) == 20 and len(got.get(3, [])) == 20, {k: len(v) for k, v in got.items()}
+        channel = SimChannel(load_bench(ZMQ_IQ, ["channel.fading=none"]).channel, seed=0)
+        expect = {k: channel.snr_db(DeviceGeometry(k, d), 1, TxSetting(10.0, 250e3)) for k, d in ((0, 10), (3, 50))}
+        assert np.mean(got[0]) > np.mean(got[3]) + 15
+        assert np.mean(got[3]) == pytest.approx(expect[3], abs=1.5)  # 21.5 dB: measured within the estimator's error
+        assert np.mean(got[0]) > 40  # 46 dB: readings saturate in the mid 40s (fdma: filter ringing)
+
+        # round 2: unequal shares (both ends retune; 5/3 and 5/2 rate ratios), device 3 far too weak to decode
+        rx.start_round(2, {0: 600e3, 3: 400e3})
+        reports = _edges(ep["address"], [(0, 2, 10, 10.0, 600e3), (3, 2, 10, -40.0, 400e3)])
+        got = _by_device(rx.drain_until_quiet(0.2, 30.0))
+        assert len(got.get(0, [])) == 10, {k: len(v) for k, v in got.items()}
+        assert len(got.get(3, [])) == 0  # -40 dBm at 50 m: SNR ~ -30 dB
+        assert np.mean(got[0]) > 35
+
+        # a burst whose width is not the device's subband is refused, and reported as an error
+        reports = _edges(ep["address"], [(0, 2, 2, 10.0, 250e3)])
+        assert "subband" in reports[0]["error"]
+    finally:
+        rx.close()
+        air.terminate()
+        assert air.wait(timeout=20) == 0
+    assert "air stopped" in (tmp_path / "air.log").read_text()
+
+
+@gnuradio
+def test_air_survives_garbage_from_peers(tmp_path):
+    pytest.importorskip("scipy")
+    import zmq
+
+    from phy.air import Air
+
+    ctx = zmq.Context()
+    air = Air(address="tcp://127.0.0.1:0", medium_address="tcp://127.0.0.1:0", context=ctx)
+    physics = {"seed": 0, "channel": {}, "distances_m": [10.0, 20.0], "max_cfo_hz": 100.0, "clock_speed": 1.0,
+               "hangover_s": 0.02, "attenuation_db": 60.0}
+    peer = ctx.socket(zmq.DEALER)
+    peer.connect(air.address)
+    good = {"v": 1, "device_id": 0, "round": 1, "burst_id": 1, "tx_power_dbm": 10.0, "bandwidth_hz": 250e3,
+            "modulation": "qpsk"}
+    iq = np.ones(1000, dtype=np.complex64).tobytes()
+    garbage = [
+        [b"hello"],
+        [b"burst", b"not json", iq],
+        [b"burst", json.dumps([1, 2]).encode(), iq],
+        [b"burst", json.dumps(good).encode(), iq],  # no plan from the BS yet
+        [b"plan", json.dumps({"round": 1, "total_bandwidth_hz": 1e6, "subbands": []}).encode()],  # no physics
+        [b"plan", json.dumps({**physics, "round": 1, "total_bandwidth_hz": 1e6, "channel": {"fading": "x"},
+                              "subbands": []}).encode()],
+        [b"plan", json.dumps({**physics, "round": 1, "total_bandwidth_hz": 1e6,
+                              "subbands": [{"device_id": 0, "center_hz": 0.0, "bandwidth_hz": 250e3}]}).encode()],
+        [b"plan", json.dumps({**physics, "round": 1, "total_bandwidth_hz": 1e6,
+                              "subbands": [{"device_id": 0, "center_hz": -375e3, "bandwidth_hz": 250e3}]}).encode()],
+        [b"burst", json.dumps({**good, "v": 9}).encode(), iq],
+        [b"burst", json.dumps({**good, "device_id": -2}).encode(), iq],
+        [b"burst", json.dumps({**good, "modulation": "ook"}).encode(), iq],
+        [b"burst", json.dumps(good).encode(), iq[:-3]],
+        [b"burst", json.dumps(good).encode(), np.full(10, np.nan, dtype=np.complex64).tobytes()],
+        [b"burst", json.dumps({**good, "bandwidth_hz": 100e3}).encode(), iq],
+        [b"burst", json.dumps({**good, "device_id": 2}).encode(), iq],
+    ]
+    try:
+        for parts in garbage:
+            peer.send_multipart(parts)
+        answers = []
+        deadline = time.monotonic() + 10
+        while len(answers) < len(garbage) and time.monotonic() < deadline:
+            for _ in range(50):
+                try:
+                    air._on_message(air.router.recv_multipart(zmq.NOBLOCK))
+                except zmq.Again:
+                    break
+            while peer.poll(10):
+                answers.append(peer.recv_multipart())
+        kinds = [a[0] for a in answers]
+        assert kinds.count(b"plan_ok") == 1 and kinds.count(b"error") == len(garbage) - 1, kinds
+        assert not air.queues.get(0)  # nothing of that reached the medium
+        # and a good burst after all that is taken
+        peer.send_multipart([b"burst", json.dumps(good).encode(), iq])
+        time.sleep(0.2)
+        air._on_message(air.router.recv_multipart())
+        assert len(air.queues[0]) == 1
+    finally:
+        air.close()
+        peer.close(linger=0)
+        ctx.term()
+
+
+@gnuradio
+@pytest.mark.integration
+def test_fedlora_run_over_the_air(tmp_path):
+    pytest.importorskip("gnuradio")
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, "-m", "fedlora.launcher", "--bench", str(ZMQ_IQ), "--run-dir", str(run_dir), *TINY,
+           "--set", "devices.count=2", "--set", "round.rounds=2", "--set", "training.local_steps=2",
+           "--bench-set", "channel.fading=none",
+           "--bench-set", "devices=[{distance_m: 10}, {distance_m: 50}]"]
+    out = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=400)
+    assert out.returncode == 0, out.stdout + out.stderr
+    rounds = read_rounds(run_dir)
+    assert [r["round"] for r in rounds] == [1, 2]
+    for r in rounds:
+        near, far = r["devices"]
+        for d in (near, far):
+            assert d["status"] == "ok", d
+            assert d["frames_lost"] == 0 and d["frames_received"] == d["frames_sent"] > 0
+            assert d["bandwidth_hz"] == 500e3 and d["airtime_s"] > 0
+        assert near["snr_db"] > far["snr_db"] + 15, (near["snr_db"], far["snr_db"])  # 46 vs 21.5 dB (no fading)
+    assert "air stopped" in (run_dir / "logs" / "air.log").read_text()
+
+
+# --------------------------------------------------------------------------------------------- edge helper
+def _edge_main(argv: list[str]) -> int:
+    from phy.framing import fragment
+    from phy.gr_zmq_iq import ZmqIqTransmitter
+
+    air, device, round_idx, n_frames, power, bandwidth = argv
+    device, round_idx, n_frames = int(device), int(round_idx), int(n_frames)
+    rng = np.random.default_rng(device)
+    payload = rng.integers(0, 256, n_frames * 990, dtype=np.uint8).tobytes()
+    frames = [f.to_bytes() for f in fragment(payload, device, round_idx, 1000)][:n_frames]
+    tx = ZmqIqTransmitter(air_address=air, geometry=DeviceGeometry(device, 10.0))
+    report = tx.send(frames, TxSetting(float(power), float(bandwidth), "qpsk"), round_idx=round_idx)
+    samples = round(report.airtime_s * float(bandwidth))
+    print(json.dumps({"frames_sent": report.frames_sent, "airtime_s": report.airtime_s, "samples": samples,
+                      "error": tx.last_error}))
+    tx.close()
+    return 0
+
+
+if __name__ == "__main__" and len(sys.argv) > 1 and sys.argv[1] == "edge":
+    sys.exit(_edge_main(sys.argv[2:]))
