@@ -8,6 +8,7 @@ every child.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import signal
@@ -16,13 +17,28 @@ import sys
 import time
 from pathlib import Path
 
-from fedlora.config import ConfigError, load_bench, load_experiment
+from fedlora.config import REPO_ROOT, ConfigError, load_bench, load_experiment
+
+
+DEFAULT_BENCH = "hw_configs/zmq_iq.yaml"
+FALLBACK_BENCH = "hw_configs/sim.yaml"
+
+
+def default_bench() -> str:
+    """The GNU Radio FDMA link through the air process; the sim PHY, said out loud, where GNU Radio is missing."""
+    if importlib.util.find_spec("gnuradio") is not None:
+        return str(REPO_ROOT / DEFAULT_BENCH)
+    print(f"fedlora-run: GNU Radio is not installed, so this run uses the simulated PHY ({FALLBACK_BENCH}); "
+          f"run scripts/install.sh as root (it installs Debian's gnuradio) for the default {DEFAULT_BENCH}",
+          file=sys.stderr, flush=True)
+    return str(REPO_ROOT / FALLBACK_BENCH)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fedlora-run", description=__doc__)
     parser.add_argument("--experiment", help="experiment YAML (default: experiments/default.yaml)")
-    parser.add_argument("--bench", help="bench YAML (default: hw_configs/sim.yaml)")
+    parser.add_argument("--bench", help=f"bench YAML (default: {DEFAULT_BENCH}, the GNU Radio link through the air "
+                                         f"process; {FALLBACK_BENCH} where GNU Radio is not installed)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--bench-set", dest="bench_overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--runs-dir", default="runs", help="parent folder of run folders")
@@ -30,6 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--edge-threads", type=int, default=1, help="torch threads per edge")
     parser.add_argument("--silence-timeout", type=float, default=30.0)
     args = parser.parse_args(argv)
+    if args.bench is None:
+        args.bench = default_bench()
     try:
         experiment = load_experiment(args.experiment, args.overrides)
         bench = load_bench(args.bench, args.bench_overrides)

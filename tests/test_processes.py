@@ -1,6 +1,7 @@
 """Real BS and edge processes over real sockets (tiny model): a run, a killed edge, a rejoin, garbage input."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -10,6 +11,7 @@ import sys
 
 import pytest
 import torch
+import yaml
 import zmq
 
 from tests.processes import ENV, REPO, TINY, Procs, read_rounds, wait_for
@@ -46,6 +48,11 @@ def test_launcher_runs_a_whole_experiment(tmp_path):
     assert rounds[0]["devices"][0]["snr_db"] is not None
     for name in ("experiment.yaml", "bench.yaml", "plot.png", "summary.json", "adapter.pt"):
         assert (run_dir / name).exists(), name
+    # the default bench is the GNU Radio FDMA link through the air process, wherever GNU Radio is installed
+    has_gnuradio = importlib.util.find_spec("gnuradio") is not None
+    assert yaml.safe_load((run_dir / "bench.yaml").read_text())["phy"] == ("gr-zmq-iq" if has_gnuradio else "sim")
+    if has_gnuradio:
+        assert (run_dir / "logs" / "air.log").exists()
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["rounds"] == 2 and not summary["stopped_early"]
     adapter = torch.load(run_dir / "adapter.pt")
