@@ -196,9 +196,8 @@ class LyapunovController(Controller):
                 self.compute.observe(row, self._local_steps, self._num_layers)
                 round_latency = max(round_latency, row.train_wall_s + row.airtime_s)
             budget = self.bench.device(row.device_id).energy_budget_j
-            if budget is not None:
-                self.energy_spent_j[row.device_id] = self.energy_spent_j.get(row.device_id, 0.0) + row.energy_j
             if budget is not None:  # queues in units of the budget: Q += E/Ē − 1
+                self.energy_spent_j[row.device_id] = self.energy_spent_j.get(row.device_id, 0.0) + row.energy_j
                 q = self.energy_queue.get(row.device_id, 0.0)
                 self.energy_queue[row.device_id] = max(q + row.energy_j / budget - 1.0, 0.0)
         if self.cfg.latency_budget_s is not None:
