@@ -33,8 +33,7 @@ class GrLoopbackTransmitter(SimUplinkTransmitter):
         return {"snr_db": float(true_snr_db), "modulation": setting.modulation}
 
     def estimate_airtime_s(self, frame_sizes: Sequence[int], setting: TxSetting) -> float:
-        samples = sum(ofdm.packet_samples(n, setting.modulation) for n in frame_sizes)
-        return samples / setting.bandwidth_hz
+        return ofdm.burst_airtime_s(frame_sizes, setting.modulation, setting.bandwidth_hz)
 
 
 @dataclass

@@ -39,11 +39,9 @@ import zmq
 from phy import fdma, ofdm
 from phy.air import WIRE_VERSION
 from phy.channel import ChannelConfig, DeviceGeometry, TxSetting
-from phy.link import RxFrame, TxReport, UplinkReceiver, UplinkTransmitter
+from phy.link import RxFrame, TxReport, UplinkReceiver, UplinkTransmitter, checked_frames
 
 log = logging.getLogger(__name__)
-
-MAX_PHY_PACKET_BYTES = ofdm.MAX_PACKET_BYTES
 
 
 class ZmqIqTransmitter(UplinkTransmitter):
@@ -65,18 +63,14 @@ class ZmqIqTransmitter(UplinkTransmitter):
         self.last_error: str | None = None
 
     def estimate_airtime_s(self, frame_sizes: Sequence[int], setting: TxSetting) -> float:
-        samples = sum(ofdm.packet_samples(n, setting.modulation) for n in frame_sizes)
-        return samples / setting.bandwidth_hz
+        return ofdm.burst_airtime_s(frame_sizes, setting.modulation, setting.bandwidth_hz)
 
     def send(self, frames: Sequence[bytes], setting: TxSetting, *, round_idx: int) -> TxReport:
         from phy.ofdm_tx import modulate  # GNU Radio where the modem runs
 
         if self._closed:
             raise RuntimeError("ZmqIqTransmitter is closed")
-        frames = [bytes(f) for f in frames]
-        too_big = [len(f) for f in frames if len(f) > MAX_PHY_PACKET_BYTES]
-        if too_big:
-            raise ValueError(f"frame of {max(too_big)} bytes exceeds the PHY packet limit {MAX_PHY_PACKET_BYTES}")
+        frames = checked_frames(frames)
         self.last_error = None
         if not frames:
             return TxReport(frames_sent=0, bytes_sent=0, airtime_s=0.0)

@@ -60,7 +60,7 @@ import struct
 import zlib
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -334,6 +334,11 @@ def packet_samples(payload_len: int, modulation: str, pre_pad: int = DEFAULT_PRE
     bps = get_modulation(modulation).bits_per_symbol
     n_ofdm = math.ceil(payload_symbols(payload_len, bps) / N_DATA_CARRIERS) + OVERHEAD_SYMBOLS
     return n_ofdm * SYMBOL_SAMPLES + pre_pad + post_pad
+
+
+def burst_airtime_s(frame_sizes: Sequence[int], modulation: str, sample_rate_hz: float) -> float:
+    """Seconds our transmitter needs for these packets at this sample rate (padding included)."""
+    return sum(packet_samples(n, modulation) for n in frame_sizes) / sample_rate_hz
 
 
 # --------------------------------------------------------------------------- mapping

@@ -297,7 +297,7 @@ class RfUplinkTransmitter(UplinkTransmitter):
                          tx_gain_db(rf, setting.tx_power_dbm, self.bench.radio.max_tx_power_dbm), rf.tx_antenna)
 
     def estimate_airtime_s(self, frame_sizes: Sequence[int], setting: TxSetting) -> float:
-        return sum(ofdm.packet_samples(n, setting.modulation) for n in frame_sizes) / self._rate_hz(setting)
+        return ofdm.burst_airtime_s(frame_sizes, setting.modulation, self._rate_hz(setting))
 
     def send(self, frames: Sequence[bytes], setting: TxSetting, *, round_idx: int) -> TxReport:
         frames = [bytes(f) for f in frames]

@@ -18,11 +18,10 @@ import numpy as np
 import zmq
 
 from phy.channel import DeviceGeometry, PerCurve, SimChannel, TxSetting, ofdm_airtime_s
-from phy.link import RxFrame, TxReport, UplinkReceiver, UplinkTransmitter
+from phy.link import RxFrame, TxReport, UplinkReceiver, UplinkTransmitter, checked_frames
 
 log = logging.getLogger(__name__)
 
-MAX_PHY_PACKET_BYTES = 4091  # gr-digital OFDM packet limit; the sim enforces it too for parity
 _LOSS_STREAM = 0x51A1  # separates the loss/estimation RNG stream from the fading one
 
 
@@ -67,10 +66,7 @@ class SimUplinkTransmitter(UplinkTransmitter):
     def send(self, frames: Sequence[bytes], setting: TxSetting, *, round_idx: int) -> TxReport:
         if self._closed:
             raise RuntimeError("SimUplinkTransmitter is closed")
-        frames = [bytes(f) for f in frames]
-        too_big = [len(f) for f in frames if len(f) > MAX_PHY_PACKET_BYTES]
-        if too_big:
-            raise ValueError(f"frame of {max(too_big)} bytes exceeds the PHY packet limit {MAX_PHY_PACKET_BYTES}")
+        frames = checked_frames(frames)
         self.last_frames_lost = 0
         self.last_frames_undeliverable = 0
         if not frames:
