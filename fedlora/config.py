@@ -64,8 +64,11 @@ class ControllerConfig:
     depths: tuple[int, ...] = (1, 2, 4, 6)
     keep_fractions: tuple[float, ...] = (0.25, 0.5, 1.0)
     modulations: tuple[str, ...] = ("bpsk", "qpsk", "8psk")
-    v: float = 4.0  # Lyapunov penalty weight V: learning proxy vs. queues (which count in budgets)
-    loss_weights: tuple[float, ...] = (0.3, 0.2, 0.2)  # λ_r, λ_d, λ_s of the learning-loss proxy
+    v: float = 60.0  # Lyapunov penalty weight V: learning proxy vs. queues (which count in budgets)
+    loss_weights: tuple[float, ...] = (0.3, 1.0, 0.2)  # λ_r, λ_d, λ_s of the learning-loss proxy
+    energy_price: float = 1.0  # κ_E: energy's own price, in budgets, on top of the queue (docs/controller.md)
+    energy_credit_rounds: float = 2.0  # energy guard: budgets a device may borrow ahead, repaid by the last round
+    participation_iterations: int = 12  # bisection steps of the participation price λ (docs/controller.md)
     latency_budget_s: float | None = None  # long-term round-latency budget T̄; None = no latency queue
     energy_guard: bool = True  # never plan past a device's cumulative energy allowance (docs/controller.md)
     energy_guard_margin: float = 0.1  # share of the allowance kept back for prediction error
@@ -118,9 +121,10 @@ class ExperimentConfig:
         if not 0 <= self.codec.soft_lambda < float("inf"):
             raise ConfigError(f"{where}: codec.soft_lambda: must be a finite number >= 0, got {self.codec.soft_lambda!r}")
         c = self.controller
-        if len(c.loss_weights) != 3 or min(c.loss_weights) < 0 or sum(c.loss_weights) > 1:
-            raise ConfigError(f"{where}: controller.loss_weights: need three weights >= 0 summing to <= 1 "
-                              f"(rank, depth, sparsity), got {list(c.loss_weights)}")
+        if (len(c.loss_weights) != 3 or not all(0 <= w <= 1 for w in c.loss_weights)
+                or c.loss_weights[0] + c.loss_weights[2] > 1):
+            raise ConfigError(f"{where}: controller.loss_weights: need three weights in [0, 1] (rank, depth, "
+                              f"sparsity), rank + sparsity <= 1, got {list(c.loss_weights)}")
         bad = [m for m in c.modulations if m not in ("bpsk", "qpsk", "8psk")]
         if bad or not c.modulations:
             raise ConfigError(f"{where}: controller.modulations: unknown {bad}; known: bpsk, qpsk, 8psk")
@@ -128,8 +132,13 @@ class ExperimentConfig:
             raise ConfigError(f"{where}: controller.ranks / controller.depths: need values >= 1")
         if not c.keep_fractions or not all(0 < f <= 1 for f in c.keep_fractions):
             raise ConfigError(f"{where}: controller.keep_fractions: every value must be in (0, 1]")
-        for name in ("v", "power_levels", "share_levels", "round_length_levels", "price_iterations"):
+        for name in ("v", "power_levels", "share_levels", "round_length_levels", "price_iterations",
+                     "participation_iterations"):
             _positive(where, f"controller.{name}", getattr(c, name))
+        for name in ("energy_price", "energy_credit_rounds"):
+            if not 0 <= getattr(c, name) < float("inf"):
+                raise ConfigError(f"{where}: controller.{name}: must be a finite number >= 0, got "
+                                  f"{getattr(c, name)!r}")
         if not 0 <= c.energy_guard_margin < 1:
             raise ConfigError(f"{where}: controller.energy_guard_margin: must be in [0, 1), got "
                               f"{c.energy_guard_margin!r}")

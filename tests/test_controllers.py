@@ -89,10 +89,10 @@ def test_a_device_measured_in_a_deep_fade_is_planned_more_carefully():
 
 def test_energy_queue_steers_a_device_to_cheaper_plans():
     b = bench(budget_j=100.0, distances=(20, 20))
-    ctrl = lyapunov(b)
+    ctrl = lyapunov(b, "controller.energy_guard=false")  # the queue alone (the guard's allowance grows per call)
     free = ctrl.decide(state(b, K=2))
     energy_free = ctrl.explain()["predicted"][0]["energy_j"]
-    ctrl.energy_queue[0] = 3.0  # device 0 has overspent its budget for a while
+    ctrl.energy_queue[0] = 10.0  # device 0 has overspent its budget for a while
     tight = ctrl.decide(state(b, K=2))
     pred = ctrl.explain()["predicted"]
     assert free[0].participate
@@ -121,7 +121,7 @@ def _spend(ctrl, r, energies, *, depth=6):
 
 def test_energy_guard_keeps_every_plan_within_the_cumulative_allowance():
     b = bench(budget_j=100.0, distances=(20, 20))
-    ctrl = lyapunov(b)
+    ctrl = lyapunov(b, "controller.energy_credit_rounds=0")
     ctrl.decide(state(b, K=2))
     _spend(ctrl, 1, [250.0, 40.0])  # device 0 overspent round 1 by 150 J, device 1 saved 60 J
     plans = ctrl.decide(state(b, r=2, K=2))
@@ -135,8 +135,8 @@ def test_energy_guard_keeps_every_plan_within_the_cumulative_allowance():
 
 
 def test_energy_guard_lets_an_unmeasured_device_probe_its_cheapest_module_once():
-    b = bench(budget_j=1.0, distances=(20, 20))  # no module fits a 1 J budget by the prior
-    ctrl = lyapunov(b)
+    b = bench(budget_j=60.0, distances=(20, 20))  # no module fits a 60 J allowance by the prior
+    ctrl = lyapunov(b, "controller.energy_credit_rounds=0")
     first = ctrl.decide(state(b, K=2))
     assert all(p.participate and p.depth == min(ctrl.cfg.depths) for p in first.values())
     _spend(ctrl, 1, [60.0, 60.0], depth=1)  # measured now: the guard applies
@@ -146,8 +146,8 @@ def test_energy_guard_lets_an_unmeasured_device_probe_its_cheapest_module_once()
 
 def test_without_the_guard_only_the_queues_hold_a_device_back():
     b = bench(budget_j=1.0, distances=(20, 20))
-    ctrl = lyapunov(b, "controller.energy_guard=false")
-    plans = ctrl.decide(state(b, K=2))  # empty queues, no guard: the full module, whatever it costs
+    ctrl = lyapunov(b, "controller.energy_guard=false", "controller.energy_price=0")
+    plans = ctrl.decide(state(b, K=2))  # empty queues, no guard, no price: the full module, whatever it costs
     assert all(p.participate and p.depth == max(ctrl.cfg.depths) for p in plans.values())
     assert ctrl.explain()["energy_allowance_j"] == {}
 
@@ -162,7 +162,9 @@ def test_round_records_explain_the_decision():
 
 
 @pytest.mark.parametrize("override, needle", [
-    ("controller.loss_weights=[0.5, 0.5, 0.5]", "loss_weights"),
+    ("controller.loss_weights=[0.6, 0.5, 0.6]", "loss_weights"),
+    ("controller.loss_weights=[0.2, 1.5, 0.2]", "loss_weights"),
+    ("controller.energy_credit_rounds=-1", "energy_credit_rounds"),
     ("controller.modulations=[qam1024]", "modulations"),
     ("controller.keep_fractions=[0]", "keep_fractions"),
     ("controller.policy=clairvoyant", "unknown policy"),
@@ -239,3 +241,68 @@ def test_a_rayleigh_bench_plans_a_marginal_link_more_robustly():
     assert none.participate and faded.participate
     assert faded.bandwidth_hz < none.bandwidth_hz and bits[faded.modulation] <= bits[none.modulation]
     assert plans["rayleigh_delivery"] > 0.99
+
+
+def test_the_participation_proxy_has_diminishing_returns():
+    from bs_node.controllers.lyapunov import participation_loss, participation_slope
+    K = 6
+    s = np.linspace(0, K, 61)
+    phi = participation_loss(s, K)
+    assert phi[0] == pytest.approx(1.0) and phi[-1] == pytest.approx(0.0)
+    assert np.all(np.diff(phi) < 0) and np.all(np.diff(phi, 2) > 0)  # decreasing, convex
+    for x in (0.0, 1.0, 2.5):
+        numeric = (participation_loss(x, K) - participation_loss(x + 1e-6, K)) / 1e-6
+        assert participation_slope(x, K) == pytest.approx(numeric, rel=1e-4)
+
+
+def _run_rounds(ctrl, b, K, rounds, speed=None):
+    """Drive the controller for `rounds` rounds; each planned device reports what the plan predicted."""
+    spent, taken = np.zeros(K), []
+    for r in range(1, rounds + 1):
+        plans = ctrl.decide(state(b, r=r, K=K))
+        pred = ctrl.explain()["predicted"]
+        rows = []
+        for k in range(K):
+            p = plans[k]
+            if not p.participate:
+                rows.append(row(k, snr_db=None, participated=False))
+                continue
+            e = pred[k]["energy_j"] * (speed[k] if speed else 1.0)
+            rows.append(DeviceRound(k, True, "ok", rank=p.rank, depth=p.depth, tx_power_dbm=p.tx_power_dbm,
+                                    bandwidth_hz=p.bandwidth_hz, modulation=p.modulation, snr_db=30.0,
+                                    compute_s=e / b.device(k).compute_watts_per_core, train_wall_s=e / 10,
+                                    airtime_s=1.0, energy_j=e))
+            spent[k] += e
+        taken.append({k: plans[k].depth for k in range(K) if plans[k].participate})
+        ctrl.observe(RoundRecord(r, 0.7, 0.5, 1.0, "lyapunov", 0, rows))
+    return spent, taken
+
+
+def test_devices_whose_full_module_costs_more_than_a_budget_take_turns_within_their_budgets():
+    K, budget, rounds = 6, 170.0, 8  # the full module costs about 300 J (the prior): 1.75 budgets, as on sim_hetero
+    b = bench(budget_j=budget, distances=(10, 15, 20, 25, 30, 35))
+    ctrl = lyapunov(b, f"round.rounds={rounds}")
+    spent, taken = _run_rounds(ctrl, b, K, rounds)
+    full = max(ctrl.cfg.depths)
+    assert all(taken), f"a round without anybody: {taken}"
+    assert max(len(t) for t in taken[1:]) < K, "no rotation: everybody every round"
+    assert all(sum(k in t for t in taken) >= 2 for k in range(K)), taken  # everyone takes turns
+    depths = [d for t in taken for d in t.values()]
+    assert np.mean(depths) >= 4 and full in depths, taken  # deep modules are the efficient ones here
+    assert np.all(spent / rounds <= budget * 1.05), spent / rounds
+
+
+def test_energy_credit_lets_an_expensive_module_start_early_and_the_books_close_at_the_last_round():
+    b = bench(budget_j=100.0, distances=(20, 20))
+    ctrl = lyapunov(b, "round.rounds=4", "controller.energy_credit_rounds=2")
+    ctrl.decide(state(b, K=2))
+    assert ctrl.explain()["energy_allowance_j"] == {0: pytest.approx(300.0), 1: pytest.approx(300.0)}
+    _spend(ctrl, 1, [250.0, None])
+    ctrl.decide(state(b, r=2, K=2))  # the credit shrinks to nothing at the last round: 2 + 2·(4 − 2)/3 budgets
+    assert ctrl.explain()["energy_allowance_j"] == {0: pytest.approx(100 * (2 + 4 / 3) - 250, abs=0.1),
+                                                    1: pytest.approx(100 * (2 + 4 / 3), abs=0.1)}
+    _spend(ctrl, 2, [None, None])
+    ctrl.decide(state(b, r=3, K=2))
+    _spend(ctrl, 3, [None, None])
+    ctrl.decide(state(b, r=4, K=2))  # the last round: 4 budgets, nothing borrowed ahead
+    assert ctrl.explain()["energy_allowance_j"] == {0: pytest.approx(150.0), 1: pytest.approx(400.0)}

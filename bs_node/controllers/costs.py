@@ -49,7 +49,7 @@ class OptionGrid:
     keep: np.ndarray
     power_dbm: np.ndarray
     share: np.ndarray
-    info: np.ndarray  # 1 − λ_r(1 − r/R) − λ_d(1 − d/L) − λ_s(1 − s)
+    info: np.ndarray  # (1 − λ_d(1 − d/L)) · (1 − λ_r(1 − r/R) − λ_s(1 − s))
     frames: np.ndarray
     frame_airtime_s: np.ndarray
     modulations: tuple[str, ...]
@@ -99,8 +99,9 @@ class CostModel:
         nbytes = np.array([[self.shape.update_bytes(r, d, k) for k in keeps] for r, d in modules], dtype=float)
         frames = np.ceil(nbytes[idx[:, 0], idx[:, 2]] / self.frame_payload)
         per_hz = np.array([ofdm_airtime_s(self.frame_bytes, m, 1.0) for m in mods])
-        info = 1 - lam_r * (1 - rank / self.max_rank) - lam_d * (1 - depth / self.shape.num_layers) \
-            - lam_s * (1 - keep)
+        # depth multiplies: the layers a module does not hold get nothing from this device this round
+        info = (1 - lam_d * (1 - depth / self.shape.num_layers)) \
+            * (1 - lam_r * (1 - rank / self.max_rank) - lam_s * (1 - keep))
         # the link (modulation, power, share) decides SNR and PER; modules and keep fractions only reuse it
         n_p, n_s = len(powers_dbm), len(shares)
         link = (idx[:, 1] * n_p + idx[:, 3]) * n_s + idx[:, 4]

@@ -20,6 +20,20 @@ from phy.factory import per_curve_for
 TIE_BREAK = 1e-3
 
 
+def participation_loss(effective_updates, num_devices: int):
+    """Φ(S) = (1 − S/K) / (1 + S): the partial-participation variance of averaging S of K devices' updates
+    (finite-population correction over S, with the global model counted as one more sample so that a round
+    without any update costs 1, not infinity). Convex and decreasing: the first updates of a round are worth
+    the most, which spreads participation over the rounds."""
+    s = np.clip(effective_updates, 0.0, float(num_devices))
+    return (1.0 - s / num_devices) / (1.0 + s)
+
+
+def participation_slope(effective_updates: float, num_devices: int) -> float:
+    """|Φ'(S)| = (1 + 1/K) / (1 + S)²: what one more full update is worth at S."""
+    return (1.0 + 1.0 / num_devices) / (1.0 + max(effective_updates, 0.0)) ** 2
+
+
 class LyapunovController(Controller):
     name = "lyapunov"
     uses_energy_queues = True  # TSFA reuses the solver without them
@@ -100,14 +114,25 @@ class LyapunovController(Controller):
         return plans
 
     def _allowance_j(self, ids: list[int], budgets: np.ndarray) -> np.ndarray:
-        """Energy each device may still spend this round without its time average exceeding its budget:
-        Ē_k · (rounds present, this one included) − measured energy so far (inf without a budget)."""
+        """Energy each device may still spend this round: Ē_k · (n_k + c·(N − n_k)/(N − 1)) − measured spend,
+        n_k the rounds it has been present (this one included), N the run's rounds, c the credit (inf without
+        a budget).
+
+        The credit lets a device whose useful module costs more than one budget take part before it has sat
+        out. It shrinks to nothing at the last round, so the run's time average stays within the budget and a
+        device that borrowed repays over the remaining rounds rather than sitting out the last ones."""
         for k in ids:
             self.rounds_planned[k] = self.rounds_planned.get(k, 0) + 1
         if not (self.uses_energy_queues and self.cfg.energy_guard):
             return np.full(len(ids), np.inf)
-        return np.array([b * self.rounds_planned[k] - self.energy_spent_j.get(k, 0.0) if np.isfinite(b) else np.inf
-                         for k, b in zip(ids, budgets)])
+        horizon = self.experiment.round.rounds
+
+        def budgets_so_far(n: int) -> float:
+            left = max(horizon - n, 0) / max(horizon - 1, 1)
+            return n + self.cfg.energy_credit_rounds * left
+
+        return np.array([b * budgets_so_far(self.rounds_planned[k]) - self.energy_spent_j.get(k, 0.0)
+                         if np.isfinite(b) else np.inf for k, b in zip(ids, budgets)])
 
     def _energy_feasible(self, ids: list[int], grid: OptionGrid, pred: Predictions,
                          allowance: np.ndarray) -> np.ndarray:
@@ -124,43 +149,91 @@ class LyapunovController(Controller):
 
     def _solve(self, grid: OptionGrid, pred: Predictions, weights: np.ndarray, queues: np.ndarray,
                budgets: np.ndarray, feasible: np.ndarray | None = None) -> tuple[list[int], float, float]:
-        """Best (τ, μ, per-device option); -1 = the device sits this round out.
+        """Best (τ, λ, μ, per-device option); -1 = the device sits this round out.
 
-        Queues are in units of their budgets (Q_k E_k / Ē_k, Z T / T̄) so that V trades them against the
-        learning proxy without units. A tiny tie-break on energy and latency picks the cheaper of options
-        the objective cannot tell apart (e.g. every option while the queues are empty)."""
+        The learning proxy couples the devices only through S, the effective number of full updates that
+        arrive. For a participation price λ they decouple (each takes part when λ·(its share of S) pays for
+        its energy, queue and bandwidth); λ is bisected to the fixed point λ = V·|Φ'(S(λ))|, every plan on
+        the way is scored with the true objective V·Φ(S) + Σ_k (Q_k + κ_E) E_k/Ē_k + Z·T/T̄, and the best one
+        is pruned of devices whose update is worth less than it costs. Queues count in units of their
+        budgets, so V trades them against the proxy without units; a tiny tie-break on energy and latency
+        picks the cheaper of options the objective cannot tell apart."""
         cfg = self.cfg
         V, Z = cfg.v, self.latency_queue
+        K = len(weights)
         # scale references where there is no budget: each device's cheapest option, the slowest quickest device
         t_ref = cfg.latency_budget_s or max(float(pred.latency_s.min(axis=1).max()), 1e-6)
         e_ref = np.where(np.isfinite(budgets), budgets, np.maximum(pred.energy_j.min(axis=1), 1e-6))
-        base = V * weights[:, None] * (1 - pred.delivery * grid.info[None, :]) \
-            + (queues / e_ref)[:, None] * pred.energy_j \
+        price = queues + (cfg.energy_price if self.uses_energy_queues else 0.0)
+        cost = (price / e_ref)[:, None] * pred.energy_j \
             + TIE_BREAK * (pred.energy_j / e_ref[:, None] + pred.latency_s / t_ref)
         if feasible is not None:
-            base = np.where(feasible, base, np.inf)
-        idle = V * weights
-        fastest = pred.latency_s.min(axis=1)  # each device's quickest option
-        taus = np.unique(np.geomspace(max(float(fastest.min()), 1e-6), max(float(pred.latency_s.max()), 1e-6),
-                                      cfg.round_length_levels))
-        best: tuple[float, np.ndarray, float] = (np.inf, np.full(len(weights), -1), 0.0)
-        rows = np.arange(len(weights))
+            cost = np.where(feasible, cost, np.inf)
+        value = weights[:, None] * pred.delivery * grid.info[None, :]  # each option's expected share of S
+        rows = np.arange(K)
         n_shares = len(grid.share_levels)
-        for tau in taus:
-            allowed = np.where(pred.latency_s <= tau, base, np.inf).reshape(len(weights), -1, n_shares)
-            # μ·β is the same for every option of one share level: the best option per level does not
-            # depend on μ, so the bisection works on a (devices x share levels) table.
+
+        def plan(lam: float, tau: float) -> tuple[float, np.ndarray, float]:
+            base = cost - lam * value
+            allowed = base if np.isinf(tau) else np.where(pred.latency_s <= tau, base, np.inf)
+            allowed = allowed.reshape(K, -1, n_shares)
+            # μ·β is the same for every option of one share level: the best option per level does not depend
+            # on μ, so the bandwidth bisection works on a (devices x share levels) table.
             best_of_level = allowed.argmin(axis=1)
             level_cost = np.take_along_axis(allowed, best_of_level[:, None, :], axis=1)[:, 0, :]
-            level = self._allocate(level_cost, grid.share_levels, idle)
+            level = self._allocate(level_cost, grid.share_levels, np.zeros(K))
             on = level >= 0
             choice = np.where(on, best_of_level[rows, np.maximum(level, 0)] * n_shares + level, -1)
-            cost = float(np.where(on, level_cost[rows, np.maximum(level, 0)], idle).sum())
-            t_round = float(pred.latency_s[rows[on], choice[on]].max()) if on.any() else 0.0
-            cost += Z * t_round / t_ref
-            if cost < best[0]:
-                best = (cost, choice, t_round)
+            return self._prune(choice, value, cost, pred.latency_s, V, Z / t_ref)
+
+        if Z > 0:  # the round length only matters while the latency queue has a backlog
+            fastest = pred.latency_s.min(axis=1)  # each device's quickest option
+            taus = np.unique(np.geomspace(max(float(fastest.min()), 1e-6), max(float(pred.latency_s.max()), 1e-6),
+                                          cfg.round_length_levels))
+        else:
+            taus = np.array([np.inf])
+        best: tuple[float, np.ndarray, float] = (V * float(participation_loss(0.0, K)), np.full(K, -1), 0.0)
+        for tau in taus:
+            lo, hi = 0.0, V * participation_slope(0.0, K)
+            for _ in range(cfg.participation_iterations):
+                lam = 0.5 * (lo + hi)
+                total, choice, t_round = plan(lam, tau)
+                if total < best[0]:
+                    best = (total, choice, t_round)
+                on = choice >= 0
+                s = float(value[rows[on], choice[on]].sum())
+                if lam > V * participation_slope(s, K):
+                    hi = lam
+                else:
+                    lo = lam
         return [int(c) for c in best[1]], best[2], best[0]
+
+    @staticmethod
+    def _prune(choice: np.ndarray, value: np.ndarray, cost: np.ndarray, latency_s: np.ndarray, v: float,
+               z_per_s: float) -> tuple[float, np.ndarray, float]:
+        """Drop, one at a time, the participant whose removal lowers the objective most, while one does.
+
+        λ prices every participant at the same margin; dropping a device raises V·Φ by less than its cost
+        when many others take part. Returns (objective, choice, round length)."""
+        choice = choice.copy()
+        on = np.flatnonzero(choice >= 0)
+        k = len(choice)
+        v_on, c_on = value[on, choice[on]], cost[on, choice[on]]
+        s = float(v_on.sum())
+        keep = np.ones(len(on), dtype=bool)
+        while keep.any():
+            gain = participation_loss(s - v_on, k) - participation_loss(s, k)
+            delta = np.where(keep, v * gain - c_on, np.inf)
+            i = int(delta.argmin())
+            if delta[i] >= 0:
+                break
+            keep[i] = False
+            s -= float(v_on[i])
+        choice[on[~keep]] = -1
+        on = on[keep]
+        t_round = float(latency_s[on, choice[on]].max()) if len(on) else 0.0
+        total = v * float(participation_loss(s, k)) + float(c_on[keep].sum()) + z_per_s * t_round
+        return total, choice, t_round
 
     def _allocate(self, cost: np.ndarray, share: np.ndarray, idle: np.ndarray) -> np.ndarray:
         """Bisect the bandwidth price μ until the devices' best responses fit in the band together.
