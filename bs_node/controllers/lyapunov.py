@@ -1,7 +1,9 @@
 """The proposed policy: Lyapunov drift-plus-penalty over module, power, bandwidth, modulation and sparsity.
 
-Per round: minimise V·Φ + Σ_k Q_k E_k + Z·T (docs/controller.md). The round length τ is searched on a grid;
-for each τ the devices decouple given a bandwidth price μ, which is bisected until the shares fit the band.
+Per round: minimise V·Φ(S) + Σ_k (Q_k + κ_E) E_k/Ē_k + Z·T/T̄ (docs/controller.md), S the effective number of
+full updates that arrive. The devices decouple given a price λ of one update (bisected towards the marginal
+value V·|Φ'(S)|), a bandwidth price μ (bisected until the shares fit the band) and, while the latency queue has
+a backlog, a round length τ (searched on a grid).
 Every input is a measurement: channel gains from the SNR the BS measured, compute from the devices' reports,
 energy and latency queues from what the round actually cost.
 """
@@ -164,7 +166,8 @@ class LyapunovController(Controller):
         # scale references where there is no budget: each device's cheapest option, the slowest quickest device
         t_ref = cfg.latency_budget_s or max(float(pred.latency_s.min(axis=1).max()), 1e-6)
         e_ref = np.where(np.isfinite(budgets), budgets, np.maximum(pred.energy_j.min(axis=1), 1e-6))
-        price = queues + (cfg.energy_price if self.uses_energy_queues else 0.0)
+        # energy's own price applies where there is a budget to price it in (a device without one spends freely)
+        price = queues + np.where(np.isfinite(budgets), cfg.energy_price if self.uses_energy_queues else 0.0, 0.0)
         cost = (price / e_ref)[:, None] * pred.energy_j \
             + TIE_BREAK * (pred.energy_j / e_ref[:, None] + pred.latency_s / t_ref)
         if feasible is not None:
@@ -181,7 +184,7 @@ class LyapunovController(Controller):
             # on μ, so the bandwidth bisection works on a (devices x share levels) table.
             best_of_level = allowed.argmin(axis=1)
             level_cost = np.take_along_axis(allowed, best_of_level[:, None, :], axis=1)[:, 0, :]
-            level = self._allocate(level_cost, grid.share_levels, np.zeros(K))
+            level = self._allocate(level_cost, grid.share_levels)
             on = level >= 0
             choice = np.where(on, best_of_level[rows, np.maximum(level, 0)] * n_shares + level, -1)
             return self._prune(choice, value, cost, pred.latency_s, V, Z / t_ref)
@@ -235,7 +238,7 @@ class LyapunovController(Controller):
         total = v * float(participation_loss(s, k)) + float(c_on[keep].sum()) + z_per_s * t_round
         return total, choice, t_round
 
-    def _allocate(self, cost: np.ndarray, share: np.ndarray, idle: np.ndarray) -> np.ndarray:
+    def _allocate(self, cost: np.ndarray, share: np.ndarray) -> np.ndarray:
         """Bisect the bandwidth price μ until the devices' best responses fit in the band together.
 
         cost: (devices, share levels); returns each device's share level, or -1 to sit out."""
@@ -243,13 +246,13 @@ class LyapunovController(Controller):
         def respond(mu: float) -> tuple[np.ndarray, float]:
             priced = cost + mu * share[None, :]
             c = np.argmin(priced, axis=1)
-            c = np.where(priced[np.arange(len(c)), c] < idle, c, -1)
+            c = np.where(priced[np.arange(len(c)), c] < 0, c, -1)  # sitting out costs 0
             return c, float(share[c[c >= 0]].sum())
 
         choice, used = respond(0.0)
         if used <= 1.0 + 1e-9:
             return choice
-        lo, hi = 0.0, max(float(idle.max()), 1.0)
+        lo, hi = 0.0, 1.0
         while respond(hi)[1] > 1.0 + 1e-9:
             hi *= 2
         for _ in range(self.cfg.price_iterations):
