@@ -273,6 +273,7 @@ class BaseStation:
     # ------------------------------------------------------------------------------------------ close
     def _close_round(self, r: int, plans: dict[int, DevicePlan], downlink_bytes: int, t0: float) -> RoundRecord:
         updates: list[ClientUpdate] = []
+        arrived: set[int] = set()
         devices: list[DeviceRound] = []
         for device_id, plan in sorted(plans.items()):
             p = self.pending.get(device_id)
@@ -285,12 +286,15 @@ class BaseStation:
                 update = self._take_update(row, r, p)
                 if update is not None:
                     updates.append(update)
+                    arrived.add(device_id)
                     self.edges[device_id].rounds_participated += 1
             devices.append(row)
         self.reassembler.discard_round(r)
         self.acks = [a for a in self.acks if a.round_idx != r]
         if updates:
-            self.global_adapter.apply(aggregate(self.global_adapter, updates))
+            absent_weight = sum(float(self.device_examples[d]) for d in plans if d not in arrived) \
+                if self.exp.round.absent_as_zero else 0.0
+            self.global_adapter.apply(aggregate(self.global_adapter, updates, absent_weight))
         result = self._evaluate()
         record = RoundRecord(round=r, accuracy=result["accuracy"], eval_loss=result["loss"],
                              wall_s=time.monotonic() - t0, policy=self.controller.name,

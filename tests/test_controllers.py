@@ -306,3 +306,13 @@ def test_energy_credit_lets_an_expensive_module_start_early_and_the_books_close_
     _spend(ctrl, 3, [None, None])
     ctrl.decide(state(b, r=4, K=2))  # the last round: 4 budgets, nothing borrowed ahead
     assert ctrl.explain()["energy_allowance_j"] == {0: pytest.approx(150.0), 1: pytest.approx(400.0)}
+
+
+@pytest.mark.parametrize("sparsifier, choices", [("dense", {1.0}), ("b_only", {1.0}),
+                                                  ("soft", {0.25, 0.5, 1.0}), ("topk", {0.25, 0.5, 1.0})])
+def test_keep_fractions_are_offered_only_where_the_codec_honours_them(sparsifier, choices):
+    b = bench()
+    for policy in ("lyapunov", "tsfa"):
+        ctrl = make_controller(load_experiment(None, [f"controller.policy={policy}",
+                                                      f"codec.sparsifier={sparsifier}"]), b)
+        assert set(ctrl.choices(state(b))[2]) == choices  # a dense codec would send it all anyway

@@ -16,6 +16,7 @@ from bs_node.controllers.costs import CostModel, OptionGrid, Predictions
 from bs_node.controllers.estimates import ChannelEstimator, ComputeEstimator
 from bs_node.measurements import RoundRecord
 from fedlora.config import BenchConfig, ExperimentConfig
+from fedlora.sparsify import SPARSIFIERS
 from phy.factory import per_curve_for
 
 
@@ -61,7 +62,13 @@ class LyapunovController(Controller):
         cfg, radio = self.cfg, self.bench.radio
         modules = sorted({(min(r, state.max_rank), min(d, state.num_layers)) for r in cfg.ranks for d in cfg.depths})
         powers = np.linspace(radio.min_tx_power_dbm, radio.max_tx_power_dbm, cfg.power_levels)
-        return modules, list(cfg.modulations), list(cfg.keep_fractions), powers
+        return modules, list(cfg.modulations), self.keep_fractions(), powers
+
+    def keep_fractions(self) -> list[float]:
+        """The keep fractions the run's sparsifier honours: a dense or B-only codec sends everything."""
+        if SPARSIFIERS[self.experiment.codec.sparsifier].honours_keep_fraction:
+            return list(self.cfg.keep_fractions)
+        return [1.0]
 
     # ------------------------------------------------------------------------------------------ decide
     def decide(self, state: RoundState) -> dict[int, DevicePlan]:

@@ -20,5 +20,5 @@ class TsfaController(LyapunovController):
     def choices(self, state: RoundState) -> tuple[list[tuple[int, int]], list[str], list[float], np.ndarray]:
         cfg = self.cfg
         rank = min(cfg.rank or state.max_rank, state.max_rank)
-        return ([(rank, state.num_layers)], [cfg.modulation], list(cfg.keep_fractions),
+        return ([(rank, state.num_layers)], [cfg.modulation], self.keep_fractions(),
                 np.array([self.bench.radio.max_tx_power_dbm]))

@@ -176,6 +176,7 @@ class Sparsifier(ABC):
     """One update-compression method; one instance per edge device, kept across rounds."""
 
     name: str = "abstract"
+    honours_keep_fraction: bool = False  # whether the plan's keep fraction changes what is sent
 
     def __init__(self, dtype: str = "fp16"):
         self.dtype = check_dtype(dtype)
@@ -213,6 +214,8 @@ class Candidate:
 
 class ComponentSparsifier(Sparsifier):
     """Keep ``n_keep(keep_fraction, r)`` components per module, chosen by ``choose``; error feedback on the rest."""
+
+    honours_keep_fraction = True
 
     def __init__(self, dtype: str = "fp16", error_feedback: bool = True):
         super().__init__(dtype)
