@@ -77,6 +77,7 @@ class RoundRecord:
     downlink_bytes: int
     devices: list[DeviceRound] = field(default_factory=list)
     controller: dict = field(default_factory=dict)  # the controller's inputs and internal state for this round
+    stale_updates: dict = field(default_factory=dict)  # device -> round of its update reused in this aggregate
 
     def as_dict(self) -> dict:
         return asdict(self)

@@ -140,6 +140,7 @@ class BaseStation:
         shares = dirichlet_split([ex.label for ex in self.task.train], exp.devices.count,
                                  exp.devices.dirichlet_alpha, seed=exp.seed, min_per_device=exp.devices.min_examples)
         self.device_examples = [len(share) for share in shares]
+        self.latest_updates: dict[int, tuple[int, ClientUpdate]] = {}  # device -> (round, update), for reuse
         self.model_shape = _model_shape(self.global_adapter, self.num_layers)
         log.info("model and task ready in %.1f s: %s, %d train / %d test examples, %d layers, rank %d",
                  time.perf_counter() - t0, exp.task.name, len(self.task.train), len(self.task.test),
@@ -274,6 +275,7 @@ class BaseStation:
     def _close_round(self, r: int, plans: dict[int, DevicePlan], downlink_bytes: int, t0: float) -> RoundRecord:
         updates: list[ClientUpdate] = []
         arrived: set[int] = set()
+        fresh: dict[int, ClientUpdate] = {}
         devices: list[DeviceRound] = []
         for device_id, plan in sorted(plans.items()):
             p = self.pending.get(device_id)
@@ -287,18 +289,24 @@ class BaseStation:
                 if update is not None:
                     updates.append(update)
                     arrived.add(device_id)
+                    fresh[device_id] = update
                     self.edges[device_id].rounds_participated += 1
             devices.append(row)
         self.reassembler.discard_round(r)
         self.acks = [a for a in self.acks if a.round_idx != r]
+        stale = self._stale_updates(r, plans, arrived)
+        for device_id in arrived:
+            self.latest_updates[device_id] = (r, fresh[device_id])
+        updates += [update for _, update in stale.values()]
         if updates:
-            absent_weight = sum(float(self.device_examples[d]) for d in plans if d not in arrived) \
-                if self.exp.round.absent_as_zero else 0.0
+            absent = [d for d in plans if d not in arrived and d not in stale]
+            absent_weight = sum(float(self.device_examples[d]) for d in absent) if self.exp.round.absent_as_zero else 0.0
             self.global_adapter.apply(aggregate(self.global_adapter, updates, absent_weight))
         result = self._evaluate()
         record = RoundRecord(round=r, accuracy=result["accuracy"], eval_loss=result["loss"],
                              wall_s=time.monotonic() - t0, policy=self.controller.name,
-                             downlink_bytes=downlink_bytes, devices=devices, controller=self.controller.explain())
+                             downlink_bytes=downlink_bytes, devices=devices, controller=self.controller.explain(),
+                             stale_updates={d: made for d, (made, _) in stale.items()})
         self.controller.observe(record)
         self.recorder.write_round(record)
         self.recorder.save_adapter(self.global_adapter.state)
@@ -320,6 +328,15 @@ class BaseStation:
         problems = apply_report(row, p.report["measurements"])
         if problems:
             log.warning("edge %d report for round %d: bad measurements ignored: %s", row.device_id, r, problems)
+
+    def _stale_updates(self, r: int, plans: dict[int, DevicePlan],
+                       arrived: set[int]) -> dict[int, tuple[int, ClientUpdate]]:
+        """The latest update of each device present but absent from round r, if at most `round.stale_rounds`
+        old: reused as it is (MIFA, Gu et al., NeurIPS 2021), so a device that takes turns to keep its energy
+        budget still pulls the model towards its data in the rounds it sits out."""
+        limit = self.exp.round.stale_rounds
+        return {d: self.latest_updates[d] for d in sorted(plans)
+                if d not in arrived and d in self.latest_updates and r - self.latest_updates[d][0] <= limit}
 
     def _take_update(self, row: DeviceRound, r: int, p: Pending) -> ClientUpdate | None:
         """Decode and check a device's update if every frame arrived, whatever became of its report."""

@@ -53,6 +53,9 @@ class RoundConfig:
     # devices present for a round whose update did not arrive (not planned, lost) count as zero updates in the
     # average (unbiased partial participation, fedlora/aggregation.py); false: average over the arrivals only
     absent_as_zero: bool = True
+    # reuse a present device's latest update for up to this many rounds after it arrived, in the rounds it sits
+    # out or loses (MIFA: energy-limited devices take turns without dropping out of the average); 0: never
+    stale_rounds: int = 0
 
 
 @dataclass(frozen=True)
@@ -116,6 +119,8 @@ class ExperimentConfig:
         _positive(where, "devices.dirichlet_alpha", self.devices.dirichlet_alpha)
         _positive(where, "round.rounds", self.round.rounds)
         _positive(where, "round.deadline_s", self.round.deadline_s)
+        if isinstance(self.round.stale_rounds, bool) or self.round.stale_rounds < 0:
+            raise ConfigError(f"{where}: round.stale_rounds: must be an integer >= 0, got {self.round.stale_rounds!r}")
         _positive(where, "training.local_steps", self.training.local_steps)
         _positive(where, "training.batch_size", self.training.batch_size)
         _positive(where, "training.lr", self.training.lr)
