@@ -158,6 +158,7 @@ def test_round_records_explain_the_decision():
     ctrl.decide(state(b))
     info = ctrl.explain()
     assert set(info["gain_db"]) == {0, 1, 2, 3} and "energy_queue" in info and "round_length_s" in info
+    assert 0 < info["effective_updates"] <= 4  # S, the full updates the plan expects to arrive
     assert info["gain_db"][0] > info["gain_db"][3]  # prior from the bench distances until measured
 
 

@@ -112,6 +112,8 @@ class LyapunovController(Controller):
         self._local_steps = state.local_steps
         self._last = {
             "round_length_s": round(tau, 2), "objective": round(objective, 4),
+            "effective_updates": round(float(sum(weights[i] * pred.delivery[i, c] * grid.info[c]
+                                                 for i, c in enumerate(choice) if c >= 0)), 3),
             "gain_db": {k: round(self.channel.estimates[k].mean_db, 2) for k in ids},
             "energy_allowance_j": {k: round(float(a), 1) for k, a in zip(ids, allowance) if np.isfinite(a)},
             "gain_std_db": {k: round(float(np.sqrt(self.channel.estimates[k].var_db2)), 2) for k in ids},
