@@ -273,9 +273,7 @@ class BaseStation:
 
     # ------------------------------------------------------------------------------------------ close
     def _close_round(self, r: int, plans: dict[int, DevicePlan], downlink_bytes: int, t0: float) -> RoundRecord:
-        updates: list[ClientUpdate] = []
-        arrived: set[int] = set()
-        fresh: dict[int, ClientUpdate] = {}
+        fresh: dict[int, ClientUpdate] = {}  # device -> its update of this round
         devices: list[DeviceRound] = []
         for device_id, plan in sorted(plans.items()):
             p = self.pending.get(device_id)
@@ -287,19 +285,16 @@ class BaseStation:
                 self._fill_row(row, r, p)
                 update = self._take_update(row, r, p)
                 if update is not None:
-                    updates.append(update)
-                    arrived.add(device_id)
                     fresh[device_id] = update
                     self.edges[device_id].rounds_participated += 1
             devices.append(row)
         self.reassembler.discard_round(r)
         self.acks = [a for a in self.acks if a.round_idx != r]
-        stale = self._stale_updates(r, plans, arrived)
-        for device_id in arrived:
-            self.latest_updates[device_id] = (r, fresh[device_id])
-        updates += [update for _, update in stale.values()]
+        stale = self._stale_updates(r, plans, fresh)
+        self.latest_updates.update({d: (r, update) for d, update in fresh.items()})
+        updates = list(fresh.values()) + [update for _, update in stale.values()]
         if updates:
-            absent = [d for d in plans if d not in arrived and d not in stale]
+            absent = [d for d in plans if d not in fresh and d not in stale]
             absent_weight = sum(float(self.device_examples[d]) for d in absent) if self.exp.round.absent_as_zero else 0.0
             self.global_adapter.apply(aggregate(self.global_adapter, updates, absent_weight))
         result = self._evaluate()
@@ -330,7 +325,7 @@ class BaseStation:
             log.warning("edge %d report for round %d: bad measurements ignored: %s", row.device_id, r, problems)
 
     def _stale_updates(self, r: int, plans: dict[int, DevicePlan],
-                       arrived: set[int]) -> dict[int, tuple[int, ClientUpdate]]:
+                       arrived: dict[int, ClientUpdate]) -> dict[int, tuple[int, ClientUpdate]]:
         """The latest update of each device present but absent from round r, if at most `round.stale_rounds`
         old: reused as it is (MIFA, Gu et al., NeurIPS 2021), so a device that takes turns to keep its energy
         budget still pulls the model towards its data in the rounds it sits out."""
