@@ -98,7 +98,7 @@ class LyapunovController(Controller):
         queues = np.array([self.energy_queue.get(k, 0.0) for k in ids]) if self.uses_energy_queues else np.zeros(K)
         allowance = self._allowance_j(ids, budgets)
         feasible = self._energy_feasible(ids, grid, pred, allowance)
-        choice, tau, objective = self._solve(grid, pred, weights, queues, budgets, feasible)
+        choice, tau, objective, effective_updates = self._solve(grid, pred, weights, queues, budgets, feasible)
         plans: dict[int, DevicePlan] = {}
         for dev, c in zip(state.devices, choice):
             if c < 0:
@@ -112,8 +112,7 @@ class LyapunovController(Controller):
         self._local_steps = state.local_steps
         self._last = {
             "round_length_s": round(tau, 2), "objective": round(objective, 4),
-            "effective_updates": round(float(sum(weights[i] * pred.delivery[i, c] * grid.info[c]
-                                                 for i, c in enumerate(choice) if c >= 0)), 3),
+            "effective_updates": round(effective_updates, 3),
             "gain_db": {k: round(self.channel.estimates[k].mean_db, 2) for k in ids},
             "energy_allowance_j": {k: round(float(a), 1) for k, a in zip(ids, allowance) if np.isfinite(a)},
             "gain_std_db": {k: round(float(np.sqrt(self.channel.estimates[k].var_db2)), 2) for k in ids},
@@ -159,8 +158,8 @@ class LyapunovController(Controller):
         return ok
 
     def _solve(self, grid: OptionGrid, pred: Predictions, weights: np.ndarray, queues: np.ndarray,
-               budgets: np.ndarray, feasible: np.ndarray | None = None) -> tuple[list[int], float, float]:
-        """Best (τ, λ, μ, per-device option); -1 = the device sits this round out.
+               budgets: np.ndarray, feasible: np.ndarray | None = None) -> tuple[list[int], float, float, float]:
+        """Best per-device option (-1: sits this round out), round length, objective and S over (τ, λ, μ).
 
         The learning proxy couples the devices only through S, the effective number of full updates that
         arrive. For a participation price λ they decouple (each takes part when λ·(its share of S) pays for
@@ -185,7 +184,7 @@ class LyapunovController(Controller):
         rows = np.arange(K)
         n_shares = len(grid.share_levels)
 
-        def plan(lam: float, tau: float) -> tuple[float, np.ndarray, float]:
+        def plan(lam: float, tau: float) -> tuple[float, np.ndarray, float, float]:
             base = cost - lam * value
             allowed = base if np.isinf(tau) else np.where(pred.latency_s <= tau, base, np.inf)
             allowed = allowed.reshape(K, -1, n_shares)
@@ -204,29 +203,27 @@ class LyapunovController(Controller):
                                           cfg.round_length_levels))
         else:
             taus = np.array([np.inf])
-        best: tuple[float, np.ndarray, float] = (V * float(participation_loss(0.0, K)), np.full(K, -1), 0.0)
+        best = (V * float(participation_loss(0.0, K)), np.full(K, -1), 0.0, 0.0)
         for tau in taus:
             lo, hi = 0.0, V * participation_slope(0.0, K)
             for _ in range(cfg.participation_iterations):
                 lam = 0.5 * (lo + hi)
-                total, choice, t_round = plan(lam, tau)
-                if total < best[0]:
-                    best = (total, choice, t_round)
-                on = choice >= 0
-                s = float(value[rows[on], choice[on]].sum())
-                if lam > V * participation_slope(s, K):
+                planned = plan(lam, tau)
+                if planned[0] < best[0]:
+                    best = planned
+                if lam > V * participation_slope(planned[3], K):
                     hi = lam
                 else:
                     lo = lam
-        return [int(c) for c in best[1]], best[2], best[0]
+        return [int(c) for c in best[1]], best[2], best[0], best[3]
 
     @staticmethod
     def _prune(choice: np.ndarray, value: np.ndarray, cost: np.ndarray, latency_s: np.ndarray, v: float,
-               z_per_s: float) -> tuple[float, np.ndarray, float]:
+               z_per_s: float) -> tuple[float, np.ndarray, float, float]:
         """Drop, one at a time, the participant whose removal lowers the objective most, while one does.
 
         λ prices every participant at the same margin; dropping a device raises V·Φ by less than its cost
-        when many others take part. Returns (objective, choice, round length)."""
+        when many others take part. Returns (objective, choice, round length, S)."""
         choice = choice.copy()
         on = np.flatnonzero(choice >= 0)
         k = len(choice)
@@ -245,7 +242,7 @@ class LyapunovController(Controller):
         on = on[keep]
         t_round = float(latency_s[on, choice[on]].max()) if len(on) else 0.0
         total = v * float(participation_loss(s, k)) + float(c_on[keep].sum()) + z_per_s * t_round
-        return total, choice, t_round
+        return total, choice, t_round, s
 
     def _allocate(self, cost: np.ndarray, share: np.ndarray) -> np.ndarray:
         """Bisect the bandwidth price μ until the devices' best responses fit in the band together.
