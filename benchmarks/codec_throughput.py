@@ -15,6 +15,7 @@ faster).  The last block compares one encode + decode with the time of one feder
 (local steps x the time of one training step, measured here unless --step-seconds is given).  The machine
 is shared: absolute numbers move between runs; compare within one run.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,17 +23,17 @@ import io
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from fedlora.codec import decode_update, encode_update, expected_shapes  # noqa: E402
 from fedlora.lora import AdapterState, ModuleSpec  # noqa: E402
+from proto.codec import decode_update, encode_update, expected_shapes  # noqa: E402
 
 RANK, HIDDEN, LAYERS = 8, 384, 6
 SPEC = ModuleSpec(RANK, LAYERS)
@@ -118,12 +119,14 @@ def time_codec(state: AdapterState, case: Case, min_time: float) -> Timing:
     shapes = expected_shapes(state)
 
     def enc() -> bytes:
-        return encode_update(state, spec=SPEC, round_idx=1, device_id=0, dtype=case.dtype, kept=case.kept,
-                             compress=case.compress)
+        return encode_update(
+            state, spec=SPEC, round_idx=1, device_id=0, dtype=case.dtype, kept=case.kept, compress=case.compress
+        )
 
     data = enc()
-    return Timing(len(data), best_time(enc, min_time),
-                  best_time(lambda: decode_update(data, expected_shapes=shapes), min_time))
+    return Timing(
+        len(data), best_time(enc, min_time), best_time(lambda: decode_update(data, expected_shapes=shapes), min_time)
+    )
 
 
 def time_torch(tensors: dict[str, torch.Tensor], min_time: float) -> Timing:
@@ -133,8 +136,11 @@ def time_torch(tensors: dict[str, torch.Tensor], min_time: float) -> Timing:
         return buf.getvalue()
 
     data = enc()
-    return Timing(len(data), best_time(enc, min_time),
-                  best_time(lambda: torch.load(io.BytesIO(data), weights_only=True), min_time))
+    return Timing(
+        len(data),
+        best_time(enc, min_time),
+        best_time(lambda: torch.load(io.BytesIO(data), weights_only=True), min_time),
+    )
 
 
 def measure_step_seconds(steps: int = 3) -> float:
@@ -166,14 +172,23 @@ def main(argv: list[str] | None = None) -> None:
 
     state = minilm_update()
     masks = soft_masks(state, keep=RANK // 4)
-    cases = [Case("dense fp16", "fp16", None, "never"), Case("dense fp16 + deflate", "fp16", None, "always"),
-             Case("dense fp32", "fp32", None, "never"), Case("dense fp32 + deflate", "fp32", None, "always"),
-             Case("soft 0.25 fp16", "fp16", masks, "never"), Case("soft 0.25 fp16 + deflate", "fp16", masks, "always")]
+    cases = [
+        Case("dense fp16", "fp16", None, "never"),
+        Case("dense fp16 + deflate", "fp16", None, "always"),
+        Case("dense fp32", "fp32", None, "never"),
+        Case("dense fp32 + deflate", "fp32", None, "always"),
+        Case("soft 0.25 fp16", "fp16", masks, "never"),
+        Case("soft 0.25 fp16 + deflate", "fp16", masks, "always"),
+    ]
     n_values = sum(v.numel() for v in state.values())
-    print(f"MiniLM rank-{RANK} q/v update, {LAYERS} layers: {n_values} values ({4 * n_values} B as fp32); "
-          f"best of 5, >= {args.min_time:g} s per measurement, {args.threads} torch thread(s)\n")
-    head = (f"{'case':<26} {'bytes':>7} {'enc ms':>7} {'enc MB/s':>9} {'dec ms':>7} {'dec MB/s':>9} | "
-            f"{'torch B':>7} {'save ms':>7} {'load ms':>7} | {'enc x':>6} {'dec x':>6}")
+    print(
+        f"MiniLM rank-{RANK} q/v update, {LAYERS} layers: {n_values} values ({4 * n_values} B as fp32); "
+        f"best of 5, >= {args.min_time:g} s per measurement, {args.threads} torch thread(s)\n"
+    )
+    head = (
+        f"{'case':<26} {'bytes':>7} {'enc ms':>7} {'enc MB/s':>9} {'dec ms':>7} {'dec MB/s':>9} | "
+        f"{'torch B':>7} {'save ms':>7} {'load ms':>7} | {'enc x':>6} {'dec x':>6}"
+    )
     print(head)
     print("-" * len(head))
     round_trip = {}
@@ -181,9 +196,11 @@ def main(argv: list[str] | None = None) -> None:
         c = time_codec(state, case, args.min_time)
         t = time_torch(sent_tensors(state, case), args.min_time)
         round_trip[case.name] = c.encode_s + c.decode_s
-        print(f"{case.name:<26} {c.size:7d} {1e3 * c.encode_s:7.2f} {c.size / c.encode_s / 1e6:9.1f} "
-              f"{1e3 * c.decode_s:7.2f} {c.size / c.decode_s / 1e6:9.1f} | {t.size:7d} {1e3 * t.encode_s:7.2f} "
-              f"{1e3 * t.decode_s:7.2f} | {t.encode_s / c.encode_s:6.2f} {t.decode_s / c.decode_s:6.2f}")
+        print(
+            f"{case.name:<26} {c.size:7d} {1e3 * c.encode_s:7.2f} {c.size / c.encode_s / 1e6:9.1f} "
+            f"{1e3 * c.decode_s:7.2f} {c.size / c.decode_s / 1e6:9.1f} | {t.size:7d} {1e3 * t.encode_s:7.2f} "
+            f"{1e3 * t.decode_s:7.2f} | {t.encode_s / c.encode_s:6.2f} {t.decode_s / c.decode_s:6.2f}"
+        )
     print("enc x / dec x = torch.save / torch.load time divided by the codec's (> 1: the codec is faster)\n")
 
     if args.step_seconds is None:

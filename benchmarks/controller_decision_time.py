@@ -5,6 +5,7 @@
 Prints milliseconds per decision and the ratio to the fixed policy measured in the same run; the growth with K
 shows the algorithm's complexity (linear in K for the proposed policy, see docs/controller.md).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -14,7 +15,7 @@ import time
 from bs_node.controllers import DeviceState, RoundState, make_controller
 from bs_node.controllers.costs import ModelShape
 from bs_node.measurements import DeviceRound, RoundRecord
-from fedlora.config import load_bench, load_experiment
+from config import load_bench, load_experiment
 
 SHAPE = ModelShape(layer_widths=(1536,) * 6, head_values=770, lora_entries_per_layer=4)  # MiniLM, LoRA q/v
 
@@ -23,13 +24,37 @@ def timed_decisions(policy: str, K: int, repeats: int) -> float:
     devices = ", ".join(f"{{distance_m: {10 + (k * 7) % 90}, energy_budget_j: 150}}" for k in range(min(K, 50)))
     bench = load_bench(None, [f"devices=[{devices}]"])
     ctrl = make_controller(load_experiment(None, [f"controller.policy={policy}"]), bench)
-    state = RoundState(1, tuple(DeviceState(k, bench.device(k)) for k in range(K)), bench.radio.total_bandwidth_hz,
-                       bench.radio.max_tx_power_dbm, bench.radio.min_tx_power_dbm, 8, 6, 25, SHAPE,
-                       {k: 1000.0 + k for k in range(K)})
+    state = RoundState(
+        1,
+        tuple(DeviceState(k, bench.device(k)) for k in range(K)),
+        bench.radio.total_bandwidth_hz,
+        bench.radio.max_tx_power_dbm,
+        bench.radio.min_tx_power_dbm,
+        8,
+        6,
+        25,
+        SHAPE,
+        {k: 1000.0 + k for k in range(K)},
+    )
     # one observed round so every estimate is a measured one
-    rows = [DeviceRound(k, True, "ok", rank=8, depth=6, tx_power_dbm=10.0, bandwidth_hz=1e6 / K, modulation="qpsk",
-                        snr_db=30.0 - (k % 20), compute_s=16.0, train_wall_s=40.0, airtime_s=4.0, energy_j=200.0)
-            for k in range(K)]
+    rows = [
+        DeviceRound(
+            k,
+            True,
+            "ok",
+            rank=8,
+            depth=6,
+            tx_power_dbm=10.0,
+            bandwidth_hz=1e6 / K,
+            modulation="qpsk",
+            snr_db=30.0 - (k % 20),
+            compute_s=16.0,
+            train_wall_s=40.0,
+            airtime_s=4.0,
+            energy_j=200.0,
+        )
+        for k in range(K)
+    ]
     ctrl.decide(state)
     ctrl.observe(RoundRecord(1, 0.7, 0.5, 60.0, policy, 0, rows))
     times = []

@@ -25,9 +25,9 @@ import os
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
@@ -83,8 +83,14 @@ def run_stock(frames: Sequence[bytes], modulation: str, snr_db: float, window_pa
     src = pdu.pdu_to_tagged_stream(gr.types.byte_t, key)
     tx = digital.ofdm_tx(bps_header=1, bps_payload=bps, packet_length_tag_key=key, scramble_bits=True)
     # ofdm_tx output is ~sqrt(52) in amplitude (un-normalised IFFT); scale the noise to the same SNR definition.
-    chan = channels.channel_model(noise_voltage=ofdm.noise_voltage_for_snr(snr_db, signal_power=52.0),
-                                  frequency_offset=0.0, epsilon=1.0, taps=[1.0], noise_seed=0, block_tags=True)
+    chan = channels.channel_model(
+        noise_voltage=ofdm.noise_voltage_for_snr(snr_db, signal_power=52.0),
+        frequency_offset=0.0,
+        epsilon=1.0,
+        taps=[1.0],
+        noise_seed=0,
+        block_tags=True,
+    )
     counter = blocks.copy(gr.sizeof_gr_complex)
     rx = digital.ofdm_rx(bps_header=1, bps_payload=bps, packet_length_tag_key=key, scramble_bits=True)
     to_pdu = pdu.tagged_stream_to_pdu(gr.types.byte_t, key)
@@ -115,8 +121,9 @@ def run_stock(frames: Sequence[bytes], modulation: str, snr_db: float, window_pa
     flush = [bytes(len(padded[0]))] * 4
 
     def post(data: bytes) -> None:
-        src.to_basic_block()._post(pmt.intern("pdus"), pmt.cons(pmt.make_dict(),
-                                                                  pmt.init_u8vector(len(data), list(data))))
+        src.to_basic_block()._post(
+            pmt.intern("pdus"), pmt.cons(pmt.make_dict(), pmt.init_u8vector(len(data), list(data)))
+        )
 
     try:
         for f in padded[:5]:  # warm-up
@@ -167,8 +174,13 @@ def run_stock(frames: Sequence[bytes], modulation: str, snr_db: float, window_pa
 def _median(results: Sequence[Result]) -> Result:
     """Per-field median over repeated runs (the box is shared; single runs swing by tens of percent)."""
     med = lambda xs: float(np.median(xs))  # noqa: E731
-    return Result(med([r.goodput_bytes_s for r in results]), med([r.cpu_s_per_mb for r in results]),
-                  int(max(r.lost for r in results)), results[0].sent, med([r.wall_s for r in results]))
+    return Result(
+        med([r.goodput_bytes_s for r in results]),
+        med([r.cpu_s_per_mb for r in results]),
+        int(max(r.lost for r in results)),
+        results[0].sent,
+        med([r.wall_s for r in results]),
+    )
 
 
 STOCK_ENV = {"GR_CONF_DEFAULT_BUFFER_SIZE": "262144"}  # bytes; 1000-byte BPSK packets overflow the 32 KiB default
@@ -180,8 +192,20 @@ def _worker(impl: str, mod: str, n_frames: int, frame_bytes: int, snr_db: float)
     import subprocess
 
     env = dict(os.environ, **(STOCK_ENV if impl == "stock" else {}))
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", impl, "--modulations", mod,
-           "--frames", str(n_frames), "--frame-bytes", str(frame_bytes), "--snr-db", str(snr_db)]
+    cmd = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--worker",
+        impl,
+        "--modulations",
+        mod,
+        "--frames",
+        str(n_frames),
+        "--frame-bytes",
+        str(frame_bytes),
+        "--snr-db",
+        str(snr_db),
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     if proc.returncode != 0:
         raise RuntimeError(f"{impl} {mod} worker failed:\n{proc.stderr[-2000:]}")
@@ -216,19 +240,28 @@ def main(argv: Sequence[str] | None = None) -> int:
                 runs[impl].append(_worker(impl, mod, args.frames, args.frame_bytes, args.snr_db))
         ours, stock = _median(runs["ours"]), _median(runs["stock"])
         rows.append((mod, ours, stock))
-        print(f"{mod}: ours {ours.goodput_bytes_s / 1e3:.0f} kB/s, stock {stock.goodput_bytes_s / 1e3:.0f} kB/s",
-              file=sys.stderr, flush=True)
-    print(f"\n{args.frames} frames x {args.frame_bytes} B per modulation, AWGN {args.snr_db:g} dB, "
-          f"median of {max(1, args.repeat)} run(s), {os.cpu_count()} CPUs, load avg {os.getloadavg()[0]:.1f}")
-    hdr = (f"{'mod':5s} | {'ours kB/s':>9s} {'stock kB/s':>10s} {'ratio':>6s} | {'ours CPU-s/MB':>13s} "
-           f"{'stock CPU-s/MB':>14s} {'ratio':>6s} | {'ours lost':>9s} {'stock lost':>10s}")
+        print(
+            f"{mod}: ours {ours.goodput_bytes_s / 1e3:.0f} kB/s, stock {stock.goodput_bytes_s / 1e3:.0f} kB/s",
+            file=sys.stderr,
+            flush=True,
+        )
+    print(
+        f"\n{args.frames} frames x {args.frame_bytes} B per modulation, AWGN {args.snr_db:g} dB, "
+        f"median of {max(1, args.repeat)} run(s), {os.cpu_count()} CPUs, load avg {os.getloadavg()[0]:.1f}"
+    )
+    hdr = (
+        f"{'mod':5s} | {'ours kB/s':>9s} {'stock kB/s':>10s} {'ratio':>6s} | {'ours CPU-s/MB':>13s} "
+        f"{'stock CPU-s/MB':>14s} {'ratio':>6s} | {'ours lost':>9s} {'stock lost':>10s}"
+    )
     print(hdr)
     print("-" * len(hdr))
     for mod, o, s in rows:
-        print(f"{mod:5s} | {o.goodput_bytes_s / 1e3:9.0f} {s.goodput_bytes_s / 1e3:10.0f} "
-              f"{o.goodput_bytes_s / max(s.goodput_bytes_s, 1e-9):6.2f} | {o.cpu_s_per_mb:13.2f} "
-              f"{s.cpu_s_per_mb:14.2f} {o.cpu_s_per_mb / max(s.cpu_s_per_mb, 1e-9):6.2f} | "
-              f"{o.lost:4d}/{o.sent:<4d} {s.lost:5d}/{s.sent:<4d}")
+        print(
+            f"{mod:5s} | {o.goodput_bytes_s / 1e3:9.0f} {s.goodput_bytes_s / 1e3:10.0f} "
+            f"{o.goodput_bytes_s / max(s.goodput_bytes_s, 1e-9):6.2f} | {o.cpu_s_per_mb:13.2f} "
+            f"{s.cpu_s_per_mb:14.2f} {o.cpu_s_per_mb / max(s.cpu_s_per_mb, 1e-9):6.2f} | "
+            f"{o.lost:4d}/{o.sent:<4d} {s.lost:5d}/{s.sent:<4d}"
+        )
     return 0
 
 

@@ -7,7 +7,7 @@
 (a) PER: --packets random frames per (modulation, frame size, SNR) cross phy.gr_loopback.LoopbackModem
     (OfdmTransmitter -> channel_model AWGN at the time-domain SNR -> OfdmReceiver); a frame counts as delivered
     when it comes back CRC-ok and byte-identical. Beside it: the PER the sim link would draw from the calibration
-    curve (PerCurve.from_file of --curve, which is what phy.factory.per_curve_for gives the loopback bench),
+    curve (PerCurve.from_file of --curve, which is what link.factory.per_curve_for gives the loopback bench),
     scaled to the frame size; the difference in percentage points with the modem's 2-sigma binomial interval;
     and `loss_dB`, how many dB more SNR the sim curve needs to lose as many frames as the modem did (positive:
     the sim is optimistic at this point).
@@ -32,9 +32,10 @@ import math
 import os
 import sys
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
@@ -100,8 +101,16 @@ def auto_snrs(curve: PerCurve, modulation: str, frame_bytes: int, quick: bool) -
     return [float(s) for s in grid] + [s for s in ESTIMATOR_SNRS_DB if s > hi]
 
 
-def measure_point(modem: Any, rng: np.random.Generator, curve: PerCurve, modulation: str, frame_bytes: int,
-                  snr_db: float, packets: int, offset_db: float) -> Point:
+def measure_point(
+    modem: Any,
+    rng: np.random.Generator,
+    curve: PerCurve,
+    modulation: str,
+    frame_bytes: int,
+    snr_db: float,
+    packets: int,
+    offset_db: float,
+) -> Point:
     frames = [rng.integers(0, 256, frame_bytes, dtype=np.uint8).tobytes() for _ in range(packets)]
     got = modem.run_packets(frames, modulation, snr_db)
     ok = [p for p in got if p.crc_ok and 0 <= p.index < packets and p.data == frames[p.index]]
@@ -117,20 +126,47 @@ def measure_point(modem: Any, rng: np.random.Generator, curve: PerCurve, modulat
     err = np.array([p.snr_raw_db for p in ok], dtype=float) - snr_db
     err = err[np.isfinite(err)]
     raw_mean = float(err.mean()) if err.size else None
-    return Point(modulation, frame_bytes, float(snr_db), packets, n_ok, len(got), per_gr, per_sim,
-                 100.0 * (per_gr - per_sim), 200.0 * sigma, loss_db, int(err.size), raw_mean,
-                 float(err.std()) if err.size > 1 else None, offset_db,
-                 None if raw_mean is None else raw_mean + offset_db)
+    return Point(
+        modulation,
+        frame_bytes,
+        float(snr_db),
+        packets,
+        n_ok,
+        len(got),
+        per_gr,
+        per_sim,
+        100.0 * (per_gr - per_sim),
+        200.0 * sigma,
+        loss_db,
+        int(err.size),
+        raw_mean,
+        float(err.std()) if err.size > 1 else None,
+        offset_db,
+        None if raw_mean is None else raw_mean + offset_db,
+    )
 
 
-def run(curve: PerCurve, modulations: Sequence[str], frame_sizes: Sequence[int], snrs_db: list[float] | None,
-        packets: int, offsets_db: dict[str, float], *, seed: int = 0, quick: bool = False,
-        progress: Callable[[str], None] | None = None) -> list[Point]:
+def run(
+    curve: PerCurve,
+    modulations: Sequence[str],
+    frame_sizes: Sequence[int],
+    snrs_db: list[float] | None,
+    packets: int,
+    offsets_db: dict[str, float],
+    *,
+    seed: int = 0,
+    quick: bool = False,
+    progress: Callable[[str], None] | None = None,
+) -> list[Point]:
     from phy.gr_loopback import LoopbackModem  # GNU Radio only when measuring
 
     show = progress or (lambda line: print(line, file=sys.stderr, flush=True))
-    plan = [(size, mod, snr) for size in frame_sizes for mod in modulations
-            for snr in (snrs_db if snrs_db is not None else auto_snrs(curve, mod, size, quick))]
+    plan = [
+        (size, mod, snr)
+        for size in frame_sizes
+        for mod in modulations
+        for snr in (snrs_db if snrs_db is not None else auto_snrs(curve, mod, size, quick))
+    ]
     rng = np.random.default_rng(seed)
     points: list[Point] = []
     t0 = time.monotonic()
@@ -140,8 +176,10 @@ def run(curve: PerCurve, modulations: Sequence[str], frame_sizes: Sequence[int],
             points.append(pt)
             elapsed = time.monotonic() - t0
             eta = elapsed / i * (len(plan) - i)
-            show(f"[{i:3d}/{len(plan)} {elapsed:6.1f} s, ETA {eta:5.0f} s] {mod:5s} {size:5d} B {snr:6.2f} dB: "
-                 f"PER gr {pt.per_gr:.3f} sim {pt.per_sim:.3f} ({pt.ok}/{pt.sent} ok, {pt.detected} detected)")
+            show(
+                f"[{i:3d}/{len(plan)} {elapsed:6.1f} s, ETA {eta:5.0f} s] {mod:5s} {size:5d} B {snr:6.2f} dB: "
+                f"PER gr {pt.per_gr:.3f} sim {pt.per_sim:.3f} ({pt.ok}/{pt.sent} ok, {pt.detected} detected)"
+            )
     return points
 
 
@@ -151,25 +189,33 @@ def _f(value: float | None, fmt: str, width: int) -> str:
 
 
 def per_table(points: Sequence[Point]) -> str:
-    hdr = (f"{'mod':5s} {'bytes':>5s} {'SNR dB':>6s} {'N':>5s} | {'PER gr':>6s} {'PER sim':>7s} {'diff pts':>8s} "
-           f"{'±2σ':>5s} {'loss dB':>7s}")
+    hdr = (
+        f"{'mod':5s} {'bytes':>5s} {'SNR dB':>6s} {'N':>5s} | {'PER gr':>6s} {'PER sim':>7s} {'diff pts':>8s} "
+        f"{'±2σ':>5s} {'loss dB':>7s}"
+    )
     lines = [hdr, "-" * len(hdr)]
     for p in points:
-        lines.append(f"{p.modulation:5s} {p.frame_bytes:5d} {p.snr_db:6.2f} {p.sent:5d} | {p.per_gr:6.3f} "
-                     f"{p.per_sim:7.3f} {p.diff_pts:+8.1f} {p.two_sigma_pts:5.1f} {_f(p.loss_db, '+.2f', 7)}")
+        lines.append(
+            f"{p.modulation:5s} {p.frame_bytes:5d} {p.snr_db:6.2f} {p.sent:5d} | {p.per_gr:6.3f} "
+            f"{p.per_sim:7.3f} {p.diff_pts:+8.1f} {p.two_sigma_pts:5.1f} {_f(p.loss_db, '+.2f', 7)}"
+        )
     return "\n".join(lines)
 
 
 def estimator_table(points: Sequence[Point]) -> str:
-    hdr = (f"{'mod':5s} {'bytes':>5s} {'SNR dB':>6s} {'n ok':>5s} | {'raw mean':>8s} {'std':>5s} {'offset':>6s} "
-           f"{'cal mean':>8s}")
+    hdr = (
+        f"{'mod':5s} {'bytes':>5s} {'SNR dB':>6s} {'n ok':>5s} | {'raw mean':>8s} {'std':>5s} {'offset':>6s} "
+        f"{'cal mean':>8s}"
+    )
     lines = [hdr, "-" * len(hdr)]
     for p in points:
         if p.est_n == 0:
             continue
-        lines.append(f"{p.modulation:5s} {p.frame_bytes:5d} {p.snr_db:6.2f} {p.est_n:5d} | "
-                     f"{_f(p.raw_err_mean_db, '+.2f', 8)} {_f(p.err_std_db, '.2f', 5)} {p.offset_db:+6.3f} "
-                     f"{_f(p.cal_err_mean_db, '+.2f', 8)}")
+        lines.append(
+            f"{p.modulation:5s} {p.frame_bytes:5d} {p.snr_db:6.2f} {p.est_n:5d} | "
+            f"{_f(p.raw_err_mean_db, '+.2f', 8)} {_f(p.err_std_db, '.2f', 5)} {p.offset_db:+6.3f} "
+            f"{_f(p.cal_err_mean_db, '+.2f', 8)}"
+        )
     return "\n".join(lines)
 
 
@@ -184,32 +230,40 @@ def summarize(points: Sequence[Point]) -> dict[str, dict[str, Any]]:
         # pooled per-packet error: recombine each point's mean and std (population moments)
         n = sum(p.est_n for p in good)
         mean = sum(p.est_n * p.raw_err_mean_db for p in good) / n if n else None
-        var = (sum(p.est_n * (p.err_std_db ** 2 + (p.raw_err_mean_db - mean) ** 2) for p in good) / n
-               if n else None)
+        var = sum(p.est_n * (p.err_std_db**2 + (p.raw_err_mean_db - mean) ** 2) for p in good) / n if n else None
         out[f"{key[0]}@{key[1]}"] = {
-            "modulation": key[0], "frame_bytes": key[1], "waterfall_points": len(fall),
+            "modulation": key[0],
+            "frame_bytes": key[1],
+            "waterfall_points": len(fall),
             "max_abs_diff_pts": abs(worst.diff_pts) if worst else None,
             "worst_snr_db": worst.snr_db if worst else None,
             "mean_diff_pts": float(np.mean([p.diff_pts for p in fall])) if fall else None,
-            "estimator_packets": n, "raw_err_mean_db": mean,
+            "estimator_packets": n,
+            "raw_err_mean_db": mean,
             "cal_err_mean_db": None if mean is None else mean + pts[0].offset_db,
-            "err_std_db": None if var is None else math.sqrt(var), "offset_db": pts[0].offset_db,
+            "err_std_db": None if var is None else math.sqrt(var),
+            "offset_db": pts[0].offset_db,
         }
     return out
 
 
 def summary_table(summary: dict[str, dict[str, Any]], sim_sigma_db: float | None) -> str:
-    hdr = (f"{'mod':5s} {'bytes':>5s} | {'max |diff| pts':>14s} {'at dB':>6s} {'mean diff':>9s} | {'n ok':>6s} "
-           f"{'raw mean':>8s} {'cal mean':>8s} {'std':>5s}")
+    hdr = (
+        f"{'mod':5s} {'bytes':>5s} | {'max |diff| pts':>14s} {'at dB':>6s} {'mean diff':>9s} | {'n ok':>6s} "
+        f"{'raw mean':>8s} {'cal mean':>8s} {'std':>5s}"
+    )
     lines = [hdr, "-" * len(hdr)]
     for s in summary.values():
-        lines.append(f"{s['modulation']:5s} {s['frame_bytes']:5d} | {_f(s['max_abs_diff_pts'], '.1f', 14)} "
-                     f"{_f(s['worst_snr_db'], '.2f', 6)} {_f(s['mean_diff_pts'], '+.1f', 9)} | "
-                     f"{s['estimator_packets']:6d} {_f(s['raw_err_mean_db'], '+.2f', 8)} "
-                     f"{_f(s['cal_err_mean_db'], '+.2f', 8)} {_f(s['err_std_db'], '.2f', 5)}")
+        lines.append(
+            f"{s['modulation']:5s} {s['frame_bytes']:5d} | {_f(s['max_abs_diff_pts'], '.1f', 14)} "
+            f"{_f(s['worst_snr_db'], '.2f', 6)} {_f(s['mean_diff_pts'], '+.1f', 9)} | "
+            f"{s['estimator_packets']:6d} {_f(s['raw_err_mean_db'], '+.2f', 8)} "
+            f"{_f(s['cal_err_mean_db'], '+.2f', 8)} {_f(s['err_std_db'], '.2f', 5)}"
+        )
     if sim_sigma_db is not None:
-        lines.append(f"the sim link models the estimator error as N(0, {sim_sigma_db:g} dB) (bench "
-                     f"channel.snr_est_sigma_db)")
+        lines.append(
+            f"the sim link models the estimator error as N(0, {sim_sigma_db:g} dB) (bench channel.snr_est_sigma_db)"
+        )
     return "\n".join(lines)
 
 
@@ -223,12 +277,14 @@ def write_out(path: Path, settings: dict[str, Any], points: Sequence[Point], sum
             for p in points:
                 w.writerow(asdict(p))
     else:
-        path.write_text(json.dumps({"settings": settings, "points": [asdict(p) for p in points],
-                                    "summary": summary}, indent=2) + "\n")
+        path.write_text(
+            json.dumps({"settings": settings, "points": [asdict(p) for p in points], "summary": summary}, indent=2)
+            + "\n"
+        )
 
 
 def _sim_sigma_db(bench: Path) -> float | None:
-    """The bench's modelled estimator sigma, read from YAML (no fedlora.config import: it pulls in torch)."""
+    """The bench's modelled estimator sigma, read from YAML (no config import: it pulls in torch)."""
     try:
         import yaml
 
@@ -269,12 +325,21 @@ def main(argv: Sequence[str] | None = None) -> list[Point]:
         ap.error(str(exc))
     offsets: dict[str, float] = {}
     if estimator_path(args.curve).exists():
-        offsets = {m: float(v) for m, v in load_estimator_calibration(args.curve)["snr_offset_db"].items()
-                   if v is not None}
+        offsets = {
+            m: float(v) for m, v in load_estimator_calibration(args.curve)["snr_offset_db"].items() if v is not None
+        }
     else:
         print(f"no estimator calibration next to {args.curve}: offsets taken as 0 dB", file=sys.stderr)
-    settings = {"curve": str(args.curve), "modulations": mods, "frame_bytes": sizes, "packets": packets,
-                "snrs": args.snrs, "seed": args.seed, "quick": args.quick, "offsets_db": offsets}
+    settings = {
+        "curve": str(args.curve),
+        "modulations": mods,
+        "frame_bytes": sizes,
+        "packets": packets,
+        "snrs": args.snrs,
+        "seed": args.seed,
+        "quick": args.quick,
+        "offsets_db": offsets,
+    }
     print(f"settings: {settings}", file=sys.stderr, flush=True)
 
     t0 = time.monotonic()
@@ -284,16 +349,22 @@ def main(argv: Sequence[str] | None = None) -> list[Point]:
     if args.out:
         write_out(args.out, dict(settings, wall_s=wall_s), points, summary)
 
-    print(f"\nOFDM loopback (phy.gr_loopback, AWGN, time-domain SNR) vs the sim curve {args.curve.name}; "
-          f"{packets} packets a point, seed {args.seed}; {wall_s:.0f} s on {os.cpu_count()} CPUs, "
-          f"load avg {os.getloadavg()[0]:.1f}")
-    print("\n(a) PER: diff pts = (gr - sim) x 100; loss dB = SNR - the SNR at which the sim curve loses as many "
-          "(+ = sim optimistic)")
+    print(
+        f"\nOFDM loopback (phy.gr_loopback, AWGN, time-domain SNR) vs the sim curve {args.curve.name}; "
+        f"{packets} packets a point, seed {args.seed}; {wall_s:.0f} s on {os.cpu_count()} CPUs, "
+        f"load avg {os.getloadavg()[0]:.1f}"
+    )
+    print(
+        "\n(a) PER: diff pts = (gr - sim) x 100; loss dB = SNR - the SNR at which the sim curve loses as many "
+        "(+ = sim optimistic)"
+    )
     print(per_table(points))
     print("\n(b) SNR estimate error = estimate - configured SNR (CRC-ok packets); cal = raw + offset")
     print(estimator_table(points))
-    print(f"\nsummary (waterfall: points with PER in [0.01, 0.99]; estimator: points with >= "
-          f"{MIN_OK_FRACTION:.0%} of packets ok, pooled per-packet)")
+    print(
+        f"\nsummary (waterfall: points with PER in [0.01, 0.99]; estimator: points with >= "
+        f"{MIN_OK_FRACTION:.0%} of packets ok, pooled per-packet)"
+    )
     print(summary_table(summary, _sim_sigma_db(args.bench)))
     return points
 

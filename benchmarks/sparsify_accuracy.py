@@ -20,6 +20,7 @@ frame overhead (20 bytes per frame of --frame-payload bytes).  Averaged over dev
 device sends every round).  Defaults take ~35 min on 2 free cores (one local step of MiniLM ~0.45 s);
 --quick runs a tiny random BERT for 2 rounds (seconds; exercises the pipeline, its accuracy means nothing).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,9 +30,10 @@ import math
 import os
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -39,16 +41,16 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 from fedlora.aggregation import ClientUpdate, aggregate  # noqa: E402
-from fedlora.codec import decode_update, encode_update, expected_shapes  # noqa: E402
 from fedlora.lora import GlobalAdapter, LocalModel, ModuleSpec  # noqa: E402
 from fedlora.models import ModelConfig, build_backbone, load_tokenizer, num_layers  # noqa: E402
 from fedlora.partition import dirichlet_split  # noqa: E402
 from fedlora.sparsify import SPARSIFIERS, make_sparsifier  # noqa: E402
 from fedlora.tasks import Example, load_task  # noqa: E402
 from fedlora.training import TrainConfig, evaluate, train_local  # noqa: E402
+from proto.codec import decode_update, encode_update, expected_shapes  # noqa: E402
 
 COMPONENT_METHODS = ("soft", "topk", "randomk")
-FRAME_OVERHEAD = 20  # phy/framing.py: header + CRC per frame
+FRAME_OVERHEAD = 20  # proto/framing.py: header + CRC per frame
 DEFAULT_METHODS = "dense_fp32,dense_fp16,soft,topk,randomk,b_only"
 
 # Presets; an explicit flag overrides either.
@@ -182,9 +184,14 @@ class Experiment:
     def train_config(self, round_idx: int, device: int) -> TrainConfig:
         """Same seed for the same (round, device) in every method -- the edge's formula (edge_node/node.py),
         so a dense run reproduces the testbed's."""
-        return TrainConfig(local_steps=self.s.local_steps, batch_size=self.s.batch_size, lr=self.s.lr,
-                           logit_adjustment=self.s.logit_adjustment,
-                           max_length=self.cfg.max_length, seed=self.s.seed * 100003 + round_idx * 101 + device)
+        return TrainConfig(
+            local_steps=self.s.local_steps,
+            batch_size=self.s.batch_size,
+            lr=self.s.lr,
+            logit_adjustment=self.s.logit_adjustment,
+            max_length=self.cfg.max_length,
+            seed=self.s.seed * 100003 + round_idx * 101 + device,
+        )
 
     def evaluate(self, local: LocalModel, adapter: GlobalAdapter) -> float:
         local.load(self.spec, adapter.view(self.spec))
@@ -195,12 +202,22 @@ class Experiment:
         t0 = time.perf_counter()
         adapter = GlobalAdapter(self.backbone, self.cfg, s.seed)
         local = LocalModel(self.backbone, self.cfg, cache_size=1)  # fresh: b_only's freeze must not leak
-        sparsifiers = [make_sparsifier(method.name, dtype=s.dtype, seed=s.seed, device_id=d, **dict(method.options))
-                       for d in range(s.devices)]
+        sparsifiers = [
+            make_sparsifier(method.name, dtype=s.dtype, seed=s.seed, device_id=d, **dict(method.options))
+            for d in range(s.devices)
+        ]
         if self.initial_accuracy is None:  # identical for every method: same seed, same adapter
             self.initial_accuracy = self.evaluate(local, adapter)
-        result = Result(method.label, method.name, method.keep_fraction, dict(method.options), 0.0, 0.0, 0.0,
-                        [self.initial_accuracy])
+        result = Result(
+            method.label,
+            method.name,
+            method.keep_fraction,
+            dict(method.options),
+            0.0,
+            0.0,
+            0.0,
+            [self.initial_accuracy],
+        )
         sizes: list[int] = []
         sent = held = 0
         for r in range(1, s.rounds + 1):
@@ -209,22 +226,26 @@ class Experiment:
                 view = adapter.view(spec)
                 local.load(spec, view)
                 sp.prepare_model(local.model)
-                stats = train_local(local.model, self.tokenizer, self.shards[d], self.train_config(r, d),
-                                    regularizer=sp.regularizer())
+                stats = train_local(
+                    local.model, self.tokenizer, self.shards[d], self.train_config(r, d), regularizer=sp.regularizer()
+                )
                 trained = local.state()
                 delta = {k: trained[k] - view[k] for k in view}
                 up = sp.sparsify(delta, trained, spec, method.keep_fraction, round_idx=r)
-                data = encode_update(up.delta, spec=spec, round_idx=r, device_id=d, dtype=up.dtype, kept=up.kept,
-                                     compress=s.compress)
+                data = encode_update(
+                    up.delta, spec=spec, round_idx=r, device_id=d, dtype=up.dtype, kept=up.kept, compress=s.compress
+                )
                 dec = decode_update(data, expected_shapes=expected_shapes(view))
-                updates.append(ClientUpdate(spec, dec.state, weight=float(len(self.shards[d])),
-                                            kept=dec.kept or None))
+                updates.append(ClientUpdate(spec, dec.state, weight=float(len(self.shards[d])), kept=dec.kept or None))
                 sizes.append(len(data))
                 losses.append(stats.mean_loss)
                 sent += int(up.info.get("kept_components", 0))
                 held += int(up.info.get("total_components", 0))
-                progress.step(s.local_steps, f"{method.label}: round {r}/{s.rounds} device {d + 1}/{s.devices} "
-                                             f"loss {stats.mean_loss:.3f} update {len(data)} B")
+                progress.step(
+                    s.local_steps,
+                    f"{method.label}: round {r}/{s.rounds} device {d + 1}/{s.devices} "
+                    f"loss {stats.mean_loss:.3f} update {len(data)} B",
+                )
             adapter.apply(aggregate(adapter, updates))
             result.accuracy.append(self.evaluate(local, adapter))
             result.train_loss.append(sum(losses) / len(losses))
@@ -240,18 +261,24 @@ def table(results: Sequence[Result], reference: str = "dense_fp32") -> str:
     """Fixed-width table; ratios and accuracy deltas are against the `reference` row (if it ran)."""
     ref = next((r for r in results if r.label == reference), None)
     rounds = len(results[0].accuracy) - 1 if results else 0
-    head = (f"{'method':<24} {'keep':>6} {'update B':>9} {'on-air B':>9} {'x fewer':>8} {'final acc':>9} "
-            f"{'Δ pts':>6}  acc per round (r0..r{rounds})")
+    head = (
+        f"{'method':<24} {'keep':>6} {'update B':>9} {'on-air B':>9} {'x fewer':>8} {'final acc':>9} "
+        f"{'Δ pts':>6}  acc per round (r0..r{rounds})"
+    )
     lines = [head, "-" * len(head)]
     for r in results:
         ratio = f"{ref.air_bytes / r.air_bytes:8.2f}" if ref else f"{'n/a':>8}"
         delta = f"{100 * (r.final_accuracy - ref.final_accuracy):+6.1f}" if ref else f"{'n/a':>6}"
         per_round = " ".join(f"{a:.3f}" for a in r.accuracy)
-        lines.append(f"{r.label:<24} {r.kept_fraction:6.3f} {r.update_bytes:9.0f} {r.air_bytes:9.0f} {ratio} "
-                     f"{r.final_accuracy:9.4f} {delta}  {per_round}")
+        lines.append(
+            f"{r.label:<24} {r.kept_fraction:6.3f} {r.update_bytes:9.0f} {r.air_bytes:9.0f} {ratio} "
+            f"{r.final_accuracy:9.4f} {delta}  {per_round}"
+        )
     if ref:
-        lines.append(f"x fewer = on-air bytes of {reference} / method's; Δ pts = final accuracy minus {reference}'s, "
-                     f"in percentage points; keep = rank components sent / held.")
+        lines.append(
+            f"x fewer = on-air bytes of {reference} / method's; Δ pts = final accuracy minus {reference}'s, "
+            f"in percentage points; keep = rank components sent / held."
+        )
     return "\n".join(lines)
 
 
@@ -260,21 +287,45 @@ def write_out(path: Path, settings: Settings, results: Sequence[Result]) -> None
         rounds = len(results[0].accuracy) if results else 0
         with path.open("w", newline="") as f:
             w = csv.writer(f)
-            w.writerow(["method", "sparsifier", "keep_fraction", "kept_fraction", "update_bytes", "air_bytes",
-                        "final_accuracy", "seconds"] + [f"acc_r{i}" for i in range(rounds)])
+            w.writerow(
+                [
+                    "method",
+                    "sparsifier",
+                    "keep_fraction",
+                    "kept_fraction",
+                    "update_bytes",
+                    "air_bytes",
+                    "final_accuracy",
+                    "seconds",
+                ]
+                + [f"acc_r{i}" for i in range(rounds)]
+            )
             for r in results:
-                w.writerow([r.label, r.name, r.keep_fraction, f"{r.kept_fraction:.4f}", f"{r.update_bytes:.1f}",
-                            f"{r.air_bytes:.1f}", f"{r.final_accuracy:.4f}", f"{r.seconds:.1f}"]
-                           + [f"{a:.4f}" for a in r.accuracy])
+                w.writerow(
+                    [
+                        r.label,
+                        r.name,
+                        r.keep_fraction,
+                        f"{r.kept_fraction:.4f}",
+                        f"{r.update_bytes:.1f}",
+                        f"{r.air_bytes:.1f}",
+                        f"{r.final_accuracy:.4f}",
+                        f"{r.seconds:.1f}",
+                    ]
+                    + [f"{a:.4f}" for a in r.accuracy]
+                )
     else:
-        payload = {"settings": asdict(settings),
-                   "results": [dict(asdict(r), final_accuracy=r.final_accuracy) for r in results]}
+        payload = {
+            "settings": asdict(settings),
+            "results": [dict(asdict(r), final_accuracy=r.final_accuracy) for r in results],
+        }
         path.write_text(json.dumps(payload, indent=2) + "\n")
 
 
 def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, Settings]:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--quick", action="store_true", help="tiny random BERT, 2 rounds: checks the pipeline only")
     p.add_argument("--devices", type=int, help=f"edge devices (default {FULL['devices']})")
     p.add_argument("--rounds", type=int, help=f"federated rounds (default {FULL['rounds']}, quick {QUICK['rounds']})")
@@ -286,23 +337,44 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, Settings
     p.add_argument("--keep-fractions", default="0.125,0.25", help="for component methods without @")
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--lr", type=float, default=5e-3)
-    p.add_argument("--logit-adjustment", type=float, default=1.0,
-                   help="tau of the label-skew correction in local training (fedlora.training)")
+    p.add_argument(
+        "--logit-adjustment",
+        type=float,
+        default=1.0,
+        help="tau of the label-skew correction in local training (fedlora.training)",
+    )
     p.add_argument("--alpha", type=float, default=1.0, help="Dirichlet label-skew concentration")
-    p.add_argument("--seed", type=int, default=1,
-                   help="model, adapter, split and training seeds (default 1: seed 0's 6-device split gives one "
-                        "device 42%% of the data at 98%% positive, and dense FedAvg stayed at chance for 3 rounds)")
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=1,
+        help="model, adapter, split and training seeds (default 1: seed 0's 6-device split gives one "
+        "device 42%% of the data at 98%% positive, and dense FedAvg stayed at chance for 3 rounds)",
+    )
     p.add_argument("--compress", choices=("never", "auto", "always"), default="auto")
     p.add_argument("--frame-payload", type=int, default=1000, help="update bytes per PHY frame")
     p.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1), help="torch intra-op threads")
     p.add_argument("--out", type=Path, help="write results as .json or .csv")
-    p.add_argument("--merge", type=Path, nargs="+", metavar="JSON",
-                   help="print one table from the --out .json files of earlier runs (split runs) and exit")
+    p.add_argument(
+        "--merge",
+        type=Path,
+        nargs="+",
+        metavar="JSON",
+        help="print one table from the --out .json files of earlier runs (split runs) and exit",
+    )
     args = p.parse_args(argv)
     preset = QUICK if args.quick else FULL
     picked = {k: (getattr(args, k) if getattr(args, k) is not None else v) for k, v in preset.items()}
-    settings = Settings(**picked, rank=args.rank, lr=args.lr, logit_adjustment=args.logit_adjustment,
-                        alpha=args.alpha, seed=args.seed, compress=args.compress, frame_payload=args.frame_payload)
+    settings = Settings(
+        **picked,
+        rank=args.rank,
+        lr=args.lr,
+        logit_adjustment=args.logit_adjustment,
+        alpha=args.alpha,
+        seed=args.seed,
+        compress=args.compress,
+        frame_payload=args.frame_payload,
+    )
     return args, settings
 
 
@@ -333,17 +405,23 @@ def main(argv: Sequence[str] | None = None) -> list[Result]:
     torch.set_num_threads(args.threads)
     print(f"settings: {settings}; threads {args.threads}", file=sys.stderr, flush=True)
     exp = Experiment(settings)
-    print(f"devices' examples: {[len(s) for s in exp.shards]}; test {len(exp.test)}; spec {exp.spec}",
-          file=sys.stderr, flush=True)
+    print(
+        f"devices' examples: {[len(s) for s in exp.shards]}; test {len(exp.test)}; spec {exp.spec}",
+        file=sys.stderr,
+        flush=True,
+    )
     progress = Progress(len(methods) * settings.rounds * settings.devices * settings.local_steps)
     results: list[Result] = []
     for m in methods:
         results.append(exp.run(m, progress))
         if args.out:  # keep what finished if a long run is interrupted
             write_out(args.out, settings, results)
-    print(f"\nRotten Tomatoes, {settings.model}, {settings.devices} devices (Dirichlet α={settings.alpha}), "
-          f"{settings.rounds} rounds × {settings.local_steps} local steps, rank {settings.rank}, lr {settings.lr}, "
-          f"logit adjustment {settings.logit_adjustment}, test {len(exp.test)}, compress={settings.compress}, frames of {settings.frame_payload} B")
+    print(
+        f"\nRotten Tomatoes, {settings.model}, {settings.devices} devices (Dirichlet α={settings.alpha}), "
+        f"{settings.rounds} rounds × {settings.local_steps} local steps, rank {settings.rank}, lr {settings.lr}, "
+        f"logit adjustment {settings.logit_adjustment}, test {len(exp.test)}, compress={settings.compress}, "
+        f"frames of {settings.frame_payload} B"
+    )
     print(table(results))
     return results
 

@@ -1,4 +1,5 @@
 """The terminal view of a run: a status line while a round runs, a table row per device when it closes."""
+
 from __future__ import annotations
 
 import sys
@@ -26,8 +27,7 @@ class LiveView:
         if not self.tty and now - self._last_status < self.status_every_s:
             return
         self._last_status = now
-        text = f"  round {round_idx} {elapsed_s:5.0f}s | " + "  ".join(
-            f"e{d}:{s}" for d, s in sorted(progress.items()))
+        text = f"  round {round_idx} {elapsed_s:5.0f}s | " + "  ".join(f"e{d}:{s}" for d, s in sorted(progress.items()))
         if self.tty:
             pad = max(0, self._status_len - len(text))
             self.stream.write("\r" + text + " " * pad)
@@ -43,13 +43,19 @@ class LiveView:
 
     def round_table(self, record: RoundRecord) -> None:
         acc = f"{record.accuracy * 100:.1f} %" if record.accuracy is not None else "n/a"
-        self.line(f"round {record.round:3d} | accuracy {acc} | uplink {record.uplink_bytes / 1e3:8.1f} kB | "
-                  f"energy {record.energy_j:7.1f} J | {record.wall_s:5.1f} s")
-        self.line("   dev  status        rank depth  power_dBm   bw_kHz  mod   bytes_kB  frames(lost)  "
-                  "snr_dB  airtime_s  compute_s  energy_J")
+        self.line(
+            f"round {record.round:3d} | accuracy {acc} | uplink {record.uplink_bytes / 1e3:8.1f} kB | "
+            f"energy {record.energy_j:7.1f} J | {record.wall_s:5.1f} s"
+        )
+        self.line(
+            "   dev  status        rank depth  power_dBm   bw_kHz  mod   bytes_kB  frames(lost)  "
+            "snr_dB  airtime_s  compute_s  energy_J"
+        )
         for d in record.devices:
             snr = f"{d.snr_db:6.1f}" if d.snr_db is not None else "   n/a"
-            self.line(f"   {d.device_id:3d}  {d.status:<12s} {d.rank:4d} {d.depth:5d}  {d.tx_power_dbm:9.1f} "
-                      f"{d.bandwidth_hz / 1e3:8.1f}  {d.modulation:<4s} {d.uplink_bytes / 1e3:9.1f}  "
-                      f"{d.frames_sent:6d}({d.frames_lost:4d})  {snr}  {d.airtime_s:9.2f}  {d.compute_s:9.1f}  "
-                      f"{d.energy_j:8.1f}")
+            self.line(
+                f"   {d.device_id:3d}  {d.status:<12s} {d.rank:4d} {d.depth:5d}  {d.tx_power_dbm:9.1f} "
+                f"{d.bandwidth_hz / 1e3:8.1f}  {d.modulation:<4s} {d.uplink_bytes / 1e3:9.1f}  "
+                f"{d.frames_sent:6d}({d.frames_lost:4d})  {snr}  {d.airtime_s:9.2f}  {d.compute_s:9.1f}  "
+                f"{d.energy_j:8.1f}"
+            )

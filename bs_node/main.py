@@ -1,4 +1,5 @@
 """`fedlora-bs`: start the base station on its own (multi-host labs); edges join with `fedlora-edge --bs ADDR`."""
+
 from __future__ import annotations
 
 import argparse
@@ -18,21 +19,31 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fedlora-bs", description=__doc__)
     parser.add_argument("--experiment", help="experiment YAML (default: experiments/default.yaml)")
     parser.add_argument("--bench", help="bench YAML (default: hw_configs/sim.yaml)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override an experiment field, e.g. --set round.rounds=3")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override an experiment field, e.g. --set round.rounds=3",
+    )
     parser.add_argument("--bench-set", dest="bench_overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--run-dir", help="run folder (default: runs/<time>-<name>)")
     parser.add_argument("--control", help="control-plane bind address (default: the bench's)")
     parser.add_argument("--data", help="data-plane bind address (default: the bench's)")
-    parser.add_argument("--silence-timeout", type=float, default=30.0,
-                        help="drop a device from the round after this many seconds without a message")
+    parser.add_argument(
+        "--silence-timeout",
+        type=float,
+        default=30.0,
+        help="drop a device from the round after this many seconds without a message",
+    )
     parser.add_argument("--threads", type=int, default=2, help="torch threads for evaluation")
     parser.add_argument("--log-level", default="WARNING")
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level, stream=sys.stderr, format="%(asctime)s bs %(levelname)s %(message)s")
 
     from bs_node.server import BaseStation, StartupError
-    from fedlora.config import ConfigError, load_bench, load_experiment
+    from config import ConfigError, load_bench, load_experiment
 
     try:
         experiment = load_experiment(args.experiment, args.overrides)
@@ -41,8 +52,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fedlora-bs: configuration error: {exc}", file=sys.stderr)
         return 2
     run_dir = Path(args.run_dir or Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{experiment.name}")
-    bs = BaseStation(experiment, bench, run_dir, control_address=args.control, data_address=args.data,
-                     silence_timeout_s=args.silence_timeout, threads=args.threads)
+    bs = BaseStation(
+        experiment,
+        bench,
+        run_dir,
+        control_address=args.control,
+        data_address=args.data,
+        silence_timeout_s=args.silence_timeout,
+        threads=args.threads,
+    )
     (run_dir / "endpoints.json").write_text(json.dumps({"control": bs.control_endpoint, "data": bs.data_endpoint}))
     signal.signal(signal.SIGINT, bs.stop)
     signal.signal(signal.SIGTERM, bs.stop)

@@ -1,4 +1,5 @@
 """What one round measured, per device: the controller's input and the run record's content."""
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
@@ -7,6 +8,7 @@ from dataclasses import asdict, dataclass, field
 @dataclass
 class DeviceRound:
     """One device in one round. Link numbers come from the BS receiver and the edge's ARQ; energy from the edge."""
+
     device_id: int
     participated: bool
     status: str  # ok | not_selected | timeout | undelivered | bad_update | failed | offline
@@ -42,10 +44,23 @@ class DeviceRound:
 
 # What an edge reports of its own round, with the type each value must have.
 EDGE_REPORTED: dict[str, type] = {
-    "update_bytes": int, "uplink_bytes": int, "frames_sent": int, "frames_lost": int, "arq_attempts": int,
-    "airtime_s": float, "compute_s": float, "train_wall_s": float, "compute_energy_j": float,
-    "transmit_energy_j": float, "energy_j": float, "energy_source": str, "train_loss": float, "train_examples": int,
-    "kept_components": int, "total_components": int, "residual_norm": float,
+    "update_bytes": int,
+    "uplink_bytes": int,
+    "frames_sent": int,
+    "frames_lost": int,
+    "arq_attempts": int,
+    "airtime_s": float,
+    "compute_s": float,
+    "train_wall_s": float,
+    "compute_energy_j": float,
+    "transmit_energy_j": float,
+    "energy_j": float,
+    "energy_source": str,
+    "train_loss": float,
+    "train_examples": int,
+    "kept_components": int,
+    "total_components": int,
+    "residual_norm": float,
 }
 
 
@@ -56,8 +71,11 @@ def apply_report(row: DeviceRound, measurements: dict) -> list[str]:
         want = EDGE_REPORTED.get(name)
         if want is None or value is None:
             continue
-        ok = isinstance(value, str) if want is str else (
-            isinstance(value, (int, float)) and not isinstance(value, bool) and value == value and value >= 0)
+        ok = (
+            isinstance(value, str)
+            if want is str
+            else (isinstance(value, (int, float)) and not isinstance(value, bool) and value == value and value >= 0)
+        )
         if want is int and ok:
             ok = float(value).is_integer()
         if not ok:

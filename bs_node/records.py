@@ -3,6 +3,7 @@
 Records are appended and flushed as each round closes, so a run cut off by Ctrl-C or a crash keeps every
 round it finished.
 """
+
 from __future__ import annotations
 
 import json
@@ -62,8 +63,10 @@ class RunRecorder:
             axes[0].plot(rounds, acc, marker="o")
         axes[0].set_ylabel("held-out accuracy (%)")
         axes[0].grid(alpha=0.3)
-        for ax, field, scale, label in ((axes[1], "uplink_bytes", 1e-3, "uplink on air (kB)"),
-                                        (axes[2], "energy_j", 1.0, "energy (J)")):
+        for ax, field, scale, label in (
+            (axes[1], "uplink_bytes", 1e-3, "uplink on air (kB)"),
+            (axes[2], "energy_j", 1.0, "energy (J)"),
+        ):
             bottom = [0.0] * len(rounds)
             for dev in device_ids:
                 vals = [sum(getattr(d, field) for d in r.devices if d.device_id == dev) * scale for r in self.records]

@@ -20,16 +20,24 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
 THERMAL_NOISE_DBM_HZ = -174.0  # kT at 290 K (the same reference as phy.radio_calibration)
 SAMPLE_FORMATS = {  # file suffix -> format
-    ".cfile": "fc32", ".fc32": "fc32", ".cf32": "fc32", ".bin": "fc32", ".raw": "fc32",
-    ".sc16": "sc16", ".cs16": "sc16", ".sc8": "sc8", ".cs8": "sc8", ".npy": "npy",
+    ".cfile": "fc32",
+    ".fc32": "fc32",
+    ".cf32": "fc32",
+    ".bin": "fc32",
+    ".raw": "fc32",
+    ".sc16": "sc16",
+    ".cs16": "sc16",
+    ".sc8": "sc8",
+    ".cs8": "sc8",
+    ".npy": "npy",
 }
 SPUR_WARNING_DB = 10.0  # a PSD bin this far above the mean floor: the port is not quiet (spur or a signal)
 
@@ -53,8 +61,9 @@ def load_samples(path: str | Path, fmt: str | None = None) -> np.ndarray:
     path = Path(path)
     fmt = fmt or SAMPLE_FORMATS.get(path.suffix.lower())
     if fmt is None:
-        raise ValueError(f"{path}: unknown sample file type {path.suffix!r}; pass a format "
-                         f"({sorted(set(SAMPLE_FORMATS.values()))})")
+        raise ValueError(
+            f"{path}: unknown sample file type {path.suffix!r}; pass a format ({sorted(set(SAMPLE_FORMATS.values()))})"
+        )
     try:
         if fmt == "npy":
             x = np.load(path, allow_pickle=False)
@@ -93,15 +102,21 @@ def psd_dbfs_hz(samples: np.ndarray, sample_rate_hz: float, nfft: int = 1024) ->
     starts = range(0, x.size - nfft + 1, step)
     acc = np.zeros(nfft)
     for s in starts:
-        acc += np.abs(np.fft.fft(x[s:s + nfft] * window)) ** 2
-    psd = np.fft.fftshift(acc / len(starts)) / (sample_rate_hz * float(np.sum(window ** 2)))
+        acc += np.abs(np.fft.fft(x[s : s + nfft] * window)) ** 2
+    psd = np.fft.fftshift(acc / len(starts)) / (sample_rate_hz * float(np.sum(window**2)))
     freqs = np.fft.fftshift(np.fft.fftfreq(nfft, d=1.0 / sample_rate_hz))
     return freqs, 10.0 * np.log10(np.maximum(psd, 1e-30))
 
 
-def noise_floor_dbm_hz(samples: np.ndarray, sample_rate_hz: float, full_scale_dbm: float, *,
-                       band_fraction: float = 0.8, dc_exclude_hz: float | None = None,
-                       nfft: int = 1024) -> NoiseFloor:
+def noise_floor_dbm_hz(
+    samples: np.ndarray,
+    sample_rate_hz: float,
+    full_scale_dbm: float,
+    *,
+    band_fraction: float = 0.8,
+    dc_exclude_hz: float | None = None,
+    nfft: int = 1024,
+) -> NoiseFloor:
     """Noise floor referred to the RX port from a terminated-input capture (see the module docstring).
 
     dc_exclude_hz defaults to 1 % of the sample rate (at least 2 FFT bins each side).
@@ -117,18 +132,26 @@ def noise_floor_dbm_hz(samples: np.ndarray, sample_rate_hz: float, full_scale_db
         raise ValueError(f"dc_exclude_hz must be >= 0, got {dc_exclude_hz!r}")
     use = (np.abs(freqs) <= band_fraction * sample_rate_hz / 2.0) & (np.abs(freqs) > dc_hz)
     if np.count_nonzero(use) < 8:
-        raise ValueError(f"only {np.count_nonzero(use)} PSD bins left after band_fraction={band_fraction} and "
-                         f"dc_exclude_hz={dc_hz:g}; use a larger nfft or a smaller DC exclusion")
+        raise ValueError(
+            f"only {np.count_nonzero(use)} PSD bins left after band_fraction={band_fraction} and "
+            f"dc_exclude_hz={dc_hz:g}; use a larger nfft or a smaller DC exclusion"
+        )
     lin = 10.0 ** (psd_db[use] / 10.0)
     mean_psd_db = 10.0 * math.log10(float(np.mean(lin)))
     floor = full_scale_dbm + mean_psd_db
-    return NoiseFloor(noise_floor_dbm_hz=floor, noise_figure_db=floor - THERMAL_NOISE_DBM_HZ,
-                      psd_dbfs_hz=mean_psd_db, power_dbfs=power_dbfs(samples), bins_used=int(np.count_nonzero(use)),
-                      max_excess_db=float(np.max(psd_db[use]) - mean_psd_db))
+    return NoiseFloor(
+        noise_floor_dbm_hz=floor,
+        noise_figure_db=floor - THERMAL_NOISE_DBM_HZ,
+        psd_dbfs_hz=mean_psd_db,
+        power_dbfs=power_dbfs(samples),
+        bins_used=int(np.count_nonzero(use)),
+        max_excess_db=float(np.max(psd_db[use]) - mean_psd_db),
+    )
 
 
-def full_scale_dbm_from_tone(samples: np.ndarray, input_power_dbm: float,
-                             noise_samples: np.ndarray | None = None) -> float:
+def full_scale_dbm_from_tone(
+    samples: np.ndarray, input_power_dbm: float, noise_samples: np.ndarray | None = None
+) -> float:
     """RX-port power that reads 0 dBFS, from a capture of a known input (CW tone or any signal of known power).
 
     input_power_dbm: power at the RX port (generator level minus cable/attenuator loss, or the calibrated TX's
@@ -141,8 +164,10 @@ def full_scale_dbm_from_tone(samples: np.ndarray, input_power_dbm: float,
     if noise_samples is not None:
         signal -= float(np.mean(np.abs(_check_samples(noise_samples)) ** 2))
     if not signal > 0:
-        raise ValueError("the reference capture has no power above the noise capture: the input is not reaching "
-                         "the receiver, or it is below the floor")
+        raise ValueError(
+            "the reference capture has no power above the noise capture: the input is not reaching "
+            "the receiver, or it is below the floor"
+        )
     return input_power_dbm - 10.0 * math.log10(signal)
 
 
@@ -161,8 +186,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("samples", type=Path, help="capture with the RX port terminated (.cfile/.fc32, .sc16, .sc8, .npy)")
     ap.add_argument("--sample-rate-hz", type=float, required=True)
-    ap.add_argument("--full-scale-dbm", type=float, required=True,
-                    help="RX-port power that reads 0 dBFS at this RX gain (full_scale_dbm_from_tone)")
+    ap.add_argument(
+        "--full-scale-dbm",
+        type=float,
+        required=True,
+        help="RX-port power that reads 0 dBFS at this RX gain (full_scale_dbm_from_tone)",
+    )
     ap.add_argument("--format", choices=("fc32", "sc16", "sc8", "npy"), help="default: from the file suffix")
     ap.add_argument("--band-fraction", type=float, default=0.8)
     ap.add_argument("--dc-exclude-hz", type=float)
@@ -170,16 +199,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = ap.parse_args(argv)
     try:
         x = load_samples(args.samples, args.format)
-        result = noise_floor_dbm_hz(x, args.sample_rate_hz, args.full_scale_dbm, band_fraction=args.band_fraction,
-                                    dc_exclude_hz=args.dc_exclude_hz, nfft=args.nfft)
+        result = noise_floor_dbm_hz(
+            x,
+            args.sample_rate_hz,
+            args.full_scale_dbm,
+            band_fraction=args.band_fraction,
+            dc_exclude_hz=args.dc_exclude_hz,
+            nfft=args.nfft,
+        )
     except (OSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     for key, value in asdict(result).items():
         print(f"{key}: {value:.2f}" if isinstance(value, float) else f"{key}: {value}")
     if result.max_excess_db > SPUR_WARNING_DB:
-        print(f"warning: a PSD bin is {result.max_excess_db:.1f} dB above the floor: a spur or a signal reaches "
-              f"the receiver (terminate the port, shield, or narrow --band-fraction)", file=sys.stderr)
+        print(
+            f"warning: a PSD bin is {result.max_excess_db:.1f} dB above the floor: a spur or a signal reaches "
+            f"the receiver (terminate the port, shield, or narrow --band-fraction)",
+            file=sys.stderr,
+        )
     print(f"{x.size} samples ({x.size / args.sample_rate_hz:.3f} s)")
     return 0
 

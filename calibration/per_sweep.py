@@ -26,8 +26,9 @@ import argparse
 import math
 import sys
 import time
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -67,30 +68,42 @@ def sweep(
     total_points = len(snrs) * len(modulations)
     done = 0
     t0 = time.monotonic()
-    result: dict[str, Any] = {"ref_frame_bytes": int(frame_bytes), "curves": {}, "snr_offset_db": {},
-                              "snr_sigma_db": {}, "points": {}}
+    result: dict[str, Any] = {
+        "ref_frame_bytes": int(frame_bytes),
+        "curves": {},
+        "snr_offset_db": {},
+        "snr_sigma_db": {},
+        "points": {},
+    }
     with LoopbackModem(snrs[0], snr_offset_db=0.0, noise_seed=seed) as modem:
         for mod in modulations:
             points = []
             errors: list[np.ndarray] = []
             for snr in snrs:
-                frames = [rng.integers(0, 256, frame_bytes, dtype=np.uint8).tobytes()
-                          for _ in range(frames_per_point)]
+                frames = [rng.integers(0, 256, frame_bytes, dtype=np.uint8).tobytes() for _ in range(frames_per_point)]
                 got = modem.run_packets(frames, mod, snr)
                 ok = [p for p in got if p.crc_ok and 0 <= p.index < len(frames) and p.data == frames[p.index]]
                 n_ok = len({p.index for p in ok})
                 per = 1.0 - n_ok / frames_per_point
                 est = np.array([p.snr_raw_db for p in ok], dtype=float)
-                point = {"snr_db": snr, "sent": frames_per_point, "ok": n_ok, "detected": len(got), "per": per,
-                         "est_mean_db": float(est.mean()) if est.size else None,
-                         "est_std_db": float(est.std()) if est.size > 1 else None}
+                point = {
+                    "snr_db": snr,
+                    "sent": frames_per_point,
+                    "ok": n_ok,
+                    "detected": len(got),
+                    "per": per,
+                    "est_mean_db": float(est.mean()) if est.size else None,
+                    "est_std_db": float(est.std()) if est.size > 1 else None,
+                }
                 points.append(point)
                 if n_ok >= max(2, min_ok_fraction * frames_per_point):
                     errors.append(snr - est)
                 done += 1
                 est_txt = f"est {point['est_mean_db']:6.2f} dB" if est.size else "est    -    "
-                show(f"[{done:3d}/{total_points}] {mod:5s} {snr:5.1f} dB: PER {per:5.3f} "
-                     f"({n_ok}/{frames_per_point} ok, {len(got)} detected), {est_txt}, {time.monotonic() - t0:6.1f} s")
+                show(
+                    f"[{done:3d}/{total_points}] {mod:5s} {snr:5.1f} dB: PER {per:5.3f} "
+                    f"({n_ok}/{frames_per_point} ok, {len(got)} detected), {est_txt}, {time.monotonic() - t0:6.1f} s"
+                )
             per_seq = np.minimum.accumulate(np.array([p["per"] for p in points]))
             result["curves"][mod] = [[p["snr_db"], round(float(v), 6)] for p, v in zip(points, per_seq)]
             if errors:
@@ -113,8 +126,9 @@ def write_calibration(result: dict[str, Any], out: str | Path) -> tuple[Path, Pa
 
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    curve = PerCurve({m: [tuple(p) for p in pts] for m, pts in result["curves"].items()},
-                     ref_frame_bytes=result["ref_frame_bytes"])  # validates before anything is written
+    curve = PerCurve(
+        {m: [tuple(p) for p in pts] for m, pts in result["curves"].items()}, ref_frame_bytes=result["ref_frame_bytes"]
+    )  # validates before anything is written
     est_path = estimator_path(out)
     header = [
         "# PER vs time-domain SNR of the GNU Radio OFDM loopback (calibration/per_sweep.py).",
@@ -122,13 +136,21 @@ def write_calibration(result: dict[str, Any], out: str | Path) -> tuple[Path, Pa
         f"# SNR estimator (add offset to the raw estimate; sigma = per-packet std): see {est_path.name}",
     ]
     for mod in result["curves"]:
-        header.append(f"#   {mod}: snr_offset_db {result['snr_offset_db'].get(mod)}, "
-                      f"snr_sigma_db {result['snr_sigma_db'].get(mod)}")
+        header.append(
+            f"#   {mod}: snr_offset_db {result['snr_offset_db'].get(mod)}, "
+            f"snr_sigma_db {result['snr_sigma_db'].get(mod)}"
+        )
     out.write_text("\n".join(header) + "\n" + yaml.safe_dump(curve.to_dict(), sort_keys=False))
-    est_doc = {"snr_offset_db": result["snr_offset_db"], "snr_sigma_db": result["snr_sigma_db"],
-               "ref_frame_bytes": result["ref_frame_bytes"], "points": result["points"]}
-    est_path.write_text("# Per-packet SNR estimator calibration of the OFDM receiver (calibration/per_sweep.py)\n"
-                        + yaml.safe_dump(est_doc, sort_keys=False))
+    est_doc = {
+        "snr_offset_db": result["snr_offset_db"],
+        "snr_sigma_db": result["snr_sigma_db"],
+        "ref_frame_bytes": result["ref_frame_bytes"],
+        "points": result["points"],
+    }
+    est_path.write_text(
+        "# Per-packet SNR estimator calibration of the OFDM receiver (calibration/per_sweep.py)\n"
+        + yaml.safe_dump(est_doc, sort_keys=False)
+    )
     PerCurve.from_file(out)  # the file must load
     return out, est_path
 
@@ -162,8 +184,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     n = int(math.floor((args.snr_max - args.snr_min) / args.snr_step + 1e-9)) + 1
     snrs = [round(args.snr_min + i * args.snr_step, 6) for i in range(n)]
     mods = [m.strip() for m in args.modulations.split(",") if m.strip()]
-    print(f"sweeping {mods} over {snrs[0]:g}..{snrs[-1]:g} dB ({len(snrs)} points), {args.frames} frames of "
-          f"{args.frame_bytes} bytes per point", file=sys.stderr, flush=True)
+    print(
+        f"sweeping {mods} over {snrs[0]:g}..{snrs[-1]:g} dB ({len(snrs)} points), {args.frames} frames of "
+        f"{args.frame_bytes} bytes per point",
+        file=sys.stderr,
+        flush=True,
+    )
     result = sweep(mods, snrs, args.frames, args.frame_bytes, seed=args.seed)
     curve_file, est_file = write_calibration(result, args.out)
     for mod in mods:

@@ -1,4 +1,5 @@
 """`fedlora-edge`: start one edge device that joins a BS at an address (one per host or many per host)."""
+
 from __future__ import annotations
 
 import argparse
@@ -17,8 +18,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch threads for local training")
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level, stream=sys.stderr,
-                        format=f"%(asctime)s edge{args.device_id} %(levelname)s %(message)s")
+    logging.basicConfig(
+        level=args.log_level, stream=sys.stderr, format=f"%(asctime)s edge{args.device_id} %(levelname)s %(message)s"
+    )
     from edge_node.node import EdgeNode, install_signal_handlers
 
     node = EdgeNode(args.bs, args.device_id, threads=args.threads)

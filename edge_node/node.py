@@ -4,6 +4,7 @@ The edge learns the experiment from the BS's welcome (one source of truth for mu
 own Dirichlet share of the task, and never crashes on a bad plan or a bad adapter view: the round is
 reported as failed with the reason, and the edge waits for the next plan.
 """
+
 from __future__ import annotations
 
 import logging
@@ -17,9 +18,7 @@ from typing import Any
 import torch
 import zmq
 
-from fedlora import messages
-from fedlora.codec import CodecError, decode_update, encode_update
-from fedlora.config import BenchConfig, ExperimentConfig, validated
+from config import BenchConfig, ExperimentConfig, validated
 from fedlora.energy import EnergyMeter
 from fedlora.lora import LocalModel, ModuleSpec
 from fedlora.models import build_backbone, load_tokenizer
@@ -27,10 +26,12 @@ from fedlora.partition import dirichlet_split
 from fedlora.sparsify import sparsifier_from_config
 from fedlora.tasks import load_task
 from fedlora.training import TrainConfig, train_local
-from phy.arq import send_with_arq
+from link.arq import send_with_arq
+from link.factory import open_uplink_transmitter, reachable_address
 from phy.channel import TxSetting
-from phy.factory import open_uplink_transmitter, reachable_address
-from phy.framing import fragment
+from proto import control as messages
+from proto.codec import CodecError, decode_update, encode_update
+from proto.framing import fragment
 
 log = logging.getLogger("edge")
 
@@ -127,10 +128,16 @@ class EdgeNode:
         self.exp, self.bench, self.run_id = exp, bench, welcome["run_id"]
         torch.set_num_threads(self.threads)
         t0 = time.perf_counter()
-        task = load_task(exp.task.name, exp.task.path, test_size=exp.task.test_size, seed=exp.seed,
-                         max_train=exp.task.max_train)
-        shares = dirichlet_split([ex.label for ex in task.train], exp.devices.count, exp.devices.dirichlet_alpha,
-                                 seed=exp.seed, min_per_device=exp.devices.min_examples)
+        task = load_task(
+            exp.task.name, exp.task.path, test_size=exp.task.test_size, seed=exp.seed, max_train=exp.task.max_train
+        )
+        shares = dirichlet_split(
+            [ex.label for ex in task.train],
+            exp.devices.count,
+            exp.devices.dirichlet_alpha,
+            seed=exp.seed,
+            min_per_device=exp.devices.min_examples,
+        )
         if self.device_id >= len(shares):
             raise SystemExit(f"edge {self.device_id}: the experiment has only {len(shares)} devices")
         self.examples = [task.train[i] for i in shares[self.device_id]]
@@ -139,16 +146,23 @@ class EdgeNode:
         # one per run: it carries this device's error-feedback residual from round to round
         self.sparsifier = sparsifier_from_config(exp.codec, seed=exp.seed, device_id=self.device_id)
         profile = bench.device(self.device_id)
-        self.meter = EnergyMeter(profile.compute_watts_per_core, bench.radio.pa_efficiency,
-                                 bench.radio.radio_on_power_w)
+        self.meter = EnergyMeter(
+            profile.compute_watts_per_core, bench.radio.pa_efficiency, bench.radio.radio_on_power_w
+        )
         data_address = reachable_address(welcome["data_address"], self.bs_address)
         if self.tx is not None:
             self.tx.close()
         self.tx = open_uplink_transmitter(bench, self.device_id, data_address=data_address, seed=exp.seed)
         labels = [ex.label for ex in self.examples]
-        log.info("edge %d: ready in %.1f s: %d local examples (label counts %s), %s PHY to %s",
-                 self.device_id, time.perf_counter() - t0, len(self.examples),
-                 {c: labels.count(c) for c in sorted(set(labels))}, bench.phy, data_address)
+        log.info(
+            "edge %d: ready in %.1f s: %d local examples (label counts %s), %s PHY to %s",
+            self.device_id,
+            time.perf_counter() - t0,
+            len(self.examples),
+            {c: labels.count(c) for c in sorted(set(labels))},
+            bench.phy,
+            data_address,
+        )
         self._heartbeat("ready")
 
     def _serve(self) -> str:
@@ -190,8 +204,9 @@ class EdgeNode:
         except (CodecError, ValueError, RuntimeError) as exc:
             log.exception("edge %d: round %d failed", self.device_id, round_idx)
             status, error = "failed", f"{type(exc).__name__}: {exc}"
-        self._send("report", device_id=self.device_id, round=round_idx, status=status,
-                   measurements=measurements, error=error)
+        self._send(
+            "report", device_id=self.device_id, round=round_idx, status=status, measurements=measurements, error=error
+        )
 
     def _train_and_send(self, plan: dict, attachment: bytes | None, out: dict[str, Any]) -> str:
         round_idx = plan["round"]
@@ -203,10 +218,21 @@ class EdgeNode:
             raise ValueError(f"adapter view is for module {view.spec}, the plan says {spec}")
         self.local.load(spec, view.state)
         steps = plan["local_steps"]
-        log.info("edge %d: round %d: training module rank %d depth %d for %d steps", self.device_id, round_idx,
-                 spec.rank, spec.depth, steps)
-        cfg = TrainConfig(**{**asdict(self.exp.training), "local_steps": steps,
-                             "seed": self.exp.seed * 100003 + round_idx * 101 + self.device_id})
+        log.info(
+            "edge %d: round %d: training module rank %d depth %d for %d steps",
+            self.device_id,
+            round_idx,
+            spec.rank,
+            spec.depth,
+            steps,
+        )
+        cfg = TrainConfig(
+            **{
+                **asdict(self.exp.training),
+                "local_steps": steps,
+                "seed": self.exp.seed * 100003 + round_idx * 101 + self.device_id,
+            }
+        )
         last_hb = [0.0]
 
         def progress(step: int, loss: float) -> None:
@@ -218,36 +244,59 @@ class EdgeNode:
 
         self.sparsifier.prepare_model(self.local.model)  # b_only: freeze A
         with self.meter.compute() as window:  # sparsifying is edge compute too
-            stats = train_local(self.local.model, self.tokenizer, self.examples, cfg,
-                                regularizer=self.sparsifier.regularizer(), progress=progress)
+            stats = train_local(
+                self.local.model,
+                self.tokenizer,
+                self.examples,
+                cfg,
+                regularizer=self.sparsifier.regularizer(),
+                progress=progress,
+            )
             trained = self.local.state()
             delta = {k: trained[k] - view.state[k] for k in view.state}
             update = self.sparsifier.sparsify(delta, trained, spec, plan["keep_fraction"], round_idx=round_idx)
         speed = self.bench.device(self.device_id).compute_speed
         if speed < 1.0:  # emulated slower hardware: the extra time is really spent, the extra work is accounted
             self._wait_emulated(window.result.wall_s * (1.0 / speed - 1.0), round_idx)
-        payload = encode_update(update.delta, spec=spec, round_idx=round_idx, device_id=self.device_id,
-                                dtype=update.dtype, kept=update.kept)
+        payload = encode_update(
+            update.delta, spec=spec, round_idx=round_idx, device_id=self.device_id, dtype=update.dtype, kept=update.kept
+        )
         frames = fragment(payload, self.device_id, round_idx, self.bench.radio.frame_payload_bytes)
-        setting = TxSetting(tx_power_dbm=plan["tx_power_dbm"], bandwidth_hz=plan["bandwidth_hz"],
-                            modulation=plan["modulation"])
+        setting = TxSetting(
+            tx_power_dbm=plan["tx_power_dbm"], bandwidth_hz=plan["bandwidth_hz"], modulation=plan["modulation"]
+        )
         self._heartbeat("sending", round=round_idx)
-        arq = send_with_arq(self.tx, frames, setting, round_idx=round_idx,
-                            request_ack=lambda attempt, seqs: self._request_ack(round_idx, attempt, seqs, len(frames)),
-                            max_attempts=self.bench.arq.max_attempts, airtime_budget_s=self.bench.arq.airtime_budget_s)
+        arq = send_with_arq(
+            self.tx,
+            frames,
+            setting,
+            round_idx=round_idx,
+            request_ack=lambda attempt, seqs: self._request_ack(round_idx, attempt, seqs, len(frames)),
+            max_attempts=self.bench.arq.max_attempts,
+            airtime_budget_s=self.bench.arq.airtime_budget_s,
+        )
         compute = window.result
         transmit_j = self.meter.transmit_energy_j(setting.tx_power_dbm, arq.airtime_s)
         out.update(
-            update_bytes=len(payload), uplink_bytes=arq.bytes_sent, frames_sent=arq.frames_sent,
-            frames_lost=arq.frames_lost, arq_attempts=arq.attempts, airtime_s=arq.airtime_s,
-            compute_s=compute.cpu_s / speed, train_wall_s=compute.wall_s / speed,
-            compute_energy_j=compute.energy_j / speed, transmit_energy_j=transmit_j,
+            update_bytes=len(payload),
+            uplink_bytes=arq.bytes_sent,
+            frames_sent=arq.frames_sent,
+            frames_lost=arq.frames_lost,
+            arq_attempts=arq.attempts,
+            airtime_s=arq.airtime_s,
+            compute_s=compute.cpu_s / speed,
+            train_wall_s=compute.wall_s / speed,
+            compute_energy_j=compute.energy_j / speed,
+            transmit_energy_j=transmit_j,
             energy_j=compute.energy_j / speed + transmit_j,
             energy_source=compute.source + (f" x1/{speed:g} emulated" if speed < 1.0 else ""),
-            train_loss=stats.mean_loss, train_examples=len(self.examples),
-            kept_components=update.info["kept_components"], total_components=update.info["total_components"],
+            train_loss=stats.mean_loss,
+            train_examples=len(self.examples),
+            kept_components=update.info["kept_components"],
+            total_components=update.info["total_components"],
             residual_norm=update.info["residual_norm"],
-            true_snr_db=getattr(self.tx, "last_true_snr_db", None))
+            true_snr_db=getattr(self.tx, "last_true_snr_db", None),
+        )
         return "ok" if arq.delivered else "undelivered"
 
     def _wait_emulated(self, seconds: float, round_idx: int) -> None:
@@ -259,8 +308,9 @@ class EdgeNode:
 
     def _request_ack(self, round_idx: int, attempt: int, seqs: list[int], total: int) -> set[int] | None:
         """ARQ feedback over the control plane: which frames of this round the BS holds so far."""
-        self._send("burst_end", device_id=self.device_id, round=round_idx, attempt=attempt, seqs=list(seqs),
-                   total=total)
+        self._send(
+            "burst_end", device_id=self.device_id, round=round_idx, attempt=attempt, seqs=list(seqs), total=total
+        )
         deadline = time.monotonic() + self.bench.arq.ack_timeout_s
         while not self.stopping and time.monotonic() < deadline:
             got = self._recv(max(0.0, deadline - time.monotonic()))

@@ -26,8 +26,8 @@ rule is the arrivals-only average.
 from __future__ import annotations
 
 import numbers
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 
@@ -73,14 +73,17 @@ def _check(global_adapter: GlobalAdapter, i: int, u: ClientUpdate) -> None:
             if p not in paths:
                 raise ValueError(f"device {i}: kept mask for {p!r}, which is not part of its module {u.spec}")
             if m.dtype != torch.bool or tuple(m.shape) != (r,):
-                raise ValueError(f"device {i}: kept mask for {p!r} must be bool of shape ({r},), got {m.dtype} {tuple(m.shape)}")
+                raise ValueError(
+                    f"device {i}: kept mask for {p!r} must be bool of shape ({r},), got {m.dtype} {tuple(m.shape)}"
+                )
         absent = paths - set(u.kept)
         if absent:
             raise ValueError(f"device {i}: kept has no mask for module {sorted(absent)[0]!r}")
 
 
-def aggregate(global_adapter: GlobalAdapter, updates: Sequence[ClientUpdate],
-              absent_weight: float = 0.0) -> AdapterState:
+def aggregate(
+    global_adapter: GlobalAdapter, updates: Sequence[ClientUpdate], absent_weight: float = 0.0
+) -> AdapterState:
     """Full-shape delta for ``global_adapter.apply`` (rule in the module docstring).
 
     absent_weight: total weight of the devices present for the round whose update is not in ``updates``."""
@@ -91,8 +94,7 @@ def aggregate(global_adapter: GlobalAdapter, updates: Sequence[ClientUpdate],
     R = global_adapter.max_rank
     # float64 accumulators: the result must match FedAvg to float32 precision
     num = {k: torch.zeros(v.shape, dtype=torch.float64) for k, v in global_adapter.state.items()}
-    den = {k: torch.full((R,), float(absent_weight), dtype=torch.float64) for k in num
-           if layer_index(k) is not None}
+    den = {k: torch.full((R,), float(absent_weight), dtype=torch.float64) for k in num if layer_index(k) is not None}
     head_w = float(absent_weight)
     for u in updates:
         w = float(u.weight)

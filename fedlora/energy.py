@@ -5,6 +5,7 @@ is readable, the measured package energy of the window is used instead, attribut
 share of the machine's busy CPU time (several edges may share one host).
 Transmit: RF power / PA efficiency x airtime, plus the radio's on-power x airtime.
 """
+
 from __future__ import annotations
 
 import os
@@ -35,7 +36,7 @@ class ComputeWindow:
         self.watts_per_core = watts_per_core
         self.result: ComputeEnergy | None = None
 
-    def __enter__(self) -> "ComputeWindow":
+    def __enter__(self) -> ComputeWindow:
         self._cpu0 = time.process_time()
         self._wall0 = time.perf_counter()
         self._rapl0 = _read_rapl_uj()

@@ -23,7 +23,9 @@ TINY = "tiny"
 
 @dataclass(frozen=True)
 class ModelConfig:
-    name_or_path: str = EMBEDDED  # "embedded" = MiniLM from the wheel; "tiny" = tiny random BERT for tests; else a HF folder
+    name_or_path: str = (
+        EMBEDDED  # "embedded" = MiniLM from the wheel; "tiny" = tiny random BERT for tests; else a HF folder
+    )
     target_modules: tuple[str, ...] = ("query", "value")
     max_rank: int = 8  # R: rank of the global adapter
     lora_alpha: float = 16.0  # scaling s = lora_alpha / max_rank, the same s for every device rank

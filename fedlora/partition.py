@@ -8,7 +8,7 @@ each device sees mostly one class; large alpha approaches an IID split.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 

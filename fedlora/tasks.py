@@ -28,8 +28,8 @@ import csv
 import importlib.util
 import os
 import random
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Iterable, Sequence
 
 
 class TaskError(ValueError):
@@ -155,7 +155,8 @@ def _rotten_tomatoes(path: str | None, test_size: int, seed: int) -> tuple[list[
         cls = [e for e in examples if e.label == label]
         if len(cls) <= per_class:
             raise TaskError(
-                f"{path}: only {len(cls)} examples of label {label}; cannot hold out {per_class} for a balanced test set"
+                f"{path}: only {len(cls)} examples of label {label}; "
+                f"cannot hold out {per_class} for a balanced test set"
             )
         rng.shuffle(cls)
         test.extend(cls[:per_class])

@@ -18,8 +18,8 @@ the device's own label frequency with add-one smoothing; evaluation uses the pla
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F

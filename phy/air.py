@@ -32,6 +32,7 @@ second (1 = real time), at most ``lead_s`` ahead. If the BS does not take the me
 clock waits: nothing is dropped and the BS decodes everything, only later. Malformed messages are logged with
 their peer and answered with an error; they never stop the air.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -94,8 +95,16 @@ def air_filter_taps(up: int, bandwidth_hz: float, attenuation_db: float) -> np.n
     return sps.firwin(numtaps, cutoff, window=("kaiser", beta), fs=fs)
 
 
-def to_medium(iq: np.ndarray, subband: fdma.Subband, total_bandwidth_hz: float, *, amplitude: float,
-              cfo_hz: float, start_index: int, attenuation_db: float = 70.0) -> np.ndarray:
+def to_medium(
+    iq: np.ndarray,
+    subband: fdma.Subband,
+    total_bandwidth_hz: float,
+    *,
+    amplitude: float,
+    cfo_hz: float,
+    start_index: int,
+    attenuation_db: float = 70.0,
+) -> np.ndarray:
     """A burst at the subband rate -> medium samples: scaled, resampled to the medium rate, shifted into place.
 
     Resampling by up/down: zero-stuff by up, low-pass (FFT overlap-add: ~5x faster than a polyphase loop for
@@ -106,8 +115,10 @@ def to_medium(iq: np.ndarray, subband: fdma.Subband, total_bandwidth_hz: float, 
 
     ratio = Fraction(total_bandwidth_hz / subband.bandwidth_hz).limit_denominator(1000)
     if abs(float(ratio) - total_bandwidth_hz / subband.bandwidth_hz) > 1e-6 * float(ratio):
-        raise AirError(f"total/subband bandwidth ratio {total_bandwidth_hz / subband.bandwidth_hz} is not a "
-                       f"ratio of integers up to 1000")
+        raise AirError(
+            f"total/subband bandwidth ratio {total_bandwidth_hz / subband.bandwidth_hz} is not a "
+            f"ratio of integers up to 1000"
+        )
     up, down = ratio.numerator, ratio.denominator
     x = iq.astype(np.complex64, copy=False)
     if up == 1 and down == 1:
@@ -117,7 +128,7 @@ def to_medium(iq: np.ndarray, subband: fdma.Subband, total_bandwidth_hz: float, 
         stuffed = np.zeros(len(x) * up, dtype=np.complex64)
         stuffed[::up] = x * np.float32(amplitude * up)
         delay = (len(taps) - 1) // 2
-        y = sps.oaconvolve(stuffed, taps)[delay: delay + len(stuffed): down].astype(np.complex64, copy=False)
+        y = sps.oaconvolve(stuffed, taps)[delay : delay + len(stuffed) : down].astype(np.complex64, copy=False)
     return mix(y, 2 * math.pi * (subband.center_hz + cfo_hz) / total_bandwidth_hz, start_index)
 
 
@@ -125,8 +136,9 @@ def mix(y: np.ndarray, phase_inc: float, start_index: int, block: int = 4096) ->
     """y * exp(j phase_inc n), n = start_index + position (complex64; one table of block phasors)."""
     n_blocks = -(-len(y) // block)
     table = np.exp(1j * phase_inc * np.arange(block)).astype(np.complex64)
-    starts = np.exp(1j * np.mod(phase_inc * (start_index + block * np.arange(n_blocks, dtype=np.float64)),
-                                2 * math.pi)).astype(np.complex64)
+    starts = np.exp(
+        1j * np.mod(phase_inc * (start_index + block * np.arange(n_blocks, dtype=np.float64)), 2 * math.pi)
+    ).astype(np.complex64)
     padded = np.zeros(n_blocks * block, dtype=np.complex64)
     padded[: len(y)] = y
     padded = padded.reshape(n_blocks, block)
@@ -149,7 +161,7 @@ class Physics:
     attenuation_db: float = 60.0
 
     @classmethod
-    def from_plan(cls, msg: dict) -> "Physics":
+    def from_plan(cls, msg: dict) -> Physics:
         channel = msg.get("channel")
         distances = msg.get("distances_m")
         if not isinstance(channel, dict):
@@ -161,8 +173,16 @@ class Physics:
             geometry = {k: DeviceGeometry(k, float(d)).distance_m for k, d in enumerate(distances)}
         except (TypeError, ValueError) as exc:
             raise AirError(f"plan: {exc}") from None
-        physics = cls(_num(msg, "total_bandwidth_hz"), config, geometry, _int(msg, "seed"), _num(msg, "max_cfo_hz"),
-                      _num(msg, "clock_speed"), _num(msg, "hangover_s"), _num(msg, "attenuation_db"))
+        physics = cls(
+            _num(msg, "total_bandwidth_hz"),
+            config,
+            geometry,
+            _int(msg, "seed"),
+            _num(msg, "max_cfo_hz"),
+            _num(msg, "clock_speed"),
+            _num(msg, "hangover_s"),
+            _num(msg, "attenuation_db"),
+        )
         if physics.total_bandwidth_hz <= 0 or physics.clock_speed <= 0 or not 0 <= physics.hangover_s <= 10:
             raise AirError("plan: total_bandwidth_hz and clock_speed must be > 0, hangover_s within [0, 10]")
         if not 20 <= physics.attenuation_db <= 150:
@@ -186,8 +206,9 @@ class _Peer:
 class Air:
     """The medium: sockets, subband plan, bursts on the air, the clock. ``run()`` until ``stop()``."""
 
-    def __init__(self, *, address: str, medium_address: str, noise_seed: int = 0,
-                 context: zmq.Context | None = None) -> None:
+    def __init__(
+        self, *, address: str, medium_address: str, noise_seed: int = 0, context: zmq.Context | None = None
+    ) -> None:
         ctx = context or zmq.Context.instance()
         self.router = ctx.socket(zmq.ROUTER)
         self.router.setsockopt(zmq.LINGER, 0)
@@ -275,12 +296,19 @@ class Air:
             raise AirError(f"plan: {exc}") from None
         for s in subbands:  # the BS's centres must be the ones the rule gives: both ends apply the same plan
             if abs(plan[s["device_id"]].center_hz - _num(s, "center_hz")) > 1.0:
-                raise AirError(f"plan: device {s['device_id']} centre {s['center_hz']} Hz, the subband rule "
-                               f"gives {plan[s['device_id']].center_hz} Hz")
+                raise AirError(
+                    f"plan: device {s['device_id']} centre {s['center_hz']} Hz, the subband rule "
+                    f"gives {plan[s['device_id']].center_hz} Hz"
+                )
         self.bs = _Peer(identity, round_idx, physics, plan)
-        log.info("air: round %d plan from the BS: %s", round_idx,
-                 ", ".join(f"dev {k} {sb.center_hz / 1e3:+.1f} kHz / {sb.bandwidth_hz / 1e3:.1f} kHz"
-                           for k, sb in sorted(plan.items())))
+        log.info(
+            "air: round %d plan from the BS: %s",
+            round_idx,
+            ", ".join(
+                f"dev {k} {sb.center_hz / 1e3:+.1f} kHz / {sb.bandwidth_hz / 1e3:.1f} kHz"
+                for k, sb in sorted(plan.items())
+            ),
+        )
         self._reply(identity, b"plan_ok", {"round": round_idx, "index": self.index})
 
     def _on_burst(self, identity: bytes, meta: dict, payload: bytes) -> None:
@@ -302,11 +330,15 @@ class Air:
             raise AirError("burst: IQ is not a unit-power OFDM burst (|sample| >= 1000)")
         subband = self.bs.plan.get(device_id)
         if subband is None:
-            raise AirError(f"burst: device {device_id} has no subband in the BS's plan for round {self.bs.round_idx}"
-                           + ("" if self.bs.identity else " (no plan from the BS yet)"))
+            raise AirError(
+                f"burst: device {device_id} has no subband in the BS's plan for round {self.bs.round_idx}"
+                + ("" if self.bs.identity else " (no plan from the BS yet)")
+            )
         if abs(subband.bandwidth_hz - bandwidth_hz) > 1e-6 * bandwidth_hz:
-            raise AirError(f"burst: device {device_id} sends {bandwidth_hz:.0f} Hz wide, its subband in round "
-                           f"{self.bs.round_idx} is {subband.bandwidth_hz:.0f} Hz")
+            raise AirError(
+                f"burst: device {device_id} sends {bandwidth_hz:.0f} Hz wide, its subband in round "
+                f"{self.bs.round_idx} is {subband.bandwidth_hz:.0f} Hz"
+            )
         try:
             setting = TxSetting(tx_power_dbm, bandwidth_hz, modulation if modulation != "16qam" else "qpsk")
         except ValueError as exc:
@@ -315,16 +347,29 @@ class Air:
         channel = SimChannel(physics.channel, seed=physics.seed)
         snr_db = channel.snr_db(DeviceGeometry(device_id, physics.distance_m(device_id)), round_idx, setting)
         queue = self.queues.setdefault(device_id, deque())
-        start = max([self.index + (len(self._pending_chunk[1]) if self._pending_chunk else 0)]
-                    + [b.end for b in queue])
-        samples = to_medium(iq, subband, self.rate_hz,
-                            amplitude=fdma.signal_amplitude(snr_db, bandwidth_hz, self.rate_hz),
-                            cfo_hz=fdma.carrier_offset_hz(physics.seed, device_id, physics.max_cfo_hz),
-                            start_index=start, attenuation_db=physics.attenuation_db)
+        start = max([self.index + (len(self._pending_chunk[1]) if self._pending_chunk else 0)] + [b.end for b in queue])
+        samples = to_medium(
+            iq,
+            subband,
+            self.rate_hz,
+            amplitude=fdma.signal_amplitude(snr_db, bandwidth_hz, self.rate_hz),
+            cfo_hz=fdma.carrier_offset_hz(physics.seed, device_id, physics.max_cfo_hz),
+            start_index=start,
+            attenuation_db=physics.attenuation_db,
+        )
         queue.append(Burst(identity, device_id, round_idx, burst_id, samples, start, snr_db))
         self.stats["bursts"] += 1
-        log.info("air: device %d round %d burst %d: %d samples at %.0f Hz, SNR %.1f dB, on the medium at %d..%d",
-                 device_id, round_idx, burst_id, len(iq), bandwidth_hz, snr_db, start, start + len(samples))
+        log.info(
+            "air: device %d round %d burst %d: %d samples at %.0f Hz, SNR %.1f dB, on the medium at %d..%d",
+            device_id,
+            round_idx,
+            burst_id,
+            len(iq),
+            bandwidth_hz,
+            snr_db,
+            start,
+            start + len(samples),
+        )
 
     def _reply(self, identity: bytes, kind: bytes, body: dict) -> None:
         try:
@@ -371,17 +416,21 @@ class Air:
             for b in queue:
                 lo, hi = max(start, b.start), min(start + n, b.end)
                 if lo < hi:
-                    chunk[lo - start: hi - start] += b.samples[lo - b.start: hi - b.start]
+                    chunk[lo - start : hi - start] += b.samples[lo - b.start : hi - b.start]
         return chunk
 
     def _finish_bursts(self) -> None:
         for queue in self.queues.values():
             while queue and queue[0].end <= self.index:
                 b = queue.popleft()
-                self.hangover_end = max(self.hangover_end,
-                                        b.end + int(self.bs.physics.hangover_s * self.rate_hz))
-                done = {"device_id": b.device_id, "round": b.round_idx, "burst_id": b.burst_id,
-                        "medium_end": b.end, "snr_db": b.snr_db}
+                self.hangover_end = max(self.hangover_end, b.end + int(self.bs.physics.hangover_s * self.rate_hz))
+                done = {
+                    "device_id": b.device_id,
+                    "round": b.round_idx,
+                    "burst_id": b.burst_id,
+                    "medium_end": b.end,
+                    "snr_db": b.snr_db,
+                }
                 if self.bs.identity is not None:  # first the BS: it must know before the edge's burst_end comes
                     self._reply(self.bs.identity, b"burst_done", done)
                 self._reply(b.identity, b"done", done)
@@ -417,7 +466,7 @@ def _num(msg: dict, name: str) -> float:
 
 
 def bench_addresses(path: str | Path, overrides: list[str]) -> tuple[str, str]:
-    """air.address and air.medium of a bench file (with --bench-set overrides), without loading fedlora.config:
+    """air.address and air.medium of a bench file (with --bench-set overrides), without loading config:
     the air needs nothing else from the bench, and importing the full config would import torch."""
     import yaml
 
@@ -438,8 +487,11 @@ def bench_addresses(path: str | Path, overrides: list[str]) -> tuple[str, str]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m phy.air", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--bench", default=str(Path(__file__).resolve().parents[1] / "hw_configs" / "zmq_iq.yaml"),
-                        help="bench YAML: only its air.address / air.medium are used (default: hw_configs/zmq_iq.yaml)")
+    parser.add_argument(
+        "--bench",
+        default=str(Path(__file__).resolve().parents[1] / "hw_configs" / "zmq_iq.yaml"),
+        help="bench YAML: only its air.address / air.medium are used (default: hw_configs/zmq_iq.yaml)",
+    )
     parser.add_argument("--bench-set", dest="bench_overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--address", help="bind address for edges and the BS (default: the bench's air.address)")
     parser.add_argument("--medium", help="bind address of the medium to the BS (default: the bench's air.medium)")
@@ -454,8 +506,9 @@ def main(argv: list[str] | None = None) -> int:
         tmp = Path(args.endpoints_file + ".tmp")
         tmp.write_text(json.dumps({"address": air.address, "medium": air.medium_address}))
         tmp.replace(args.endpoints_file)
-    log.info("air: edges and BS at %s, medium to the BS at %s; waiting for the BS's plan", air.address,
-             air.medium_address)
+    log.info(
+        "air: edges and BS at %s, medium to the BS at %s; waiting for the BS's plan", air.address, air.medium_address
+    )
     signal.signal(signal.SIGINT, air.stop)
     signal.signal(signal.SIGTERM, air.stop)
     try:

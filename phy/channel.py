@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -117,7 +118,7 @@ class PerCurve:
         }
 
     @classmethod
-    def default(cls) -> "PerCurve":
+    def default(cls) -> PerCurve:
         """Logistic curves through the measured GNU Radio points (1000-byte packets).
 
         50 % success at 12 / 13.5 / 19 dB and ~99 % at 16 / 18 / 22 dB for
@@ -134,7 +135,7 @@ class PerCurve:
         return cls(table, ref_frame_bytes=1000)
 
     @classmethod
-    def from_file(cls, path: str | Path) -> "PerCurve":
+    def from_file(cls, path: str | Path) -> PerCurve:
         """Load {ref_frame_bytes: int, curves: {mod: [[snr_db, per], ...]}} from YAML or JSON."""
         path = Path(path)
         try:

@@ -44,11 +44,12 @@ noise power per sample *at rate b* equals the SNR SimChannel gives for its
 power, distance, fading and width:  amplitude^2 = 10^((SNR - 10 log10(B / b)) / 10)
 (in its subband the noise is B / b times weaker than over the whole band).
 """
+
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Mapping
 
 import numpy as np
 
@@ -126,8 +127,7 @@ def _lowpass(bandwidth_hz: float, sample_rate_hz: float, attenuation_db: float) 
     fs = RESAMPLER_FILTERS * sample_rate_hz
     cutoff = (PASS_EDGE + STOP_EDGE) / 2 * bandwidth_hz
     transition = (STOP_EDGE - PASS_EDGE) * bandwidth_hz
-    return list(firdes.low_pass_2(RESAMPLER_FILTERS, fs, cutoff, transition, attenuation_db, window.WIN_KAISER,
-                                  6.76))
+    return list(firdes.low_pass_2(RESAMPLER_FILTERS, fs, cutoff, transition, attenuation_db, window.WIN_KAISER, 6.76))
 
 
 def upconverter_taps(bandwidth_hz: float, attenuation_db: float = DEFAULT_ATTENUATION_DB) -> list[float]:
@@ -135,8 +135,9 @@ def upconverter_taps(bandwidth_hz: float, attenuation_db: float = DEFAULT_ATTENU
     return _lowpass(bandwidth_hz, bandwidth_hz, attenuation_db)
 
 
-def channelizer_taps(bandwidth_hz: float, total_bandwidth_hz: float,
-                     attenuation_db: float = DEFAULT_ATTENUATION_DB) -> list[float]:
+def channelizer_taps(
+    bandwidth_hz: float, total_bandwidth_hz: float, attenuation_db: float = DEFAULT_ATTENUATION_DB
+) -> list[float]:
     """Decimating filter: medium rate -> subband rate (the input runs at total_bandwidth_hz)."""
     return _lowpass(bandwidth_hz, total_bandwidth_hz, attenuation_db)
 
@@ -150,17 +151,29 @@ def _make_upconverter_class():
         Signal chain::  in (rate b) --> pfb_arb_resampler(B / b) --> rotator(centre + CFO) --> out (rate B)
         """
 
-        def __init__(self, subband: Subband, total_bandwidth_hz: float, *, cfo_hz: float = 0.0,
-                     attenuation_db: float = DEFAULT_ATTENUATION_DB) -> None:
-            gr.hier_block2.__init__(self, "subband_upconverter", gr.io_signature(1, 1, gr.sizeof_gr_complex),
-                                    gr.io_signature(1, 1, gr.sizeof_gr_complex))
+        def __init__(
+            self,
+            subband: Subband,
+            total_bandwidth_hz: float,
+            *,
+            cfo_hz: float = 0.0,
+            attenuation_db: float = DEFAULT_ATTENUATION_DB,
+        ) -> None:
+            gr.hier_block2.__init__(
+                self,
+                "subband_upconverter",
+                gr.io_signature(1, 1, gr.sizeof_gr_complex),
+                gr.io_signature(1, 1, gr.sizeof_gr_complex),
+            )
             self.total_bandwidth_hz = float(total_bandwidth_hz)
             self.attenuation_db = attenuation_db
             self.cfo_hz = float(cfo_hz)
             self.subband = subband
             self.resampler = filter.pfb_arb_resampler_ccf(
                 self.total_bandwidth_hz / subband.bandwidth_hz,
-                upconverter_taps(subband.bandwidth_hz, attenuation_db), RESAMPLER_FILTERS)
+                upconverter_taps(subband.bandwidth_hz, attenuation_db),
+                RESAMPLER_FILTERS,
+            )
             self.rotator = blocks.rotator_cc(self._phase_inc(subband))
             self.connect(self, self.resampler, self.rotator, self)
 
@@ -187,17 +200,24 @@ def _make_channelizer_class():
         Signal chain::  in (rate B) --> rotator(-centre) --> pfb_arb_resampler(b / B) --> out (rate b)
         """
 
-        def __init__(self, subband: Subband, total_bandwidth_hz: float, *,
-                     attenuation_db: float = DEFAULT_ATTENUATION_DB) -> None:
-            gr.hier_block2.__init__(self, "subband_channelizer", gr.io_signature(1, 1, gr.sizeof_gr_complex),
-                                    gr.io_signature(1, 1, gr.sizeof_gr_complex))
+        def __init__(
+            self, subband: Subband, total_bandwidth_hz: float, *, attenuation_db: float = DEFAULT_ATTENUATION_DB
+        ) -> None:
+            gr.hier_block2.__init__(
+                self,
+                "subband_channelizer",
+                gr.io_signature(1, 1, gr.sizeof_gr_complex),
+                gr.io_signature(1, 1, gr.sizeof_gr_complex),
+            )
             self.total_bandwidth_hz = float(total_bandwidth_hz)
             self.attenuation_db = attenuation_db
             self.subband = subband
             self.rotator = blocks.rotator_cc(self._phase_inc(subband))
             self.resampler = filter.pfb_arb_resampler_ccf(
                 subband.bandwidth_hz / self.total_bandwidth_hz,
-                channelizer_taps(subband.bandwidth_hz, self.total_bandwidth_hz, attenuation_db), RESAMPLER_FILTERS)
+                channelizer_taps(subband.bandwidth_hz, self.total_bandwidth_hz, attenuation_db),
+                RESAMPLER_FILTERS,
+            )
             self.connect(self, self.rotator, self.resampler, self)
 
         def _phase_inc(self, subband: Subband) -> float:
@@ -206,8 +226,9 @@ def _make_channelizer_class():
         def retune(self, subband: Subband) -> None:
             """New centre and/or width (call while no burst is on the air)."""
             if subband.bandwidth_hz != self.subband.bandwidth_hz:
-                self.resampler.set_taps(channelizer_taps(subband.bandwidth_hz, self.total_bandwidth_hz,
-                                                         self.attenuation_db))
+                self.resampler.set_taps(
+                    channelizer_taps(subband.bandwidth_hz, self.total_bandwidth_hz, self.attenuation_db)
+                )
                 self.resampler.set_rate(subband.bandwidth_hz / self.total_bandwidth_hz)
             self.rotator.set_phase_inc(self._phase_inc(subband))
             self.subband = subband

@@ -7,21 +7,22 @@ SNR -> OfdmReceiver): whether a frame survives is decided by the OFDM receiver's
 SNR the BS gets is the receiver's own per-packet estimate from the equalized soft symbols (corrected by the
 calibrated offset), not the sim's model. Airtime is the modem's samples per packet at the share's sample rate.
 """
+
 from __future__ import annotations
 
 import itertools
 import json
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import zmq
 
 from phy import ofdm
 from phy.channel import MODULATIONS, TxSetting
-from phy.link import RxFrame
 from phy.sim import SimUplinkReceiver, SimUplinkTransmitter
+from phy.uplink import RxFrame
 
 log = logging.getLogger(__name__)
 
@@ -39,14 +40,16 @@ class GrLoopbackTransmitter(SimUplinkTransmitter):
 @dataclass
 class _AirFrame(RxFrame):
     """A frame as it reaches the air: with the channel SNR to apply and its modulation."""
+
     modulation: str = "qpsk"
 
 
 class GrLoopbackReceiver(SimUplinkReceiver):
     """BS side: frames arrive with their channel; the OFDM modem turns them into what a receiver decodes."""
 
-    def __init__(self, *, bind_address: str, snr_offset_db: float = 0.0, context: zmq.Context | None = None,
-                 noise_seed: int = 0):
+    def __init__(
+        self, *, bind_address: str, snr_offset_db: float = 0.0, context: zmq.Context | None = None, noise_seed: int = 0
+    ):
         from phy.gr_loopback import LoopbackModem  # GNU Radio only where the modem runs: the BS
 
         super().__init__(bind_address=bind_address, context=context)
@@ -61,8 +64,11 @@ class GrLoopbackReceiver(SimUplinkReceiver):
         modulation = json.loads(parts[0]).get("modulation")
         if modulation not in MODULATIONS or frame.snr_db is None:
             self.malformed_count += 1
-            log.warning("gr-loopback receiver %s: frame without a channel SNR or with modulation %r skipped",
-                        self.address, modulation)
+            log.warning(
+                "gr-loopback receiver %s: frame without a channel SNR or with modulation %r skipped",
+                self.address,
+                modulation,
+            )
             return None
         return _AirFrame(frame.data, frame.snr_db, frame.rx_time, modulation)
 

@@ -42,8 +42,8 @@ import bisect
 import math
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import pmt
 from gnuradio import channels, gr
@@ -51,7 +51,6 @@ from gnuradio import channels, gr
 from phy import ofdm
 from phy.ofdm_rx import OfdmReceiver, pdu_to_result
 from phy.ofdm_tx import OfdmTransmitter
-
 
 NOISE_FLUSH_SAMPLES = 16384  # > channel_model's noise buffer (8192 complex items by default)
 MAX_PACKETS_IN_FLIGHT = 64  # far from pitfall 7's ~1000 queued bursts
@@ -116,8 +115,13 @@ class LoopbackModem:
         self.tb = gr.top_block("ofdm_loopback")
         self.tx = OfdmTransmitter(default_modulation, pre_pad=pre_pad, post_pad=post_pad)
         self.channel = channels.channel_model(
-            noise_voltage=ofdm.noise_voltage_for_snr(snr_db), frequency_offset=freq_offset, epsilon=1.0,
-            taps=[1.0], noise_seed=noise_seed, block_tags=True)  # pitfall 1: no TX tags into the RX
+            noise_voltage=ofdm.noise_voltage_for_snr(snr_db),
+            frequency_offset=freq_offset,
+            epsilon=1.0,
+            taps=[1.0],
+            noise_seed=noise_seed,
+            block_tags=True,
+        )  # pitfall 1: no TX tags into the RX
         self.rx = OfdmReceiver(snr_offset_db, **(rx_kwargs or {}))
         self.collector = PduCollector()
         self.tb.connect(self.tx, self.channel, self.rx)
@@ -151,7 +155,7 @@ class LoopbackModem:
             self.tb.stop()
             self.tb.wait()
 
-    def __enter__(self) -> "LoopbackModem":
+    def __enter__(self) -> LoopbackModem:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -207,8 +211,16 @@ class LoopbackModem:
                     continue  # not sent yet in this run: a late packet of an earlier run, or a garbage header
                 if crc_ok:
                     last_ok = idx
-                results.append(RxPacket(data, crc_ok, float(meta.get("snr_db", math.nan)),
-                                        str(meta.get("modulation", "")), idx, float(meta.get("snr_raw_db", math.nan))))
+                results.append(
+                    RxPacket(
+                        data,
+                        crc_ok,
+                        float(meta.get("snr_db", math.nan)),
+                        str(meta.get("modulation", "")),
+                        idx,
+                        float(meta.get("snr_raw_db", math.nan)),
+                    )
+                )
 
         start_samples = self._posted_samples
         ends: list[int] = []  # sample count at the end of each posted packet
@@ -216,8 +228,9 @@ class LoopbackModem:
             rx_in = self.rx.samples_in()
             in_flight = self._posted_samples - rx_in
             packets_in_flight = posted - bisect.bisect_right(ends, rx_in)
-            if in_flight <= 0 or (in_flight + sizes[posted] <= self.window_samples
-                                  and packets_in_flight < MAX_PACKETS_IN_FLIGHT):
+            if in_flight <= 0 or (
+                in_flight + sizes[posted] <= self.window_samples and packets_in_flight < MAX_PACKETS_IN_FLIGHT
+            ):
                 self.tx.source.enqueue(checked[posted], mods[posted], (base_num + posted) & 0xFF)
                 self._posted_samples += sizes[posted]
                 ends.append(self._posted_samples)
@@ -244,8 +257,9 @@ class LoopbackModem:
         return results
 
 
-def measure_back_to_back_loss(n_packets: int = 300, frame_bytes: int = 100, modulation: str = "qpsk",
-                              snr_db: float = 40.0) -> dict[str, float]:
+def measure_back_to_back_loss(
+    n_packets: int = 300, frame_bytes: int = 100, modulation: str = "qpsk", snr_db: float = 40.0
+) -> dict[str, float]:
     """Issue 6891 on this receiver: loss with packets back to back (no zero padding) vs the default padding.
 
     Three sacrificial packets follow the measured ones, so the unpadded run's tail is flushed too.

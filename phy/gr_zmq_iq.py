@@ -21,6 +21,7 @@ blocks carry none (only GNU Radio tags in an internal header), hold the tail of 
 (pitfall 6), and a PUSH sink blocks the flowgraph while its peer is away. Here a sender never blocks on a
 missing peer, a malformed message is logged and skipped, and idle time costs nothing.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -31,7 +32,7 @@ import math
 import os
 import threading
 import time
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import zmq
@@ -39,7 +40,7 @@ import zmq
 from phy import fdma, ofdm
 from phy.air import WIRE_VERSION
 from phy.channel import ChannelConfig, DeviceGeometry, TxSetting
-from phy.link import RxFrame, TxReport, UplinkReceiver, UplinkTransmitter, checked_frames
+from phy.uplink import RxFrame, TxReport, UplinkReceiver, UplinkTransmitter, checked_frames
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +48,15 @@ log = logging.getLogger(__name__)
 class ZmqIqTransmitter(UplinkTransmitter):
     """Edge side: modulate a burst at the share's sample rate, hand it to the air, wait until it is on the air."""
 
-    def __init__(self, *, air_address: str, geometry: DeviceGeometry, context: zmq.Context | None = None,
-                 clock_speed: float = 1.0, reply_slack_s: float = 30.0) -> None:
+    def __init__(
+        self,
+        *,
+        air_address: str,
+        geometry: DeviceGeometry,
+        context: zmq.Context | None = None,
+        clock_speed: float = 1.0,
+        reply_slack_s: float = 30.0,
+    ) -> None:
         self.geometry = geometry
         self.air_address = air_address
         self.clock_speed = clock_speed
@@ -77,23 +85,43 @@ class ZmqIqTransmitter(UplinkTransmitter):
         t0 = time.monotonic()
         burst = modulate(frames, setting.modulation)
         t_modulated = time.monotonic()
-        report = TxReport(frames_sent=len(frames), bytes_sent=sum(len(f) for f in frames),
-                          airtime_s=len(burst) / setting.bandwidth_hz)
+        report = TxReport(
+            frames_sent=len(frames), bytes_sent=sum(len(f) for f in frames), airtime_s=len(burst) / setting.bandwidth_hz
+        )
         burst_id = next(self._burst_ids)
-        meta = {"v": WIRE_VERSION, "device_id": self.geometry.device_id, "round": round_idx, "burst_id": burst_id,
-                "tx_power_dbm": setting.tx_power_dbm, "bandwidth_hz": setting.bandwidth_hz,
-                "modulation": setting.modulation}
+        meta = {
+            "v": WIRE_VERSION,
+            "device_id": self.geometry.device_id,
+            "round": round_idx,
+            "burst_id": burst_id,
+            "tx_power_dbm": setting.tx_power_dbm,
+            "bandwidth_hz": setting.bandwidth_hz,
+            "modulation": setting.modulation,
+        }
         try:
             self._sock.send_multipart([b"burst", json.dumps(meta).encode(), burst], copy=False)
         except zmq.Again:
             self.last_error = f"the air at {self.air_address} did not take the burst"
-            log.warning("zmq-iq device %d round %d: %s; %d frame(s) lost", self.geometry.device_id, round_idx,
-                        self.last_error, len(frames))
+            log.warning(
+                "zmq-iq device %d round %d: %s; %d frame(s) lost",
+                self.geometry.device_id,
+                round_idx,
+                self.last_error,
+                len(frames),
+            )
             return report
         self._wait_done(burst_id, report.airtime_s / self.clock_speed + self.reply_slack_s, round_idx)
-        log.info("zmq-iq device %d round %d burst %d: %d frames, %.2f s of airtime, modulated in %.2f s, on the air "
-                 "%.2f s later", self.geometry.device_id, round_idx, burst_id, len(frames), report.airtime_s,
-                 t_modulated - t0, time.monotonic() - t_modulated)
+        log.info(
+            "zmq-iq device %d round %d burst %d: %d frames, %.2f s of airtime, modulated in %.2f s, on the air "
+            "%.2f s later",
+            self.geometry.device_id,
+            round_idx,
+            burst_id,
+            len(frames),
+            report.airtime_s,
+            t_modulated - t0,
+            time.monotonic() - t_modulated,
+        )
         return report
 
     def _wait_done(self, burst_id: int, timeout_s: float, round_idx: int) -> None:
@@ -109,8 +137,11 @@ class ZmqIqTransmitter(UplinkTransmitter):
             except ValueError:
                 kind, body = b"", None
             if not isinstance(body, dict):
-                log.warning("zmq-iq device %d: malformed answer from the air skipped: %r", self.geometry.device_id,
-                            [p[:64] for p in parts])
+                log.warning(
+                    "zmq-iq device %d: malformed answer from the air skipped: %r",
+                    self.geometry.device_id,
+                    [p[:64] for p in parts],
+                )
                 continue
             if kind == b"done" and body.get("burst_id") == burst_id:
                 return
@@ -118,8 +149,12 @@ class ZmqIqTransmitter(UplinkTransmitter):
                 self.last_error = f"the air refused the burst: {body.get('error')}"
                 break
             # an answer to an earlier burst that timed out: skip it
-        log.warning("zmq-iq device %d round %d: %s (its frames count as lost)", self.geometry.device_id, round_idx,
-                    self.last_error)
+        log.warning(
+            "zmq-iq device %d round %d: %s (its frames count as lost)",
+            self.geometry.device_id,
+            round_idx,
+            self.last_error,
+        )
 
     def close(self) -> None:
         if not self._closed:
@@ -151,8 +186,7 @@ class FrameInbox:
             self.crc_failures += 1
             return
         snr = meta.get("snr_db")
-        frame = RxFrame(data, float(snr) if isinstance(snr, (int, float)) and math.isfinite(snr) else None,
-                        time.time())
+        frame = RxFrame(data, float(snr) if isinstance(snr, (int, float)) and math.isfinite(snr) else None, time.time())
         with self._lock:
             self._frames.append(frame)
         try:
@@ -266,11 +300,23 @@ def _make_blocks():
 class ZmqIqReceiver(UplinkReceiver):
     """BS side: the medium from the air, one channelizer + OFDM receiver per device subband."""
 
-    def __init__(self, *, air_address: str, medium_address: str, total_bandwidth_hz: float, device_count: int,
-                 distances_m: Sequence[float], channel: ChannelConfig | None = None, seed: int = 0,
-                 snr_offset_db: float = 0.0, max_cfo_hz: float = 0.0, clock_speed: float = 1.0,
-                 hangover_s: float = 0.02, attenuation_db: float = fdma.DEFAULT_ATTENUATION_DB,
-                 context: zmq.Context | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        air_address: str,
+        medium_address: str,
+        total_bandwidth_hz: float,
+        device_count: int,
+        distances_m: Sequence[float],
+        channel: ChannelConfig | None = None,
+        seed: int = 0,
+        snr_offset_db: float = 0.0,
+        max_cfo_hz: float = 0.0,
+        clock_speed: float = 1.0,
+        hangover_s: float = 0.02,
+        attenuation_db: float = fdma.DEFAULT_ATTENUATION_DB,
+        context: zmq.Context | None = None,
+    ) -> None:
         """distances_m, channel, seed, max_cfo_hz, clock_speed, hangover_s: what the air applies (announced
         with every plan: the air has no configuration of its own beyond its addresses)."""
         from gnuradio import gr
@@ -282,10 +328,16 @@ class ZmqIqReceiver(UplinkReceiver):
             raise ValueError(f"device_count must be >= 1, got {device_count}")
         self.total_bandwidth_hz = float(total_bandwidth_hz)
         self.device_count = device_count
-        self.physics = {"total_bandwidth_hz": self.total_bandwidth_hz, "seed": seed,
-                        "channel": dataclasses.asdict(channel or ChannelConfig()),
-                        "distances_m": [float(d) for d in distances_m], "max_cfo_hz": max_cfo_hz,
-                        "clock_speed": clock_speed, "hangover_s": hangover_s, "attenuation_db": attenuation_db}
+        self.physics = {
+            "total_bandwidth_hz": self.total_bandwidth_hz,
+            "seed": seed,
+            "channel": dataclasses.asdict(channel or ChannelConfig()),
+            "distances_m": [float(d) for d in distances_m],
+            "max_cfo_hz": max_cfo_hz,
+            "clock_speed": clock_speed,
+            "hangover_s": hangover_s,
+            "attenuation_db": attenuation_db,
+        }
         self.address = air_address  # what the BS advertises as its data address: the edges send to the air
         ctx = context or zmq.Context.instance()
         self._air = ctx.socket(zmq.DEALER)
@@ -306,8 +358,7 @@ class ZmqIqReceiver(UplinkReceiver):
         self.receivers = []
         self.collectors = []
         for k in range(device_count):
-            channelizer = fdma.SubbandChannelizer(self.plan[k], self.total_bandwidth_hz,
-                                                  attenuation_db=attenuation_db)
+            channelizer = fdma.SubbandChannelizer(self.plan[k], self.total_bandwidth_hz, attenuation_db=attenuation_db)
             receiver = OfdmReceiver(snr_offset_db)
             collector = FrameCollector(k, self.inbox)
             self.tb.connect(self.source, channelizer, receiver)
@@ -325,8 +376,12 @@ class ZmqIqReceiver(UplinkReceiver):
         try:
             plan = fdma.plan_subbands(self.total_bandwidth_hz, widths)
         except ValueError as exc:  # a controller's plan that does not fit the band must not stop the BS
-            log.error("zmq-iq receiver: round %d: no subband plan (%s); the air keeps the last one and refuses "
-                      "bursts that do not fit it", round_idx, exc)
+            log.error(
+                "zmq-iq receiver: round %d: no subband plan (%s); the air keeps the last one and refuses "
+                "bursts that do not fit it",
+                round_idx,
+                exc,
+            )
             return
         for k, subband in plan.items():
             if subband != self.channelizers[k].subband:
@@ -399,8 +454,12 @@ class ZmqIqReceiver(UplinkReceiver):
                 log.warning("zmq-iq receiver: the air refused a message: %s", body.get("error"))
 
     def stats(self) -> dict:
-        return {"packets": dict(self.inbox.packets), "crc_failures": self.inbox.crc_failures,
-                "medium_index": self.source.index, "malformed_medium": self.source.malformed}
+        return {
+            "packets": dict(self.inbox.packets),
+            "crc_failures": self.inbox.crc_failures,
+            "medium_index": self.source.index,
+            "malformed_medium": self.source.malformed,
+        }
 
     def close(self) -> None:
         if not self._closed:

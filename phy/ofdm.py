@@ -30,7 +30,7 @@ right number of payload OFDM symbols:
 
 The price: CRC-8 instead of a 16-bit check (1 in 256 corrupted headers
 passes; the payload CRC-32 still rejects the packet) and a 4091-byte cap
-(L <= 4095 for BPSK), above phy.framing's 4020-byte frames.
+(L <= 4095 for BPSK), above proto.framing's 4020-byte frames.
 
 8PSK length rule (pitfall 4)
 ----------------------------
@@ -58,9 +58,10 @@ from __future__ import annotations
 import math
 import struct
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import lru_cache
-from typing import Any, Sequence
+from functools import cache
+from typing import Any
 
 import numpy as np
 
@@ -70,17 +71,144 @@ CP_LEN = 16
 SYMBOL_SAMPLES = FFT_LEN + CP_LEN  # 80
 # Carrier indices relative to DC (negative = below DC); same as gr-digital's ofdm_txrx defaults.
 OCCUPIED_CARRIERS: tuple[int, ...] = (
-    tuple(range(-26, -21)) + tuple(range(-20, -7)) + tuple(range(-6, 0))
-    + tuple(range(1, 7)) + tuple(range(8, 21)) + tuple(range(22, 27))
+    tuple(range(-26, -21))
+    + tuple(range(-20, -7))
+    + tuple(range(-6, 0))
+    + tuple(range(1, 7))
+    + tuple(range(8, 21))
+    + tuple(range(22, 27))
 )
 PILOT_CARRIERS: tuple[int, ...] = (-21, -7, 7, 21)
 N_DATA_CARRIERS = len(OCCUPIED_CARRIERS)  # 48
 N_ACTIVE_CARRIERS = N_DATA_CARRIERS + len(PILOT_CARRIERS)  # 52
 _PILOT_SCRAMBLE = (
-    1, 1, 1, 1, -1, -1, -1, 1, -1, -1, -1, -1, 1, 1, -1, 1, -1, -1, 1, 1, -1, 1, 1, -1, 1, 1, 1, 1, 1, 1, -1, 1,
-    1, 1, -1, 1, 1, -1, -1, 1, 1, 1, -1, 1, -1, -1, -1, 1, -1, 1, -1, -1, 1, -1, -1, 1, 1, 1, 1, 1, -1, -1, 1, 1,
-    -1, -1, 1, -1, 1, -1, 1, 1, -1, -1, -1, 1, 1, -1, -1, -1, -1, 1, -1, -1, 1, -1, 1, 1, 1, 1, -1, 1, -1, 1, -1, 1,
-    -1, -1, -1, -1, -1, 1, -1, 1, 1, -1, 1, -1, 1, 1, 1, -1, -1, 1, -1, -1, -1, 1, 1, 1, -1, -1, -1, -1, -1, -1, -1,
+    1,
+    1,
+    1,
+    1,
+    -1,
+    -1,
+    -1,
+    1,
+    -1,
+    -1,
+    -1,
+    -1,
+    1,
+    1,
+    -1,
+    1,
+    -1,
+    -1,
+    1,
+    1,
+    -1,
+    1,
+    1,
+    -1,
+    1,
+    1,
+    1,
+    1,
+    1,
+    1,
+    -1,
+    1,
+    1,
+    1,
+    -1,
+    1,
+    1,
+    -1,
+    -1,
+    1,
+    1,
+    1,
+    -1,
+    1,
+    -1,
+    -1,
+    -1,
+    1,
+    -1,
+    1,
+    -1,
+    -1,
+    1,
+    -1,
+    -1,
+    1,
+    1,
+    1,
+    1,
+    1,
+    -1,
+    -1,
+    1,
+    1,
+    -1,
+    -1,
+    1,
+    -1,
+    1,
+    -1,
+    1,
+    1,
+    -1,
+    -1,
+    -1,
+    1,
+    1,
+    -1,
+    -1,
+    -1,
+    -1,
+    1,
+    -1,
+    -1,
+    1,
+    -1,
+    1,
+    1,
+    1,
+    1,
+    -1,
+    1,
+    -1,
+    1,
+    -1,
+    1,
+    -1,
+    -1,
+    -1,
+    -1,
+    -1,
+    1,
+    -1,
+    1,
+    1,
+    -1,
+    1,
+    -1,
+    1,
+    1,
+    1,
+    -1,
+    -1,
+    1,
+    -1,
+    -1,
+    -1,
+    1,
+    1,
+    1,
+    -1,
+    -1,
+    -1,
+    -1,
+    -1,
+    -1,
+    -1,
 )
 # One pilot set per OFDM symbol (header = symbol 0), cycling with period 127 (802.11a polarity sequence).
 PILOT_SYMBOLS: tuple[tuple[float, float, float, float], ...] = tuple((x, x, x, -x) for x in _PILOT_SCRAMBLE)
@@ -89,7 +217,7 @@ N_HEADER_SYMBOLS = 1
 OVERHEAD_SYMBOLS = N_SYNC_SYMBOLS + N_HEADER_SYMBOLS  # = phy.channel.ofdm_airtime_s's default
 PHY_CRC_BYTES = 4
 HEADER_BITS = N_DATA_CARRIERS  # one BPSK symbol
-MAX_PACKET_BYTES = 4091  # 12-bit header length field (BPSK); >= phy.framing.MAX_FRAME_BYTES (4020)
+MAX_PACKET_BYTES = 4091  # 12-bit header length field (BPSK); >= proto.framing.MAX_FRAME_BYTES (4020)
 # Largest packet in OFDM symbols (BPSK) and samples, for set_min_output_buffer (pitfall 2).
 MAX_PAYLOAD_OFDM_SYMBOLS = math.ceil((MAX_PACKET_BYTES + PHY_CRC_BYTES) * 8 / N_DATA_CARRIERS)
 MAX_FRAME_OFDM_SYMBOLS = MAX_PAYLOAD_OFDM_SYMBOLS + OVERHEAD_SYMBOLS
@@ -134,13 +262,14 @@ def _sync_words() -> tuple[np.ndarray, np.ndarray]:
     """
     active = {c % FFT_LEN for c in OCCUPIED_CARRIERS + PILOT_CARRIERS}
     rng = np.random.RandomState(42)
-    sw1 = [(math.sqrt(2) if rng.randint(2) == 0 else -math.sqrt(2)) if (x in active and x % 2) else 0.0
-           for x in range(FFT_LEN)]
+    sw1 = [
+        (math.sqrt(2) if rng.randint(2) == 0 else -math.sqrt(2)) if (x in active and x % 2) else 0.0
+        for x in range(FFT_LEN)
+    ]
     rng = np.random.RandomState(42)
     sw2 = [(1.0 if rng.randint(2) == 0 else -1.0) if x in active else 0.0 for x in range(FFT_LEN)]
     sw2[0] = 0.0
-    return (np.fft.fftshift(np.array(sw1, dtype=np.complex64)),
-            np.fft.fftshift(np.array(sw2, dtype=np.complex64)))
+    return (np.fft.fftshift(np.array(sw1, dtype=np.complex64)), np.fft.fftshift(np.array(sw2, dtype=np.complex64)))
 
 
 SYNC_WORD1, SYNC_WORD2 = _sync_words()
@@ -203,14 +332,13 @@ def get_modulation(name: str) -> Modulation:
         raise ValueError(f"unknown modulation {name!r}; expected one of {sorted(MODULATIONS)}") from None
 
 
-@lru_cache(maxsize=None)
+@cache
 def _gr_constellation(name: str) -> Any:
     from gnuradio import digital
 
     mod = get_modulation(name)
     pts = [complex(p) for p in mod.points]
-    const = digital.constellation_calcdist(pts, list(range(len(pts))), 1, 1,
-                                           digital.constellation.POWER_NORMALIZATION)
+    const = digital.constellation_calcdist(pts, list(range(len(pts))), 1, 1, digital.constellation.POWER_NORMALIZATION)
     return const
 
 
@@ -262,7 +390,7 @@ class PacketHeader:
         return length, ((self.bits_per_symbol - 1) << 10) | (r << 8) | (self.packet_num & 0xFF)
 
     @classmethod
-    def from_fields(cls, length: int, number: int, max_payload_len: int = MAX_PACKET_BYTES) -> "PacketHeader | None":
+    def from_fields(cls, length: int, number: int, max_payload_len: int = MAX_PACKET_BYTES) -> PacketHeader | None:
         """Inverse of fields(); None for combinations our transmitter never sends."""
         bps = ((number >> 10) & 0x3) + 1
         r = (number >> 8) & 0x3
@@ -320,16 +448,18 @@ def header_formatter() -> Any:
     """gr-digital's packet_header_ofdm for the receiver's C++ parser (payload bits per symbol fixed to 1)."""
     from gnuradio import digital
 
-    return digital.packet_header_ofdm([list(OCCUPIED_CARRIERS)], N_HEADER_SYMBOLS, PACKET_LEN_KEY, FRAME_LEN_KEY,
-                                      PACKET_NUM_KEY, 1, 1, True)
+    return digital.packet_header_ofdm(
+        [list(OCCUPIED_CARRIERS)], N_HEADER_SYMBOLS, PACKET_LEN_KEY, FRAME_LEN_KEY, PACKET_NUM_KEY, 1, 1, True
+    )
 
 
 def payload_symbols(payload_len: int, bits_per_symbol: int) -> int:
     return math.ceil((payload_len + PHY_CRC_BYTES) * 8 / bits_per_symbol)
 
 
-def packet_samples(payload_len: int, modulation: str, pre_pad: int = DEFAULT_PRE_PAD,
-                   post_pad: int = DEFAULT_POST_PAD) -> int:
+def packet_samples(
+    payload_len: int, modulation: str, pre_pad: int = DEFAULT_PRE_PAD, post_pad: int = DEFAULT_POST_PAD
+) -> int:
     """Exact number of samples our transmitter emits for one packet (= ofdm_airtime_s * fs)."""
     bps = get_modulation(modulation).bits_per_symbol
     n_ofdm = math.ceil(payload_symbols(payload_len, bps) / N_DATA_CARRIERS) + OVERHEAD_SYMBOLS
@@ -383,7 +513,7 @@ def _bits_to_labels(bits: np.ndarray, bps: int) -> np.ndarray:
 
 
 def _labels_to_bits(labels: np.ndarray, bps: int) -> np.ndarray:
-    return np.unpackbits(labels.astype(np.uint8)[:, None], axis=1)[:, 8 - bps:].ravel()
+    return np.unpackbits(labels.astype(np.uint8)[:, None], axis=1)[:, 8 - bps :].ravel()
 
 
 # Decision look-up tables (sign/magnitude slicing is ~10x faster than angles or distances in numpy).
@@ -417,7 +547,7 @@ def demap_packet(labels: np.ndarray, header: PacketHeader) -> tuple[bytes, bool]
     bits = _labels_to_bits(np.asarray(labels, dtype=np.intp)[: header.payload_symbols], header.bits_per_symbol)
     n_bytes = header.payload_len + PHY_CRC_BYTES
     body = scramble(np.packbits(bits[: n_bytes * 8]))
-    data, crc = body[: header.payload_len].tobytes(), body[header.payload_len:].tobytes()
+    data, crc = body[: header.payload_len].tobytes(), body[header.payload_len :].tobytes()
     return data, struct.pack(">I", zlib.crc32(data)) == crc
 
 
@@ -431,8 +561,8 @@ def pad_for_stock_8psk(frame: bytes) -> bytes:
 
 
 def strip_stock_8psk_padding(data: bytes) -> bytes:
-    """Undo pad_for_stock_8psk for a phy.framing.Frame: its payload_len says where the frame ends."""
-    from phy.framing import HEADER_BYTES, OVERHEAD_BYTES
+    """Undo pad_for_stock_8psk for a proto.framing.Frame: its payload_len says where the frame ends."""
+    from proto.framing import HEADER_BYTES, OVERHEAD_BYTES
 
     if len(data) < HEADER_BYTES:
         return bytes(data)

@@ -157,8 +157,9 @@ def decode_payload(frame: np.ndarray, header: ofdm.PacketHeader) -> DecodedPacke
         snr_sc_db = min(-10.0 * math.log10(evm2), _MAX_SNR_DB)
     else:
         snr_sc_db = _MAX_SNR_DB
-    return DecodedPacket(data, crc_ok, header.modulation, snr_sc_db + ofdm.SUBCARRIER_TO_TIME_DOMAIN_DB,
-                         header.packet_num, soft)
+    return DecodedPacket(
+        data, crc_ok, header.modulation, snr_sc_db + ofdm.SUBCARRIER_TO_TIME_DOMAIN_DB, header.packet_num, soft
+    )
 
 
 def _u8_pmt(data: bytes) -> pmt.pmt_t:
@@ -204,11 +205,20 @@ class SchmidlCoxSync(gr.hier_block2):
     rotates every data carrier by a fixed phase to break that symmetry.
     """
 
-    def __init__(self, fft_len: int = ofdm.FFT_LEN, threshold: float = SYNC_THRESHOLD,
-                 plateau_max_len: int = ofdm.FFT_LEN, smooth_len: int = SYNC_SMOOTH_LEN,
-                 use_even_carriers: bool = False) -> None:
-        gr.hier_block2.__init__(self, "schmidl_cox_sync", gr.io_signature(1, 1, gr.sizeof_gr_complex),
-                                gr.io_signature2(2, 2, gr.sizeof_float, gr.sizeof_char))
+    def __init__(
+        self,
+        fft_len: int = ofdm.FFT_LEN,
+        threshold: float = SYNC_THRESHOLD,
+        plateau_max_len: int = ofdm.FFT_LEN,
+        smooth_len: int = SYNC_SMOOTH_LEN,
+        use_even_carriers: bool = False,
+    ) -> None:
+        gr.hier_block2.__init__(
+            self,
+            "schmidl_cox_sync",
+            gr.io_signature(1, 1, gr.sizeof_gr_complex),
+            gr.io_signature2(2, 2, gr.sizeof_float, gr.sizeof_char),
+        )
         if smooth_len < 1 or smooth_len % 2 == 0:
             raise ValueError("smooth_len must be odd and >= 1")
         # The smoothed metric (and so the trigger) lags the raw one by this much; the receiver delays its data
@@ -299,7 +309,7 @@ class PayloadDecoder(gr.sync_block):
                 self._buf = np.empty((header.payload_ofdm_symbols, ofdm.FFT_LEN), dtype=np.complex64)
                 self._fill = 0
             take = min(self._buf.shape[0] - self._fill, n - i)
-            self._buf[self._fill: self._fill + take] = inp[i: i + take]
+            self._buf[self._fill : self._fill + take] = inp[i : i + take]
             self._fill += take
             i += take
             if self._fill == self._buf.shape[0]:
@@ -314,8 +324,9 @@ class PayloadDecoder(gr.sync_block):
         """Our header fields from the stock parser's tags (packet_len = 8 x length field, see phy.ofdm)."""
         try:
             length = int(pmt.to_long(tags[ofdm.PACKET_LEN_KEY])) // 8
-            header = ofdm.PacketHeader.from_fields(length, int(pmt.to_long(tags[ofdm.PACKET_NUM_KEY])),
-                                                   self.max_packet_bytes)
+            header = ofdm.PacketHeader.from_fields(
+                length, int(pmt.to_long(tags[ofdm.PACKET_NUM_KEY])), self.max_packet_bytes
+            )
             frame_len = int(pmt.to_long(tags[ofdm.FRAME_LEN_KEY]))
         except (KeyError, RuntimeError, ValueError):
             return None
@@ -344,11 +355,18 @@ class PayloadDecoder(gr.sync_block):
 class OfdmReceiver(gr.hier_block2):
     """Complex baseband in; decoded packets out as PDUs on message port ``out`` (see module docstring)."""
 
-    def __init__(self, snr_offset_db: float = 0.0, *, max_packet_bytes: int = ofdm.MAX_PACKET_BYTES,
-                 header_alpha: float = 0.5, sync_threshold: float = SYNC_THRESHOLD,
-                 sync_smooth_len: int = SYNC_SMOOTH_LEN) -> None:
-        gr.hier_block2.__init__(self, "ofdm_receiver", gr.io_signature(1, 1, gr.sizeof_gr_complex),
-                                gr.io_signature(0, 0, 0))
+    def __init__(
+        self,
+        snr_offset_db: float = 0.0,
+        *,
+        max_packet_bytes: int = ofdm.MAX_PACKET_BYTES,
+        header_alpha: float = 0.5,
+        sync_threshold: float = SYNC_THRESHOLD,
+        sync_smooth_len: int = SYNC_SMOOTH_LEN,
+    ) -> None:
+        gr.hier_block2.__init__(
+            self, "ofdm_receiver", gr.io_signature(1, 1, gr.sizeof_gr_complex), gr.io_signature(0, 0, 0)
+        )
         self.message_port_register_hier_out("out")
         occupied = [list(ofdm.OCCUPIED_CARRIERS)]
         pilots = [list(ofdm.PILOT_CARRIERS)]
@@ -361,8 +379,14 @@ class OfdmReceiver(gr.hier_block2):
         oscillator = analog.frequency_modulator_fc(-2.0 / ofdm.FFT_LEN)
         mixer = blocks.multiply_cc()
         hpd = digital.header_payload_demux(
-            ofdm.N_SYNC_SYMBOLS + ofdm.N_HEADER_SYMBOLS, ofdm.FFT_LEN, ofdm.CP_LEN, ofdm.FRAME_LEN_KEY,
-            "", True, gr.sizeof_gr_complex)
+            ofdm.N_SYNC_SYMBOLS + ofdm.N_HEADER_SYMBOLS,
+            ofdm.FFT_LEN,
+            ofdm.CP_LEN,
+            ofdm.FRAME_LEN_KEY,
+            "",
+            True,
+            gr.sizeof_gr_complex,
+        )
         hpd.set_log_level("warn")  # every false trigger would log "Parser returned #f" at info level
 
         # --- header: channel estimate from the preamble, hard BPSK header, stock C++ parser (phy.ofdm format)
@@ -370,9 +394,9 @@ class OfdmReceiver(gr.hier_block2):
         chanest = digital.ofdm_chanest_vcvc(ofdm.SYNC_WORD1.tolist(), ofdm.SYNC_WORD2.tolist(), 1)
         # alpha 0.5: the propagated channel state averages the preamble and header estimates (half the noise)
         header_equalizer = digital.ofdm_equalizer_simpledfe(
-            ofdm.FFT_LEN, bpsk, occupied, pilots, pilot_symbols, 0, header_alpha)
-        header_eq = digital.ofdm_frame_equalizer_vcvc(header_equalizer.base(), ofdm.CP_LEN, ofdm.FRAME_LEN_KEY,
-                                                      True, 1)
+            ofdm.FFT_LEN, bpsk, occupied, pilots, pilot_symbols, 0, header_alpha
+        )
+        header_eq = digital.ofdm_frame_equalizer_vcvc(header_equalizer.base(), ofdm.CP_LEN, ofdm.FRAME_LEN_KEY, True, 1)
         header_serializer = digital.ofdm_serializer_vcc(ofdm.FFT_LEN, occupied, ofdm.FRAME_LEN_KEY)
         header_demod = digital.constellation_decoder_cb(bpsk)
         header_parser = digital.packet_headerparser_b(ofdm.header_formatter().formatter())
@@ -382,8 +406,7 @@ class OfdmReceiver(gr.hier_block2):
         # --- payload: static soft equalizer (all 52 carriers, pilots included, no decision feedback)
         payload_fft = fft.fft_vcc(ofdm.FFT_LEN, True, (), True)
         active = [sorted(ofdm.OCCUPIED_CARRIERS + ofdm.PILOT_CARRIERS)]
-        payload_equalizer = digital.ofdm_equalizer_simpledfe(
-            ofdm.FFT_LEN, bpsk, active, [], [], 0, 1.0, True, True)
+        payload_equalizer = digital.ofdm_equalizer_simpledfe(ofdm.FFT_LEN, bpsk, active, [], [], 0, 1.0, True, True)
         payload_eq = digital.ofdm_frame_equalizer_vcvc(payload_equalizer.base(), ofdm.CP_LEN, ofdm.FRAME_LEN_KEY)
         self.payload_decoder = PayloadDecoder(snr_offset_db, max_packet_bytes)
 
@@ -408,11 +431,23 @@ class OfdmReceiver(gr.hier_block2):
         self.connect((hpd, 1), payload_fft, payload_eq, self.payload_decoder)
         self.msg_connect(self.payload_decoder, "out", self, "out")
         # keep references: stock blocks for perf counters / debugging, Python blocks so their gateways stay alive
-        self.blocks = {"sync": sync, "delay": delay, "oscillator": oscillator, "mixer": mixer, "hpd": hpd,
-                       "header_fft": header_fft, "chanest": chanest, "header_eq": header_eq,
-                       "header_serializer": header_serializer, "header_demod": header_demod,
-                       "header_parser": header_parser, "header_counter": self.header_counter,
-                       "payload_fft": payload_fft, "payload_eq": payload_eq, "payload_decoder": self.payload_decoder}
+        self.blocks = {
+            "sync": sync,
+            "delay": delay,
+            "oscillator": oscillator,
+            "mixer": mixer,
+            "hpd": hpd,
+            "header_fft": header_fft,
+            "chanest": chanest,
+            "header_eq": header_eq,
+            "header_serializer": header_serializer,
+            "header_demod": header_demod,
+            "header_parser": header_parser,
+            "header_counter": self.header_counter,
+            "payload_fft": payload_fft,
+            "payload_eq": payload_eq,
+            "payload_decoder": self.payload_decoder,
+        }
 
     @property
     def snr_offset_db(self) -> float:

@@ -34,7 +34,7 @@ import logging
 import math
 import threading
 import time
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 import pmt
@@ -81,8 +81,9 @@ class PacketSource(gr.basic_block):
         self.set_min_output_buffer(0, 2 * max_symbols)
 
     # ----------------------------------------------------------------- input side
-    def enqueue(self, data: bytes, modulation: str | None = None, packet_num: int | None = None,
-                *, wake: bool = True) -> int:
+    def enqueue(
+        self, data: bytes, modulation: str | None = None, packet_num: int | None = None, *, wake: bool = True
+    ) -> int:
         """Map one packet and queue it; returns its 8-bit packet number. Raises ValueError if invalid."""
         data = ofdm.check_packet(data, self.max_packet_bytes)
         modulation = modulation or self.default_modulation
@@ -122,10 +123,11 @@ class PacketSource(gr.basic_block):
             while self._queue and produced < len(out):
                 sym = self._queue[0]
                 if self._offset == 0:
-                    self.add_item_tag(0, self.nitems_written(0) + produced, self._len_key,
-                                      pmt.from_long(len(sym)), self._src_id)
+                    self.add_item_tag(
+                        0, self.nitems_written(0) + produced, self._len_key, pmt.from_long(len(sym)), self._src_id
+                    )
                 n = min(len(sym) - self._offset, len(out) - produced)
-                out[produced: produced + n] = sym[self._offset: self._offset + n]
+                out[produced : produced + n] = sym[self._offset : self._offset + n]
                 produced += n
                 self._offset += n
                 if self._offset == len(sym):
@@ -171,14 +173,14 @@ class BurstPadder(gr.basic_block):
         while produced < n_out:
             if self._zeros:
                 n = min(self._zeros, n_out - produced)
-                out[produced: produced + n] = 0
+                out[produced : produced + n] = 0
                 self._zeros -= n
                 produced += n
             elif self._remaining:
                 n = min(self._remaining, n_in - consumed, n_out - produced)
                 if n == 0:
                     break
-                out[produced: produced + n] = inp[consumed: consumed + n]
+                out[produced : produced + n] = inp[consumed : consumed + n]
                 consumed += n
                 produced += n
                 self._remaining -= n
@@ -197,8 +199,13 @@ class BurstPadder(gr.basic_block):
                     continue
                 self._remaining = int(pmt.to_long(tags[0].value))
                 self._zeros = self.pre_pad
-                self.add_item_tag(0, self.nitems_written(0) + produced, self._key,
-                                  pmt.from_long(self.pre_pad + self._remaining + self.post_pad), self._src_id)
+                self.add_item_tag(
+                    0,
+                    self.nitems_written(0) + produced,
+                    self._key,
+                    pmt.from_long(self.pre_pad + self._remaining + self.post_pad),
+                    self._src_id,
+                )
                 if self._remaining == 0:
                     self._zeros += self.post_pad
         self.consume(0, consumed)
@@ -222,8 +229,9 @@ class OfdmTransmitter(gr.hier_block2):
         propagate_tags: bool = False,
         max_packet_bytes: int = ofdm.MAX_PACKET_BYTES,
     ) -> None:
-        gr.hier_block2.__init__(self, "ofdm_transmitter", gr.io_signature(0, 0, 0),
-                                gr.io_signature(1, 1, gr.sizeof_gr_complex))
+        gr.hier_block2.__init__(
+            self, "ofdm_transmitter", gr.io_signature(0, 0, 0), gr.io_signature(1, 1, gr.sizeof_gr_complex)
+        )
         if pre_pad < 0 or post_pad < 0:
             raise ValueError("pre_pad and post_pad must be >= 0 samples")
         if not 0 < max_packet_bytes <= ofdm.MAX_PACKET_BYTES:
@@ -235,9 +243,13 @@ class OfdmTransmitter(gr.hier_block2):
 
         self.source = PacketSource(default_modulation, max_packet_bytes)
         allocator = digital.ofdm_carrier_allocator_cvc(
-            ofdm.FFT_LEN, [list(ofdm.OCCUPIED_CARRIERS)], [list(ofdm.PILOT_CARRIERS)],
-            [list(p) for p in ofdm.PILOT_SYMBOLS], [ofdm.SYNC_WORD1.tolist(), ofdm.SYNC_WORD2.tolist()],
-            ofdm.PACKET_LEN_KEY)
+            ofdm.FFT_LEN,
+            [list(ofdm.OCCUPIED_CARRIERS)],
+            [list(ofdm.PILOT_CARRIERS)],
+            [list(p) for p in ofdm.PILOT_SYMBOLS],
+            [ofdm.SYNC_WORD1.tolist(), ofdm.SYNC_WORD2.tolist()],
+            ofdm.PACKET_LEN_KEY,
+        )
         ifft = fft.fft_vcc(ofdm.FFT_LEN, False, (), True)
         cyclic_prefixer = digital.ofdm_cyclic_prefixer(ofdm.FFT_LEN, ofdm.SYMBOL_SAMPLES, 0, ofdm.PACKET_LEN_KEY)
         # Python blocks must stay referenced from Python, or the gateway calls into a freed object.
@@ -253,8 +265,15 @@ class OfdmTransmitter(gr.hier_block2):
         for block in (cyclic_prefixer, padder, scale, gate):
             block.set_min_output_buffer(0, max_samples)
 
-        self.blocks = {"source": self.source, "allocator": allocator, "ifft": ifft, "cyclic_prefixer": cyclic_prefixer,
-                       "padder": padder, "scale": scale, "tag_gate": gate}  # for perf counters / debugging
+        self.blocks = {
+            "source": self.source,
+            "allocator": allocator,
+            "ifft": ifft,
+            "cyclic_prefixer": cyclic_prefixer,
+            "padder": padder,
+            "scale": scale,
+            "tag_gate": gate,
+        }  # for perf counters / debugging
         self.msg_connect(self, "in", self.source, "in")
         self.connect(self.source, allocator, ifft, cyclic_prefixer, padder, scale, gate, self)
         self._out_block = gate
@@ -299,8 +318,14 @@ def make_pdu(data: bytes, modulation: str | None = None, packet_num: int | None 
     return pmt.cons(meta, pmt.init_u8vector(len(data), list(data)))
 
 
-def modulate(frames: Sequence[bytes], modulation: str = "qpsk", *, pre_pad: int = ofdm.DEFAULT_PRE_PAD,
-             post_pad: int = ofdm.DEFAULT_POST_PAD, timeout_s: float = 30.0) -> np.ndarray:
+def modulate(
+    frames: Sequence[bytes],
+    modulation: str = "qpsk",
+    *,
+    pre_pad: int = ofdm.DEFAULT_PRE_PAD,
+    post_pad: int = ofdm.DEFAULT_POST_PAD,
+    timeout_s: float = 30.0,
+) -> np.ndarray:
     """Run a throwaway flowgraph: frames -> one complex64 burst (e.g. for file/zmq/SDR replay)."""
     tx = OfdmTransmitter(modulation, pre_pad=pre_pad, post_pad=post_pad)
     expected = tx.burst_samples([len(f) for f in frames], modulation)
@@ -315,8 +340,9 @@ def modulate(frames: Sequence[bytes], modulation: str = "qpsk", *, pre_pad: int 
         # whatever is still in the buffer between them (seen on a busy machine: an empty result)
         while sink.nitems_read(0) < expected:
             if time.monotonic() > deadline:
-                raise TimeoutError(f"transmitter produced {tx.samples_out()}/{expected} samples, "
-                                   f"the sink took {sink.nitems_read(0)}")
+                raise TimeoutError(
+                    f"transmitter produced {tx.samples_out()}/{expected} samples, the sink took {sink.nitems_read(0)}"
+                )
             time.sleep(0.002)
     finally:
         tb.stop()

@@ -29,9 +29,10 @@ from __future__ import annotations
 
 import datetime as _dt
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 
@@ -40,8 +41,16 @@ THERMAL_NOISE_DBM_HZ = -174.0  # kT at 290 K: the reference a noise figure is qu
 _MIN_NOISE_FLOOR_DBM_HZ = THERMAL_NOISE_DBM_HZ - 0.5
 _MAX_NOISE_FLOOR_DBM_HZ = -100.0  # > 74 dB noise figure: not a receiver, a unit error
 
-REQUIRED_FIELDS = ("radio", "center_freq_hz", "sample_rate_hz", "tx", "rx_gain_db", "noise_floor_dbm_hz",
-                   "measured_on", "by")
+REQUIRED_FIELDS = (
+    "radio",
+    "center_freq_hz",
+    "sample_rate_hz",
+    "tx",
+    "rx_gain_db",
+    "noise_floor_dbm_hz",
+    "measured_on",
+    "by",
+)
 OPTIONAL_FIELDS = ("serial", "tx_level_dbfs", "rx_full_scale_dbm", "notes", "placeholder")
 
 
@@ -69,8 +78,7 @@ class RadioCalibration:
     def __post_init__(self) -> None:
         table = self.tx_table
         if isinstance(table, (list, tuple)):  # accept [[g, p], ...] lists; the stored form is tuples
-            object.__setattr__(self, "tx_table", tuple(tuple(p) if isinstance(p, (list, tuple)) else p
-                                                       for p in table))
+            object.__setattr__(self, "tx_table", tuple(tuple(p) if isinstance(p, (list, tuple)) else p for p in table))
         if isinstance(self.measured_on, (_dt.date, _dt.datetime)):
             object.__setattr__(self, "measured_on", self.measured_on.isoformat()[:10])
         _validate(self)
@@ -102,7 +110,8 @@ class RadioCalibration:
             raise RadioCalibrationError(
                 f"{self.source}: {power_dbm:g} dBm is outside the measured TX table of {self.radio} "
                 f"({lo:g} .. {hi:g} dBm at {self.center_freq_hz / 1e6:g} MHz); measure more points or lower "
-                f"the bench's radio.max_tx_power_dbm / raise radio.min_tx_power_dbm")
+                f"the bench's radio.max_tx_power_dbm / raise radio.min_tx_power_dbm"
+            )
         return float(np.interp(power_dbm, self.tx_powers_dbm, self.tx_gains_db))
 
     def tx_power_dbm_for(self, gain_db: float) -> float:
@@ -113,7 +122,8 @@ class RadioCalibration:
         if not lo <= gain_db <= hi:
             raise RadioCalibrationError(
                 f"{self.source}: TX gain {gain_db:g} dB is outside the measured table of {self.radio} "
-                f"({lo:g} .. {hi:g} dB)")
+                f"({lo:g} .. {hi:g} dB)"
+            )
         return float(np.interp(gain_db, self.tx_gains_db, self.tx_powers_dbm))
 
     # --------------------------------------------------------------------------- RX
@@ -136,9 +146,12 @@ class RadioCalibration:
         reference as the PSD, the noise figure is what this radio adds.
         """
         lo, hi = self.tx_power_range_dbm
-        return {"radio.min_tx_power_dbm": round(lo, 2), "radio.max_tx_power_dbm": round(hi, 2),
-                "channel.noise_psd_dbm_hz": THERMAL_NOISE_DBM_HZ,
-                "channel.noise_figure_db": round(self.noise_figure_db, 2)}
+        return {
+            "radio.min_tx_power_dbm": round(lo, 2),
+            "radio.max_tx_power_dbm": round(hi, 2),
+            "channel.noise_psd_dbm_hz": THERMAL_NOISE_DBM_HZ,
+            "channel.noise_figure_db": round(self.noise_figure_db, 2),
+        }
 
     def to_mapping(self) -> dict[str, Any]:
         """The file's schema (what `write_radio_calibration` writes)."""
@@ -152,8 +165,15 @@ class RadioCalibration:
         out["rx_gain_db"] = self.rx_gain_db
         if self.rx_full_scale_dbm is not None:
             out["rx_full_scale_dbm"] = self.rx_full_scale_dbm
-        out.update({"noise_floor_dbm_hz": self.noise_floor_dbm_hz, "measured_on": self.measured_on, "by": self.by,
-                    "notes": self.notes, "placeholder": self.placeholder})
+        out.update(
+            {
+                "noise_floor_dbm_hz": self.noise_floor_dbm_hz,
+                "measured_on": self.measured_on,
+                "by": self.by,
+                "notes": self.notes,
+                "placeholder": self.placeholder,
+            }
+        )
         return out
 
 
@@ -182,13 +202,17 @@ def _validate(cal: RadioCalibration) -> None:
         if value is not None and not _is_number(value):
             raise _fail(where, name, f"must be a finite number or absent, got {value!r}")
     if cal.tx_level_dbfs is not None and cal.tx_level_dbfs > 0:
-        raise _fail(where, "tx_level_dbfs", f"is an RMS level relative to full scale: must be <= 0, got "
-                                            f"{cal.tx_level_dbfs!r}")
+        raise _fail(
+            where, "tx_level_dbfs", f"is an RMS level relative to full scale: must be <= 0, got {cal.tx_level_dbfs!r}"
+        )
     if not _MIN_NOISE_FLOOR_DBM_HZ <= cal.noise_floor_dbm_hz <= _MAX_NOISE_FLOOR_DBM_HZ:
-        raise _fail(where, "noise_floor_dbm_hz",
-                    f"{cal.noise_floor_dbm_hz:g} dBm/Hz is outside {_MIN_NOISE_FLOOR_DBM_HZ:g} .. "
-                    f"{_MAX_NOISE_FLOOR_DBM_HZ:g} (below thermal noise, -174 dBm/Hz, means a wrong full-scale "
-                    f"reference; refer the floor to the RX port, not to dBFS)")
+        raise _fail(
+            where,
+            "noise_floor_dbm_hz",
+            f"{cal.noise_floor_dbm_hz:g} dBm/Hz is outside {_MIN_NOISE_FLOOR_DBM_HZ:g} .. "
+            f"{_MAX_NOISE_FLOOR_DBM_HZ:g} (below thermal noise, -174 dBm/Hz, means a wrong full-scale "
+            f"reference; refer the floor to the RX port, not to dBFS)",
+        )
     table = cal.tx_table
     if not isinstance(table, tuple) or len(table) < 2:
         raise _fail(where, "tx", "needs at least two [gain_db, power_dbm] points")
@@ -199,12 +223,15 @@ def _validate(cal: RadioCalibration) -> None:
     powers = [p for _, p in table]
     for i in range(1, len(table)):
         if gains[i] <= gains[i - 1]:
-            raise _fail(where, f"tx[{i}]", f"gain_db must be strictly increasing, {gains[i]:g} after "
-                                           f"{gains[i - 1]:g}")
+            raise _fail(where, f"tx[{i}]", f"gain_db must be strictly increasing, {gains[i]:g} after {gains[i - 1]:g}")
         if powers[i] <= powers[i - 1]:
-            raise _fail(where, f"tx[{i}]", f"power_dbm must rise with gain, {powers[i]:g} dBm after "
-                                           f"{powers[i - 1]:g} dBm (drop points in compression or below the "
-                                           f"meter's floor)")
+            raise _fail(
+                where,
+                f"tx[{i}]",
+                f"power_dbm must rise with gain, {powers[i]:g} dBm after "
+                f"{powers[i - 1]:g} dBm (drop points in compression or below the "
+                f"meter's floor)",
+            )
     try:
         _dt.date.fromisoformat(cal.measured_on)
     except (TypeError, ValueError):
@@ -226,8 +253,9 @@ def from_mapping(doc: Any, source: str = "<memory>") -> RadioCalibration:
         raise RadioCalibrationError(f"{source}: top level must be a mapping of fields, got {type(doc).__name__}")
     unknown = sorted(set(doc) - set(REQUIRED_FIELDS) - set(OPTIONAL_FIELDS))
     if unknown:
-        raise RadioCalibrationError(f"{source}: unknown field(s) {unknown}; known: "
-                                    f"{sorted(REQUIRED_FIELDS + OPTIONAL_FIELDS)}")
+        raise RadioCalibrationError(
+            f"{source}: unknown field(s) {unknown}; known: {sorted(REQUIRED_FIELDS + OPTIONAL_FIELDS)}"
+        )
     missing = [k for k in REQUIRED_FIELDS if k not in doc or doc[k] is None]
     if missing:
         raise RadioCalibrationError(f"{source}: missing field(s) {missing}")
@@ -235,12 +263,21 @@ def from_mapping(doc: Any, source: str = "<memory>") -> RadioCalibration:
     if not isinstance(tx, list):
         raise _fail(source, "tx", "must be a list of [gain_db, power_dbm] pairs")
     return RadioCalibration(  # YAML parses a bare date into datetime.date: __post_init__ takes both
-        radio=doc["radio"], center_freq_hz=_number_or_raw(doc["center_freq_hz"]),
-        sample_rate_hz=_number_or_raw(doc["sample_rate_hz"]), tx_table=tuple(tx),
-        rx_gain_db=doc["rx_gain_db"], noise_floor_dbm_hz=doc["noise_floor_dbm_hz"], measured_on=doc["measured_on"],
-        by=doc["by"], notes=doc.get("notes") or "", serial=_text_or_raw(doc.get("serial")),
-        tx_level_dbfs=doc.get("tx_level_dbfs"), rx_full_scale_dbm=doc.get("rx_full_scale_dbm"),
-        placeholder=doc.get("placeholder", False), source=source)
+        radio=doc["radio"],
+        center_freq_hz=_number_or_raw(doc["center_freq_hz"]),
+        sample_rate_hz=_number_or_raw(doc["sample_rate_hz"]),
+        tx_table=tuple(tx),
+        rx_gain_db=doc["rx_gain_db"],
+        noise_floor_dbm_hz=doc["noise_floor_dbm_hz"],
+        measured_on=doc["measured_on"],
+        by=doc["by"],
+        notes=doc.get("notes") or "",
+        serial=_text_or_raw(doc.get("serial")),
+        tx_level_dbfs=doc.get("tx_level_dbfs"),
+        rx_full_scale_dbm=doc.get("rx_full_scale_dbm"),
+        placeholder=doc.get("placeholder", False),
+        source=source,
+    )
 
 
 def _number_or_raw(value: Any) -> Any:
@@ -278,7 +315,8 @@ def load_radio_calibration(path: str | Path, *, allow_placeholder: bool = False)
     if cal.placeholder and not allow_placeholder:
         raise RadioCalibrationError(
             f"{path}: field 'placeholder' is true: these are example numbers that need a bench measurement "
-            f"(docs/radio-calibration.md); measure the radio and set placeholder: false")
+            f"(docs/radio-calibration.md); measure the radio and set placeholder: false"
+        )
     return cal
 
 
@@ -289,8 +327,10 @@ def write_radio_calibration(cal: RadioCalibration, path: str | Path, *, header: 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     lines = [f"# {line}" if line else "#" for line in (header or "").splitlines()]
-    path.write_text(("\n".join(lines) + "\n" if lines else "")
-                    + yaml.safe_dump(cal.to_mapping(), sort_keys=False, default_flow_style=None))
+    path.write_text(
+        ("\n".join(lines) + "\n" if lines else "")
+        + yaml.safe_dump(cal.to_mapping(), sort_keys=False, default_flow_style=None)
+    )
     back = load_radio_calibration(path, allow_placeholder=True)
     if back != cal:
         raise RadioCalibrationError(f"{path}: written file does not read back identically")

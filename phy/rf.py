@@ -27,25 +27,28 @@ and dB for dB below it; the gain-to-dBm relation of a radio needs a bench measur
 ``python -m phy.rf --bench hw_configs/usrp_b210.yaml --dry-run`` prints both flowgraphs (blocks and
 connections) and the settings without opening a radio.
 """
+
 from __future__ import annotations
 
 import argparse
 import math
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
 from phy import fdma, ofdm
 from phy.channel import DeviceGeometry, TxSetting
-from phy.link import RxFrame, TxReport, UplinkReceiver, UplinkTransmitter
+from phy.uplink import RxFrame, TxReport, UplinkReceiver, UplinkTransmitter
 
 
 # --------------------------------------------------------------------------------------------- plans
-def rf_subbands(total_bandwidth_hz: float, device_count: int, widths_hz: dict[int, float] | None = None
-                ) -> dict[int, fdma.Subband]:
+def rf_subbands(
+    total_bandwidth_hz: float, device_count: int, widths_hz: dict[int, float] | None = None
+) -> dict[int, fdma.Subband]:
     """FDMA on radios: device k centred in slot k of K equal slots; its width (<= the slot) from the plan."""
     slot_hz = total_bandwidth_hz / device_count
     widths_hz = widths_hz or {}
@@ -64,8 +67,7 @@ def next_slot_start(now_s: float, device_id: int, device_count: int, slot_s: flo
     return start if start >= now_s - 1e-9 else start + cycle_s
 
 
-def slot_groups(frame_sizes: Sequence[int], modulation: str, sample_rate_hz: float, usable_s: float
-                ) -> list[list[int]]:
+def slot_groups(frame_sizes: Sequence[int], modulation: str, sample_rate_hz: float, usable_s: float) -> list[list[int]]:
     """Indices of frames per slot: consecutive frames whose packets fit in usable_s (at least one each)."""
     groups: list[list[int]] = [[]]
     used = 0.0
@@ -79,8 +81,7 @@ def slot_groups(frame_sizes: Sequence[int], modulation: str, sample_rate_hz: flo
     return [g for g in groups if g]
 
 
-def bs_subbands(bench: Any, device_count: int, widths_hz: dict[int, float] | None = None
-                ) -> dict[int, fdma.Subband]:
+def bs_subbands(bench: Any, device_count: int, widths_hz: dict[int, float] | None = None) -> dict[int, fdma.Subband]:
     """What the BS channelizes: fdma: every device's slot; tdma: the whole band, once."""
     if bench.rf.access == "tdma":
         return {0: fdma.Subband(0, 0.0, bench.radio.total_bandwidth_hz)}
@@ -106,10 +107,14 @@ class RadioSpec:
     antenna: str
 
     def describe(self) -> str:
-        kind = {"uhd": {"tx": "uhd.usrp_sink", "rx": "uhd.usrp_source"},
-                "soapy": {"tx": "soapy.sink", "rx": "soapy.source"}}[self.driver][self.direction]
-        return (f"{kind}({self.device_args!r}, {self.center_freq_hz / 1e6:.3f} MHz, {self.sample_rate_hz / 1e6:.3f} "
-                f"Msps, gain {self.gain_db:.1f} dB{', antenna ' + self.antenna if self.antenna else ''})")
+        kind = {
+            "uhd": {"tx": "uhd.usrp_sink", "rx": "uhd.usrp_source"},
+            "soapy": {"tx": "soapy.sink", "rx": "soapy.source"},
+        }[self.driver][self.direction]
+        return (
+            f"{kind}({self.device_args!r}, {self.center_freq_hz / 1e6:.3f} MHz, {self.sample_rate_hz / 1e6:.3f} "
+            f"Msps, gain {self.gain_db:.1f} dB{', antenna ' + self.antenna if self.antenna else ''})"
+        )
 
 
 def open_radio(spec: RadioSpec) -> Any:
@@ -160,8 +165,12 @@ class Wiring:
 
     def msg(self, src: Any, src_port: str, dst: Any, dst_port: str) -> None:
         self.tb.msg_connect(src, src_port, dst, dst_port)
-        self.edges.append((f"{self.labels.get(id(src), type(src).__name__)}:{src_port}",
-                           f"{self.labels.get(id(dst), type(dst).__name__)}:{dst_port}"))
+        self.edges.append(
+            (
+                f"{self.labels.get(id(src), type(src).__name__)}:{src_port}",
+                f"{self.labels.get(id(dst), type(dst).__name__)}:{dst_port}",
+            )
+        )
 
     def describe(self) -> str:
         return "\n".join(f"  {a} --> {b}" for a, b in self.edges)
@@ -174,8 +183,16 @@ class RfReceiverFlowgraph:
     source: a radio block, or any stream source of the radio's rate (tests: a vector source).
     """
 
-    def __init__(self, source: Any, source_label: str, subbands: dict[int, fdma.Subband], sample_rate_hz: float,
-                 *, snr_offset_db: float = 0.0, attenuation_db: float = fdma.DEFAULT_ATTENUATION_DB) -> None:
+    def __init__(
+        self,
+        source: Any,
+        source_label: str,
+        subbands: dict[int, fdma.Subband],
+        sample_rate_hz: float,
+        *,
+        snr_offset_db: float = 0.0,
+        attenuation_db: float = fdma.DEFAULT_ATTENUATION_DB,
+    ) -> None:
         from gnuradio import gr
 
         from phy.gr_zmq_iq import FrameInbox, _make_blocks
@@ -191,7 +208,8 @@ class RfReceiverFlowgraph:
             channelizer = self.wiring.label(
                 fdma.SubbandChannelizer(subband, sample_rate_hz, attenuation_db=attenuation_db),
                 f"SubbandChannelizer(dev {k}: {subband.center_hz / 1e3:+.1f} kHz, "
-                f"{subband.bandwidth_hz / 1e3:.1f} kHz)")
+                f"{subband.bandwidth_hz / 1e3:.1f} kHz)",
+            )
             receiver = self.wiring.label(OfdmReceiver(snr_offset_db), f"OfdmReceiver(dev {k})")
             collector = self.wiring.label(FrameCollector(k, self.inbox), f"FrameCollector(dev {k})")
             self.wiring.chain(self.source, channelizer, receiver)
@@ -211,12 +229,17 @@ class RfUplinkReceiver(UplinkReceiver):
         rf = bench.rf
         self.bench, self.device_count = bench, device_count
         self.total_bandwidth_hz = bench.radio.total_bandwidth_hz
-        self.spec = RadioSpec(rf.driver, "rx", rf.bs_device_args, rf.center_freq_hz, rf.sample_rate_hz,
-                              rf.rx_gain_db, rf.rx_antenna)
+        self.spec = RadioSpec(
+            rf.driver, "rx", rf.bs_device_args, rf.center_freq_hz, rf.sample_rate_hz, rf.rx_gain_db, rf.rx_antenna
+        )
         self.address = f"rf:{rf.bs_device_args}"
-        self.flowgraph = RfReceiverFlowgraph(source if source is not None else open_radio(self.spec),
-                                             self.spec.describe(), self._subbands(None), rf.sample_rate_hz,
-                                             snr_offset_db=bench.snr_offset_db)
+        self.flowgraph = RfReceiverFlowgraph(
+            source if source is not None else open_radio(self.spec),
+            self.spec.describe(),
+            self._subbands(None),
+            rf.sample_rate_hz,
+            snr_offset_db=bench.snr_offset_db,
+        )
         self._closed = False
         self.flowgraph.tb.start()
 
@@ -242,8 +265,9 @@ class RfUplinkReceiver(UplinkReceiver):
 
 
 # --------------------------------------------------------------------------------------------- edge
-def edge_burst(frames: Sequence[bytes], setting: TxSetting, subband: fdma.Subband, sample_rate_hz: float,
-               backoff_db: float) -> np.ndarray:
+def edge_burst(
+    frames: Sequence[bytes], setting: TxSetting, subband: fdma.Subband, sample_rate_hz: float, backoff_db: float
+) -> np.ndarray:
     """OfdmTransmitter's burst at the subband rate, resampled to the radio rate, shifted into its subband, and
     scaled so the OFDM peaks (~10 dB above the mean) sit backoff_db under the DAC's full scale."""
     from phy.air import to_medium
@@ -265,9 +289,10 @@ class RfTransmitterFlowgraph:
         self.wiring = Wiring(self.tb)
         tag = gr.tag_t()
         tag.offset, tag.key, tag.value = 0, pmt.intern("packet_len"), pmt.from_long(len(burst))
-        source = self.wiring.label(blocks.vector_source_c(burst.tolist(), False, 1, [tag]),
-                                   "burst (OfdmTransmitter -> resample to the radio rate -> shift into the "
-                                   "subband -> level)")
+        source = self.wiring.label(
+            blocks.vector_source_c(burst.tolist(), False, 1, [tag]),
+            "burst (OfdmTransmitter -> resample to the radio rate -> shift into the subband -> level)",
+        )
         self.wiring.chain(source, self.wiring.label(sink, sink_label))
 
 
@@ -288,13 +313,21 @@ class RfUplinkTransmitter(UplinkTransmitter):
     def _subband(self, setting: TxSetting) -> fdma.Subband:
         if self.bench.rf.access == "tdma":
             return fdma.Subband(self.geometry.device_id, 0.0, self.bench.radio.total_bandwidth_hz)
-        return rf_subbands(self.bench.radio.total_bandwidth_hz, self.device_count,
-                           {self.geometry.device_id: setting.bandwidth_hz})[self.geometry.device_id]
+        return rf_subbands(
+            self.bench.radio.total_bandwidth_hz, self.device_count, {self.geometry.device_id: setting.bandwidth_hz}
+        )[self.geometry.device_id]
 
     def spec(self, setting: TxSetting) -> RadioSpec:
         rf = self.bench.rf
-        return RadioSpec(rf.driver, "tx", self.device_args, rf.center_freq_hz, rf.sample_rate_hz,
-                         tx_gain_db(rf, setting.tx_power_dbm, self.bench.radio.max_tx_power_dbm), rf.tx_antenna)
+        return RadioSpec(
+            rf.driver,
+            "tx",
+            self.device_args,
+            rf.center_freq_hz,
+            rf.sample_rate_hz,
+            tx_gain_db(rf, setting.tx_power_dbm, self.bench.radio.max_tx_power_dbm),
+            rf.tx_antenna,
+        )
 
     def estimate_airtime_s(self, frame_sizes: Sequence[int], setting: TxSetting) -> float:
         return ofdm.burst_airtime_s(frame_sizes, setting.modulation, self._rate_hz(setting))
@@ -311,19 +344,26 @@ class RfUplinkTransmitter(UplinkTransmitter):
         elif hasattr(self._sink, "set_gain"):
             self._sink.set_gain(spec.gain_db, 0) if rf.driver == "uhd" else self._sink.set_gain(0, spec.gain_db)
         if rf.access == "tdma":
-            groups = slot_groups([len(f) for f in frames], setting.modulation, rate_setting.bandwidth_hz,
-                                 rf.slot_s - rf.guard_s)
+            groups = slot_groups(
+                [len(f) for f in frames], setting.modulation, rate_setting.bandwidth_hz, rf.slot_s - rf.guard_s
+            )
         else:
             groups = [list(range(len(frames)))]
         for group in groups:
-            burst = edge_burst([frames[i] for i in group], rate_setting, self._subband(setting), rf.sample_rate_hz,
-                               rf.digital_backoff_db)
+            burst = edge_burst(
+                [frames[i] for i in group],
+                rate_setting,
+                self._subband(setting),
+                rf.sample_rate_hz,
+                rf.digital_backoff_db,
+            )
             if rf.access == "tdma":
                 start = next_slot_start(time.time(), self.geometry.device_id, self.device_count, rf.slot_s)
                 time.sleep(max(0.0, start - time.time()))
             RfTransmitterFlowgraph(burst, self._sink, spec.describe()).tb.run()
-        return TxReport(len(frames), sum(len(f) for f in frames),
-                        self.estimate_airtime_s([len(f) for f in frames], setting))
+        return TxReport(
+            len(frames), sum(len(f) for f in frames), self.estimate_airtime_s([len(f) for f in frames], setting)
+        )
 
 
 # --------------------------------------------------------------------------------------------- dry run
@@ -332,15 +372,23 @@ def describe(bench: Any, device_count: int) -> str:
     from gnuradio import blocks, gr
 
     rf = bench.rf
-    lines = [f"bench {bench.name}: phy rf, driver {rf.driver}, access {rf.access}, {device_count} devices",
-             f"  centre {rf.center_freq_hz / 1e6:.3f} MHz, radio rate {rf.sample_rate_hz / 1e6:.3f} Msps, band "
-             f"{bench.radio.total_bandwidth_hz / 1e3:.1f} kHz, tx gain {rf.tx_gain_db} dB at "
-             f"{bench.radio.max_tx_power_dbm} dBm, rx gain {rf.rx_gain_db} dB"
-             + (f", slots of {rf.slot_s} s (guard {rf.guard_s} s)" if rf.access == "tdma" else "")]
-    spec = RadioSpec(rf.driver, "rx", rf.bs_device_args, rf.center_freq_hz, rf.sample_rate_hz, rf.rx_gain_db,
-                     rf.rx_antenna)
-    bs = RfReceiverFlowgraph(blocks.null_source(gr.sizeof_gr_complex), spec.describe(),
-                             bs_subbands(bench, device_count), rf.sample_rate_hz, snr_offset_db=bench.snr_offset_db)
+    lines = [
+        f"bench {bench.name}: phy rf, driver {rf.driver}, access {rf.access}, {device_count} devices",
+        f"  centre {rf.center_freq_hz / 1e6:.3f} MHz, radio rate {rf.sample_rate_hz / 1e6:.3f} Msps, band "
+        f"{bench.radio.total_bandwidth_hz / 1e3:.1f} kHz, tx gain {rf.tx_gain_db} dB at "
+        f"{bench.radio.max_tx_power_dbm} dBm, rx gain {rf.rx_gain_db} dB"
+        + (f", slots of {rf.slot_s} s (guard {rf.guard_s} s)" if rf.access == "tdma" else ""),
+    ]
+    spec = RadioSpec(
+        rf.driver, "rx", rf.bs_device_args, rf.center_freq_hz, rf.sample_rate_hz, rf.rx_gain_db, rf.rx_antenna
+    )
+    bs = RfReceiverFlowgraph(
+        blocks.null_source(gr.sizeof_gr_complex),
+        spec.describe(),
+        bs_subbands(bench, device_count),
+        rf.sample_rate_hz,
+        snr_offset_db=bench.snr_offset_db,
+    )
     lines += ["BS flowgraph:", bs.wiring.describe()]
     bs.inbox.close()
     share = bench.radio.total_bandwidth_hz / device_count
@@ -348,10 +396,14 @@ def describe(bench: Any, device_count: int) -> str:
         tx = RfUplinkTransmitter(bench, DeviceGeometry(k, bench.device(k).distance_m), device_count=device_count)
         setting = TxSetting(bench.radio.max_tx_power_dbm, share, "qpsk")
         sb = tx._subband(setting)
-        edge = RfTransmitterFlowgraph(np.zeros(16, np.complex64), blocks.null_sink(gr.sizeof_gr_complex),
-                                      tx.spec(setting).describe())
-        lines += [f"edge {k} ({tx.device_args}; subband {sb.center_hz / 1e3:+.1f} kHz, "
-                  f"{sb.bandwidth_hz / 1e3:.1f} kHz at an equal share):", edge.wiring.describe()]
+        edge = RfTransmitterFlowgraph(
+            np.zeros(16, np.complex64), blocks.null_sink(gr.sizeof_gr_complex), tx.spec(setting).describe()
+        )
+        lines += [
+            f"edge {k} ({tx.device_args}; subband {sb.center_hz / 1e3:+.1f} kHz, "
+            f"{sb.bandwidth_hz / 1e3:.1f} kHz at an equal share):",
+            edge.wiring.describe(),
+        ]
     return "\n".join(lines)
 
 
@@ -362,7 +414,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--devices", type=int, help="device count (default: the bench's device list)")
     parser.add_argument("--dry-run", action="store_true", help="print the flowgraphs and settings; open no radio")
     args = parser.parse_args(argv)
-    from fedlora.config import ConfigError, load_bench
+    from config import ConfigError, load_bench
 
     try:
         bench = load_bench(args.bench, args.bench_overrides)
@@ -373,8 +425,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"phy.rf: {args.bench} is a {bench.phy!r} bench, not rf", file=sys.stderr)
         return 2
     if not args.dry_run:
-        print("phy.rf: only --dry-run runs on its own; fedlora-run --bench <rf bench> drives the radios",
-              file=sys.stderr)
+        print(
+            "phy.rf: only --dry-run runs on its own; fedlora-run --bench <rf bench> drives the radios", file=sys.stderr
+        )
         return 2
     print(describe(bench, args.devices or len(bench.devices)))
     return 0

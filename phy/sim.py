@@ -12,13 +12,13 @@ import json
 import logging
 import math
 import time
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import zmq
 
 from phy.channel import DeviceGeometry, PerCurve, SimChannel, TxSetting, ofdm_airtime_s
-from phy.link import RxFrame, TxReport, UplinkReceiver, UplinkTransmitter, checked_frames
+from phy.uplink import RxFrame, TxReport, UplinkReceiver, UplinkTransmitter, checked_frames
 
 log = logging.getLogger(__name__)
 
@@ -87,8 +87,9 @@ class SimUplinkTransmitter(UplinkTransmitter):
             n = len(frame)
             if n not in per_by_size:
                 per_by_size[n] = self.per_curve.per(true_snr_db, setting.modulation, n)
-            sidecar_fields = self._sidecar(true_snr_db, setting, lost=uniforms[i] < per_by_size[n],
-                                           est_err_db=float(est_err_db[i]))
+            sidecar_fields = self._sidecar(
+                true_snr_db, setting, lost=uniforms[i] < per_by_size[n], est_err_db=float(est_err_db[i])
+            )
             if sidecar_fields is None:
                 self.last_frames_lost += 1
                 continue
@@ -204,8 +205,12 @@ class SimUplinkReceiver(UplinkReceiver):
                             snr_db = float(value)
         if problem is not None:
             self.malformed_count += 1
-            log.warning("sim uplink receiver %s: skipping malformed message: %s; parts=%s",
-                        self.address, problem, _preview(parts))
+            log.warning(
+                "sim uplink receiver %s: skipping malformed message: %s; parts=%s",
+                self.address,
+                problem,
+                _preview(parts),
+            )
             return None
         return RxFrame(data=bytes(parts[1]), snr_db=snr_db, rx_time=time.time())
 

@@ -1,4 +1,5 @@
 """Start real BS and edge processes for integration tests, and always clean them up."""
+
 from __future__ import annotations
 
 import json
@@ -11,8 +12,18 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
-TINY = ["--set", "model.name_or_path=tiny", "--set", "task.test_size=200", "--set", "task.max_train=2000",
-        "--set", "round.heartbeat_s=0.5", "--set", "training.batch_size=8"]
+TINY = [
+    "--set",
+    "model.name_or_path=tiny",
+    "--set",
+    "task.test_size=200",
+    "--set",
+    "task.max_train=2000",
+    "--set",
+    "round.heartbeat_s=0.5",
+    "--set",
+    "training.batch_size=8",
+]
 
 
 class Procs:
@@ -28,8 +39,23 @@ class Procs:
         return p
 
     def bs(self, run_dir: Path, *extra: str) -> tuple[subprocess.Popen, dict]:
-        p = self.start("bs", ["-m", "bs_node.main", "--run-dir", str(run_dir), "--control", "tcp://127.0.0.1:0",
-                              "--data", "tcp://127.0.0.1:0", "--log-level", "INFO", *TINY, *extra])
+        p = self.start(
+            "bs",
+            [
+                "-m",
+                "bs_node.main",
+                "--run-dir",
+                str(run_dir),
+                "--control",
+                "tcp://127.0.0.1:0",
+                "--data",
+                "tcp://127.0.0.1:0",
+                "--log-level",
+                "INFO",
+                *TINY,
+                *extra,
+            ],
+        )
         endpoints = run_dir / "endpoints.json"
         deadline = time.monotonic() + 180  # a loaded 2-core machine needs a while to import torch + GNU Radio
         while not endpoints.exists():
@@ -40,8 +66,9 @@ class Procs:
         return p, json.loads(endpoints.read_text())
 
     def edge(self, control: str, device_id: int, name: str | None = None) -> subprocess.Popen:
-        return self.start(name or f"edge{device_id}",
-                          ["-m", "edge_node.main", "--bs", control, "--device-id", str(device_id)])
+        return self.start(
+            name or f"edge{device_id}", ["-m", "edge_node.main", "--bs", control, "--device-id", str(device_id)]
+        )
 
     def output(self, name: str) -> str:
         return (self.tmp / f"{name}.out").read_text()

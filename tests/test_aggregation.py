@@ -122,8 +122,7 @@ def _reference(adapter, updates):
         path = k.rsplit(".", 1)[0]
         for i in range(adapter.max_rank):
             voters = [
-                u for u in updates
-                if k in u.delta and i < u.spec.rank and (u.kept is None or bool(u.kept[path][i]))
+                u for u in updates if k in u.delta and i < u.spec.rank and (u.kept is None or bool(u.kept[path][i]))
             ]
             tot = sum(u.weight for u in voters)
             for u in voters:
@@ -164,7 +163,6 @@ def test_apply_after_aggregate_moves_global_state():
     torch.testing.assert_close(g.state[L1Q + ".lora_A"][:2], before[L1Q + ".lora_A"][:2] + d[L1Q + ".lora_A"])
     assert torch.equal(g.state[L1Q + ".lora_A"][2:], before[L1Q + ".lora_A"][2:])
     assert torch.equal(g.state[L0Q + ".lora_A"], before[L0Q + ".lora_A"])
-
 
 
 def test_absent_devices_count_as_zero_updates_in_every_denominator(adapter):

@@ -3,11 +3,11 @@ import random
 import pytest
 import zmq
 
-from phy.arq import send_with_arq
+from link.arq import send_with_arq
 from phy.channel import ChannelConfig, DeviceGeometry, PerCurve, SimChannel, TxSetting
-from phy.framing import Frame, FrameError, Reassembler, fragment
-from phy.link import TxReport, UplinkTransmitter
 from phy.sim import SimUplinkReceiver, SimUplinkTransmitter
+from phy.uplink import TxReport, UplinkTransmitter
+from proto.framing import Frame, FrameError, Reassembler, fragment
 
 SETTING = TxSetting(tx_power_dbm=10.0, bandwidth_hz=1e6)
 AIRTIME_PER_FRAME_S = 1.0

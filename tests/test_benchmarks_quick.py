@@ -2,6 +2,7 @@
 component codec promises (behaviour only: a tiny random BERT for 2 rounds says nothing about accuracy).
 
 Runs in-process (the script's `main`), so the suite does not pay a second interpreter's torch/peft imports."""
+
 import importlib.util
 import json
 import sys
@@ -10,8 +11,17 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-METHODS = ["dense_fp32", "dense_fp16", "soft@0.125", "soft@0.25", "topk@0.125", "topk@0.25", "randomk@0.125",
-           "randomk@0.25", "b_only"]
+METHODS = [
+    "dense_fp32",
+    "dense_fp16",
+    "soft@0.125",
+    "soft@0.25",
+    "topk@0.125",
+    "topk@0.25",
+    "randomk@0.125",
+    "randomk@0.25",
+    "b_only",
+]
 
 
 def load_script(monkeypatch):
@@ -35,7 +45,7 @@ def test_sparsify_accuracy_quick_runs_end_to_end(tmp_path, capsys, monkeypatch):
 
     lines = printed.out.strip().splitlines()
     header = next(i for i, line in enumerate(lines) if line.startswith("method"))
-    rows = {line.split()[0]: line.split() for line in lines[header + 2:header + 2 + len(METHODS)]}
+    rows = {line.split()[0]: line.split() for line in lines[header + 2 : header + 2 + len(METHODS)]}
     assert list(rows) == METHODS
     for cells in rows.values():
         assert len(cells) == 7 + 3  # 7 columns + accuracy after rounds 0, 1, 2

@@ -1,4 +1,5 @@
 """One BS round driven in-process with fabricated uplink frames: what is complete is used, what is bad is named."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -10,18 +11,26 @@ import torch
 from bs_node.controllers import DevicePlan
 from bs_node.live_view import LiveView
 from bs_node.server import BaseStation, Edge, Pending
-from fedlora.codec import encode_update
-from fedlora.config import load_bench, load_experiment
+from config import load_bench, load_experiment
 from fedlora.lora import ModuleSpec
-from phy.framing import fragment
+from proto.codec import encode_update
+from proto.framing import fragment
 
 
 @pytest.fixture
 def bs(tmp_path):
-    exp = load_experiment(None, ["model.name_or_path=tiny", "task.test_size=50", "task.max_train=400",
-                                 "devices.count=4"])
-    station = BaseStation(exp, load_bench(), tmp_path / "run", control_address="tcp://127.0.0.1:0",
-                          data_address="tcp://127.0.0.1:0", view=LiveView(io.StringIO()), threads=1)
+    exp = load_experiment(
+        None, ["model.name_or_path=tiny", "task.test_size=50", "task.max_train=400", "devices.count=4"]
+    )
+    station = BaseStation(
+        exp,
+        load_bench(),
+        tmp_path / "run",
+        control_address="tcp://127.0.0.1:0",
+        data_address="tcp://127.0.0.1:0",
+        view=LiveView(io.StringIO()),
+        threads=1,
+    )
     station._prepare_model()
     yield station
     station.uplink.close()
@@ -104,8 +113,9 @@ def test_a_device_sitting_out_is_averaged_in_with_its_latest_update_for_stale_ro
 
     def round_(r: int, deltas: dict[int, float]):
         bs.round_idx, bs.pending = r, {}
-        plans = {k: plan(k, spec) if k in deltas else dataclasses.replace(plan(k, spec), participate=False)
-                 for k in range(2)}
+        plans = {
+            k: plan(k, spec) if k in deltas else dataclasses.replace(plan(k, spec), participate=False) for k in range(2)
+        }
         view = bs.global_adapter.view(spec)
         for k, value in deltas.items():
             bs.pending[k] = Pending(plans[k])

@@ -1,15 +1,28 @@
 """Update codec: exact round trips, and untrusted bytes give a CodecError, never a crash or a huge allocation."""
+
 import struct
 import zlib
 
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from fedlora.codec import (_HEADER, _HEADER_V2, FLAG_DEFLATE, KIND_COMPONENTS, KIND_ZERO, MAX_BODY_BYTES, MAX_VALUES,
-                           CodecError, decode_update, encode_update, expected_shapes)
 from fedlora.lora import ModuleSpec
+from proto.codec import (
+    _HEADER,
+    _HEADER_V2,
+    FLAG_DEFLATE,
+    KIND_COMPONENTS,
+    KIND_ZERO,
+    MAX_BODY_BYTES,
+    MAX_VALUES,
+    CodecError,
+    decode_update,
+    encode_update,
+    expected_shapes,
+)
 
 SPEC = ModuleSpec(rank=4, depth=2)
 
@@ -155,8 +168,9 @@ _GOODS = {
     "v1": encode_update(make_state(), spec=SPEC, round_idx=1, device_id=0, dtype="fp16", version=1),
     "v2": encode_update(make_state(), spec=SPEC, round_idx=1, device_id=0, dtype="fp16"),
     "v2-zero-kept": encode_update(_STATE_Z, spec=SPEC, round_idx=1, device_id=0, dtype="fp16", kept=_KEPT_Z),
-    "v2-deflate": encode_update(_STATE_Z, spec=SPEC, round_idx=1, device_id=0, dtype="fp16", kept=_KEPT_Z,
-                                compress="always"),
+    "v2-deflate": encode_update(
+        _STATE_Z, spec=SPEC, round_idx=1, device_id=0, dtype="fp16", kept=_KEPT_Z, compress="always"
+    ),
 }
 _GOOD = _GOODS["v2"]
 
@@ -165,8 +179,9 @@ _GOOD = _GOODS["v2"]
 def test_mutated_updates_decode_or_fail_cleanly(which: str):
     good = _GOODS[which]
 
-    @given(st.lists(st.tuples(st.integers(0, len(good) - 1), st.integers(0, 255)), min_size=1, max_size=8),
-           st.booleans())
+    @given(
+        st.lists(st.tuples(st.integers(0, len(good) - 1), st.integers(0, 255)), min_size=1, max_size=8), st.booleans()
+    )
     @settings(max_examples=150, deadline=None)
     def check(mutations, fix_crc: bool):
         data = bytearray(good)
@@ -183,29 +198,47 @@ def test_mutated_updates_decode_or_fail_cleanly(which: str):
         assert sum(v.numel() for v in out.state.values()) <= MAX_VALUES
         if which in ("v1", "v2") and not out.compressed:  # no zero entries to start from: bytes bound the values
             assert sum(v.numel() for v in out.state.values()) <= len(data)
+
     check()
 
 
 def test_round_trip_property():
-    @given(st.integers(1, 8), st.integers(1, 6), st.integers(0, 2**32 - 1), st.integers(0, 65535),
-           st.sampled_from(["fp16", "fp32"]))
+    @given(
+        st.integers(1, 8),
+        st.integers(1, 6),
+        st.integers(0, 2**32 - 1),
+        st.integers(0, 65535),
+        st.sampled_from(["fp16", "fp32"]),
+    )
     @settings(max_examples=50, deadline=None)
     def check(rank, cols, round_idx, device_id, dtype):
         rng = np.random.default_rng(rank * 7 + cols)
-        state = {"m.lora_A": torch.from_numpy(rng.standard_normal((rank, cols)).astype(np.float32)),
-                 "m.lora_B": torch.from_numpy(rng.standard_normal((cols, rank)).astype(np.float32))}
-        out = decode_update(encode_update(state, spec=ModuleSpec(rank, 1), round_idx=round_idx,
-                                          device_id=device_id, dtype=dtype))
+        state = {
+            "m.lora_A": torch.from_numpy(rng.standard_normal((rank, cols)).astype(np.float32)),
+            "m.lora_B": torch.from_numpy(rng.standard_normal((cols, rank)).astype(np.float32)),
+        }
+        out = decode_update(
+            encode_update(state, spec=ModuleSpec(rank, 1), round_idx=round_idx, device_id=device_id, dtype=dtype)
+        )
         assert (out.round_idx, out.device_id) == (round_idx, device_id)
         tol = 1e-2 if dtype == "fp16" else 0
         for k in state:
             torch.testing.assert_close(out.state[k], state[k], rtol=tol, atol=tol)
+
     check()
 
 
 # ------------------------------------------------------------------------------------------------ format version 2
-def v2_message(body: bytes, *, entries: int, rank: int = 4, flags: int = 0, raw_len: int | None = None,
-               reserved: int = 0, dtype_code: int = 2) -> bytes:
+def v2_message(
+    body: bytes,
+    *,
+    entries: int,
+    rank: int = 4,
+    flags: int = 0,
+    raw_len: int | None = None,
+    reserved: int = 0,
+    dtype_code: int = 2,
+) -> bytes:
     """A sealed v2 update around a hand-made body (to reach checks a well-behaved encoder never trips)."""
     raw = len(body) if raw_len is None else raw_len
     header = _HEADER_V2.pack(b"FLUP", 2, dtype_code, flags, reserved, 1, 0, rank, 2, entries, len(body), raw)
@@ -268,8 +301,8 @@ def test_bitmask_bit_order_and_padding():
     mask = torch.zeros(10, dtype=torch.bool)
     mask[[0, 9]] = True
     data = encode_update(state, spec=spec, round_idx=1, device_id=0, dtype="fp32", kept={"m": mask})
-    body = data[_HEADER_V2.size:-4]
-    bitmask = body[len(entry_head("m.lora_A", 1, 10, 2)):][:2]
+    body = data[_HEADER_V2.size : -4]
+    bitmask = body[len(entry_head("m.lora_A", 1, 10, 2)) :][:2]
     assert bitmask == bytes([0b0000_0001, 0b0000_0010])  # component i = bit i % 8 of byte i // 8, LSB first
     padded = entry_head("m.lora_A", KIND_COMPONENTS, 10, 2) + bytes([0x01, 0x06]) + struct.pack(">4f", 1, 1, 1, 1)
     with pytest.raises(CodecError, match="sets bits past its 10 components"):
@@ -367,8 +400,10 @@ def test_compress_modes():
     rng = np.random.default_rng(0)
     for values in (rng.uniform(-1, 1, 4096), np.array([0.123, -4.56])):
         noise = {"h": torch.from_numpy(values.astype(np.float32))}
-        auto, always, never = (encode_update(noise, spec=SPEC, round_idx=1, device_id=0, dtype="fp32", compress=c)
-                               for c in ("auto", "always", "never"))
+        auto, always, never = (
+            encode_update(noise, spec=SPEC, round_idx=1, device_id=0, dtype="fp32", compress=c)
+            for c in ("auto", "always", "never")
+        )
         assert always[6] == FLAG_DEFLATE and len(auto) == min(len(never), len(always))
         assert torch.equal(decode_update(always).state["h"], noise["h"])
     assert auto == never and len(always) > len(never)
@@ -446,14 +481,23 @@ def test_deflated_random_bodies_fail_cleanly(raw: bytes, entries: int):
 
 
 def test_round_trip_property_v2():
-    @given(st.integers(1, 12), st.integers(1, 6), st.sampled_from(["fp16", "fp32"]),
-           st.sampled_from(["never", "auto", "always"]), st.integers(0, 2**12 - 1), st.booleans(), st.booleans())
+    @given(
+        st.integers(1, 12),
+        st.integers(1, 6),
+        st.sampled_from(["fp16", "fp32"]),
+        st.sampled_from(["never", "auto", "always"]),
+        st.integers(0, 2**12 - 1),
+        st.booleans(),
+        st.booleans(),
+    )
     @settings(max_examples=60, deadline=None)
     def check(rank, cols, dtype, compress, mask_bits, use_kept, zero_a):
         rng = np.random.default_rng(rank * 7 + cols)
-        state = {"layer.0.m.lora_A": torch.from_numpy(rng.standard_normal((rank, cols)).astype(np.float32)),
-                 "layer.0.m.lora_B": torch.from_numpy(rng.standard_normal((cols, rank)).astype(np.float32)),
-                 "head.w": torch.from_numpy(rng.standard_normal(cols).astype(np.float32))}
+        state = {
+            "layer.0.m.lora_A": torch.from_numpy(rng.standard_normal((rank, cols)).astype(np.float32)),
+            "layer.0.m.lora_B": torch.from_numpy(rng.standard_normal((cols, rank)).astype(np.float32)),
+            "head.w": torch.from_numpy(rng.standard_normal(cols).astype(np.float32)),
+        }
         if zero_a:
             state["layer.0.m.lora_A"].zero_()
         mask = torch.tensor([bool(mask_bits >> i & 1) for i in range(rank)])
@@ -474,4 +518,5 @@ def test_round_trip_property_v2():
             assert torch.equal(out.kept["layer.0.m"], mask)
         else:
             assert out.kept == {}
+
     check()

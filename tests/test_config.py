@@ -1,10 +1,19 @@
 """Config loading: defaults are valid, and every kind of mistake names the file and the field."""
+
 from pathlib import Path
 
 import pytest
 
-from fedlora.config import (ConfigError, ExperimentConfig, apply_overrides, load_bench, load_experiment,
-                            to_mapping, validated, BenchConfig)
+from config import (
+    BenchConfig,
+    ConfigError,
+    ExperimentConfig,
+    apply_overrides,
+    load_bench,
+    load_experiment,
+    to_mapping,
+    validated,
+)
 
 
 def test_shipped_configs_load():
@@ -22,17 +31,20 @@ def test_round_trip_through_mapping():
     assert validated(BenchConfig, to_mapping(bench), "rt") == bench
 
 
-@pytest.mark.parametrize("text, needle", [
-    ("devices: {count: four}", "devices.count: expected an integer"),
-    ("devices: {cuont: 4}", "unknown field(s) ['cuont']"),
-    ("task: {name: mnist}", "task.name: 'mnist' is not one of"),
-    ("round: {rounds: 0}", "round.rounds: must be > 0"),
-    ("controller: {rank: 99}", "controller.rank: 99 is outside"),
-    ("training: [1, 2]", "training: expected a mapping"),
-    ("model: {target_modules: query}", "model.target_modules: expected a list"),
-    ("task: {name: sst2, path: /nonexistent/glue}", "task.path"),
-    ("a: [unclosed", "not valid YAML"),
-])
+@pytest.mark.parametrize(
+    "text, needle",
+    [
+        ("devices: {count: four}", "devices.count: expected an integer"),
+        ("devices: {cuont: 4}", "unknown field(s) ['cuont']"),
+        ("task: {name: mnist}", "task.name: 'mnist' is not one of"),
+        ("round: {rounds: 0}", "round.rounds: must be > 0"),
+        ("controller: {rank: 99}", "controller.rank: 99 is outside"),
+        ("training: [1, 2]", "training: expected a mapping"),
+        ("model: {target_modules: query}", "model.target_modules: expected a list"),
+        ("task: {name: sst2, path: /nonexistent/glue}", "task.path"),
+        ("a: [unclosed", "not valid YAML"),
+    ],
+)
 def test_experiment_errors_name_file_and_field(tmp_path: Path, text: str, needle: str):
     path = tmp_path / "exp.yaml"
     path.write_text(text)

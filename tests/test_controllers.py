@@ -1,4 +1,5 @@
 """Controller policies: plans respect the resources, and the online policy acts on what was measured."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -7,22 +8,32 @@ import pytest
 from bs_node.controllers import DeviceState, RoundState, make_controller
 from bs_node.controllers.costs import ModelShape
 from bs_node.measurements import DeviceRound, RoundRecord
-from fedlora.config import ConfigError, load_bench, load_experiment
-from phy.channel import SimChannel, TxSetting
+from config import ConfigError, load_bench, load_experiment
+from phy.channel import SimChannel
 
 SHAPE = ModelShape(layer_widths=(1536,) * 6, head_values=770, lora_entries_per_layer=4)  # MiniLM, q/v
 
 
 def bench(budget_j: float | None = 150.0, distances=(10, 20, 35, 60)):
-    devices = ", ".join(f"{{distance_m: {d}" + (f", energy_budget_j: {budget_j}}}" if budget_j else "}")
-                        for d in distances)
+    devices = ", ".join(
+        f"{{distance_m: {d}" + (f", energy_budget_j: {budget_j}}}" if budget_j else "}") for d in distances
+    )
     return load_bench(None, [f"devices=[{devices}]"])
 
 
 def state(b, r=1, K=4) -> RoundState:
-    return RoundState(r, tuple(DeviceState(k, b.device(k)) for k in range(K)), b.radio.total_bandwidth_hz,
-                      b.radio.max_tx_power_dbm, b.radio.min_tx_power_dbm, 8, 6, 25, SHAPE,
-                      {k: 3000.0 for k in range(K)})
+    return RoundState(
+        r,
+        tuple(DeviceState(k, b.device(k)) for k in range(K)),
+        b.radio.total_bandwidth_hz,
+        b.radio.max_tx_power_dbm,
+        b.radio.min_tx_power_dbm,
+        8,
+        6,
+        25,
+        SHAPE,
+        {k: 3000.0 for k in range(K)},
+    )
 
 
 def test_fixed_policy_plans_everyone_equally():
@@ -55,10 +66,21 @@ def test_lyapunov_plans_fit_the_band_power_and_module_sets():
 
 
 def row(k, *, snr_db, power=10.0, bw=2.5e5, energy=100.0, participated=True, depth=6):
-    return DeviceRound(k, participated, "ok" if participated else "not_selected", rank=8, depth=depth,
-                       tx_power_dbm=power, bandwidth_hz=bw, modulation="qpsk", snr_db=snr_db,
-                       compute_s=10.0 if participated else 0.0, train_wall_s=20.0 if participated else 0.0,
-                       airtime_s=1.0 if participated else 0.0, energy_j=energy if participated else 0.0)
+    return DeviceRound(
+        k,
+        participated,
+        "ok" if participated else "not_selected",
+        rank=8,
+        depth=depth,
+        tx_power_dbm=power,
+        bandwidth_hz=bw,
+        modulation="qpsk",
+        snr_db=snr_db,
+        compute_s=10.0 if participated else 0.0,
+        train_wall_s=20.0 if participated else 0.0,
+        airtime_s=1.0 if participated else 0.0,
+        energy_j=energy if participated else 0.0,
+    )
 
 
 def test_channel_gain_comes_from_the_measured_snr_at_the_power_and_bandwidth_used():
@@ -104,8 +126,11 @@ def test_queues_follow_measured_energy_against_the_budget():
     b = bench(budget_j=100.0, distances=(20, 20))
     ctrl = lyapunov(b)
     ctrl.decide(state(b, K=2))
-    ctrl.observe(RoundRecord(1, 0.7, 0.5, 1.0, "lyapunov", 0,
-                             [row(0, snr_db=30, energy=250.0), row(1, snr_db=30, participated=False)]))
+    ctrl.observe(
+        RoundRecord(
+            1, 0.7, 0.5, 1.0, "lyapunov", 0, [row(0, snr_db=30, energy=250.0), row(1, snr_db=30, participated=False)]
+        )
+    )
     assert ctrl.energy_queue[0] == pytest.approx(1.5)  # (250 − 100) / 100
     assert ctrl.energy_queue[1] == 0.0
     ctrl.observe(RoundRecord(2, 0.7, 0.5, 1.0, "lyapunov", 0, [row(0, snr_db=30, participated=False)]))
@@ -114,8 +139,10 @@ def test_queues_follow_measured_energy_against_the_budget():
 
 def _spend(ctrl, r, energies, *, depth=6):
     """A round in which device k spent energies[k] (None: sat out)."""
-    rows = [row(k, snr_db=30.0, energy=e if e is not None else 0.0, participated=e is not None, depth=depth)
-            for k, e in enumerate(energies)]
+    rows = [
+        row(k, snr_db=30.0, energy=e if e is not None else 0.0, participated=e is not None, depth=depth)
+        for k, e in enumerate(energies)
+    ]
     ctrl.observe(RoundRecord(r, 0.7, 0.5, 1.0, "lyapunov", 0, rows))
 
 
@@ -162,14 +189,17 @@ def test_round_records_explain_the_decision():
     assert info["gain_db"][0] > info["gain_db"][3]  # prior from the bench distances until measured
 
 
-@pytest.mark.parametrize("override, needle", [
-    ("controller.loss_weights=[0.6, 0.5, 0.6]", "loss_weights"),
-    ("controller.loss_weights=[0.2, 1.5, 0.2]", "loss_weights"),
-    ("controller.energy_credit_rounds=-1", "energy_credit_rounds"),
-    ("controller.modulations=[qam1024]", "modulations"),
-    ("controller.keep_fractions=[0]", "keep_fractions"),
-    ("controller.policy=clairvoyant", "unknown policy"),
-])
+@pytest.mark.parametrize(
+    "override, needle",
+    [
+        ("controller.loss_weights=[0.6, 0.5, 0.6]", "loss_weights"),
+        ("controller.loss_weights=[0.2, 1.5, 0.2]", "loss_weights"),
+        ("controller.energy_credit_rounds=-1", "energy_credit_rounds"),
+        ("controller.modulations=[qam1024]", "modulations"),
+        ("controller.keep_fractions=[0]", "keep_fractions"),
+        ("controller.policy=clairvoyant", "unknown policy"),
+    ],
+)
 def test_bad_controller_config_is_named(override, needle):
     with pytest.raises(ConfigError, match=needle):
         make_controller(load_experiment(None, [override]), bench())
@@ -189,8 +219,17 @@ def test_tsfa_pins_rank_power_and_modulation_and_chooses_sparsity_and_bandwidth_
 def test_greedy_takes_the_best_measured_channels():
     b = bench(budget_j=None, distances=(10, 10, 10, 10))
     ctrl = make_controller(load_experiment(None, ["controller.policy=greedy", "controller.greedy_top=2"]), b)
-    ctrl.observe(RoundRecord(1, 0.7, 0.5, 1.0, "greedy", 0, [row(0, snr_db=5.0), row(1, snr_db=30.0),
-                                                              row(2, snr_db=12.0), row(3, snr_db=25.0)]))
+    ctrl.observe(
+        RoundRecord(
+            1,
+            0.7,
+            0.5,
+            1.0,
+            "greedy",
+            0,
+            [row(0, snr_db=5.0), row(1, snr_db=30.0), row(2, snr_db=12.0), row(3, snr_db=25.0)],
+        )
+    )
     plans = ctrl.decide(state(b))
     assert {k for k, p in plans.items() if p.participate} == {1, 3}
     assert plans[1].bandwidth_hz == b.radio.total_bandwidth_hz / 2
@@ -218,8 +257,14 @@ def test_delivery_is_averaged_over_the_block_fade():
     noise_dbm = -174 + 9 + 10 * np.log10(0.25 * b.radio.total_bandwidth_hz)
     gains = np.array([20.0, 60.0]) - 10.0 + noise_dbm  # mean SNR 20 dB and 60 dB at 10 dBm
     still = model.predict(grid, gain_db=gains, cpu_s=zeros, wall_s=zeros, watts_per_core=np.ones(2))
-    faded = model.predict(grid, gain_db=gains, cpu_s=zeros, wall_s=zeros, watts_per_core=np.ones(2),
-                          fading_db=np.tile(rayleigh_nodes_db(), (2, 1)))
+    faded = model.predict(
+        grid,
+        gain_db=gains,
+        cpu_s=zeros,
+        wall_s=zeros,
+        watts_per_core=np.ones(2),
+        fading_db=np.tile(rayleigh_nodes_db(), (2, 1)),
+    )
     assert still.delivery[0, 0] == pytest.approx(1.0)
     assert faded.delivery[0, 0] < 0.9  # the lowest node (−9.4 dB: 10.6 dB) is below QPSK's waterfall
     assert faded.delivery[1, 0] == pytest.approx(1.0) and faded.airtime_s[1, 0] == pytest.approx(still.airtime_s[1, 0])
@@ -246,6 +291,7 @@ def test_a_rayleigh_bench_plans_a_marginal_link_more_robustly():
 
 def test_the_participation_proxy_has_diminishing_returns():
     from bs_node.controllers.lyapunov import participation_loss, participation_slope
+
     K = 6
     s = np.linspace(0, K, 61)
     phi = participation_loss(s, K)
@@ -269,10 +315,23 @@ def _run_rounds(ctrl, b, K, rounds, speed=None):
                 rows.append(row(k, snr_db=None, participated=False))
                 continue
             e = pred[k]["energy_j"] * (speed[k] if speed else 1.0)
-            rows.append(DeviceRound(k, True, "ok", rank=p.rank, depth=p.depth, tx_power_dbm=p.tx_power_dbm,
-                                    bandwidth_hz=p.bandwidth_hz, modulation=p.modulation, snr_db=30.0,
-                                    compute_s=e / b.device(k).compute_watts_per_core, train_wall_s=e / 10,
-                                    airtime_s=1.0, energy_j=e))
+            rows.append(
+                DeviceRound(
+                    k,
+                    True,
+                    "ok",
+                    rank=p.rank,
+                    depth=p.depth,
+                    tx_power_dbm=p.tx_power_dbm,
+                    bandwidth_hz=p.bandwidth_hz,
+                    modulation=p.modulation,
+                    snr_db=30.0,
+                    compute_s=e / b.device(k).compute_watts_per_core,
+                    train_wall_s=e / 10,
+                    airtime_s=1.0,
+                    energy_j=e,
+                )
+            )
             spent[k] += e
         taken.append({k: plans[k].depth for k in range(K) if plans[k].participate})
         ctrl.observe(RoundRecord(r, 0.7, 0.5, 1.0, "lyapunov", 0, rows))
@@ -300,8 +359,10 @@ def test_energy_credit_lets_an_expensive_module_start_early_and_the_books_close_
     assert ctrl.explain()["energy_allowance_j"] == {0: pytest.approx(300.0), 1: pytest.approx(300.0)}
     _spend(ctrl, 1, [250.0, None])
     ctrl.decide(state(b, r=2, K=2))  # the credit shrinks to nothing at the last round: 2 + 2·(4 − 2)/3 budgets
-    assert ctrl.explain()["energy_allowance_j"] == {0: pytest.approx(100 * (2 + 4 / 3) - 250, abs=0.1),
-                                                    1: pytest.approx(100 * (2 + 4 / 3), abs=0.1)}
+    assert ctrl.explain()["energy_allowance_j"] == {
+        0: pytest.approx(100 * (2 + 4 / 3) - 250, abs=0.1),
+        1: pytest.approx(100 * (2 + 4 / 3), abs=0.1),
+    }
     _spend(ctrl, 2, [None, None])
     ctrl.decide(state(b, r=3, K=2))
     _spend(ctrl, 3, [None, None])
@@ -309,11 +370,13 @@ def test_energy_credit_lets_an_expensive_module_start_early_and_the_books_close_
     assert ctrl.explain()["energy_allowance_j"] == {0: pytest.approx(150.0), 1: pytest.approx(400.0)}
 
 
-@pytest.mark.parametrize("sparsifier, choices", [("dense", {1.0}), ("b_only", {1.0}),
-                                                  ("soft", {0.25, 0.5, 1.0}), ("topk", {0.25, 0.5, 1.0})])
+@pytest.mark.parametrize(
+    "sparsifier, choices", [("dense", {1.0}), ("b_only", {1.0}), ("soft", {0.25, 0.5, 1.0}), ("topk", {0.25, 0.5, 1.0})]
+)
 def test_keep_fractions_are_offered_only_where_the_codec_honours_them(sparsifier, choices):
     b = bench()
     for policy in ("lyapunov", "tsfa"):
-        ctrl = make_controller(load_experiment(None, [f"controller.policy={policy}",
-                                                      f"codec.sparsifier={sparsifier}"]), b)
+        ctrl = make_controller(
+            load_experiment(None, [f"controller.policy={policy}", f"codec.sparsifier={sparsifier}"]), b
+        )
         assert set(ctrl.choices(state(b))[2]) == choices  # a dense codec would send it all anyway

@@ -1,4 +1,5 @@
 """Energy meter: compute energy follows CPU time, transmit energy follows power and airtime."""
+
 import pytest
 
 from fedlora.energy import EnergyMeter, dbm_to_w

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from phy.framing import (
+from proto.framing import (
     MAX_FRAME_BYTES,
     MAX_FRAME_PAYLOAD,
     OVERHEAD_BYTES,

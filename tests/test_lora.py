@@ -9,8 +9,8 @@ import torch
 
 from fedlora.lora import GlobalAdapter, LocalModel, ModuleSpec, layer_index, module_keys
 from fedlora.models import ModelConfig, build_backbone, load_tokenizer, num_layers
-from fedlora.training import encode
 from fedlora.tasks import Example
+from fedlora.training import encode
 
 TINY = ModelConfig(name_or_path="tiny", max_rank=8, lora_alpha=16.0)
 Q1 = "bert.encoder.layer.1.attention.self.query"
@@ -36,7 +36,7 @@ def batch():
 def _randomised(adapter: GlobalAdapter, seed: int = 1) -> GlobalAdapter:
     """Non-zero B (and head) so that every component influences the output."""
     gen = torch.Generator().manual_seed(seed)
-    for k, v in adapter.state.items():
+    for v in adapter.state.values():
         v.copy_(torch.randn(v.shape, generator=gen) * 0.5)
     return adapter
 
@@ -80,7 +80,10 @@ def test_view_is_a_truncated_copy(backbone):
     assert torch.count_nonzero(g.state[Q1 + ".lora_A"][:3]) > 0  # a copy, not a view into state
 
 
-@pytest.mark.parametrize("spec, field", [(ModuleSpec(0, 1), "rank"), (ModuleSpec(9, 1), "rank"), (ModuleSpec(2, 3), "depth"), (ModuleSpec(2, 0), "depth")])
+@pytest.mark.parametrize(
+    "spec, field",
+    [(ModuleSpec(0, 1), "rank"), (ModuleSpec(9, 1), "rank"), (ModuleSpec(2, 3), "depth"), (ModuleSpec(2, 0), "depth")],
+)
 def test_bad_spec_names_the_field(backbone, spec, field):
     g = GlobalAdapter(backbone, TINY, seed=0)
     with pytest.raises(ValueError, match=f"ModuleSpec.{field}"):

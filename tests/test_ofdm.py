@@ -19,10 +19,10 @@ from gnuradio import blocks, digital, gr  # noqa: E402
 
 from phy import ofdm  # noqa: E402
 from phy.channel import PerCurve, ofdm_airtime_s  # noqa: E402
-from phy.framing import MAX_FRAME_BYTES, Frame, fragment  # noqa: E402
 from phy.gr_loopback import LoopbackModem, measure_back_to_back_loss  # noqa: E402
 from phy.ofdm_rx import decode_payload  # noqa: E402
 from phy.ofdm_tx import OfdmTransmitter, make_pdu, modulate  # noqa: E402
+from proto.framing import MAX_FRAME_BYTES, Frame, fragment  # noqa: E402
 
 MODS = ("bpsk", "qpsk", "8psk", "16qam")
 
@@ -75,7 +75,7 @@ def test_map_demap_roundtrip_any_length(mod, size):
     length, number = header.fields()
     assert ofdm.PacketHeader.from_fields(length, number) == header
     assert math.ceil(length * 8 / ofdm.N_DATA_CARRIERS) == header.payload_ofdm_symbols  # what the stock parser computes
-    labels = ofdm.decide(sym[ofdm.HEADER_BITS:] * ofdm.CARRIER_DEROTATION[np.arange(len(sym) - 48) % 48], mod)
+    labels = ofdm.decide(sym[ofdm.HEADER_BITS :] * ofdm.CARRIER_DEROTATION[np.arange(len(sym) - 48) % 48], mod)
     assert ofdm.demap_packet(labels, header) == (data, True)
 
 
@@ -95,8 +95,9 @@ def test_header_bits_equal_gr_digital_formatter_and_parse_with_stock_parser():
     data, tags, off = [], [], 0
     for length in lengths:
         data += [0] * length
-        tags.append(gr.tag_utils.python_to_tag((off, pmt.intern(ofdm.PACKET_LEN_KEY), pmt.from_long(length),
-                                                pmt.intern("t"))))
+        tags.append(
+            gr.tag_utils.python_to_tag((off, pmt.intern(ofdm.PACKET_LEN_KEY), pmt.from_long(length), pmt.intern("t")))
+        )
         off += length
     tb = gr.top_block()
     src = blocks.vector_source_b(data, False, 1, tags)
@@ -108,8 +109,10 @@ def test_header_bits_equal_gr_digital_formatter_and_parse_with_stock_parser():
     for i, length in enumerate(lengths):
         assert np.array_equal(ofdm.header_bits_from_fields(length, i), stock[i])
     # 2) the stock parser on headers of our packets (+ one corrupt header)
-    headers = [ofdm.PacketHeader(n, bps, num) for n, bps, num in
-               [(0, 1, 0), (1000, 2, 77), (1001, 3, 255), (4091, 1, 3), (37, 4, 128), (2, 3, 9)]]
+    headers = [
+        ofdm.PacketHeader(n, bps, num)
+        for n, bps, num in [(0, 1, 0), (1000, 2, 77), (1001, 3, 255), (4091, 1, 3), (37, 4, 128), (2, 3, 9)]
+    ]
     bits = np.concatenate([ofdm.header_bits(h) for h in headers] + [np.ones(48, np.uint8)])
     parser = digital.packet_headerparser_b(fmt.formatter())
     parser.set_log_level("warn")
@@ -139,7 +142,7 @@ def test_snr_estimator_unbiased_on_synthetic_frames(mod, snr_db):
     """Per-subcarrier Es/N0 in, estimate out (no flowgraph): the equalizer + EVM estimator itself."""
     rng = np.random.default_rng(int(snr_db))
     data = rng.integers(0, 256, 1000, dtype=np.uint8).tobytes()
-    sym = ofdm.map_packet(data, mod, 5)[ofdm.HEADER_BITS:]
+    sym = ofdm.map_packet(data, mod, 5)[ofdm.HEADER_BITS :]
     header = ofdm.PacketHeader(1000, ofdm.get_modulation(mod).bits_per_symbol, 5)
     n = header.payload_ofdm_symbols
     est = []
@@ -167,7 +170,7 @@ def test_transmitter_burst_length_padding_and_power():
     first = x[: sizes[0]]
     pre, post = ofdm.DEFAULT_PRE_PAD, ofdm.DEFAULT_POST_PAD
     assert np.all(first[:pre] == 0) and np.all(first[-post:] == 0)  # pitfall 5, incl. the burst's last packet
-    assert np.all(x[-post:] == 0) and np.any(x[-post - 16: -post] != 0)
+    assert np.all(x[-post:] == 0) and np.any(x[-post - 16 : -post] != 0)
     assert 0.97 < np.mean(np.abs(first[pre:-post]) ** 2) < 1.01  # unit power: the SNR convention's reference
 
 
@@ -193,8 +196,10 @@ def modem():
 
 @pytest.mark.gnuradio
 def test_qpsk_2000_frames_of_1000_bytes_no_loss_at_30_db(modem):
-    frames = [Frame(7, 3, i, 2000, bytes(np.random.default_rng(i).integers(0, 256, 980, dtype=np.uint8))).to_bytes()
-              for i in range(2000)]
+    frames = [
+        Frame(7, 3, i, 2000, bytes(np.random.default_rng(i).integers(0, 256, 980, dtype=np.uint8))).to_bytes()
+        for i in range(2000)
+    ]
     assert {len(f) for f in frames} == {1000}
     got = modem.run_packets(frames, "qpsk", 30.0)
     assert _intact(frames, got) == set(range(2000))

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from functools import lru_cache
+from functools import cache
 
 import numpy as np
 import pytest
@@ -33,9 +33,9 @@ pytest.importorskip("gnuradio")
 
 import zmq  # noqa: E402
 
-from fedlora.config import REPO_ROOT, load_bench  # noqa: E402
+from config import REPO_ROOT, load_bench  # noqa: E402
+from link.factory import per_curve_for  # noqa: E402
 from phy.channel import DeviceGeometry, PerCurve, SimChannel, TxSetting  # noqa: E402
-from phy.factory import per_curve_for  # noqa: E402
 from phy.sim import SimUplinkReceiver, SimUplinkTransmitter  # noqa: E402
 
 pytestmark = pytest.mark.gnuradio
@@ -47,7 +47,7 @@ SIM_DRAW_FRAMES = 4000  # the sim link is cheap: its draw's own binomial noise s
 TOLERANCE = 0.10
 
 
-@lru_cache(maxsize=None)
+@cache
 def _curve() -> PerCurve:
     """The object the sim link of the loopback bench uses."""
     return per_curve_for(load_bench(BENCH_FILE))
@@ -64,7 +64,7 @@ def _waterfall_snrs_db(modulation: str, frame_bytes: int, targets: tuple[float, 
     return snrs
 
 
-@lru_cache(maxsize=None)
+@cache
 def _modem_per(modulation: str, frame_bytes: int) -> tuple[tuple[float, float], ...]:
     """((snr_db, measured PER), ...) at the waterfall SNRs, from a fresh seeded modem."""
     from phy.gr_loopback import LoopbackModem
@@ -74,8 +74,10 @@ def _modem_per(modulation: str, frame_bytes: int) -> tuple[tuple[float, float], 
     out = []
     with LoopbackModem(30.0, noise_seed=seed) as modem:
         for snr_db in _waterfall_snrs_db(modulation, frame_bytes):
-            frames = [rng.integers(0, 256, frame_bytes, dtype=np.uint8).tobytes()
-                      for _ in range(FRAMES_PER_POINT[frame_bytes])]
+            frames = [
+                rng.integers(0, 256, frame_bytes, dtype=np.uint8).tobytes()
+                for _ in range(FRAMES_PER_POINT[frame_bytes])
+            ]
             got = modem.run_packets(frames, modulation, snr_db)
             intact = {p.index for p in got if p.crc_ok and 0 <= p.index < len(frames) and p.data == frames[p.index]}
             out.append((snr_db, 1.0 - len(intact) / len(frames)))
@@ -93,8 +95,9 @@ def _sim_link_per(snr_db: float, modulation: str, frame_bytes: int, n_frames: in
     ctx = zmq.Context()
     address = f"inproc://phy-agreement-{modulation}-{frame_bytes}"
     rx = SimUplinkReceiver(bind_address=address, context=ctx)
-    tx = SimUplinkTransmitter(bs_data_address=address, geometry=geometry, channel=channel,
-                              per_curve=_curve(), seed=5, context=ctx)
+    tx = SimUplinkTransmitter(
+        bs_data_address=address, geometry=geometry, channel=channel, per_curve=_curve(), seed=5, context=ctx
+    )
     try:
         report = tx.send([bytes(frame_bytes)] * n_frames, setting, round_idx=0)
         assert tx.last_true_snr_db == pytest.approx(snr_db, abs=1e-9)
@@ -116,11 +119,19 @@ def _report(modulation: str, frame_bytes: int) -> list[tuple[float, float, float
     """(snr_db, modem PER, sim curve PER, sim link PER) per waterfall point."""
     rows = []
     for snr_db, gr_per in _modem_per(modulation, frame_bytes):
-        rows.append((snr_db, gr_per, _curve().per(snr_db, modulation, frame_bytes),
-                     _sim_link_per(snr_db, modulation, frame_bytes)))
+        rows.append(
+            (
+                snr_db,
+                gr_per,
+                _curve().per(snr_db, modulation, frame_bytes),
+                _sim_link_per(snr_db, modulation, frame_bytes),
+            )
+        )
     for snr_db, gr_per, sim_per, link_per in rows:
-        print(f"{modulation} {frame_bytes} B {snr_db:6.2f} dB: gr {gr_per:.3f} sim {sim_per:.3f} link {link_per:.3f} "
-              f"(N={FRAMES_PER_POINT[frame_bytes]})")
+        print(
+            f"{modulation} {frame_bytes} B {snr_db:6.2f} dB: gr {gr_per:.3f} sim {sim_per:.3f} link {link_per:.3f} "
+            f"(N={FRAMES_PER_POINT[frame_bytes]})"
+        )
     return rows
 
 
@@ -151,12 +162,17 @@ def test_per_of_300_byte_frames_agrees_on_the_lower_waterfall(modulation):
     assert abs(gr_per - link_per) <= TOLERANCE, (modulation, snr_db, gr_per, link_per)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "known gap: for 300-byte frames the sim is optimistic on the upper waterfall; at its PER 0.8 / 0.5 points the "
-    "modem's PER was higher by 12/21 points (BPSK), 16/12 (QPSK), 16/12 (8PSK), i.e. ~0.4-0.5 dB. Causes: the 1000-byte "
-    "curve goes straight from 1.0 to ~0.85 over 1 dB (1-dB steps, linear interpolation), so the size-scaled curve "
-    "has no information there; and short 8PSK/BPSK frames fail more often than independent bit errors predict. "
-    "Remove this mark once a finer calibration (or a per-size curve) closes it."))
+@pytest.mark.xfail(
+    strict=True,
+    reason=(
+        "known gap: for 300-byte frames the sim is optimistic on the upper waterfall; at its PER 0.8 / 0.5 points the "
+        "modem's PER was higher by 12/21 points (BPSK), 16/12 (QPSK), 16/12 (8PSK), i.e. ~0.4-0.5 dB. "
+        "Causes: the 1000-byte "
+        "curve goes straight from 1.0 to ~0.85 over 1 dB (1-dB steps, linear interpolation), so the size-scaled curve "
+        "has no information there; and short 8PSK/BPSK frames fail more often than independent bit errors predict. "
+        "Remove this mark once a finer calibration (or a per-size curve) closes it."
+    ),
+)
 def test_per_of_300_byte_frames_agrees_on_the_upper_waterfall():
     worst = []
     for mod in _modulations():

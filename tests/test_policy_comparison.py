@@ -1,5 +1,6 @@
 """benchmarks/policy_comparison.py --analyze: the table reads run folders, a later folder's policy wins, and the
 energy to the fixed policy's final accuracy is the cumulative energy of the first round that reached it."""
+
 import importlib.util
 import json
 import sys
@@ -22,10 +23,16 @@ def fake_run(folder: Path, policy: str, accuracies: list[float], energy_per_devi
     run = folder / policy
     run.mkdir(parents=True)
     (run / "bench.yaml").write_text(yaml.safe_dump({"devices": [{"energy_budget_j": 100.0}] * 2}))
-    rows = [{"round": r + 1, "accuracy": acc,
-             "devices": [{"device_id": k, "energy_j": energy_per_device_j, "uplink_bytes": 10, "status": "ok"}
-                         for k in range(2)]}
-            for r, acc in enumerate(accuracies)]
+    rows = [
+        {
+            "round": r + 1,
+            "accuracy": acc,
+            "devices": [
+                {"device_id": k, "energy_j": energy_per_device_j, "uplink_bytes": 10, "status": "ok"} for k in range(2)
+            ],
+        }
+        for r, acc in enumerate(accuracies)
+    ]
     (run / "rounds.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
 
 

@@ -1,4 +1,5 @@
 """Real BS and edge processes over real sockets (tiny model): a run, a killed edge, a rejoin, garbage input."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -28,8 +29,20 @@ def procs(tmp_path):
 
 def test_launcher_runs_a_whole_experiment(tmp_path):
     run_dir = tmp_path / "run"
-    cmd = [sys.executable, "-m", "fedlora.launcher", "--run-dir", str(run_dir), *TINY,
-           "--set", "devices.count=3", "--set", "round.rounds=2", "--set", "training.local_steps=4"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "launcher.main",
+        "--run-dir",
+        str(run_dir),
+        *TINY,
+        "--set",
+        "devices.count=3",
+        "--set",
+        "round.rounds=2",
+        "--set",
+        "training.local_steps=4",
+    ]
     out = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout + out.stderr
     rounds = read_rounds(run_dir)
@@ -64,9 +77,19 @@ def test_launcher_runs_a_whole_experiment(tmp_path):
 
 def test_killed_edge_is_dropped_at_the_deadline_and_can_rejoin(procs, tmp_path):
     run_dir = tmp_path / "run"
-    bs, ep = procs.bs(run_dir, "--set", "devices.count=3", "--set", "round.rounds=10",
-                      "--set", "round.deadline_s=40", "--set", "training.local_steps=100",
-                      "--silence-timeout", "600")  # only the deadline or the disconnect can drop it
+    bs, ep = procs.bs(
+        run_dir,
+        "--set",
+        "devices.count=3",
+        "--set",
+        "round.rounds=10",
+        "--set",
+        "round.deadline_s=40",
+        "--set",
+        "training.local_steps=100",
+        "--silence-timeout",
+        "600",
+    )  # only the deadline or the disconnect can drop it
     edges = [procs.edge(ep["control"], k) for k in range(3)]
     wait_for(lambda: "round 2: training" in procs.output("edge1"), 240, "edge 1 training in round 2")
     edges[1].send_signal(signal.SIGKILL)  # edge 1 dies while training
@@ -91,21 +114,30 @@ def test_killed_edge_is_dropped_at_the_deadline_and_can_rejoin(procs, tmp_path):
 
 def test_garbage_on_both_sockets_is_logged_and_ignored(procs, tmp_path):
     run_dir = tmp_path / "run"
-    bs, ep = procs.bs(run_dir, "--set", "devices.count=2", "--set", "round.rounds=2",
-                      "--set", "training.local_steps=20")
+    bs, ep = procs.bs(
+        run_dir, "--set", "devices.count=2", "--set", "round.rounds=2", "--set", "training.local_steps=20"
+    )
     ctx = zmq.Context.instance()
     rogue = ctx.socket(zmq.DEALER)
     rogue.setsockopt(zmq.IDENTITY, b"rogue")
     rogue.connect(ep["control"])
     data = ctx.socket(zmq.PUSH)
     data.connect(ep["data"])
-    for payload in ([b"\x00\xff garbage"], [b'{"v": 1, "type": "plan"}'], [b"a", b"b", b"c", b"d"],
-                    [json.dumps({"v": 1, "type": "report", "device_id": 0, "round": 1, "status": "ok",
-                                 "measurements": {}}).encode()]):
+    for payload in (
+        [b"\x00\xff garbage"],
+        [b'{"v": 1, "type": "plan"}'],
+        [b"a", b"b", b"c", b"d"],
+        [
+            json.dumps(
+                {"v": 1, "type": "report", "device_id": 0, "round": 1, "status": "ok", "measurements": {}}
+            ).encode()
+        ],
+    ):
         rogue.send_multipart(payload)
     for payload in ([b"not json", b"\x00" * 40], [b'{"snr_db": 10}', b"FRAME?" * 10], [b"single part"]):
         data.send_multipart(payload)
-    edges = [procs.edge(ep["control"], k) for k in range(2)]
+    for k in range(2):
+        procs.edge(ep["control"], k)
     wait_for(lambda: len(read_rounds(run_dir)) >= 1, 180, "round 1")
     rogue.send_multipart([b"\xde\xad"])
     data.send_multipart([b'{"snr_db": 12.0}', b"\x46\x4c" + os.urandom(60)])
@@ -124,8 +156,20 @@ def test_garbage_on_both_sockets_is_logged_and_ignored(procs, tmp_path):
 
 def test_ctrl_c_stops_every_child_and_keeps_finished_rounds(tmp_path):
     run_dir = tmp_path / "run"
-    cmd = [sys.executable, "-m", "fedlora.launcher", "--run-dir", str(run_dir), *TINY,
-           "--set", "devices.count=2", "--set", "round.rounds=50", "--set", "training.local_steps=40"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "launcher.main",
+        "--run-dir",
+        str(run_dir),
+        *TINY,
+        "--set",
+        "devices.count=2",
+        "--set",
+        "round.rounds=50",
+        "--set",
+        "training.local_steps=40",
+    ]
     launcher = subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         wait_for(lambda: len(read_rounds(run_dir)) >= 1 or launcher.poll() is not None, 240, "round 1")
@@ -150,9 +194,19 @@ def test_ctrl_c_stops_every_child_and_keeps_finished_rounds(tmp_path):
 def test_a_round_over_the_gnuradio_ofdm_loopback(procs, tmp_path):
     pytest.importorskip("gnuradio")
     run_dir = tmp_path / "run"
-    bs, ep = procs.bs(run_dir, "--bench", "hw_configs/loopback.yaml", "--set", "devices.count=2",
-                      "--set", "round.rounds=1", "--set", "training.local_steps=3",
-                      "--bench-set", "devices=[{distance_m: 10}, {distance_m: 30}]")
+    bs, ep = procs.bs(
+        run_dir,
+        "--bench",
+        "hw_configs/loopback.yaml",
+        "--set",
+        "devices.count=2",
+        "--set",
+        "round.rounds=1",
+        "--set",
+        "training.local_steps=3",
+        "--bench-set",
+        "devices=[{distance_m: 10}, {distance_m: 30}]",
+    )
     for k in range(2):
         procs.edge(ep["control"], k)
     assert bs.wait(timeout=300) == 0, procs.output("bs")
@@ -169,10 +223,21 @@ def test_the_online_controller_runs_unchanged_over_the_gnuradio_link(procs, tmp_
     """lyapunov over gr-loopback: round 2 is planned from the gains the OFDM receiver's SNR estimates gave."""
     pytest.importorskip("gnuradio")
     run_dir = tmp_path / "run"
-    bs, ep = procs.bs(run_dir, "--bench", "hw_configs/loopback.yaml", "--set", "devices.count=2",
-                      "--set", "round.rounds=2", "--set", "training.local_steps=2",
-                      "--set", "controller.policy=lyapunov",
-                      "--bench-set", "devices=[{distance_m: 10, energy_budget_j: 1000}, {distance_m: 30}]")
+    bs, ep = procs.bs(
+        run_dir,
+        "--bench",
+        "hw_configs/loopback.yaml",
+        "--set",
+        "devices.count=2",
+        "--set",
+        "round.rounds=2",
+        "--set",
+        "training.local_steps=2",
+        "--set",
+        "controller.policy=lyapunov",
+        "--bench-set",
+        "devices=[{distance_m: 10, energy_budget_j: 1000}, {distance_m: 30}]",
+    )
     for k in range(2):
         procs.edge(ep["control"], k)
     assert bs.wait(timeout=400) == 0, procs.output("bs")

@@ -15,10 +15,12 @@ import yaml
 from calibration.noise_floor import (
     full_scale_dbm_from_tone,
     load_samples,
-    main as noise_floor_main,
     noise_floor_dbm_hz,
     power_dbfs,
     psd_dbfs_hz,
+)
+from calibration.noise_floor import (
+    main as noise_floor_main,
 )
 from phy.channel import ChannelConfig, SimChannel
 from phy.radio_calibration import (
@@ -34,10 +36,16 @@ EXAMPLE = Path(__file__).resolve().parents[1] / "hw_configs" / "calibration" / "
 
 def _doc(**changes):
     doc = {
-        "radio": "hackrf_one", "center_freq_hz": 2.45e9, "sample_rate_hz": 2e6,
+        "radio": "hackrf_one",
+        "center_freq_hz": 2.45e9,
+        "sample_rate_hz": 2e6,
         "tx": [[0, -40.0], [10, -30.5], [20, -20.0], [30, -11.0], [40, -4.0]],
-        "rx_gain_db": 32, "noise_floor_dbm_hz": -162.5, "measured_on": "2026-11-20", "by": "lab",
-        "notes": "test", "placeholder": False,
+        "rx_gain_db": 32,
+        "noise_floor_dbm_hz": -162.5,
+        "measured_on": "2026-11-20",
+        "by": "lab",
+        "notes": "test",
+        "placeholder": False,
     }
     doc.update(changes)
     return {k: v for k, v in doc.items() if v is not ...}
@@ -92,20 +100,37 @@ def test_noise_numbers_map_onto_the_sim_channel_model():
     assert cal.noise_figure_db == pytest.approx(11.5)
     assert cal.noise_dbm(1e6) == pytest.approx(-162.5 + 60.0)
     overrides = cal.bench_overrides()
-    assert overrides == {"radio.min_tx_power_dbm": -40.0, "radio.max_tx_power_dbm": -4.0,
-                         "channel.noise_psd_dbm_hz": -174.0, "channel.noise_figure_db": 11.5}
-    channel = SimChannel(ChannelConfig(noise_psd_dbm_hz=overrides["channel.noise_psd_dbm_hz"],
-                                       noise_figure_db=overrides["channel.noise_figure_db"]), seed=0)
+    assert overrides == {
+        "radio.min_tx_power_dbm": -40.0,
+        "radio.max_tx_power_dbm": -4.0,
+        "channel.noise_psd_dbm_hz": -174.0,
+        "channel.noise_figure_db": 11.5,
+    }
+    channel = SimChannel(
+        ChannelConfig(
+            noise_psd_dbm_hz=overrides["channel.noise_psd_dbm_hz"], noise_figure_db=overrides["channel.noise_figure_db"]
+        ),
+        seed=0,
+    )
     for bw in (31.25e3, 250e3, 1e6):
         assert channel.noise_dbm(bw) == pytest.approx(cal.noise_dbm(bw))
 
 
 def test_write_and_load_round_trip(tmp_path):
-    cal = RadioCalibration(radio="usrp_b210", center_freq_hz=915e6, sample_rate_hz=1e6,
-                           tx_table=[[60, -20.0], [70, -10.2], [80, -0.7]], rx_gain_db=45.0,
-                           noise_floor_dbm_hz=-167.2, measured_on="2026-11-21", by="A. Tester",
-                           notes="power meter, 40 dB pad", serial="31AB5C7", tx_level_dbfs=-12.0,
-                           rx_full_scale_dbm=-28.0)
+    cal = RadioCalibration(
+        radio="usrp_b210",
+        center_freq_hz=915e6,
+        sample_rate_hz=1e6,
+        tx_table=[[60, -20.0], [70, -10.2], [80, -0.7]],
+        rx_gain_db=45.0,
+        noise_floor_dbm_hz=-167.2,
+        measured_on="2026-11-21",
+        by="A. Tester",
+        notes="power meter, 40 dB pad",
+        serial="31AB5C7",
+        tx_level_dbfs=-12.0,
+        rx_full_scale_dbm=-28.0,
+    )
     path = write_radio_calibration(cal, tmp_path / "cal" / "b210.yaml", header="measured in lab 2\nsee notes")
     text = path.read_text()
     assert text.startswith("# measured in lab 2\n# see notes\n")

@@ -1,4 +1,5 @@
 """The real pretrained MiniLM on the real embedded Rotten Tomatoes data, through real BS and edge processes."""
+
 from __future__ import annotations
 
 import json
@@ -15,10 +16,25 @@ def test_one_round_of_real_federated_lora(tmp_path):
     procs = Procs(tmp_path)
     run_dir = tmp_path / "run"
     try:
-        bs, ep = procs.bs(run_dir, "--set", "model.name_or_path=embedded", "--set", "devices.count=2",
-                          "--set", "round.rounds=1", "--set", "training.local_steps=30",
-                          "--set", "training.batch_size=16", "--set", "task.test_size=300",
-                          "--set", "task.max_train=null", "--set", "training.lr=0.005")
+        bs, ep = procs.bs(
+            run_dir,
+            "--set",
+            "model.name_or_path=embedded",
+            "--set",
+            "devices.count=2",
+            "--set",
+            "round.rounds=1",
+            "--set",
+            "training.local_steps=30",
+            "--set",
+            "training.batch_size=16",
+            "--set",
+            "task.test_size=300",
+            "--set",
+            "task.max_train=null",
+            "--set",
+            "training.lr=0.005",
+        )
         for k in range(2):
             procs.edge(ep["control"], k)
         assert bs.wait(timeout=600) == 0, procs.output("bs")

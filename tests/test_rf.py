@@ -1,5 +1,6 @@
 """rf PHY without a radio: the slot plans, the bench files, --dry-run, and the real flowgraphs wired to stand-ins
 (edge bursts into vector sinks, summed with noise, into the BS flowgraph through a vector source)."""
+
 from __future__ import annotations
 
 import subprocess
@@ -16,7 +17,7 @@ HACKRF = REPO / "hw_configs" / "hackrf_one.yaml"
 
 
 def load_bench(*args, **kwargs):
-    from fedlora.config import load_bench
+    from config import load_bench
 
     return load_bench(*args, **kwargs)
 
@@ -46,14 +47,18 @@ def test_slot_groups_fit_the_usable_slot():
 
 
 def test_rf_benches_load_and_bad_values_name_the_field():
-    from fedlora.config import ConfigError
+    from config import ConfigError
 
     assert load_bench(B210).rf.access == "fdma"
     hackrf = load_bench(HACKRF)
     assert hackrf.rf.driver == "soapy" and hackrf.rf.access == "tdma"
-    for override, field in (("rf.sample_rate_hz=1e5", "rf.sample_rate_hz"), ("rf.guard_s=0.6", "rf.guard_s"),
-                            ("rf.edge_device_args=[serial=1]", "rf.edge_device_args"),
-                            ("rf.access=cdma", "rf.access"), ("rf.center_freq_hz=0", "rf.center_freq_hz")):
+    for override, field in (
+        ("rf.sample_rate_hz=1e5", "rf.sample_rate_hz"),
+        ("rf.guard_s=0.6", "rf.guard_s"),
+        ("rf.edge_device_args=[serial=1]", "rf.edge_device_args"),
+        ("rf.access=cdma", "rf.access"),
+        ("rf.center_freq_hz=0", "rf.center_freq_hz"),
+    ):
         with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
             load_bench(HACKRF, [override])
 
@@ -62,8 +67,14 @@ def test_rf_benches_load_and_bad_values_name_the_field():
 @pytest.mark.parametrize("bench", [B210, HACKRF], ids=["usrp_b210", "hackrf_one"])
 def test_dry_run_prints_both_flowgraphs_and_opens_no_radio(bench):
     pytest.importorskip("gnuradio")
-    out = subprocess.run([sys.executable, "-m", "phy.rf", "--bench", str(bench), "--dry-run"], cwd=REPO, env=ENV,
-                         capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-m", "phy.rf", "--bench", str(bench), "--dry-run"],
+        cwd=REPO,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr
     text = out.stdout
     assert "BS flowgraph:" in text and "edge 3" in text
@@ -77,11 +88,11 @@ def test_dry_run_prints_both_flowgraphs_and_opens_no_radio(bench):
 @pytest.mark.parametrize("access", ["fdma", "tdma"])
 def test_flowgraphs_wired_to_stand_ins_deliver_frames(access, monkeypatch):
     pytest.importorskip("gnuradio")
-    from gnuradio import blocks, gr
+    from gnuradio import blocks
 
     from phy.channel import DeviceGeometry, TxSetting
-    from phy.framing import Frame, fragment
     from phy.rf import RfUplinkReceiver, RfUplinkTransmitter
+    from proto.framing import Frame, fragment
 
     bench = load_bench(B210, [f"rf.access={access}", "rf.slot_s=0.05", "rf.guard_s=0.01"])
     monkeypatch.setattr("phy.rf.time.sleep", lambda s: None)  # slots: no waiting in a test
@@ -93,6 +104,7 @@ def test_flowgraphs_wired_to_stand_ins_deliver_frames(access, monkeypatch):
             sink = blocks.vector_sink_c()
             sinks.setdefault(device_id, []).append(sink)
             return sink
+
         return factory
 
     rng = np.random.default_rng(0)

@@ -8,8 +8,8 @@ import pytest
 import zmq
 
 from phy.channel import ChannelConfig, DeviceGeometry, PerCurve, SimChannel, TxSetting, ofdm_airtime_s
-from phy.framing import Frame, fragment
 from phy.sim import SimUplinkReceiver, SimUplinkTransmitter
+from proto.framing import Frame, fragment
 
 pytestmark = pytest.mark.integration
 

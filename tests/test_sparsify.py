@@ -1,21 +1,32 @@
 """Update sparsifiers (SOFT and baselines): scores, selection, error feedback, regulariser, codec round trip."""
+
 from __future__ import annotations
 
 import math
 
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from fedlora.aggregation import ClientUpdate, aggregate
-from fedlora.codec import decode_update, encode_update, expected_shapes
 from fedlora.lora import GlobalAdapter, LocalModel, ModuleSpec
 from fedlora.models import ModelConfig, build_backbone, load_tokenizer
-from fedlora.sparsify import (BOnlySparsifier, SoftSparsifier, SparseUpdate, component_scores, freeze_a,
-                              make_sparsifier, n_keep, orthogonality_penalty, update_scores)
+from fedlora.sparsify import (
+    BOnlySparsifier,
+    SoftSparsifier,
+    SparseUpdate,
+    component_scores,
+    freeze_a,
+    make_sparsifier,
+    n_keep,
+    orthogonality_penalty,
+    update_scores,
+)
 from fedlora.sparsify.soft import lora_factors
 from fedlora.tasks import Example
 from fedlora.training import TrainConfig, train_local
+from proto.codec import decode_update, encode_update, expected_shapes
 
 TINY = ModelConfig(name_or_path="tiny", max_rank=8)
 IN, OUT, R = 16, 12, 8
@@ -93,8 +104,9 @@ def test_soft_score_is_the_singular_values_of_BA_for_orthogonal_factors():
     # ... and in general the Frobenius norm of each component's rank-1 change
     g = torch.Generator().manual_seed(1)
     a0, b0 = torch.randn(R, IN, generator=g), torch.randn(OUT, R, generator=g)
-    want = torch.stack([torch.linalg.matrix_norm(torch.outer(b[:, i], a[i]) - torch.outer(b0[:, i], a0[i]))
-                        for i in range(R)])
+    want = torch.stack(
+        [torch.linalg.matrix_norm(torch.outer(b[:, i], a[i]) - torch.outer(b0[:, i], a0[i])) for i in range(R)]
+    )
     torch.testing.assert_close(update_scores(a, b, a0, b0), want, rtol=1e-4, atol=1e-5)
 
 
@@ -210,12 +222,20 @@ def test_residual_grows_when_the_rank_grows():
 
 
 @settings(max_examples=25, deadline=None)
-@given(st.lists(st.tuples(st.integers(1, R), st.integers(1, 2), st.sampled_from([0.0, 0.1, 0.3, 0.5, 0.9, 1.0])),
-                min_size=1, max_size=6),
-       st.sampled_from(["soft", "topk", "randomk"]))
+@given(
+    st.lists(
+        st.tuples(st.integers(1, R), st.integers(1, 2), st.sampled_from([0.0, 0.1, 0.3, 0.5, 0.9, 1.0])),
+        min_size=1,
+        max_size=6,
+    ),
+    st.sampled_from(["soft", "topk", "randomk"]),
+)
 def test_error_feedback_conservation_over_any_module_sequence(rounds, name):
-    sp = make_sparsifier(name, dtype="fp32", seed=1, score="update") if name == "soft" else \
-        make_sparsifier(name, dtype="fp32", seed=1)
+    sp = (
+        make_sparsifier(name, dtype="fp32", seed=1, score="update")
+        if name == "soft"
+        else make_sparsifier(name, dtype="fp32", seed=1)
+    )
     sent, want = {}, {}
     for i, (rank, depth, kf) in enumerate(rounds):
         spec = ModuleSpec(rank, depth)
@@ -235,7 +255,8 @@ def test_error_feedback_conservation_over_any_module_sequence(rounds, name):
 
 
 # ----------------------------------------------------------------------------------------------- regulariser
-def _local(backbone, adapter, spec=ModuleSpec(R, 2)) -> LocalModel:
+def _local(backbone, adapter, spec: ModuleSpec | None = None) -> LocalModel:
+    spec = spec or ModuleSpec(R, 2)
     lm = LocalModel(backbone, TINY, cache_size=1)
     lm.load(spec, adapter.view(spec))
     return lm
@@ -487,13 +508,16 @@ def test_end_to_end_sparsify_encode_decode_aggregate(adapter, name):
 
 
 def test_sparsifier_from_config_reads_the_codec_section():
-    from fedlora.config import CodecConfig
+    from config import CodecConfig
     from fedlora.sparsify import sparsifier_from_config
 
     today = sparsifier_from_config(CodecConfig(), seed=0, device_id=1)
     assert (today.name, today.dtype) == ("dense", "fp16")
-    soft = sparsifier_from_config(CodecConfig(sparsifier="soft", uplink_dtype="fp32", soft_lambda=0.3,
-                                              soft_score="update", soft_normalize=False), seed=0, device_id=1)
+    soft = sparsifier_from_config(
+        CodecConfig(sparsifier="soft", uplink_dtype="fp32", soft_lambda=0.3, soft_score="update", soft_normalize=False),
+        seed=0,
+        device_id=1,
+    )
     assert (soft.name, soft.dtype, soft.lam, soft.score, soft.normalize) == ("soft", "fp32", 0.3, "update", False)
     rk = sparsifier_from_config(CodecConfig(sparsifier="randomk", error_feedback=False), seed=4, device_id=2)
     assert (rk.seed, rk.device_id, rk.error_feedback) == (4, 2, False)

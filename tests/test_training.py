@@ -36,7 +36,8 @@ def parts():
     return backbone, GlobalAdapter(backbone, TINY, seed=0), load_tokenizer(TINY)
 
 
-def _fresh(parts, spec=ModuleSpec(8, 2)) -> LocalModel:
+def _fresh(parts, spec: ModuleSpec | None = None) -> LocalModel:
+    spec = spec or ModuleSpec(8, 2)
     backbone, g, _ = parts
     lm = LocalModel(backbone, TINY)
     lm.load(spec, g.view(spec))

@@ -3,6 +3,7 @@ link of real processes (air + 2 edge transmitters, BS receiver here) and one fed
 
 Run an edge transmitter on its own: ``python -m tests.test_zmq_iq edge AIR DEVICE ROUND N_FRAMES POWER BW``.
 """
+
 from __future__ import annotations
 
 import json
@@ -22,7 +23,7 @@ ZMQ_IQ = REPO / "hw_configs" / "zmq_iq.yaml"
 
 
 def load_bench(*args, **kwargs):  # imported here, not at the top: the edge helper processes need no torch
-    from fedlora.config import load_bench
+    from config import load_bench
 
     return load_bench(*args, **kwargs)
 
@@ -46,8 +47,15 @@ def test_unequal_shares_and_absent_devices_pack_from_the_lower_edge():
         assert a.high_hz <= b.low_hz + 1e-6  # no overlap
 
 
-@pytest.mark.parametrize("widths, match", [({0: 600e3, 1: 500e3}, "more than"), ({0: 0.0}, "bandwidth_hz"),
-                                           ({0: float("nan")}, "bandwidth_hz"), ({-1: 1e5}, "device id")])
+@pytest.mark.parametrize(
+    "widths, match",
+    [
+        ({0: 600e3, 1: 500e3}, "more than"),
+        ({0: 0.0}, "bandwidth_hz"),
+        ({0: float("nan")}, "bandwidth_hz"),
+        ({-1: 1e5}, "device id"),
+    ],
+)
 def test_bad_plans_are_refused(widths, match):
     with pytest.raises(ValueError, match=match):
         fdma.plan_subbands(1e6, widths)
@@ -96,8 +104,11 @@ def test_to_medium_puts_the_burst_in_its_subband_at_its_power():
         f = np.fft.fftfreq(len(y), 1e-6)
         p = np.abs(np.fft.fft(y)) ** 2
         inside = (f > plan[k].low_hz) & (f < plan[k].high_hz)
-        others = [(f > s.low_hz + 0.03 * s.bandwidth_hz) & (f < s.high_hz - 0.03 * s.bandwidth_hz)
-                  for j, s in plan.items() if j != k]
+        others = [
+            (f > s.low_hz + 0.03 * s.bandwidth_hz) & (f < s.high_hz - 0.03 * s.bandwidth_hz)
+            for j, s in plan.items()
+            if j != k
+        ]
         for m in others:
             assert p[m].mean() < 1e-5 * p[inside].mean()  # > 50 dB below, in every other subband
 
@@ -127,19 +138,22 @@ def test_zmq_iq_bench_loads():
     assert bench.air.max_cfo_hz == 300 and bench.air.clock_speed == 1.0
 
 
-@pytest.mark.parametrize("override, field", [
-    ("air.max_cfo_hz=5000", "air.max_cfo_hz"),
-    ("air.max_cfo_hz=-1", "air.max_cfo_hz"),
-    ("air.clock_speed=0", "air.clock_speed"),
-    ("air.hangover_s=0", "air.hangover_s"),
-    ("air.filter_attenuation_db=20", "air.filter_attenuation_db"),
-    ("air.address=localhost:5757", "air.address"),
-    ("air.medium=5758", "air.medium"),
-    ("air.colour=blue", "colour"),
-    ("phy=gr-zmq", "phy"),
-])
+@pytest.mark.parametrize(
+    "override, field",
+    [
+        ("air.max_cfo_hz=5000", "air.max_cfo_hz"),
+        ("air.max_cfo_hz=-1", "air.max_cfo_hz"),
+        ("air.clock_speed=0", "air.clock_speed"),
+        ("air.hangover_s=0", "air.hangover_s"),
+        ("air.filter_attenuation_db=20", "air.filter_attenuation_db"),
+        ("air.address=localhost:5757", "air.address"),
+        ("air.medium=5758", "air.medium"),
+        ("air.colour=blue", "colour"),
+        ("phy=gr-zmq", "phy"),
+    ],
+)
 def test_bad_air_settings_name_the_field(override, field):
-    from fedlora.config import ConfigError
+    from config import ConfigError
 
     with pytest.raises(ConfigError) as err:
         load_bench(ZMQ_IQ, [override])
@@ -156,8 +170,19 @@ gnuradio = pytest.mark.gnuradio
 
 def _start_air(tmp_path, *bench_set: str) -> tuple[subprocess.Popen, dict]:
     endpoints = tmp_path / "air.json"
-    cmd = [sys.executable, "-m", "phy.air", "--bench", str(ZMQ_IQ), "--address", "tcp://127.0.0.1:0",
-           "--medium", "tcp://127.0.0.1:0", "--endpoints-file", str(endpoints)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "phy.air",
+        "--bench",
+        str(ZMQ_IQ),
+        "--address",
+        "tcp://127.0.0.1:0",
+        "--medium",
+        "tcp://127.0.0.1:0",
+        "--endpoints-file",
+        str(endpoints),
+    ]
     cmd += [x for o in bench_set for x in ("--bench-set", o)]
     log = open(tmp_path / "air.log", "w")
     air = subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=log, stderr=subprocess.STDOUT)
@@ -176,9 +201,17 @@ def _start_air(tmp_path, *bench_set: str) -> tuple[subprocess.Popen, dict]:
 
 def _edges(air_address: str, jobs: list[tuple[int, int, int, float, float]]) -> list[dict]:
     """Edge transmitters as processes: (device, round, frames, power dBm, bandwidth Hz) each; their reports."""
-    procs = [subprocess.Popen([sys.executable, "-m", "tests.test_zmq_iq", "edge", air_address, *map(str, job)],
-                              cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for job in jobs]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "tests.test_zmq_iq", "edge", air_address, *map(str, job)],
+            cwd=REPO,
+            env=ENV,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for job in jobs
+    ]
     out = []
     for p in procs:
         stdout, stderr = p.communicate(timeout=120)
@@ -188,7 +221,7 @@ def _edges(air_address: str, jobs: list[tuple[int, int, int, float, float]]) -> 
 
 
 def _by_device(frames) -> dict[int, list[float]]:
-    from phy.framing import Frame
+    from proto.framing import Frame
 
     got: dict[int, list[float]] = {}
     for rx in frames:
@@ -201,12 +234,15 @@ def _by_device(frames) -> dict[int, list[float]]:
 @pytest.mark.integration
 def test_air_link_delivers_by_subband_with_snr_following_distance(tmp_path):
     pytest.importorskip("gnuradio")
-    from phy.factory import open_uplink_receiver
+    from link.factory import open_uplink_receiver
 
     # devices 0 and 3 of zmq_iq.yaml: 10 m and 50 m; no fading, so the order is the path loss's
     air, ep = _start_air(tmp_path)
-    rx = open_uplink_receiver(load_bench(ZMQ_IQ, ["channel.fading=none", f"air.address={ep['address']}",
-                                                  f"air.medium={ep['medium']}"]), bind_address="", seed=0)
+    rx = open_uplink_receiver(
+        load_bench(ZMQ_IQ, ["channel.fading=none", f"air.address={ep['address']}", f"air.medium={ep['medium']}"]),
+        bind_address="",
+        seed=0,
+    )
     try:
         # round 1: equal shares, full power: nothing lost, the near device is measured higher
         rx.start_round(1, {k: 250e3 for k in range(4)})
@@ -248,12 +284,26 @@ def test_air_survives_garbage_from_peers(tmp_path):
 
     ctx = zmq.Context()
     air = Air(address="tcp://127.0.0.1:0", medium_address="tcp://127.0.0.1:0", context=ctx)
-    physics = {"seed": 0, "channel": {}, "distances_m": [10.0, 20.0], "max_cfo_hz": 100.0, "clock_speed": 1.0,
-               "hangover_s": 0.02, "attenuation_db": 60.0}
+    physics = {
+        "seed": 0,
+        "channel": {},
+        "distances_m": [10.0, 20.0],
+        "max_cfo_hz": 100.0,
+        "clock_speed": 1.0,
+        "hangover_s": 0.02,
+        "attenuation_db": 60.0,
+    }
     peer = ctx.socket(zmq.DEALER)
     peer.connect(air.address)
-    good = {"v": 1, "device_id": 0, "round": 1, "burst_id": 1, "tx_power_dbm": 10.0, "bandwidth_hz": 250e3,
-            "modulation": "qpsk"}
+    good = {
+        "v": 1,
+        "device_id": 0,
+        "round": 1,
+        "burst_id": 1,
+        "tx_power_dbm": 10.0,
+        "bandwidth_hz": 250e3,
+        "modulation": "qpsk",
+    }
     iq = np.ones(1000, dtype=np.complex64).tobytes()
     garbage = [
         [b"hello"],
@@ -261,12 +311,34 @@ def test_air_survives_garbage_from_peers(tmp_path):
         [b"burst", json.dumps([1, 2]).encode(), iq],
         [b"burst", json.dumps(good).encode(), iq],  # no plan from the BS yet
         [b"plan", json.dumps({"round": 1, "total_bandwidth_hz": 1e6, "subbands": []}).encode()],  # no physics
-        [b"plan", json.dumps({**physics, "round": 1, "total_bandwidth_hz": 1e6, "channel": {"fading": "x"},
-                              "subbands": []}).encode()],
-        [b"plan", json.dumps({**physics, "round": 1, "total_bandwidth_hz": 1e6,
-                              "subbands": [{"device_id": 0, "center_hz": 0.0, "bandwidth_hz": 250e3}]}).encode()],
-        [b"plan", json.dumps({**physics, "round": 1, "total_bandwidth_hz": 1e6,
-                              "subbands": [{"device_id": 0, "center_hz": -375e3, "bandwidth_hz": 250e3}]}).encode()],
+        [
+            b"plan",
+            json.dumps(
+                {**physics, "round": 1, "total_bandwidth_hz": 1e6, "channel": {"fading": "x"}, "subbands": []}
+            ).encode(),
+        ],
+        [
+            b"plan",
+            json.dumps(
+                {
+                    **physics,
+                    "round": 1,
+                    "total_bandwidth_hz": 1e6,
+                    "subbands": [{"device_id": 0, "center_hz": 0.0, "bandwidth_hz": 250e3}],
+                }
+            ).encode(),
+        ],
+        [
+            b"plan",
+            json.dumps(
+                {
+                    **physics,
+                    "round": 1,
+                    "total_bandwidth_hz": 1e6,
+                    "subbands": [{"device_id": 0, "center_hz": -375e3, "bandwidth_hz": 250e3}],
+                }
+            ).encode(),
+        ],
         [b"burst", json.dumps({**good, "v": 9}).encode(), iq],
         [b"burst", json.dumps({**good, "device_id": -2}).encode(), iq],
         [b"burst", json.dumps({**good, "modulation": "ook"}).encode(), iq],
@@ -307,10 +379,26 @@ def test_air_survives_garbage_from_peers(tmp_path):
 def test_fedlora_run_over_the_air(tmp_path):
     pytest.importorskip("gnuradio")
     run_dir = tmp_path / "run"
-    cmd = [sys.executable, "-m", "fedlora.launcher", "--bench", str(ZMQ_IQ), "--run-dir", str(run_dir), *TINY,
-           "--set", "devices.count=2", "--set", "round.rounds=2", "--set", "training.local_steps=2",
-           "--bench-set", "channel.fading=none",
-           "--bench-set", "devices=[{distance_m: 10}, {distance_m: 50}]"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "launcher.main",
+        "--bench",
+        str(ZMQ_IQ),
+        "--run-dir",
+        str(run_dir),
+        *TINY,
+        "--set",
+        "devices.count=2",
+        "--set",
+        "round.rounds=2",
+        "--set",
+        "training.local_steps=2",
+        "--bench-set",
+        "channel.fading=none",
+        "--bench-set",
+        "devices=[{distance_m: 10}, {distance_m: 50}]",
+    ]
     out = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=400)
     assert out.returncode == 0, out.stdout + out.stderr
     rounds = read_rounds(run_dir)
@@ -327,8 +415,8 @@ def test_fedlora_run_over_the_air(tmp_path):
 
 # --------------------------------------------------------------------------------------------- edge helper
 def _edge_main(argv: list[str]) -> int:
-    from phy.framing import fragment
     from phy.gr_zmq_iq import ZmqIqTransmitter
+    from proto.framing import fragment
 
     air, device, round_idx, n_frames, power, bandwidth = argv
     device, round_idx, n_frames = int(device), int(round_idx), int(n_frames)
@@ -338,8 +426,16 @@ def _edge_main(argv: list[str]) -> int:
     tx = ZmqIqTransmitter(air_address=air, geometry=DeviceGeometry(device, 10.0))
     report = tx.send(frames, TxSetting(float(power), float(bandwidth), "qpsk"), round_idx=round_idx)
     samples = round(report.airtime_s * float(bandwidth))
-    print(json.dumps({"frames_sent": report.frames_sent, "airtime_s": report.airtime_s, "samples": samples,
-                      "error": tx.last_error}))
+    print(
+        json.dumps(
+            {
+                "frames_sent": report.frames_sent,
+                "airtime_s": report.airtime_s,
+                "samples": samples,
+                "error": tx.last_error,
+            }
+        )
+    )
     tx.close()
     return 0
 

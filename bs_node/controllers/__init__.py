@@ -1,4 +1,5 @@
 """Controller policies, one per file, chosen by name in the experiment config (`controller.policy`)."""
+
 from __future__ import annotations
 
 from bs_node.controllers.base import Controller, DevicePlan, DeviceState, RoundState
@@ -7,18 +8,20 @@ from bs_node.controllers.greedy import GreedyController
 from bs_node.controllers.lyapunov import LyapunovController
 from bs_node.controllers.random_policy import RandomController
 from bs_node.controllers.tsfa import TsfaController
-from fedlora.config import BenchConfig, ConfigError, ExperimentConfig
+from config import BenchConfig, ConfigError, ExperimentConfig
 
 POLICIES: dict[str, type[Controller]] = {
-    cls.name: cls for cls in (FixedController, LyapunovController, TsfaController, GreedyController, RandomController)}
+    cls.name: cls for cls in (FixedController, LyapunovController, TsfaController, GreedyController, RandomController)
+}
 
 
 def make_controller(experiment: ExperimentConfig, bench: BenchConfig) -> Controller:
     try:
         cls = POLICIES[experiment.controller.policy]
     except KeyError:
-        raise ConfigError(f"controller.policy: unknown policy {experiment.controller.policy!r}; "
-                          f"known: {sorted(POLICIES)}") from None
+        raise ConfigError(
+            f"controller.policy: unknown policy {experiment.controller.policy!r}; known: {sorted(POLICIES)}"
+        ) from None
     return cls(experiment, bench)
 
 

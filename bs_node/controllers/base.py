@@ -4,6 +4,7 @@ Shaped like a federated-learning strategy (Flower's `configure_fit` / `aggregate
 before a round with the state the BS knows, `observe` after it with the measurements. Policies never talk to
 sockets or radios, so the same policy runs on every PHY.
 """
+
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
@@ -11,12 +12,13 @@ from dataclasses import dataclass, field
 
 from bs_node.controllers.costs import ModelShape
 from bs_node.measurements import RoundRecord
-from fedlora.config import BenchConfig, DeviceProfile, ExperimentConfig
+from config import BenchConfig, DeviceProfile, ExperimentConfig
 
 
 @dataclass(frozen=True)
 class DevicePlan:
     """What one device does this round."""
+
     device_id: int
     participate: bool
     rank: int
@@ -38,6 +40,7 @@ class DeviceState:
 @dataclass(frozen=True)
 class RoundState:
     """What the BS knows before a round: who is ready, and the resources to share."""
+
     round_idx: int
     devices: tuple[DeviceState, ...]
     total_bandwidth_hz: float

@@ -4,6 +4,7 @@ Vectorised over the option grid (module x modulation x keep fraction x power x b
 can weigh thousands of options for a thousand devices in well under a training step. The formulas are the
 ones in docs/controller.md ("Link and cost model").
 """
+
 from __future__ import annotations
 
 import itertools
@@ -12,9 +13,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fedlora.config import BenchConfig
+from config import BenchConfig
 from phy.channel import MODULATIONS, PerCurve, ofdm_airtime_s
-from phy.framing import OVERHEAD_BYTES
+from proto.framing import OVERHEAD_BYTES
 
 FP16_BYTES = 2
 ENTRY_OVERHEAD_BYTES = 64  # codec: key, kind, shape and kept indices of one tensor
@@ -24,6 +25,7 @@ CODEC_OVERHEAD_BYTES = 28  # codec header and checksum
 @dataclass(frozen=True)
 class ModelShape:
     """What the update size depends on: per transformer layer, Σ (in + out) over the LoRA target modules."""
+
     layer_widths: tuple[int, ...]  # index 0 = bottom layer
     head_values: int
     lora_entries_per_layer: int  # tensors per layer (2 per target module)
@@ -34,7 +36,7 @@ class ModelShape:
 
     def update_bytes(self, rank: int, depth: int, keep_fraction: float) -> int:
         kept = max(1, math.ceil(keep_fraction * rank - 1e-9)) if keep_fraction > 0 else 0
-        top = self.layer_widths[self.num_layers - depth:]
+        top = self.layer_widths[self.num_layers - depth :]
         values = kept * sum(top) + self.head_values
         entries = depth * self.lora_entries_per_layer + 2
         return FP16_BYTES * values + ENTRY_OVERHEAD_BYTES * entries + CODEC_OVERHEAD_BYTES
@@ -43,6 +45,7 @@ class ModelShape:
 @dataclass
 class OptionGrid:
     """The options every device has, as flat arrays of length O (same for all devices)."""
+
     rank: np.ndarray
     depth: np.ndarray
     modulation: np.ndarray  # index into `modulations`
@@ -63,6 +66,7 @@ class OptionGrid:
 @dataclass
 class Predictions:
     """Per device (rows) and option (columns)."""
+
     delivery: np.ndarray  # ρ: probability the whole update arrives within the ARQ attempts
     airtime_s: np.ndarray
     energy_j: np.ndarray
@@ -70,8 +74,14 @@ class Predictions:
 
 
 class CostModel:
-    def __init__(self, bench: BenchConfig, per_curve: PerCurve, shape: ModelShape, max_rank: int,
-                 loss_weights: tuple[float, float, float]):
+    def __init__(
+        self,
+        bench: BenchConfig,
+        per_curve: PerCurve,
+        shape: ModelShape,
+        max_rank: int,
+        loss_weights: tuple[float, float, float],
+    ):
         self.bench, self.per_curve, self.shape, self.max_rank = bench, per_curve, shape, max_rank
         self.loss_weights = loss_weights
         self.frame_payload = bench.radio.frame_payload_bytes
@@ -86,12 +96,24 @@ class CostModel:
         ratio = self.frame_bytes / self.per_curve.ref_frame_bytes
         return -np.expm1(ratio * np.log1p(-np.minimum(p, 1 - 1e-12)))
 
-    def grid(self, modules: list[tuple[int, int]], modulations: list[str], keeps: list[float],
-             powers_dbm: np.ndarray, shares: np.ndarray) -> OptionGrid:
+    def grid(
+        self,
+        modules: list[tuple[int, int]],
+        modulations: list[str],
+        keeps: list[float],
+        powers_dbm: np.ndarray,
+        shares: np.ndarray,
+    ) -> OptionGrid:
         lam_r, lam_d, lam_s = self.loss_weights
         mods = tuple(m for m in modulations if m in self._per_tables)
-        idx = np.array(list(itertools.product(range(len(modules)), range(len(mods)), range(len(keeps)),
-                                              range(len(powers_dbm)), range(len(shares)))), dtype=np.int64)
+        idx = np.array(
+            list(
+                itertools.product(
+                    range(len(modules)), range(len(mods)), range(len(keeps)), range(len(powers_dbm)), range(len(shares))
+                )
+            ),
+            dtype=np.int64,
+        )
         rank = np.array([m[0] for m in modules], dtype=float)[idx[:, 0]]
         depth = np.array([m[1] for m in modules], dtype=float)[idx[:, 0]]
         keep = np.asarray(keeps, dtype=float)[idx[:, 2]]
@@ -100,21 +122,41 @@ class CostModel:
         frames = np.ceil(nbytes[idx[:, 0], idx[:, 2]] / self.frame_payload)
         per_hz = np.array([ofdm_airtime_s(self.frame_bytes, m, 1.0) for m in mods])
         # depth multiplies: the layers a module does not hold get nothing from this device this round
-        info = (1 - lam_d * (1 - depth / self.shape.num_layers)) \
-            * (1 - lam_r * (1 - rank / self.max_rank) - lam_s * (1 - keep))
+        info = (1 - lam_d * (1 - depth / self.shape.num_layers)) * (
+            1 - lam_r * (1 - rank / self.max_rank) - lam_s * (1 - keep)
+        )
         # the link (modulation, power, share) decides SNR and PER; modules and keep fractions only reuse it
         n_p, n_s = len(powers_dbm), len(shares)
         link = (idx[:, 1] * n_p + idx[:, 3]) * n_s + idx[:, 4]
         link_mod, link_power, link_share = np.unravel_index(np.arange(len(mods) * n_p * n_s), (len(mods), n_p, n_s))
-        return OptionGrid(rank=rank, depth=depth, modulation=idx[:, 1], keep=keep,
-                          power_dbm=np.asarray(powers_dbm, dtype=float)[idx[:, 3]], share=share, info=info,
-                          frames=frames, frame_airtime_s=per_hz[idx[:, 1]] / (share * self.bench.radio.total_bandwidth_hz),
-                          modulations=mods, share_levels=np.asarray(shares, dtype=float), link=link,
-                          link_modulation=link_mod, link_power_dbm=np.asarray(powers_dbm, dtype=float)[link_power],
-                          link_share=np.asarray(shares, dtype=float)[link_share])
+        return OptionGrid(
+            rank=rank,
+            depth=depth,
+            modulation=idx[:, 1],
+            keep=keep,
+            power_dbm=np.asarray(powers_dbm, dtype=float)[idx[:, 3]],
+            share=share,
+            info=info,
+            frames=frames,
+            frame_airtime_s=per_hz[idx[:, 1]] / (share * self.bench.radio.total_bandwidth_hz),
+            modulations=mods,
+            share_levels=np.asarray(shares, dtype=float),
+            link=link,
+            link_modulation=link_mod,
+            link_power_dbm=np.asarray(powers_dbm, dtype=float)[link_power],
+            link_share=np.asarray(shares, dtype=float)[link_share],
+        )
 
-    def predict(self, grid: OptionGrid, *, gain_db: np.ndarray, cpu_s: np.ndarray, wall_s: np.ndarray,
-                watts_per_core: np.ndarray, fading_db: np.ndarray | None = None) -> Predictions:
+    def predict(
+        self,
+        grid: OptionGrid,
+        *,
+        gain_db: np.ndarray,
+        cpu_s: np.ndarray,
+        wall_s: np.ndarray,
+        watts_per_core: np.ndarray,
+        fading_db: np.ndarray | None = None,
+    ) -> Predictions:
         """gain_db, watts_per_core: (K,); cpu_s, wall_s: (K, O) compute of each option's module.
 
         fading_db: (K, J) equally likely offsets of the round's channel around gain_db (block fading: one draw
@@ -124,8 +166,9 @@ class CostModel:
         if fading_db is None:
             fading_db = np.zeros((len(gain_db), 1))
         noise = self.noise_psd_dbm_hz + 10 * np.log10(grid.link_share * radio.total_bandwidth_hz)
-        snr = (grid.link_power_dbm[None, :, None] + gain_db[:, None, None] + fading_db[:, None, :]
-               - noise[None, :, None])  # (K, links, J)
+        snr = (
+            grid.link_power_dbm[None, :, None] + gain_db[:, None, None] + fading_db[:, None, :] - noise[None, :, None]
+        )  # (K, links, J)
         link_per = np.empty_like(snr)
         for q, name in enumerate(grid.modulations):
             sel = grid.link_modulation == q
@@ -134,7 +177,7 @@ class CostModel:
         # attempts each; averaged over the nodes per link setting and per distinct frame count (never K x O x J)
         tx_per_frame = (1 / (1 - np.minimum(link_per, 0.99))).mean(axis=2)  # (K, links)
         with np.errstate(divide="ignore"):  # a frame that never gets through: log 0 = -inf, exp(-inf) = 0
-            log_frame_ok = np.log1p(-link_per ** arq.max_attempts)
+            log_frame_ok = np.log1p(-(link_per**arq.max_attempts))
         counts, count_of_option = np.unique(grid.frames, return_inverse=True)  # frames >= 1 (the head)
         lossy = (log_frame_ok < 0).any(axis=2)  # (K, links); elsewhere every node delivers for sure
         lossy_log = log_frame_ok[lossy]  # (M, J)

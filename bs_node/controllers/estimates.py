@@ -4,6 +4,7 @@ Channel gain from the SNR the BS receiver measured at the power and bandwidth th
 CPU-seconds per module from what the devices reported. Both are smoothed, and both survive a round without
 a measurement (the channel estimate keeps its mean and grows less certain).
 """
+
 from __future__ import annotations
 
 import math
@@ -14,7 +15,6 @@ import numpy as np
 
 from bs_node.measurements import DeviceRound
 from phy.channel import ChannelConfig, SimChannel, TxSetting
-
 
 FADING_NODES = 8  # quantile nodes of the next round's channel (equal weights)
 # 10 log10 |h|^2 with |h|^2 ~ Exp(1) (Rayleigh block fading): mean −2.51 dB, standard deviation 5.57 dB
@@ -44,8 +44,14 @@ class GainEstimate:
 class ChannelEstimator:
     """Per-device channel power gain (dB): EWMA of g = snr − p + N(bw) with its variance."""
 
-    def __init__(self, channel: ChannelConfig, ewma: float = 0.5, prior_var_db2: float = 100.0,
-                 missing_var_growth_db2: float = 4.0, min_std_db: float = 1.0):
+    def __init__(
+        self,
+        channel: ChannelConfig,
+        ewma: float = 0.5,
+        prior_var_db2: float = 100.0,
+        missing_var_growth_db2: float = 4.0,
+        min_std_db: float = 1.0,
+    ):
         self.channel = SimChannel(channel, seed=0)  # for its noise and path-loss formulas only
         self.rayleigh = channel.fading == "rayleigh"
         self.min_std_db = min_std_db
@@ -67,8 +73,9 @@ class ChannelEstimator:
             if est is not None and row.participated:
                 est.var_db2 += self.growth  # planned but no frame measured: less sure of the channel
             return
-        setting = TxSetting(tx_power_dbm=row.tx_power_dbm, bandwidth_hz=row.bandwidth_hz,
-                            modulation=row.modulation or "qpsk")
+        setting = TxSetting(
+            tx_power_dbm=row.tx_power_dbm, bandwidth_hz=row.bandwidth_hz, modulation=row.modulation or "qpsk"
+        )
         gain_db = self.channel.gain_db_from_snr(row.snr_db, setting)
         if est is None or est.measured_rounds == 0:
             self.estimates[row.device_id] = GainEstimate(gain_db, 4.0, 1)  # one round: fading spread ~2 dB

@@ -1,5 +1,6 @@
 """Fixed baseline: every ready device, max power, equal bandwidth, one rank and depth, one keep fraction
 (dense by default)."""
+
 from __future__ import annotations
 
 from bs_node.controllers.base import Controller, DevicePlan, RoundState
@@ -16,8 +17,16 @@ class FixedController(Controller):
         depth = min(cfg.depth or state.num_layers, state.num_layers)
         share_hz = state.total_bandwidth_hz / len(state.devices)
         return {
-            d.device_id: DevicePlan(device_id=d.device_id, participate=True, rank=rank, depth=depth,
-                                    tx_power_dbm=state.max_tx_power_dbm, bandwidth_hz=share_hz,
-                                    modulation=cfg.modulation, keep_fraction=cfg.keep_fraction, local_steps=state.local_steps)
+            d.device_id: DevicePlan(
+                device_id=d.device_id,
+                participate=True,
+                rank=rank,
+                depth=depth,
+                tx_power_dbm=state.max_tx_power_dbm,
+                bandwidth_hz=share_hz,
+                modulation=cfg.modulation,
+                keep_fraction=cfg.keep_fraction,
+                local_steps=state.local_steps,
+            )
             for d in state.devices
         }

@@ -4,12 +4,13 @@ The `controller.greedy_top` devices (default: half, at least one) with the highe
 at max power, sharing the band equally, with the full module and dense updates. Gains come from the same
 measurement-fed estimator as the proposed policy.
 """
+
 from __future__ import annotations
 
 from bs_node.controllers.base import Controller, DevicePlan, RoundState
 from bs_node.controllers.estimates import ChannelEstimator
 from bs_node.measurements import RoundRecord
-from fedlora.config import BenchConfig, ExperimentConfig
+from config import BenchConfig, ExperimentConfig
 
 
 class GreedyController(Controller):
@@ -21,14 +22,26 @@ class GreedyController(Controller):
 
     def decide(self, state: RoundState) -> dict[int, DevicePlan]:
         cfg = self.experiment.controller
-        gains = {d.device_id: self.channel.planning_gain_db(d.device_id, d.profile.distance_m, 0.0)
-                 for d in state.devices}
+        gains = {
+            d.device_id: self.channel.planning_gain_db(d.device_id, d.profile.distance_m, 0.0) for d in state.devices
+        }
         top = cfg.greedy_top or max(1, len(state.devices) // 2)
         chosen = set(sorted(gains, key=gains.get, reverse=True)[:top])
         share_hz = state.total_bandwidth_hz / max(1, len(chosen))
-        return {k: DevicePlan(k, k in chosen, state.max_rank, state.num_layers, state.max_tx_power_dbm,
-                              share_hz if k in chosen else 0.0, cfg.modulation, 1.0, state.local_steps)
-                for k in gains}
+        return {
+            k: DevicePlan(
+                k,
+                k in chosen,
+                state.max_rank,
+                state.num_layers,
+                state.max_tx_power_dbm,
+                share_hz if k in chosen else 0.0,
+                cfg.modulation,
+                1.0,
+                state.local_steps,
+            )
+            for k in gains
+        }
 
     def observe(self, record: RoundRecord) -> None:
         for row in record.devices:

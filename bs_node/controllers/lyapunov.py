@@ -7,6 +7,7 @@ a backlog, a round length τ (searched on a grid).
 Every input is a measurement: channel gains from the SNR the BS measured, compute from the devices' reports,
 energy and latency queues from what the round actually cost.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -15,10 +16,9 @@ from bs_node.controllers.base import Controller, DevicePlan, RoundState
 from bs_node.controllers.costs import CostModel, OptionGrid, Predictions
 from bs_node.controllers.estimates import ChannelEstimator, ComputeEstimator
 from bs_node.measurements import RoundRecord
-from fedlora.config import BenchConfig, ExperimentConfig
+from config import BenchConfig, ExperimentConfig
 from fedlora.sparsify import SPARSIFIERS
-from phy.factory import per_curve_for
-
+from link.factory import per_curve_for
 
 TIE_BREAK = 1e-3
 
@@ -76,8 +76,9 @@ class LyapunovController(Controller):
             return {}
         cfg, radio = self.cfg, self.bench.radio
         if self._costs is None:
-            self._costs = CostModel(self.bench, self.per_curve, state.model_shape, state.max_rank,
-                                    tuple(cfg.loss_weights))
+            self._costs = CostModel(
+                self.bench, self.per_curve, state.model_shape, state.max_rank, tuple(cfg.loss_weights)
+            )
         L = self._num_layers = state.num_layers
         K = len(state.devices)
         grid = self._costs.grid(*self.choices(state), np.geomspace(1.0 / (4 * K), 1.0, cfg.share_levels))
@@ -86,12 +87,20 @@ class LyapunovController(Controller):
         cpu = np.array([[self.compute.cpu_s(k, state.local_steps, d, L) for d in range(L + 1)] for k in ids])
         wall = np.array([[self.compute.wall_s(k, state.local_steps, d, L) for d in range(L + 1)] for k in ids])
         pred = self._costs.predict(
-            grid, gain_db=np.array([self.channel.planning_gain_db(d.device_id, d.profile.distance_m,
-                                                                  cfg.snr_margin_sigmas) for d in state.devices]),
-            cpu_s=cpu[:, depths], wall_s=wall[:, depths],
+            grid,
+            gain_db=np.array(
+                [
+                    self.channel.planning_gain_db(d.device_id, d.profile.distance_m, cfg.snr_margin_sigmas)
+                    for d in state.devices
+                ]
+            ),
+            cpu_s=cpu[:, depths],
+            wall_s=wall[:, depths],
             watts_per_core=np.array([d.profile.compute_watts_per_core for d in state.devices]),
-            fading_db=np.array([self.channel.spread_nodes_db(d.device_id, d.profile.distance_m)
-                                for d in state.devices]))
+            fading_db=np.array(
+                [self.channel.spread_nodes_db(d.device_id, d.profile.distance_m) for d in state.devices]
+            ),
+        )
         weights = np.array([state.device_weights.get(k, 1.0) for k in ids])
         weights = weights * K / weights.sum()  # mean 1: V is the price of one average device's round
         budgets = np.array([self.bench.device(k).energy_budget_j or np.inf for k in ids])
@@ -102,24 +111,46 @@ class LyapunovController(Controller):
         plans: dict[int, DevicePlan] = {}
         for dev, c in zip(state.devices, choice):
             if c < 0:
-                plans[dev.device_id] = DevicePlan(dev.device_id, False, state.max_rank, L, radio.max_tx_power_dbm,
-                                                  0.0, cfg.modulation, 1.0, state.local_steps)
+                plans[dev.device_id] = DevicePlan(
+                    dev.device_id,
+                    False,
+                    state.max_rank,
+                    L,
+                    radio.max_tx_power_dbm,
+                    0.0,
+                    cfg.modulation,
+                    1.0,
+                    state.local_steps,
+                )
                 continue
             plans[dev.device_id] = DevicePlan(
-                dev.device_id, True, int(grid.rank[c]), int(grid.depth[c]), float(grid.power_dbm[c]),
-                float(grid.share[c] * radio.total_bandwidth_hz), grid.modulations[int(grid.modulation[c])],
-                float(grid.keep[c]), state.local_steps)
+                dev.device_id,
+                True,
+                int(grid.rank[c]),
+                int(grid.depth[c]),
+                float(grid.power_dbm[c]),
+                float(grid.share[c] * radio.total_bandwidth_hz),
+                grid.modulations[int(grid.modulation[c])],
+                float(grid.keep[c]),
+                state.local_steps,
+            )
         self._local_steps = state.local_steps
         self._last = {
-            "round_length_s": round(tau, 2), "objective": round(objective, 4),
+            "round_length_s": round(tau, 2),
+            "objective": round(objective, 4),
             "effective_updates": round(effective_updates, 3),
             "gain_db": {k: round(self.channel.estimates[k].mean_db, 2) for k in ids},
             "energy_allowance_j": {k: round(float(a), 1) for k, a in zip(ids, allowance) if np.isfinite(a)},
             "gain_std_db": {k: round(float(np.sqrt(self.channel.estimates[k].var_db2)), 2) for k in ids},
-            "predicted": {k: {"energy_j": round(float(pred.energy_j[i, c]), 2),
-                              "latency_s": round(float(pred.latency_s[i, c]), 2),
-                              "delivery": round(float(pred.delivery[i, c]), 4)}
-                          for i, (k, c) in enumerate(zip(ids, choice)) if c >= 0},
+            "predicted": {
+                k: {
+                    "energy_j": round(float(pred.energy_j[i, c]), 2),
+                    "latency_s": round(float(pred.latency_s[i, c]), 2),
+                    "delivery": round(float(pred.delivery[i, c]), 4),
+                }
+                for i, (k, c) in enumerate(zip(ids, choice))
+                if c >= 0
+            },
         }
         return plans
 
@@ -141,11 +172,18 @@ class LyapunovController(Controller):
             left = max(horizon - n, 0) / max(horizon - 1, 1)
             return n + self.cfg.energy_credit_rounds * left
 
-        return np.array([b * budgets_so_far(self.rounds_planned[k]) - self.energy_spent_j.get(k, 0.0)
-                         if np.isfinite(b) else np.inf for k, b in zip(ids, budgets)])
+        return np.array(
+            [
+                b * budgets_so_far(self.rounds_planned[k]) - self.energy_spent_j.get(k, 0.0)
+                if np.isfinite(b)
+                else np.inf
+                for k, b in zip(ids, budgets)
+            ]
+        )
 
-    def _energy_feasible(self, ids: list[int], grid: OptionGrid, pred: Predictions,
-                         allowance: np.ndarray) -> np.ndarray:
+    def _energy_feasible(
+        self, ids: list[int], grid: OptionGrid, pred: Predictions, allowance: np.ndarray
+    ) -> np.ndarray:
         """(devices, options) mask of the energy guard: predicted energy within (1 − margin) × allowance.
 
         A device whose compute has never been measured may run its cheapest module once whatever the guard
@@ -157,8 +195,15 @@ class LyapunovController(Controller):
                 ok[i] |= cheapest
         return ok
 
-    def _solve(self, grid: OptionGrid, pred: Predictions, weights: np.ndarray, queues: np.ndarray,
-               budgets: np.ndarray, feasible: np.ndarray | None = None) -> tuple[list[int], float, float, float]:
+    def _solve(
+        self,
+        grid: OptionGrid,
+        pred: Predictions,
+        weights: np.ndarray,
+        queues: np.ndarray,
+        budgets: np.ndarray,
+        feasible: np.ndarray | None = None,
+    ) -> tuple[list[int], float, float, float]:
         """Best per-device option (-1: sits this round out), round length, objective and S over (τ, λ, μ).
 
         The learning proxy couples the devices only through S, the effective number of full updates that
@@ -176,8 +221,9 @@ class LyapunovController(Controller):
         e_ref = np.where(np.isfinite(budgets), budgets, np.maximum(pred.energy_j.min(axis=1), 1e-6))
         # energy's own price applies where there is a budget to price it in (a device without one spends freely)
         price = queues + np.where(np.isfinite(budgets), cfg.energy_price if self.uses_energy_queues else 0.0, 0.0)
-        cost = (price / e_ref)[:, None] * pred.energy_j \
-            + TIE_BREAK * (pred.energy_j / e_ref[:, None] + pred.latency_s / t_ref)
+        cost = (price / e_ref)[:, None] * pred.energy_j + TIE_BREAK * (
+            pred.energy_j / e_ref[:, None] + pred.latency_s / t_ref
+        )
         if feasible is not None:
             cost = np.where(feasible, cost, np.inf)
         value = weights[:, None] * pred.delivery * grid.info[None, :]  # each option's expected share of S
@@ -199,8 +245,11 @@ class LyapunovController(Controller):
 
         if Z > 0:  # the round length only matters while the latency queue has a backlog
             fastest = pred.latency_s.min(axis=1)  # each device's quickest option
-            taus = np.unique(np.geomspace(max(float(fastest.min()), 1e-6), max(float(pred.latency_s.max()), 1e-6),
-                                          cfg.round_length_levels))
+            taus = np.unique(
+                np.geomspace(
+                    max(float(fastest.min()), 1e-6), max(float(pred.latency_s.max()), 1e-6), cfg.round_length_levels
+                )
+            )
         else:
             taus = np.array([np.inf])
         best = (V * float(participation_loss(0.0, K)), np.full(K, -1), 0.0, 0.0)
@@ -218,8 +267,9 @@ class LyapunovController(Controller):
         return [int(c) for c in best[1]], best[2], best[0], best[3]
 
     @staticmethod
-    def _prune(choice: np.ndarray, value: np.ndarray, cost: np.ndarray, latency_s: np.ndarray, v: float,
-               z_per_s: float) -> tuple[float, np.ndarray, float, float]:
+    def _prune(
+        choice: np.ndarray, value: np.ndarray, cost: np.ndarray, latency_s: np.ndarray, v: float, z_per_s: float
+    ) -> tuple[float, np.ndarray, float, float]:
         """Drop, one at a time, the participant whose removal lowers the objective most, while one does.
 
         λ prices every participant at the same margin; dropping a device raises V·Φ by less than its cost
@@ -286,5 +336,9 @@ class LyapunovController(Controller):
             self.latency_queue = max(self.latency_queue + round_latency / self.cfg.latency_budget_s - 1.0, 0.0)
 
     def explain(self) -> dict:
-        return {**self._last, "energy_queue": {k: round(v, 3) for k, v in self.energy_queue.items()},
-                "latency_queue": round(self.latency_queue, 3), "v": self.cfg.v}
+        return {
+            **self._last,
+            "energy_queue": {k: round(v, 3) for k, v in self.energy_queue.items()},
+            "latency_queue": round(self.latency_queue, 3),
+            "v": self.cfg.v,
+        }

@@ -1,5 +1,6 @@
 """Random baseline: each device takes part with probability `controller.random_participation`, with a random
 module and keep fraction from the configured sets, at max power, sharing the band equally (seeded per round)."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -23,6 +24,15 @@ class RandomController(Controller):
             rank = min(int(rng.choice(cfg.ranks)), state.max_rank)
             depth = min(int(rng.choice(cfg.depths)), state.num_layers)
             keep = float(rng.choice(cfg.keep_fractions))
-            plans[k] = DevicePlan(k, bool(on), rank, depth, state.max_tx_power_dbm, share_hz if on else 0.0,
-                                  cfg.modulation, keep, state.local_steps)
+            plans[k] = DevicePlan(
+                k,
+                bool(on),
+                rank,
+                depth,
+                state.max_tx_power_dbm,
+                share_hz if on else 0.0,
+                cfg.modulation,
+                keep,
+                state.local_steps,
+            )
         return plans

@@ -5,6 +5,7 @@ layers, at max power and the configured modulation. Stage two (online, per round
 fraction and bandwidth share by drift-plus-penalty under the long-term latency budget only: the same
 solver as the proposed policy with those choices pinned and no energy queues.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -20,5 +21,9 @@ class TsfaController(LyapunovController):
     def choices(self, state: RoundState) -> tuple[list[tuple[int, int]], list[str], list[float], np.ndarray]:
         cfg = self.cfg
         rank = min(cfg.rank or state.max_rank, state.max_rank)
-        return ([(rank, state.num_layers)], [cfg.modulation], self.keep_fractions(),
-                np.array([self.bench.radio.max_tx_power_dbm]))
+        return (
+            [(rank, state.num_layers)],
+            [cfg.modulation],
+            self.keep_fractions(),
+            np.array([self.bench.radio.max_tx_power_dbm]),
+        )

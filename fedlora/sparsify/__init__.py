@@ -7,16 +7,17 @@
 
 Rules (score, selection, error feedback across module switches, regulariser) are in docs/soft.md.
 """
+
 from __future__ import annotations
 
 import inspect
 from typing import Any
 
 from fedlora.sparsify.b_only import BOnlySparsifier, freeze_a
-from fedlora.sparsify.base import (ErrorFeedback, SparseUpdate, Sparsifier, check_keep_fraction, n_keep)
+from fedlora.sparsify.base import ErrorFeedback, SparseUpdate, Sparsifier, check_keep_fraction, n_keep
 from fedlora.sparsify.dense import DenseFp16, DenseFp32, DenseSparsifier
 from fedlora.sparsify.randomk import RandomKSparsifier
-from fedlora.sparsify.soft import (SoftSparsifier, component_scores, orthogonality_penalty, update_scores)
+from fedlora.sparsify.soft import SoftSparsifier, component_scores, orthogonality_penalty, update_scores
 from fedlora.sparsify.topk import TopKSparsifier, magnitude_scores
 
 SPARSIFIERS: dict[str, type[Sparsifier]] = {
@@ -47,9 +48,13 @@ def make_sparsifier(name: str, **kwargs: Any) -> Sparsifier:
 
 
 def sparsifier_from_config(codec: Any, *, seed: int, device_id: int) -> Sparsifier:
-    """The edge's sparsifier from the experiment's ``codec`` section (fedlora.config.CodecConfig)."""
-    options = {"error_feedback": codec.error_feedback, "lam": codec.soft_lambda, "score": codec.soft_score,
-               "normalize": codec.soft_normalize}
+    """The edge's sparsifier from the experiment's ``codec`` section (config.CodecConfig)."""
+    options = {
+        "error_feedback": codec.error_feedback,
+        "lam": codec.soft_lambda,
+        "score": codec.soft_score,
+        "normalize": codec.soft_normalize,
+    }
     cls = SPARSIFIERS.get(codec.sparsifier)  # an unknown name is make_sparsifier's error to give
     accepted = set(inspect.signature(cls.__init__).parameters) if cls else set()
     kwargs = {k: v for k, v in options.items() if k in accepted}
@@ -57,8 +62,25 @@ def sparsifier_from_config(codec: Any, *, seed: int, device_id: int) -> Sparsifi
 
 
 __all__ = [
-    "BOnlySparsifier", "CONTEXT_KWARGS", "DenseFp16", "DenseFp32", "DenseSparsifier", "ErrorFeedback",
-    "RandomKSparsifier", "SPARSIFIERS", "SoftSparsifier", "SparseUpdate", "Sparsifier", "TopKSparsifier",
-    "check_keep_fraction", "component_scores", "freeze_a", "magnitude_scores", "make_sparsifier", "n_keep",
-    "orthogonality_penalty", "sparsifier_from_config", "update_scores",
+    "BOnlySparsifier",
+    "CONTEXT_KWARGS",
+    "DenseFp16",
+    "DenseFp32",
+    "DenseSparsifier",
+    "ErrorFeedback",
+    "RandomKSparsifier",
+    "SPARSIFIERS",
+    "SoftSparsifier",
+    "SparseUpdate",
+    "Sparsifier",
+    "TopKSparsifier",
+    "check_keep_fraction",
+    "component_scores",
+    "freeze_a",
+    "magnitude_scores",
+    "make_sparsifier",
+    "n_keep",
+    "orthogonality_penalty",
+    "sparsifier_from_config",
+    "update_scores",
 ]

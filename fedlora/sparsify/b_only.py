@@ -8,6 +8,7 @@ withheld); ``keep_fraction`` is validated but ignored -- this is a dense baselin
 Bytes: the codec has no way to say "this tensor is all zero" yet, so the zero A tensors still travel
 as values (see the report / docs/soft.md for the one-entry-kind codec change that removes them).
 """
+
 from __future__ import annotations
 
 import torch
@@ -37,13 +38,23 @@ class BOnlySparsifier(Sparsifier):
     def prepare_model(self, model: torch.nn.Module) -> None:
         freeze_a(model)
 
-    def sparsify(self, delta: AdapterState, trained: AdapterState, spec: ModuleSpec, keep_fraction: float,
-                 *, round_idx: int | None = None) -> SparseUpdate:
+    def sparsify(
+        self,
+        delta: AdapterState,
+        trained: AdapterState,
+        spec: ModuleSpec,
+        keep_fraction: float,
+        *,
+        round_idx: int | None = None,
+    ) -> SparseUpdate:
         check_keep_fraction(keep_fraction)
         pairs = lora_pairs(delta, spec)
         a_keys = {ka for ka, _ in pairs.values()}
-        out = {k: (torch.zeros_like(v, dtype=torch.float32) if k in a_keys else v.detach().float().clone())
-               for k, v in delta.items()}
+        out = {
+            k: (torch.zeros_like(v, dtype=torch.float32) if k in a_keys else v.detach().float().clone())
+            for k, v in delta.items()
+        }
         total = spec.rank * len(pairs)
-        return SparseUpdate(out, None, self.dtype,
-                            {"kept_components": total, "total_components": total, "residual_norm": 0.0})
+        return SparseUpdate(
+            out, None, self.dtype, {"kept_components": total, "total_components": total, "residual_norm": 0.0}
+        )

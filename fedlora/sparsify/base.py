@@ -28,13 +28,14 @@ module does not have; they are re-sliced in, unchanged, the next time the device
 them again.  Nothing is ever dropped: sum(sent) + residual == sum(delta) over any sequence of rounds.
 Stale residuals are applied to the newer global adapter, as in every error-feedback scheme.
 """
+
 from __future__ import annotations
 
 import math
 import numbers
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 
@@ -63,8 +64,11 @@ def check_dtype(dtype: str) -> str:
 
 def check_keep_fraction(keep_fraction: float) -> float:
     """A real number in [0, 1]; anything else (bool, NaN, out of range) is a ValueError."""
-    if isinstance(keep_fraction, bool) or not isinstance(keep_fraction, numbers.Real) \
-            or not 0.0 <= float(keep_fraction) <= 1.0:
+    if (
+        isinstance(keep_fraction, bool)
+        or not isinstance(keep_fraction, numbers.Real)
+        or not 0.0 <= float(keep_fraction) <= 1.0
+    ):
         raise ValueError(f"keep_fraction must be a number in [0, 1], got {keep_fraction!r}")
     return float(keep_fraction)
 
@@ -97,8 +101,9 @@ def lora_pairs(delta: AdapterState, spec: ModuleSpec) -> dict[str, tuple[str, st
             raise ValueError(f"module {path!r}: delta has only one of its LoRA factors")
         a, b = delta[ka], delta[kb]
         if a.ndim != 2 or b.ndim != 2 or a.shape[0] != spec.rank or b.shape[1] != spec.rank:
-            raise ValueError(f"module {path!r}: A {tuple(a.shape)} / B {tuple(b.shape)} do not have rank "
-                             f"{spec.rank} of {spec}")
+            raise ValueError(
+                f"module {path!r}: A {tuple(a.shape)} / B {tuple(b.shape)} do not have rank {spec.rank} of {spec}"
+            )
         pairs[path] = (ka, kb)
     return pairs
 
@@ -131,8 +136,10 @@ class ErrorFeedback:
         axis = self._axis(key)
         other = 1 - axis
         if stored.shape[other] != like.shape[other]:
-            raise ValueError(f"{key!r}: stored residual {tuple(stored.shape)} does not fit {tuple(like.shape)} "
-                             f"(was the model changed?)")
+            raise ValueError(
+                f"{key!r}: stored residual {tuple(stored.shape)} does not fit {tuple(like.shape)} "
+                f"(was the model changed?)"
+            )
         n = min(stored.shape[axis], like.shape[axis])
         if axis == 0:
             out[:n] = stored[:n]
@@ -189,8 +196,15 @@ class Sparsifier(ABC):
         """Called on the live peft model before training (b_only freezes A); default: nothing."""
 
     @abstractmethod
-    def sparsify(self, delta: AdapterState, trained: AdapterState, spec: ModuleSpec, keep_fraction: float,
-                 *, round_idx: int | None = None) -> SparseUpdate:
+    def sparsify(
+        self,
+        delta: AdapterState,
+        trained: AdapterState,
+        spec: ModuleSpec,
+        keep_fraction: float,
+        *,
+        round_idx: int | None = None,
+    ) -> SparseUpdate:
         """Turn this round's ``delta = trained - view`` into what is sent."""
 
     def reset(self) -> None:
@@ -227,8 +241,15 @@ class ComponentSparsifier(Sparsifier):
     def choose(self, cand: Candidate, k: int, round_idx: int) -> torch.Tensor:
         """Indices (int64, any order, distinct) of the ``k`` components of ``cand`` to send."""
 
-    def sparsify(self, delta: AdapterState, trained: AdapterState, spec: ModuleSpec, keep_fraction: float,
-                 *, round_idx: int | None = None) -> SparseUpdate:
+    def sparsify(
+        self,
+        delta: AdapterState,
+        trained: AdapterState,
+        spec: ModuleSpec,
+        keep_fraction: float,
+        *,
+        round_idx: int | None = None,
+    ) -> SparseUpdate:
         kf = check_keep_fraction(keep_fraction)
         check_same_layout(delta, trained)
         pairs = lora_pairs(delta, spec)
@@ -244,8 +265,13 @@ class ComponentSparsifier(Sparsifier):
                 db = db + self.feedback.take(kb, db)
             r = da.shape[0]
             k = n_keep(kf, r)
-            cand = Candidate(path, da, db, trained[ka].detach().float() - delta[ka].detach().float(),
-                             trained[kb].detach().float() - delta[kb].detach().float())
+            cand = Candidate(
+                path,
+                da,
+                db,
+                trained[ka].detach().float() - delta[ka].detach().float(),
+                trained[kb].detach().float() - delta[kb].detach().float(),
+            )
             mask = torch.zeros(r, dtype=torch.bool)
             if k == r:
                 mask[:] = True
@@ -264,8 +290,11 @@ class ComponentSparsifier(Sparsifier):
             n_total += r
         # head (and anything else dense) goes as is, in the delta's key order
         ordered = {k: (out[k] if k in out else delta[k].detach().float().clone()) for k in delta}
-        info = {"kept_components": n_sent, "total_components": n_total,
-                "residual_norm": self.feedback.norm() if self.error_feedback else 0.0}
+        info = {
+            "kept_components": n_sent,
+            "total_components": n_total,
+            "residual_norm": self.feedback.norm() if self.error_feedback else 0.0,
+        }
         return SparseUpdate(ordered, kept, self.dtype, info)
 
     def reset(self) -> None:

@@ -6,6 +6,7 @@ independent of the order in which modules are visited.  ``round`` is the ``round
 ``sparsify`` or, if none is given, the number of earlier ``sparsify`` calls.  No rescaling by r/k:
 with error feedback the unsent part is delivered later instead of being estimated now.
 """
+
 from __future__ import annotations
 
 import hashlib

@@ -45,9 +45,11 @@ Selection and error feedback: keep the top ceil(keep_fraction * r) components pe
 keep_fraction > 0; ties go to the lower index), the rest of delta + residual becomes the new residual
 (rule across module switches in ``fedlora.sparsify.base``).
 """
+
 from __future__ import annotations
 
-from typing import Iterator, Literal
+from collections.abc import Iterator
+from typing import Literal
 
 import torch
 
@@ -115,8 +117,14 @@ class SoftSparsifier(ComponentSparsifier):
 
     name = "soft"
 
-    def __init__(self, dtype: str = "fp16", lam: float = 0.1, score: Score = "trained",
-                 error_feedback: bool = True, normalize: bool = True):
+    def __init__(
+        self,
+        dtype: str = "fp16",
+        lam: float = 0.1,
+        score: Score = "trained",
+        error_feedback: bool = True,
+        normalize: bool = True,
+    ):
         super().__init__(dtype, error_feedback)
         if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not 0 <= lam < float("inf"):
             raise ValueError(f"soft: lam (orthogonality weight) must be a finite number >= 0, got {lam!r}")
@@ -146,5 +154,7 @@ class SoftSparsifier(ComponentSparsifier):
         return top_indices(self.scores(cand), k)
 
     def __repr__(self) -> str:
-        return (f"SoftSparsifier(dtype={self.dtype!r}, lam={self.lam}, score={self.score!r}, "
-                f"normalize={self.normalize}, error_feedback={self.error_feedback})")
+        return (
+            f"SoftSparsifier(dtype={self.dtype!r}, lam={self.lam}, score={self.score!r}, "
+            f"normalize={self.normalize}, error_feedback={self.error_feedback})"
+        )

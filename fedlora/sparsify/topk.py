@@ -10,6 +10,7 @@ BS could not aggregate per component.  That codec is out of scope.  Choosing who
 baseline travel in the same codec and aggregation as SOFT, so at equal keep_fraction both send exactly
 the same number of bytes and differ only in *which* components they pick: the fair comparison.
 """
+
 from __future__ import annotations
 
 import torch

@@ -5,6 +5,7 @@ message may carry one binary attachment (the global adapter view in a plan) as a
 `decode` never trusts the peer: unknown types, missing or mistyped fields and wrong versions raise
 `MessageError` with the field named, and the caller logs it with the peer and carries on.
 """
+
 from __future__ import annotations
 
 import json
@@ -20,20 +21,49 @@ _opt_num = (int, float, type(None))
 SCHEMAS: dict[str, dict[str, tuple[tuple[type, ...], bool]]] = {
     # edge -> BS
     "register": {"device_id": ((int,), True), "host": ((str,), True), "pid": ((int,), True)},
-    "heartbeat": {"device_id": ((int,), True), "state": ((str,), True), "round": ((int,), False),
-                  "step": ((int,), False), "steps": ((int,), False), "loss": (_opt_num, False)},
-    "burst_end": {"device_id": ((int,), True), "round": ((int,), True), "attempt": ((int,), True),
-                  "seqs": ((list,), True), "total": ((int,), True)},
-    "report": {"device_id": ((int,), True), "round": ((int,), True), "status": ((str,), True),
-               "measurements": ((dict,), True), "error": ((str, type(None)), False)},
+    "heartbeat": {
+        "device_id": ((int,), True),
+        "state": ((str,), True),
+        "round": ((int,), False),
+        "step": ((int,), False),
+        "steps": ((int,), False),
+        "loss": (_opt_num, False),
+    },
+    "burst_end": {
+        "device_id": ((int,), True),
+        "round": ((int,), True),
+        "attempt": ((int,), True),
+        "seqs": ((list,), True),
+        "total": ((int,), True),
+    },
+    "report": {
+        "device_id": ((int,), True),
+        "round": ((int,), True),
+        "status": ((str,), True),
+        "measurements": ((dict,), True),
+        "error": ((str, type(None)), False),
+    },
     "bye": {"device_id": ((int,), True), "reason": ((str,), False)},
     # BS -> edge
-    "welcome": {"device_id": ((int,), True), "experiment": ((dict,), True), "bench": ((dict,), True),
-                "run_id": ((str,), True), "data_address": ((str,), True)},
-    "plan": {"round": ((int,), True), "deadline_s": (_num, True), "participate": ((bool,), True),
-             "rank": ((int,), True), "depth": ((int,), True), "tx_power_dbm": (_num, True),
-             "bandwidth_hz": (_num, True), "modulation": ((str,), True), "keep_fraction": (_num, True),
-             "local_steps": ((int,), True)},
+    "welcome": {
+        "device_id": ((int,), True),
+        "experiment": ((dict,), True),
+        "bench": ((dict,), True),
+        "run_id": ((str,), True),
+        "data_address": ((str,), True),
+    },
+    "plan": {
+        "round": ((int,), True),
+        "deadline_s": (_num, True),
+        "participate": ((bool,), True),
+        "rank": ((int,), True),
+        "depth": ((int,), True),
+        "tx_power_dbm": (_num, True),
+        "bandwidth_hz": (_num, True),
+        "modulation": ((str,), True),
+        "keep_fraction": (_num, True),
+        "local_steps": ((int,), True),
+    },
     "ack": {"round": ((int,), True), "attempt": ((int,), True), "received": ((list,), True)},
     "report_ack": {"round": ((int,), True)},
     "reject": {"reason": ((str,), True)},

@@ -37,12 +37,14 @@ MAX_VALUES (kind 2 costs no bytes), in v2 the component axis of every LoRA key m
 (so every kept mask is (rank,), as aggregation needs), shapes may be checked against what the receiver
 expects, and NaN/Inf are refused.  Every failure is a `CodecError` that says what and where.
 """
+
 from __future__ import annotations
 
 import struct
 import zlib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Literal, Mapping
+from typing import Literal
 
 import numpy as np
 import torch
@@ -99,9 +101,17 @@ def module_path(key: str) -> str:
     return key.rsplit(".", 1)[0]
 
 
-def encode_update(state: AdapterState, *, spec: ModuleSpec, round_idx: int, device_id: int,
-                  dtype: str = "fp16", kept: Mapping[str, torch.Tensor] | None = None,
-                  compress: Compress = "never", version: int = VERSION) -> bytes:
+def encode_update(
+    state: AdapterState,
+    *,
+    spec: ModuleSpec,
+    round_idx: int,
+    device_id: int,
+    dtype: str = "fp16",
+    kept: Mapping[str, torch.Tensor] | None = None,
+    compress: Compress = "never",
+    version: int = VERSION,
+) -> bytes:
     """Serialise `state`; for LoRA keys whose module is in `kept`, only the kept rank components go out.
 
     `compress`: "never" (size depends on shapes only), "always" (deflate even if it grows), "auto" (deflate
@@ -151,8 +161,9 @@ def encode_update(state: AdapterState, *, spec: ModuleSpec, round_idx: int, devi
     if len(body) > MAX_BODY_BYTES:
         raise CodecError(f"body of {len(body)} bytes exceeds the receivers' limit of {MAX_BODY_BYTES}")
     if version == 1:
-        header = _HEADER.pack(MAGIC, 1, _DTYPE_CODES[dtype], 0, 0, round_idx, device_id, spec.rank, spec.depth,
-                              len(state), len(body))
+        header = _HEADER.pack(
+            MAGIC, 1, _DTYPE_CODES[dtype], 0, 0, round_idx, device_id, spec.rank, spec.depth, len(state), len(body)
+        )
         return header + bytes(body) + _CRC.pack(zlib.crc32(header + body))
     raw, flags_byte = bytes(body), 0
     stored = raw
@@ -161,13 +172,24 @@ def encode_update(state: AdapterState, *, spec: ModuleSpec, round_idx: int, devi
         deflated = packer.compress(raw) + packer.flush()
         if compress == "always" or len(deflated) < len(raw):
             stored, flags_byte = deflated, FLAG_DEFLATE
-    header = _HEADER_V2.pack(MAGIC, 2, _DTYPE_CODES[dtype], flags_byte, 0, round_idx, device_id, spec.rank,
-                             spec.depth, len(state), len(stored), len(raw))
+    header = _HEADER_V2.pack(
+        MAGIC,
+        2,
+        _DTYPE_CODES[dtype],
+        flags_byte,
+        0,
+        round_idx,
+        device_id,
+        spec.rank,
+        spec.depth,
+        len(state),
+        len(stored),
+        len(raw),
+    )
     return header + stored + _CRC.pack(zlib.crc32(header + stored))
 
 
-def decode_update(data: bytes, *, expected_shapes: Mapping[str, tuple[int, ...]] | None = None
-                  ) -> DecodedUpdate:
+def decode_update(data: bytes, *, expected_shapes: Mapping[str, tuple[int, ...]] | None = None) -> DecodedUpdate:
     """Parse untrusted update bytes (version 1 or 2). With `expected_shapes`, the key set and every shape
     must match exactly."""
     data = bytes(data)
@@ -177,14 +199,17 @@ def decode_update(data: bytes, *, expected_shapes: Mapping[str, tuple[int, ...]]
     if magic != MAGIC:
         raise CodecError(f"bad magic {magic!r}: not a LoRA update")
     if version not in SUPPORTED_VERSIONS:
-        raise CodecError(f"update format version {version} is not supported (this build reads "
-                         f"{', '.join(map(str, SUPPORTED_VERSIONS))})")
+        raise CodecError(
+            f"update format version {version} is not supported (this build reads "
+            f"{', '.join(map(str, SUPPORTED_VERSIONS))})"
+        )
     header_struct = _HEADERS[version]
     if len(data) < header_struct.size + _CRC.size:
         raise CodecError(f"truncated: {len(data)} bytes is shorter than the version {version} header and checksum")
     fields = header_struct.unpack_from(data)
-    (_magic, _version, dtype_code, flags, reserved, round_idx, device_id, rank, depth, n_entries,
-     body_len) = fields[:11]
+    (_magic, _version, dtype_code, flags, reserved, round_idx, device_id, rank, depth, n_entries, body_len) = fields[
+        :11
+    ]
     raw_len = fields[11] if version >= 2 else body_len
     if dtype_code not in _DTYPES:
         raise CodecError(f"unknown value dtype code {dtype_code}")
@@ -196,16 +221,18 @@ def decode_update(data: bytes, *, expected_shapes: Mapping[str, tuple[int, ...]]
         raise CodecError(f"reserved header byte is 0x{reserved:02x}, must be 0")
     actual_body = len(data) - header_struct.size - _CRC.size
     if body_len != actual_body:
-        raise CodecError(f"length mismatch: header says body of {body_len} bytes, {actual_body} present "
-                         f"({'truncated' if body_len > actual_body else 'trailing bytes'})")
+        raise CodecError(
+            f"length mismatch: header says body of {body_len} bytes, {actual_body} present "
+            f"({'truncated' if body_len > actual_body else 'trailing bytes'})"
+        )
     (crc,) = _CRC.unpack_from(data, len(data) - _CRC.size)
-    if zlib.crc32(data[:-_CRC.size]) != crc:
+    if zlib.crc32(data[: -_CRC.size]) != crc:
         raise CodecError("checksum mismatch: the update was corrupted")
     if n_entries > MAX_ENTRIES:
         raise CodecError(f"{n_entries} entries exceed the limit of {MAX_ENTRIES}")
     if rank < 1 or depth < 1:
         raise CodecError(f"invalid module layout rank={rank} depth={depth}")
-    stored = data[header_struct.size:len(data) - _CRC.size]
+    stored = data[header_struct.size : len(data) - _CRC.size]
     compressed = bool(flags & FLAG_DEFLATE)
     if raw_len > MAX_BODY_BYTES:
         raise CodecError(f"header claims a body of {raw_len} bytes, over the limit of {MAX_BODY_BYTES}")
@@ -217,8 +244,7 @@ def decode_update(data: bytes, *, expected_shapes: Mapping[str, tuple[int, ...]]
         body = stored
     state, kept = _parse_entries(body, version, _DTYPES[dtype_code], rank, n_entries, expected_shapes)
     dtype_name = {v: k for k, v in _DTYPE_CODES.items()}[dtype_code]
-    return DecodedUpdate(round_idx, device_id, ModuleSpec(rank, depth), dtype_name, state, kept, version,
-                         compressed)
+    return DecodedUpdate(round_idx, device_id, ModuleSpec(rank, depth), dtype_name, state, kept, version, compressed)
 
 
 def _inflate(stored: bytes, raw_len: int) -> bytes:
@@ -240,9 +266,14 @@ def _inflate(stored: bytes, raw_len: int) -> bytes:
     return out
 
 
-def _parse_entries(body: bytes, version: int, np_dtype: np.dtype, rank: int, n_entries: int,
-                   expected: Mapping[str, tuple[int, ...]] | None
-                   ) -> tuple[AdapterState, dict[str, torch.Tensor]]:
+def _parse_entries(
+    body: bytes,
+    version: int,
+    np_dtype: np.dtype,
+    rank: int,
+    n_entries: int,
+    expected: Mapping[str, tuple[int, ...]] | None,
+) -> tuple[AdapterState, dict[str, torch.Tensor]]:
     reader = _Reader(body, 0, len(body))
     state: AdapterState = {}
     kept: dict[str, torch.Tensor] = {}
@@ -269,8 +300,9 @@ def _parse_entries(body: bytes, version: int, np_dtype: np.dtype, rank: int, n_e
                 raise CodecError(f"{key}: shape {tuple(shape)} does not match the expected {tuple(want)}")
         axis = component_axis(key)
         if version >= 2 and axis is not None and (ndim != 2 or shape[axis] != rank):
-            raise CodecError(f"{key}: shape {tuple(shape)} does not have the header's rank {rank} "
-                             f"on its component axis")
+            raise CodecError(
+                f"{key}: shape {tuple(shape)} does not have the header's rank {rank} on its component axis"
+            )
         count = int(np.prod(shape, dtype=object))
         if kind == KIND_DENSE:
             values = reader.array(np_dtype, shape, key)  # bounded by the bytes present
@@ -345,7 +377,7 @@ class _Reader:
     def take(self, n: int, what: str) -> bytes:
         if n < 0 or self.pos + n > self.end:
             raise CodecError(f"truncated: {what} needs {n} bytes, {self.end - self.pos} left")
-        out = self.data[self.pos:self.pos + n]
+        out = self.data[self.pos : self.pos + n]
         self.pos += n
         return out
 

@@ -59,9 +59,7 @@ class Frame:
         if self.seq >= self.total:
             raise FrameError(f"seq {self.seq} out of range for total {self.total}")
         if len(self.payload) > MAX_FRAME_PAYLOAD:
-            raise FrameError(
-                f"payload of {len(self.payload)} bytes exceeds MAX_FRAME_PAYLOAD={MAX_FRAME_PAYLOAD}"
-            )
+            raise FrameError(f"payload of {len(self.payload)} bytes exceeds MAX_FRAME_PAYLOAD={MAX_FRAME_PAYLOAD}")
 
     def to_bytes(self) -> bytes:
         header = _HEADER.pack(
@@ -71,7 +69,7 @@ class Frame:
         return body + _CRC.pack(zlib.crc32(body))
 
     @classmethod
-    def from_bytes(cls, data: bytes) -> "Frame":
+    def from_bytes(cls, data: bytes) -> Frame:
         """Parse and verify; raises FrameError (only) on anything malformed."""
         try:
             data = bytes(data)

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any
 
 from phy.channel import TxSetting
 from phy.ofdm import MAX_PACKET_BYTES
@@ -66,7 +67,7 @@ class UplinkTransmitter(ABC):
     def close(self) -> None:
         """Release resources; idempotent."""
 
-    def __enter__(self) -> "UplinkTransmitter":
+    def __enter__(self) -> UplinkTransmitter:
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -81,7 +82,7 @@ class UplinkReceiver(ABC):
         """Whatever arrived within timeout_s (possibly empty); never raises on garbage input."""
 
     @property
-    def poll_socket(self) -> "zmq.Socket | None":
+    def poll_socket(self) -> zmq.Socket | None:
         """A zmq socket that becomes readable when frames are waiting (for zmq.Poller), or None."""
         return None
 
@@ -106,7 +107,7 @@ class UplinkReceiver(ABC):
     def close(self) -> None:
         """Release resources; idempotent."""
 
-    def __enter__(self) -> "UplinkReceiver":
+    def __enter__(self) -> UplinkReceiver:
         return self
 
     def __exit__(self, *exc: Any) -> None:

@@ -3,14 +3,16 @@
 Both are plain dataclasses filled from YAML by `from_mapping`, which checks every field's type and names the
 file and the dotted field path in its error, so a typo in a lab's bench file points at itself.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import types
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Mapping
+from typing import Any, Literal
 
 import yaml
 
@@ -127,12 +129,19 @@ class ExperimentConfig:
         _positive(where, "model.max_rank", self.model.max_rank)
         _positive(where, "task.test_size", self.task.test_size)
         if not 0 <= self.codec.soft_lambda < float("inf"):
-            raise ConfigError(f"{where}: codec.soft_lambda: must be a finite number >= 0, got {self.codec.soft_lambda!r}")
+            raise ConfigError(
+                f"{where}: codec.soft_lambda: must be a finite number >= 0, got {self.codec.soft_lambda!r}"
+            )
         c = self.controller
-        if (len(c.loss_weights) != 3 or not all(0 <= w <= 1 for w in c.loss_weights)
-                or c.loss_weights[0] + c.loss_weights[2] > 1):
-            raise ConfigError(f"{where}: controller.loss_weights: need three weights in [0, 1] (rank, depth, "
-                              f"sparsity), rank + sparsity <= 1, got {list(c.loss_weights)}")
+        if (
+            len(c.loss_weights) != 3
+            or not all(0 <= w <= 1 for w in c.loss_weights)
+            or c.loss_weights[0] + c.loss_weights[2] > 1
+        ):
+            raise ConfigError(
+                f"{where}: controller.loss_weights: need three weights in [0, 1] (rank, depth, "
+                f"sparsity), rank + sparsity <= 1, got {list(c.loss_weights)}"
+            )
         bad = [m for m in c.modulations if m not in ("bpsk", "qpsk", "8psk")]
         if bad or not c.modulations:
             raise ConfigError(f"{where}: controller.modulations: unknown {bad}; known: bpsk, qpsk, 8psk")
@@ -140,40 +149,53 @@ class ExperimentConfig:
             raise ConfigError(f"{where}: controller.ranks / controller.depths: need values >= 1")
         if not c.keep_fractions or not all(0 < f <= 1 for f in c.keep_fractions):
             raise ConfigError(f"{where}: controller.keep_fractions: every value must be in (0, 1]")
-        for name in ("v", "power_levels", "share_levels", "round_length_levels", "price_iterations",
-                     "participation_iterations"):
+        for name in (
+            "v",
+            "power_levels",
+            "share_levels",
+            "round_length_levels",
+            "price_iterations",
+            "participation_iterations",
+        ):
             _positive(where, f"controller.{name}", getattr(c, name))
         for name in ("energy_price", "energy_credit_rounds"):
             if not 0 <= getattr(c, name) < float("inf"):
-                raise ConfigError(f"{where}: controller.{name}: must be a finite number >= 0, got "
-                                  f"{getattr(c, name)!r}")
+                raise ConfigError(f"{where}: controller.{name}: must be a finite number >= 0, got {getattr(c, name)!r}")
         if not 0 <= c.energy_guard_margin < 1:
-            raise ConfigError(f"{where}: controller.energy_guard_margin: must be in [0, 1), got "
-                              f"{c.energy_guard_margin!r}")
+            raise ConfigError(
+                f"{where}: controller.energy_guard_margin: must be in [0, 1), got {c.energy_guard_margin!r}"
+            )
         if not 0 <= self.training.logit_adjustment < float("inf"):
-            raise ConfigError(f"{where}: training.logit_adjustment: must be a finite number >= 0, got "
-                              f"{self.training.logit_adjustment!r}")
+            raise ConfigError(
+                f"{where}: training.logit_adjustment: must be a finite number >= 0, got "
+                f"{self.training.logit_adjustment!r}"
+            )
         if not 0 < c.random_participation <= 1:
             raise ConfigError(f"{where}: controller.random_participation: must be in (0, 1]")
         if c.greedy_top is not None and c.greedy_top < 1:
             raise ConfigError(f"{where}: controller.greedy_top: must be >= 1 (or null for half the devices)")
         if not 0 <= self.controller.keep_fraction <= 1:
-            raise ConfigError(f"{where}: controller.keep_fraction: must be within [0, 1], got "
-                              f"{self.controller.keep_fraction!r}")
+            raise ConfigError(
+                f"{where}: controller.keep_fraction: must be within [0, 1], got {self.controller.keep_fraction!r}"
+            )
         if self.controller.rank is not None and not 1 <= self.controller.rank <= self.model.max_rank:
-            raise ConfigError(f"{where}: controller.rank: {self.controller.rank} is outside 1..model.max_rank "
-                              f"({self.model.max_rank})")
+            raise ConfigError(
+                f"{where}: controller.rank: {self.controller.rank} is outside 1..model.max_rank ({self.model.max_rank})"
+            )
         if self.controller.depth is not None and self.controller.depth < 1:
             raise ConfigError(f"{where}: controller.depth: must be >= 1, got {self.controller.depth}")
         if self.task.name in ("sst2", "qnli") and self.task.path is not None and not Path(self.task.path).is_dir():
-            raise ConfigError(f"{where}: task.path: {self.task.path!r} is not a folder (expected a GLUE task "
-                              f"folder holding train.tsv and dev.tsv)")
+            raise ConfigError(
+                f"{where}: task.path: {self.task.path!r} is not a folder (expected a GLUE task "
+                f"folder holding train.tsv and dev.tsv)"
+            )
 
 
 # ----------------------------------------------------------------------------------------------- bench
 @dataclass(frozen=True)
 class DeviceProfile:
     """One edge device of the bench: where it stands and what its hardware costs."""
+
     distance_m: float
     compute_watts_per_core: float = 12.0  # calibrated power of one busy core (CPU-seconds x this = joules)
     energy_budget_j: float | None = None  # long-term average energy per round (used by energy-aware policies)
@@ -209,6 +231,7 @@ class AddressConfig:
 @dataclass(frozen=True)
 class AirConfig:
     """gr-zmq-iq: the air process (phy/air.py) between the edges and the BS (tcp://host:0 = a free port)."""
+
     address: str = "tcp://127.0.0.1:5757"  # air's ROUTER: edges send bursts here, the BS announces subbands
     medium: str = "tcp://127.0.0.1:5758"  # air's PUSH: the summed medium; the BS connects here
     max_cfo_hz: float = 300.0  # per-link carrier frequency offset, drawn uniform in +-this per device
@@ -220,6 +243,7 @@ class AirConfig:
 @dataclass(frozen=True)
 class RfConfig:
     """rf: the OFDM flowgraphs on radios (phy/rf.py); gr-uhd (USRP) or gr-soapy (HackRF and others)."""
+
     driver: Literal["uhd", "soapy"] = "uhd"
     bs_device_args: str = "type=b200"  # the BS's radio (uhd device address or SoapySDR args)
     edge_device_args: tuple[str, ...] = ("type=b200",)  # edge k uses entry k (cyclically)
@@ -247,8 +271,12 @@ class BenchConfig:
     addresses: AddressConfig = field(default_factory=AddressConfig)
     air: AirConfig = field(default_factory=AirConfig)  # gr-zmq-iq only
     rf: RfConfig = field(default_factory=RfConfig)  # rf only
-    devices: tuple[DeviceProfile, ...] = (DeviceProfile(10.0), DeviceProfile(20.0), DeviceProfile(35.0),
-                                          DeviceProfile(50.0))
+    devices: tuple[DeviceProfile, ...] = (
+        DeviceProfile(10.0),
+        DeviceProfile(20.0),
+        DeviceProfile(35.0),
+        DeviceProfile(50.0),
+    )
 
     def check(self, where: str = "bench") -> None:
         _positive(where, "radio.total_bandwidth_hz", self.radio.total_bandwidth_hz)
@@ -263,8 +291,10 @@ class BenchConfig:
             _positive(where, f"devices[{i}].distance_m", dev.distance_m)
             _positive(where, f"devices[{i}].compute_watts_per_core", dev.compute_watts_per_core)
             if not 0 < dev.compute_speed <= 1:
-                raise ConfigError(f"{where}: devices[{i}].compute_speed: an emulated slow-down factor in (0, 1], "
-                                  f"got {dev.compute_speed!r}")
+                raise ConfigError(
+                    f"{where}: devices[{i}].compute_speed: an emulated slow-down factor in (0, 1], "
+                    f"got {dev.compute_speed!r}"
+                )
         if self.phy == "gr-zmq-iq":
             self._check_air(where)
         if self.phy == "rf":
@@ -274,39 +304,49 @@ class BenchConfig:
         rf = self.rf
         _positive(where, "rf.center_freq_hz", rf.center_freq_hz)
         if not rf.sample_rate_hz >= self.radio.total_bandwidth_hz:
-            raise ConfigError(f"{where}: rf.sample_rate_hz: must be >= radio.total_bandwidth_hz "
-                              f"({self.radio.total_bandwidth_hz:g}), got {rf.sample_rate_hz!r}")
+            raise ConfigError(
+                f"{where}: rf.sample_rate_hz: must be >= radio.total_bandwidth_hz "
+                f"({self.radio.total_bandwidth_hz:g}), got {rf.sample_rate_hz!r}"
+            )
         if not rf.bs_device_args or not rf.edge_device_args or not all(rf.edge_device_args):
             raise ConfigError(f"{where}: rf.bs_device_args / rf.edge_device_args: every radio needs device args")
         if rf.driver == "soapy" and not all("driver=" in a for a in (rf.bs_device_args, *rf.edge_device_args)):
-            raise ConfigError(f"{where}: rf.edge_device_args / rf.bs_device_args: SoapySDR args need driver=... "
-                              f"(e.g. driver=hackrf)")
+            raise ConfigError(
+                f"{where}: rf.edge_device_args / rf.bs_device_args: SoapySDR args need driver=... (e.g. driver=hackrf)"
+            )
         if not 0 <= rf.guard_s < rf.slot_s:
             raise ConfigError(f"{where}: rf.guard_s: must be within [0, rf.slot_s), got {rf.guard_s!r}")
         if not 0 <= rf.digital_backoff_db <= 30:
-            raise ConfigError(f"{where}: rf.digital_backoff_db: must be within [0, 30] dB, got "
-                              f"{rf.digital_backoff_db!r}")
+            raise ConfigError(
+                f"{where}: rf.digital_backoff_db: must be within [0, 30] dB, got {rf.digital_backoff_db!r}"
+            )
 
     def _check_air(self, where: str) -> None:
         air = self.air
         for name in ("address", "medium"):
             value = getattr(air, name)
             if not value.startswith(("tcp://", "ipc://", "inproc://")):
-                raise ConfigError(f"{where}: air.{name}: a zmq address (tcp://host:port, ipc://path) is needed, "
-                                  f"got {value!r}")
+                raise ConfigError(
+                    f"{where}: air.{name}: a zmq address (tcp://host:port, ipc://path) is needed, got {value!r}"
+                )
         if air.address == air.medium and not air.address.endswith(":0"):
             raise ConfigError(f"{where}: air.medium: must differ from air.address ({air.address!r})")
         if not 0 <= air.max_cfo_hz <= self.radio.total_bandwidth_hz / 2000:
-            raise ConfigError(f"{where}: air.max_cfo_hz: must be within [0, radio.total_bandwidth_hz / 2000] = "
-                              f"[0, {self.radio.total_bandwidth_hz / 2000:g}] Hz (the subband filters' margin), "
-                              f"got {air.max_cfo_hz!r}")
+            raise ConfigError(
+                f"{where}: air.max_cfo_hz: must be within [0, radio.total_bandwidth_hz / 2000] = "
+                f"[0, {self.radio.total_bandwidth_hz / 2000:g}] Hz (the subband filters' margin), "
+                f"got {air.max_cfo_hz!r}"
+            )
         _positive(where, "air.clock_speed", air.clock_speed)
         if not 0.005 <= air.hangover_s <= 10:
-            raise ConfigError(f"{where}: air.hangover_s: must be within [0.005, 10] s (the receivers need a few "
-                              f"ms of samples after a burst), got {air.hangover_s!r}")
+            raise ConfigError(
+                f"{where}: air.hangover_s: must be within [0.005, 10] s (the receivers need a few "
+                f"ms of samples after a burst), got {air.hangover_s!r}"
+            )
         if not 40 <= air.filter_attenuation_db <= 120:
-            raise ConfigError(f"{where}: air.filter_attenuation_db: must be within [40, 120] dB, got "
-                              f"{air.filter_attenuation_db!r}")
+            raise ConfigError(
+                f"{where}: air.filter_attenuation_db: must be within [40, 120] dB, got {air.filter_attenuation_db!r}"
+            )
 
     def device(self, device_id: int) -> DeviceProfile:
         """Profile of a device; ids beyond the list reuse it cyclically (a bench of 4 can host 8 devices)."""

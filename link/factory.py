@@ -1,4 +1,5 @@
 """Open the uplink of the bench's PHY: the only place that knows which link implementation runs."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -6,10 +7,10 @@ from urllib.parse import urlsplit
 
 import zmq
 
-from fedlora.config import REPO_ROOT, BenchConfig, ConfigError
+from config import REPO_ROOT, BenchConfig, ConfigError
 from phy.channel import DeviceGeometry, PerCurve, SimChannel
-from phy.link import UplinkReceiver, UplinkTransmitter
 from phy.sim import SimUplinkReceiver, SimUplinkTransmitter
+from phy.uplink import UplinkReceiver, UplinkTransmitter
 
 
 def per_curve_for(bench: BenchConfig) -> PerCurve:
@@ -22,24 +23,39 @@ def per_curve_for(bench: BenchConfig) -> PerCurve:
     return PerCurve.from_file(path)
 
 
-def open_uplink_transmitter(bench: BenchConfig, device_id: int, *, data_address: str, seed: int,
-                            context: zmq.Context | None = None) -> UplinkTransmitter:
+def open_uplink_transmitter(
+    bench: BenchConfig, device_id: int, *, data_address: str, seed: int, context: zmq.Context | None = None
+) -> UplinkTransmitter:
     geometry = DeviceGeometry(device_id=device_id, distance_m=bench.device(device_id).distance_m)
     if bench.phy == "sim":
-        return SimUplinkTransmitter(bs_data_address=data_address, geometry=geometry,
-                                    channel=SimChannel(bench.channel, seed=seed), per_curve=per_curve_for(bench),
-                                    seed=seed, context=context)
+        return SimUplinkTransmitter(
+            bs_data_address=data_address,
+            geometry=geometry,
+            channel=SimChannel(bench.channel, seed=seed),
+            per_curve=per_curve_for(bench),
+            seed=seed,
+            context=context,
+        )
     if bench.phy == "gr-loopback":
         from phy.gr_link import GrLoopbackTransmitter  # needs no GNU Radio on the edge, but shares ofdm sizes
 
-        return GrLoopbackTransmitter(bs_data_address=data_address, geometry=geometry,
-                                     channel=SimChannel(bench.channel, seed=seed), per_curve=per_curve_for(bench),
-                                     seed=seed, context=context)
+        return GrLoopbackTransmitter(
+            bs_data_address=data_address,
+            geometry=geometry,
+            channel=SimChannel(bench.channel, seed=seed),
+            per_curve=per_curve_for(bench),
+            seed=seed,
+            context=context,
+        )
     if bench.phy == "gr-zmq-iq":
         from phy.gr_zmq_iq import ZmqIqTransmitter  # the edge modulates: GNU Radio on the edge
 
-        return ZmqIqTransmitter(air_address=reachable_address(bench.air.address, data_address), geometry=geometry,
-                                context=context, clock_speed=bench.air.clock_speed)
+        return ZmqIqTransmitter(
+            air_address=reachable_address(bench.air.address, data_address),
+            geometry=geometry,
+            context=context,
+            clock_speed=bench.air.clock_speed,
+        )
     if bench.phy == "rf":
         from phy.rf import RfUplinkTransmitter
 
@@ -47,8 +63,14 @@ def open_uplink_transmitter(bench: BenchConfig, device_id: int, *, data_address:
     raise ConfigError(f"bench {bench.name}: phy {bench.phy!r} has no uplink transmitter in this build")
 
 
-def open_uplink_receiver(bench: BenchConfig, *, bind_address: str, context: zmq.Context | None = None,
-                         device_count: int | None = None, seed: int = 0) -> UplinkReceiver:
+def open_uplink_receiver(
+    bench: BenchConfig,
+    *,
+    bind_address: str,
+    context: zmq.Context | None = None,
+    device_count: int | None = None,
+    seed: int = 0,
+) -> UplinkReceiver:
     """device_count / seed: the experiment's (gr-zmq-iq: one subband receiver per device; the air's channel draws)."""
     if bench.phy == "sim":
         return SimUplinkReceiver(bind_address=bind_address, context=context)
@@ -61,12 +83,21 @@ def open_uplink_receiver(bench: BenchConfig, *, bind_address: str, context: zmq.
 
         count = device_count or len(bench.devices)
         air = bench.air
-        return ZmqIqReceiver(air_address=air.address, medium_address=air.medium,
-                             total_bandwidth_hz=bench.radio.total_bandwidth_hz, device_count=count,
-                             distances_m=[bench.device(k).distance_m for k in range(count)], channel=bench.channel,
-                             seed=seed, snr_offset_db=bench.snr_offset_db, max_cfo_hz=air.max_cfo_hz,
-                             clock_speed=air.clock_speed, hangover_s=air.hangover_s,
-                             attenuation_db=air.filter_attenuation_db, context=context)
+        return ZmqIqReceiver(
+            air_address=air.address,
+            medium_address=air.medium,
+            total_bandwidth_hz=bench.radio.total_bandwidth_hz,
+            device_count=count,
+            distances_m=[bench.device(k).distance_m for k in range(count)],
+            channel=bench.channel,
+            seed=seed,
+            snr_offset_db=bench.snr_offset_db,
+            max_cfo_hz=air.max_cfo_hz,
+            clock_speed=air.clock_speed,
+            hangover_s=air.hangover_s,
+            attenuation_db=air.filter_attenuation_db,
+            context=context,
+        )
     if bench.phy == "rf":
         from phy.rf import RfUplinkReceiver
 

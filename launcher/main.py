@@ -5,6 +5,7 @@ the air process (phy/air.py) starts first, on free ports, and logs to <run>/logs
 stop (it writes what it has and tells the edges to leave; the air stops after them); a second Ctrl-C kills
 every child.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -17,8 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from fedlora.config import REPO_ROOT, ConfigError, load_bench, load_experiment
-
+from config import REPO_ROOT, ConfigError, load_bench, load_experiment
 
 DEFAULT_BENCH = "hw_configs/zmq_iq.yaml"
 FALLBACK_BENCH = "hw_configs/sim.yaml"
@@ -28,17 +28,23 @@ def default_bench() -> str:
     """The GNU Radio FDMA link through the air process; the sim PHY, said out loud, where GNU Radio is missing."""
     if importlib.util.find_spec("gnuradio") is not None:
         return str(REPO_ROOT / DEFAULT_BENCH)
-    print(f"fedlora-run: GNU Radio is not installed, so this run uses the simulated PHY ({FALLBACK_BENCH}); "
-          f"run scripts/install.sh as root (it installs Debian's gnuradio) for the default {DEFAULT_BENCH}",
-          file=sys.stderr, flush=True)
+    print(
+        f"fedlora-run: GNU Radio is not installed, so this run uses the simulated PHY ({FALLBACK_BENCH}); "
+        f"run scripts/install.sh as root (it installs Debian's gnuradio) for the default {DEFAULT_BENCH}",
+        file=sys.stderr,
+        flush=True,
+    )
     return str(REPO_ROOT / FALLBACK_BENCH)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fedlora-run", description=__doc__)
     parser.add_argument("--experiment", help="experiment YAML (default: experiments/default.yaml)")
-    parser.add_argument("--bench", help=f"bench YAML (default: {DEFAULT_BENCH}, the GNU Radio link through the air "
-                                         f"process; {FALLBACK_BENCH} where GNU Radio is not installed)")
+    parser.add_argument(
+        "--bench",
+        help=f"bench YAML (default: {DEFAULT_BENCH}, the GNU Radio link through the air "
+        f"process; {FALLBACK_BENCH} where GNU Radio is not installed)",
+    )
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--bench-set", dest="bench_overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--runs-dir", default="runs", help="parent folder of run folders")
@@ -71,13 +77,32 @@ def main(argv: list[str] | None = None) -> int:
             print(f"fedlora-run: the air process did not start (see {run_dir / 'logs' / 'air.log'})", file=sys.stderr)
             _stop(air)
             return 1
-        passthrough += ["--bench-set", f"air.address={air_endpoints['address']}",
-                        "--bench-set", f"air.medium={air_endpoints['medium']}"]
+        passthrough += [
+            "--bench-set",
+            f"air.address={air_endpoints['address']}",
+            "--bench-set",
+            f"air.medium={air_endpoints['medium']}",
+        ]
     bs_log = open(run_dir / "logs" / "bs.log", "w")
-    bs = subprocess.Popen([sys.executable, "-m", "bs_node.main", *passthrough, "--run-dir", str(run_dir),
-                           "--control", "tcp://127.0.0.1:0", "--data", "tcp://127.0.0.1:0",
-                           "--silence-timeout", str(args.silence_timeout)],
-                          env=env, stderr=bs_log, start_new_session=True)
+    bs = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "bs_node.main",
+            *passthrough,
+            "--run-dir",
+            str(run_dir),
+            "--control",
+            "tcp://127.0.0.1:0",
+            "--data",
+            "tcp://127.0.0.1:0",
+            "--silence-timeout",
+            str(args.silence_timeout),
+        ],
+        env=env,
+        stderr=bs_log,
+        start_new_session=True,
+    )
     edges: list[subprocess.Popen] = []
     interrupted = [0]
 
@@ -99,15 +124,33 @@ def main(argv: list[str] | None = None) -> int:
             return bs.wait() or 1
         for k in range(experiment.devices.count):
             log = open(run_dir / "logs" / f"edge-{k}.log", "w")
-            edges.append(subprocess.Popen(
-                [sys.executable, "-m", "edge_node.main", "--bs", endpoints["control"], "--device-id", str(k),
-                 "--threads", str(args.edge_threads)],
-                env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
+            edges.append(
+                subprocess.Popen(
+                    [
+                        sys.executable,
+                        "-m",
+                        "edge_node.main",
+                        "--bs",
+                        endpoints["control"],
+                        "--device-id",
+                        str(k),
+                        "--threads",
+                        str(args.edge_threads),
+                    ],
+                    env=env,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
+            )
         while bs.poll() is None:
             time.sleep(0.5)
             if edges and all(p.poll() not in (None, 0) for p in edges) and not interrupted[0]:
-                print(f"fedlora-run: every edge exited with an error (see {run_dir / 'logs'}); stopping the BS",
-                      file=sys.stderr, flush=True)
+                print(
+                    f"fedlora-run: every edge exited with an error (see {run_dir / 'logs'}); stopping the BS",
+                    file=sys.stderr,
+                    flush=True,
+                )
                 interrupted[0] += 1
                 _signal(bs, signal.SIGINT)
         code = bs.wait()
@@ -127,8 +170,10 @@ def main(argv: list[str] | None = None) -> int:
             _stop(air)
         for k, p in enumerate(edges):
             if p.returncode not in (0, None):
-                print(f"edge {k} exited with code {p.returncode} (log: {run_dir / 'logs' / f'edge-{k}.log'})",
-                      file=sys.stderr)
+                print(
+                    f"edge {k} exited with code {p.returncode} (log: {run_dir / 'logs' / f'edge-{k}.log'})",
+                    file=sys.stderr,
+                )
         return code
     finally:
         for p in [bs, *edges, *([air] if air else [])]:
@@ -141,8 +186,17 @@ def _start_air(args: argparse.Namespace, run_dir: Path, env: dict) -> tuple[subp
     """The gr-zmq-iq air on free loopback ports; returns it and its bound addresses (None if it failed)."""
     endpoints = run_dir / "air.json"
     endpoints.unlink(missing_ok=True)
-    cmd = [sys.executable, "-m", "phy.air", "--address", "tcp://127.0.0.1:0", "--medium", "tcp://127.0.0.1:0",
-           "--endpoints-file", str(endpoints)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "phy.air",
+        "--address",
+        "tcp://127.0.0.1:0",
+        "--medium",
+        "tcp://127.0.0.1:0",
+        "--endpoints-file",
+        str(endpoints),
+    ]
     if args.bench:
         cmd += ["--bench", args.bench]
     cmd += [x for o in args.bench_overrides for x in ("--bench-set", o)]

@@ -8,12 +8,12 @@ retransmission costs airtime that the round's schedule has to pay for.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 from phy.channel import TxSetting
-from phy.framing import Frame
-from phy.link import UplinkTransmitter
+from phy.uplink import UplinkTransmitter
+from proto.framing import Frame
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +75,11 @@ def send_with_arq(
             if result.airtime_s + estimate_s > airtime_budget_s:
                 log.info(
                     "ARQ round %d: stopping before attempt %d, %.4f s + %.4f s would exceed budget %.4f s",
-                    round_idx, result.attempts + 1, result.airtime_s, estimate_s, airtime_budget_s,
+                    round_idx,
+                    result.attempts + 1,
+                    result.airtime_s,
+                    estimate_s,
+                    airtime_budget_s,
                 )
                 result.stop_reason = "airtime_budget"
                 break
@@ -94,7 +98,9 @@ def send_with_arq(
         acked = set(acked)
         result.frames_lost += sum(1 for s in seqs if s not in acked)
         missing = [s for s in encoded if s not in acked]
-        log.debug("ARQ round %d attempt %d: %d/%d frames missing", round_idx, result.attempts, len(missing), len(encoded))
+        log.debug(
+            "ARQ round %d attempt %d: %d/%d frames missing", round_idx, result.attempts, len(missing), len(encoded)
+        )
     result.delivered = not missing
     if result.delivered:
         result.stop_reason = "delivered"

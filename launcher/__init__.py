@@ -1,0 +1,1 @@
+"""Starts the processes of one experiment (air, BS, edges) by their entry points."""

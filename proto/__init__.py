@@ -1,0 +1,1 @@
+"""Everything that crosses a wire: control messages, air messages, the frame format and the update codec."""
