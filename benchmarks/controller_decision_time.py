@@ -17,7 +17,16 @@ from bs_node.controllers.costs import ModelShape
 from bs_node.measurements import DeviceRound, RoundRecord
 from config import load_bench, load_experiment
 
-SHAPE = ModelShape(layer_widths=(1536,) * 6, head_values=770, lora_entries_per_layer=4)  # MiniLM, LoRA q/v
+SHAPE = ModelShape.from_shapes(  # MiniLM: 6 layers, hidden 384, LoRA rank 8 on query/value, 2-class head
+    {
+        f"bert.encoder.layer.{i}.attention.self.{m}.lora_{f}": (8, 384) if f == "A" else (384, 8)
+        for i in range(6)
+        for m in ("query", "value")
+        for f in "AB"
+    }
+    | {"head.classifier.weight": (2, 384), "head.classifier.bias": (2,)},
+    6,
+)
 
 
 def timed_decisions(policy: str, K: int, repeats: int) -> float:

@@ -3,16 +3,16 @@
     .venv/bin/python benchmarks/ofdm_goodput.py [--frames 1000] [--frame-bytes 1000] [--snr-db 30] [--repeat 3]
 
 Both flowgraphs: transmitter -> channels.channel_model(AWGN at --snr-db, tags blocked) -> receiver, in one
-process, with the sender paced (a bounded number of samples in flight, pitfall 7). Goodput counts only
+process, with the sender paced (a bounded number of samples in flight, docs/pitfalls.md §7). Goodput counts only
 payload bytes of frames that came back CRC-ok and identical, over the wall time from the first packet
 posted to the last one received; CPU-seconds are the process's user+system time over the same interval
 (all GNU Radio threads plus the Python driver). The stock chain needs 8PSK frames padded so that
-(len + 4) % 3 == 0 (pitfall 4); the padding byte is not counted as payload. The stock chain has no burst
+(len + 4) % 3 == 0 (docs/pitfalls.md §4); the padding byte is not counted as payload. The stock chain has no burst
 padding, so a few extra packets are sent after the measured ones to flush its receiver.
 
 Each measurement runs in its own interpreter; the stock one with GR_CONF_DEFAULT_BUFFER_SIZE=262144,
 because its hier blocks give no handle to set per-port buffers and 1000-byte BPSK packets overflow the default
-(pitfall 2: "Buffer too small for min_noutput_items", then a hang).
+(docs/pitfalls.md §2: "Buffer too small for min_noutput_items", then a hang).
 
 The machine is shared: numbers move by tens of percent between runs; compare the ratios of one run, or use
 --repeat N (runs alternate ours/stock; the table shows per-field medians and the worst run's losses).

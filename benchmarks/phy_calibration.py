@@ -284,13 +284,12 @@ def write_out(path: Path, settings: dict[str, Any], points: Sequence[Point], sum
 
 
 def _sim_sigma_db(bench: Path) -> float | None:
-    """The bench's modelled estimator sigma, read from YAML (no config import: it pulls in torch)."""
-    try:
-        import yaml
+    """The bench's modelled estimator sigma; None where the bench does not load."""
+    from config import ConfigError, load_bench
 
-        doc = yaml.safe_load(bench.read_text()) or {}
-        return float((doc.get("channel") or {}).get("snr_est_sigma_db", 1.5))
-    except (OSError, ValueError, TypeError, AttributeError):
+    try:
+        return load_bench(bench).channel.snr_est_sigma_db
+    except ConfigError:
         return None
 
 

@@ -22,15 +22,16 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from launcher.main import entry_point  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
 POLICIES = ("fixed", "lyapunov", "tsfa", "greedy", "random")
 
 
 def run_policy(policy: str, out: Path, args: argparse.Namespace) -> None:
     cmd = [
-        sys.executable,
-        "-m",
-        "launcher.main",
+        *entry_point("fedlora-run"),
         "--run-dir",
         str(out / policy),
         "--bench",
@@ -46,7 +47,7 @@ def run_policy(policy: str, out: Path, args: argparse.Namespace) -> None:
         *args.extra,
     ]
     t0 = time.monotonic()
-    print(f"[{policy}] running: {' '.join(cmd[3:])}", flush=True)
+    print(f"[{policy}] running: {' '.join(cmd[1:])}", flush=True)
     tail: list[str] = []
     with subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
         for line in proc.stdout:  # stream the live view's round lines as they come

@@ -42,25 +42,30 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level, stream=sys.stderr, format="%(asctime)s bs %(levelname)s %(message)s")
 
-    from bs_node.server import BaseStation, StartupError
     from config import ConfigError, load_bench, load_experiment
 
-    try:
+    try:  # before torch is imported: a typo costs no start-up time
         experiment = load_experiment(args.experiment, args.overrides)
         bench = load_bench(args.bench, args.bench_overrides)
-    except ConfigError as exc:
+    except ConfigError as exc:  # one line: file, key, value, what is allowed
         print(f"fedlora-bs: configuration error: {exc}", file=sys.stderr)
         return 2
+    from bs_node.station import BaseStation, StartupError
+
     run_dir = Path(args.run_dir or Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{experiment.name}")
-    bs = BaseStation(
-        experiment,
-        bench,
-        run_dir,
-        control_address=args.control,
-        data_address=args.data,
-        silence_timeout_s=args.silence_timeout,
-        threads=args.threads,
-    )
+    try:
+        bs = BaseStation(
+            experiment,
+            bench,
+            run_dir,
+            control_address=args.control,
+            data_address=args.data,
+            silence_timeout_s=args.silence_timeout,
+            threads=args.threads,
+        )
+    except ConfigError as exc:  # e.g. an unknown controller policy
+        print(f"fedlora-bs: configuration error: {exc}", file=sys.stderr)
+        return 2
     (run_dir / "endpoints.json").write_text(json.dumps({"control": bs.control_endpoint, "data": bs.data_endpoint}))
     signal.signal(signal.SIGINT, bs.stop)
     signal.signal(signal.SIGTERM, bs.stop)

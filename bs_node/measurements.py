@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from proto.control import Measurements
 
 
 @dataclass
@@ -11,7 +15,7 @@ class DeviceRound:
 
     device_id: int
     participated: bool
-    status: str  # ok | not_selected | timeout | undelivered | bad_update | failed | offline
+    status: str  # ok | not_selected | timeout | dropped | offline | undelivered | bad_update | failed
     rank: int = 0
     depth: int = 0
     tx_power_dbm: float = 0.0
@@ -27,6 +31,7 @@ class DeviceRound:
     snr_db: float | None = None  # mean per-frame SNR measured by the BS receiver
     snr_db_min: float | None = None
     snr_db_max: float | None = None
+    true_snr_db: float | None = None  # the channel's true SNR (sim PHYs only): ground truth for the estimate snr_db
     airtime_s: float = 0.0
     compute_s: float = 0.0  # CPU-seconds of local training
     train_wall_s: float = 0.0
@@ -42,46 +47,23 @@ class DeviceRound:
     error: str | None = None
 
 
-# What an edge reports of its own round, with the type each value must have.
-EDGE_REPORTED: dict[str, type] = {
-    "update_bytes": int,
-    "uplink_bytes": int,
-    "frames_sent": int,
-    "frames_lost": int,
-    "arq_attempts": int,
-    "airtime_s": float,
-    "compute_s": float,
-    "train_wall_s": float,
-    "compute_energy_j": float,
-    "transmit_energy_j": float,
-    "energy_j": float,
-    "energy_source": str,
-    "train_loss": float,
-    "train_examples": int,
-    "kept_components": int,
-    "total_components": int,
-    "residual_norm": float,
-}
+# Measurements that may be negative (dB); every other number an edge reports is a count, a duration or an energy.
+SIGNED_MEASUREMENTS = frozenset({"true_snr_db"})
 
 
-def apply_report(row: DeviceRound, measurements: dict) -> list[str]:
-    """Copy an edge's reported measurements into its row; returns the problems (bad values are skipped)."""
+def apply_report(row: DeviceRound, measurements: Measurements) -> list[str]:
+    """Copy an edge's reported measurements into its row; returns the problems (non-finite or negative values
+    are skipped, the rest of the report still counts)."""
     problems = []
-    for name, value in measurements.items():
-        want = EDGE_REPORTED.get(name)
-        if want is None or value is None:
+    for name, value in measurements:
+        if value is None:
             continue
-        ok = (
-            isinstance(value, str)
-            if want is str
-            else (isinstance(value, (int, float)) and not isinstance(value, bool) and value == value and value >= 0)
-        )
-        if want is int and ok:
-            ok = float(value).is_integer()
-        if not ok:
+        if isinstance(value, (int, float)) and not (
+            math.isfinite(value) and (value >= 0 or name in SIGNED_MEASUREMENTS)
+        ):
             problems.append(f"{name}={value!r}")
             continue
-        setattr(row, name, want(value))
+        setattr(row, name, value)
     return problems
 
 
@@ -94,10 +76,10 @@ class RoundRecord:
     policy: str
     downlink_bytes: int
     devices: list[DeviceRound] = field(default_factory=list)
-    controller: dict = field(default_factory=dict)  # the controller's inputs and internal state for this round
-    stale_updates: dict = field(default_factory=dict)  # device -> round of its update reused in this aggregate
+    controller: dict[str, Any] = field(default_factory=dict)  # the controller's inputs and state for this round
+    stale_updates: dict[int, int] = field(default_factory=dict)  # device -> round of its update reused here
 
-    def as_dict(self) -> dict:
+    def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @property

@@ -32,7 +32,9 @@ from typing import Any
 
 import numpy as np
 
-DEFAULT_MODULATIONS = ("bpsk", "qpsk", "8psk")  # phy.channel.MODULATIONS (PerCurve accepts only these)
+from proto.numerology import MODULATION_NAMES
+
+DEFAULT_MODULATIONS = MODULATION_NAMES  # the ones a plan may use (PerCurve accepts only these)
 DEFAULT_SNRS_DB = tuple(float(s) for s in range(0, 27))
 
 

@@ -21,11 +21,16 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=args.log_level, stream=sys.stderr, format=f"%(asctime)s edge{args.device_id} %(levelname)s %(message)s"
     )
+    from config import ConfigError
     from edge_node.node import EdgeNode, install_signal_handlers
 
     node = EdgeNode(args.bs, args.device_id, threads=args.threads)
     install_signal_handlers(node)
-    return node.run()
+    try:
+        return node.run()
+    except ConfigError as exc:  # the BS's welcome carried a config this edge cannot use: one line, no traceback
+        print(f"fedlora-edge: configuration error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

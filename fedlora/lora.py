@@ -22,26 +22,16 @@ import math
 import re
 import warnings
 from collections import OrderedDict
-from dataclasses import dataclass
 
 import torch
 from peft import LoraConfig, get_peft_model
 
 from fedlora.models import ModelConfig, num_layers
-
-AdapterState = dict[str, torch.Tensor]
+from proto.codec import AdapterState, ModuleSpec  # the wire's names for a state and a device's module
 
 HEAD_PREFIX = "head."
 _A, _B = ".lora_A", ".lora_B"
 _LAYER_RE = re.compile(r"(?:^|\.)(?:layer|layers|h|block|blocks)\.(\d+)\.")
-
-
-@dataclass(frozen=True)
-class ModuleSpec:
-    """A device's LoRA module: a view of the global adapter."""
-
-    rank: int  # r, 1..R: keeps rank components 0..r-1
-    depth: int  # LoRA only on the top `depth` layers (layer index >= L - depth); 1..L
 
 
 def layer_index(key: str) -> int | None:

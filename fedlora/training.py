@@ -24,18 +24,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from config import TrainConfig
 from fedlora.tasks import Example
-
-
-@dataclass
-class TrainConfig:
-    local_steps: int = 25
-    batch_size: int = 16
-    lr: float = 5e-4
-    weight_decay: float = 0.0
-    max_length: int = 64
-    seed: int = 0
-    logit_adjustment: float = 0.0  # tau of the label-skew correction (module docstring); 0 = plain cross-entropy
 
 
 @dataclass

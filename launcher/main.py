@@ -12,6 +12,7 @@ import argparse
 import importlib.util
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -25,16 +26,21 @@ FALLBACK_BENCH = "hw_configs/sim.yaml"
 
 
 def default_bench() -> str:
-    """The GNU Radio FDMA link through the air process; the sim PHY, said out loud, where GNU Radio is missing."""
+    """The GNU Radio FDMA link through the air process; the sim PHY where GNU Radio is missing (main says so)."""
     if importlib.util.find_spec("gnuradio") is not None:
         return str(REPO_ROOT / DEFAULT_BENCH)
-    print(
-        f"fedlora-run: GNU Radio is not installed, so this run uses the simulated PHY ({FALLBACK_BENCH}); "
-        f"run scripts/install.sh as root (it installs Debian's gnuradio) for the default {DEFAULT_BENCH}",
-        file=sys.stderr,
-        flush=True,
-    )
     return str(REPO_ROOT / FALLBACK_BENCH)
+
+
+def entry_point(name: str) -> list[str]:
+    """The command of one of this installation's console scripts: the processes start as a user would start them.
+
+    The script beside the running interpreter wins (the venv's own), then one on PATH."""
+    script = Path(sys.executable).parent / name
+    found = str(script) if script.exists() else shutil.which(name)
+    if found is None:
+        raise SystemExit(f"fedlora-run: the entry point {name!r} is not installed; run scripts/install.sh")
+    return [found]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -52,14 +58,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--edge-threads", type=int, default=1, help="torch threads per edge")
     parser.add_argument("--silence-timeout", type=float, default=30.0)
     args = parser.parse_args(argv)
+    bench_defaulted = args.bench is None
     if args.bench is None:
         args.bench = default_bench()
     try:
         experiment = load_experiment(args.experiment, args.overrides)
         bench = load_bench(args.bench, args.bench_overrides)
-    except ConfigError as exc:
+    except ConfigError as exc:  # one line: file, key, value, what is allowed
         print(f"fedlora-run: configuration error: {exc}", file=sys.stderr)
         return 2
+    if bench_defaulted and args.bench.endswith(FALLBACK_BENCH):
+        print(
+            f"fedlora-run: GNU Radio is not installed, so this run uses the simulated PHY ({FALLBACK_BENCH}); "
+            f"run scripts/install.sh as root (it installs Debian's gnuradio) for the default {DEFAULT_BENCH}",
+            file=sys.stderr,
+            flush=True,
+        )
     run_dir = Path(args.run_dir or Path(args.runs_dir) / f"{time.strftime('%Y%m%d-%H%M%S')}-{experiment.name}")
     (run_dir / "logs").mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
@@ -86,9 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     bs_log = open(run_dir / "logs" / "bs.log", "w")
     bs = subprocess.Popen(
         [
-            sys.executable,
-            "-m",
-            "bs_node.main",
+            *entry_point("fedlora-bs"),
             *passthrough,
             "--run-dir",
             str(run_dir),
@@ -127,9 +139,7 @@ def main(argv: list[str] | None = None) -> int:
             edges.append(
                 subprocess.Popen(
                     [
-                        sys.executable,
-                        "-m",
-                        "edge_node.main",
+                        *entry_point("fedlora-edge"),
                         "--bs",
                         endpoints["control"],
                         "--device-id",
@@ -187,9 +197,7 @@ def _start_air(args: argparse.Namespace, run_dir: Path, env: dict) -> tuple[subp
     endpoints = run_dir / "air.json"
     endpoints.unlink(missing_ok=True)
     cmd = [
-        sys.executable,
-        "-m",
-        "phy.air",
+        *entry_point("fedlora-air"),
         "--address",
         "tcp://127.0.0.1:0",
         "--medium",

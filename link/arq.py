@@ -1,14 +1,18 @@
-"""Bounded selective-repeat ARQ on the sender side, independent of the PHY.
+"""Bounded selective-repeat ARQ, both sides, independent of the PHY and of sockets.
 
-The ack path is a callback so the same logic works over any control channel
-(and in tests with a fake). Bounded by attempts and by airtime, because every
-retransmission costs airtime that the round's schedule has to pay for.
+Edge side: `send_with_arq`. The ack path is a callback so the same logic works over any control channel
+(and in tests with a fake). Bounded by attempts and by airtime, because every retransmission costs airtime
+that the round's schedule has to pay for.
+
+BS side: `AckTimers`. Data and control travel on different paths, so a burst's `burst_end` can overtake its
+last frames; the BS answers a burst once every frame of it arrived, or when its guard interval has passed,
+with every sequence number it holds for that device and round.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 from phy.channel import TxSetting
@@ -19,6 +23,8 @@ log = logging.getLogger(__name__)
 
 # request_ack(attempt, seqs_sent_this_attempt) -> seqs the receiver holds so far, or None (no answer)
 AckFn = Callable[[int, list[int]], set[int] | None]
+# received(device_id, round_idx) -> seqs the BS holds of that device's update
+ReceivedFn = Callable[[int, int], set[int]]
 
 
 @dataclass
@@ -105,3 +111,56 @@ def send_with_arq(
     if result.delivered:
         result.stop_reason = "delivered"
     return result
+
+
+@dataclass(frozen=True)
+class AckTimer:
+    """One burst the BS owes an answer: as soon as all of `seqs` arrived, at `due_s` at the latest."""
+
+    device_id: int
+    round_idx: int
+    attempt: int
+    seqs: frozenset[int]
+    due_s: float
+
+
+class AckTimers:
+    """The BS's pending ARQ answers, on the caller's clock (seconds, monotonic)."""
+
+    def __init__(self, guard_s: float) -> None:
+        if guard_s < 0:
+            raise ValueError(f"guard_s must be >= 0, got {guard_s}")
+        self.guard_s = guard_s
+        self._timers: list[AckTimer] = []
+
+    def __len__(self) -> int:
+        return len(self._timers)
+
+    def burst_ended(self, device_id: int, round_idx: int, attempt: int, seqs: Iterable[int], now_s: float) -> None:
+        """An edge finished an attempt: answer it once these frames are in, or guard_s from now."""
+        self._timers.append(AckTimer(device_id, round_idx, attempt, frozenset(seqs), now_s + self.guard_s))
+
+    def next_due_s(self) -> float | None:
+        """When the earliest answer falls due (the caller polls no longer than that), or None."""
+        return min((t.due_s for t in self._timers), default=None)
+
+    def overdue_with_gaps(self, now_s: float, received: ReceivedFn) -> bool:
+        """An answer is due while frames of its burst are missing: the caller should drain the PHY first
+        (a receiver may lag the air)."""
+        return any(t.due_s <= now_s and not t.seqs <= received(t.device_id, t.round_idx) for t in self._timers)
+
+    def take_answerable(self, now_s: float, received: ReceivedFn) -> list[tuple[AckTimer, set[int]]]:
+        """Remove and return the timers to answer now (complete or due), each with the seqs held for it."""
+        answer, keep = [], []
+        for t in self._timers:
+            have = received(t.device_id, t.round_idx)
+            if t.due_s <= now_s or t.seqs <= have:
+                answer.append((t, have))
+            else:
+                keep.append(t)
+        self._timers = keep
+        return answer
+
+    def discard_round(self, round_idx: int) -> None:
+        """The round closed: its bursts get no answer any more."""
+        self._timers = [t for t in self._timers if t.round_idx != round_idx]

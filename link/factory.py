@@ -2,29 +2,26 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 import zmq
 
-from config import REPO_ROOT, BenchConfig, ConfigError
+from config import BenchConfig, ConfigError
 from phy.channel import DeviceGeometry, PerCurve, SimChannel
 from phy.sim import SimUplinkReceiver, SimUplinkTransmitter
 from phy.uplink import UplinkReceiver, UplinkTransmitter
 
 
 def per_curve_for(bench: BenchConfig) -> PerCurve:
-    """The bench's calibrated PER curve (a relative path is taken from the repository), or the built-in one."""
-    if not bench.per_curve:
+    """The bench's calibrated PER curve (its content travels in the bench: no file is opened), or the built-in one."""
+    if bench.per_curve_table is None:
         return PerCurve.default()
-    path = Path(bench.per_curve)
-    if not path.is_absolute() and not path.exists():
-        path = REPO_ROOT / path
-    return PerCurve.from_file(path)
+    return PerCurve.from_table(bench.per_curve_table)
 
 
 def open_uplink_transmitter(
-    bench: BenchConfig, device_id: int, *, data_address: str, seed: int, context: zmq.Context | None = None
+    bench: BenchConfig, device_id: int, *, data_address: str, seed: int, context: zmq.Context[Any] | None = None
 ) -> UplinkTransmitter:
     geometry = DeviceGeometry(device_id=device_id, distance_m=bench.device(device_id).distance_m)
     if bench.phy == "sim":
@@ -48,7 +45,7 @@ def open_uplink_transmitter(
             context=context,
         )
     if bench.phy == "gr-zmq-iq":
-        from phy.gr_zmq_iq import ZmqIqTransmitter  # the edge modulates: GNU Radio on the edge
+        from phy.gr_zmq_iq_tx import ZmqIqTransmitter  # the edge modulates: GNU Radio on the edge
 
         return ZmqIqTransmitter(
             air_address=reachable_address(bench.air.address, data_address),
@@ -67,7 +64,7 @@ def open_uplink_receiver(
     bench: BenchConfig,
     *,
     bind_address: str,
-    context: zmq.Context | None = None,
+    context: zmq.Context[Any] | None = None,
     device_count: int | None = None,
     seed: int = 0,
 ) -> UplinkReceiver:

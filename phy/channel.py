@@ -1,34 +1,31 @@
-"""Radio channel model for the sim link, and OFDM airtime.
+"""Radio channel model for the sim link: what a transmit setting is, path loss, fading, noise, and frame loss.
 
-The numbers mirror the gr-digital OFDM link we calibrate against (64-pt FFT,
-CP 16, 48 data carriers, 3 overhead symbols per packet), so the sim link's
-airtime and loss are comparable with the real one. PerCurve.default() is a
-placeholder from measured 50 % / ~100 % points; calibration replaces it with
-a measured table via PerCurve.from_file().
+The sim link's airtime is the OFDM modem's (proto.numerology.packet_airtime_s, the samples the GNU Radio
+transmitter really emits) and its loss comes from a PER curve measured on that modem, so the sim is comparable
+with the real link. PerCurve.default() is a placeholder from measured 50 % / ~100 % points; calibration replaces
+it with a measured table via PerCurve.from_file().
 """
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import numpy as np
 
-MODULATIONS: dict[str, int] = {"bpsk": 1, "qpsk": 2, "8psk": 3}  # bits per symbol
-PHY_CRC_BYTES = 4  # the OFDM PHY's own CRC32 appended to every packet
-FADING_MODELS = ("rayleigh", "none")
+from config import ChannelConfig, FadingModel, PerCurveTable, read_per_curve
+from proto.numerology import BITS_PER_SYMBOL, check_modulation
+
+FADING_MODELS: tuple[str, ...] = get_args(FadingModel)
 _FADING_STREAM = 0xFAD1  # separates the fading RNG stream from other users of the same seed
 
 
 def _check_modulation(modulation: str) -> int:
-    try:
-        return MODULATIONS[modulation]
-    except (KeyError, TypeError):
-        raise ValueError(f"unknown modulation {modulation!r}; expected one of {sorted(MODULATIONS)}") from None
+    """Bits per symbol of a modulation a plan may use (proto.numerology's set); ValueError otherwise."""
+    return BITS_PER_SYMBOL[check_modulation(modulation)]
 
 
 @dataclass(frozen=True)
@@ -48,35 +45,7 @@ class TxSetting:
 
     @property
     def bits_per_symbol(self) -> int:
-        return MODULATIONS[self.modulation]
-
-
-def ofdm_airtime_s(
-    payload_bytes: int,
-    modulation: str,
-    bandwidth_hz: float,
-    *,
-    fft_len: int = 64,
-    cp_len: int = 16,
-    data_carriers: int = 48,
-    overhead_symbols: int = 3,
-    pad_samples: int = 0,
-) -> float:
-    """Airtime of one OFDM packet carrying payload_bytes (plus the PHY CRC32).
-
-    Sample rate = bandwidth_hz (complex baseband), so halving the subband
-    doubles the airtime of the same packet.
-    """
-    bits = _check_modulation(modulation)
-    if payload_bytes < 0:
-        raise ValueError(f"payload_bytes must be >= 0, got {payload_bytes}")
-    if not bandwidth_hz > 0:
-        raise ValueError(f"bandwidth_hz must be > 0, got {bandwidth_hz}")
-    if fft_len <= 0 or cp_len < 0 or data_carriers <= 0 or overhead_symbols < 0 or pad_samples < 0:
-        raise ValueError("OFDM parameters must be positive (cp/overhead/pad non-negative)")
-    payload_symbols = math.ceil((payload_bytes + PHY_CRC_BYTES) * 8 / (data_carriers * bits))
-    samples = (payload_symbols + overhead_symbols) * (fft_len + cp_len) + pad_samples
-    return samples / bandwidth_hz
+        return BITS_PER_SYMBOL[self.modulation]
 
 
 class PerCurve:
@@ -136,53 +105,13 @@ class PerCurve:
 
     @classmethod
     def from_file(cls, path: str | Path) -> PerCurve:
-        """Load {ref_frame_bytes: int, curves: {mod: [[snr_db, per], ...]}} from YAML or JSON."""
-        path = Path(path)
-        try:
-            text = path.read_text()
-        except OSError as exc:
-            raise ValueError(f"{path}: cannot read PER curve file: {exc}") from exc
-        try:
-            if path.suffix.lower() == ".json":
-                doc = json.loads(text)
-            else:
-                import yaml  # YAML is a superset of JSON, so this also reads .json-in-disguise
+        """Load {ref_frame_bytes: int, curves: {mod: [[snr_db, per], ...]}} from YAML or JSON (config reads it)."""
+        return cls.from_table(read_per_curve(path))
 
-                doc = yaml.safe_load(text)
-        except Exception as exc:  # parser errors differ between json and yaml
-            raise ValueError(f"{path}: cannot parse PER curve file: {exc}") from exc
-        if not isinstance(doc, dict):
-            raise ValueError(f"{path}: top level must be a mapping with 'curves', got {type(doc).__name__}")
-        unknown = set(doc) - {"ref_frame_bytes", "curves"}
-        if unknown:
-            raise ValueError(f"{path}: unknown field(s) {sorted(unknown)}")
-        ref = doc.get("ref_frame_bytes", 1000)
-        if isinstance(ref, bool) or not isinstance(ref, int) or ref <= 0:
-            raise ValueError(f"{path}: field 'ref_frame_bytes' must be a positive integer, got {ref!r}")
-        curves = doc.get("curves")
-        if not isinstance(curves, dict) or not curves:
-            raise ValueError(f"{path}: field 'curves' must be a non-empty mapping modulation -> [[snr_db, per], ...]")
-        table: dict[str, list[tuple[float, float]]] = {}
-        for mod, points in curves.items():
-            field = f"curves.{mod}"
-            if mod not in MODULATIONS:
-                raise ValueError(f"{path}: field '{field}': unknown modulation; expected one of {sorted(MODULATIONS)}")
-            if not isinstance(points, list):
-                raise ValueError(f"{path}: field '{field}' must be a list of [snr_db, per] pairs")
-            pairs = []
-            for i, pt in enumerate(points):
-                if (
-                    not isinstance(pt, (list, tuple))
-                    or len(pt) != 2
-                    or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in pt)
-                ):
-                    raise ValueError(f"{path}: field '{field}[{i}]' must be [snr_db, per] numbers, got {pt!r}")
-                pairs.append((float(pt[0]), float(pt[1])))
-            table[mod] = pairs
-        try:
-            return cls(table, ref_frame_bytes=ref)
-        except ValueError as exc:
-            raise ValueError(f"{path}: {exc}") from exc
+    @classmethod
+    def from_table(cls, table: PerCurveTable) -> PerCurve:
+        """The curve of a calibration file's content, e.g. the table a bench carries (BenchConfig.per_curve_table)."""
+        return cls({m: list(points) for m, points in table.curves.items()}, ref_frame_bytes=table.ref_frame_bytes)
 
     def _table_for(self, modulation: str) -> tuple[np.ndarray, np.ndarray]:
         _check_modulation(modulation)
@@ -247,27 +176,6 @@ def _scale_per(per_ref: float, size_ratio: float) -> float:
     if per_ref >= 1.0:
         return 1.0 if size_ratio > 0 else 0.0
     return float(-math.expm1(size_ratio * math.log1p(-per_ref)))
-
-
-@dataclass(frozen=True)
-class ChannelConfig:
-    noise_psd_dbm_hz: float = -174.0
-    noise_figure_db: float = 9.0
-    ref_loss_db: float = 40.0
-    ref_distance_m: float = 1.0
-    path_loss_exponent: float = 3.5
-    fading: str = "rayleigh"  # or "none"
-    snr_est_sigma_db: float = 1.5  # the receiver's per-frame SNR estimation error (std)
-
-    def __post_init__(self) -> None:
-        if self.fading not in FADING_MODELS:
-            raise ValueError(f"fading must be one of {FADING_MODELS}, got {self.fading!r}")
-        if not self.ref_distance_m > 0:
-            raise ValueError(f"ref_distance_m must be > 0, got {self.ref_distance_m}")
-        if self.path_loss_exponent < 0:
-            raise ValueError(f"path_loss_exponent must be >= 0, got {self.path_loss_exponent}")
-        if not self.snr_est_sigma_db >= 0:
-            raise ValueError(f"snr_est_sigma_db must be >= 0, got {self.snr_est_sigma_db}")
 
 
 @dataclass(frozen=True)

@@ -33,7 +33,7 @@ stop edge 0.58 b: the neighbours of the 49 dB device lost 2.6-3.2 dB; 0.52 b: ev
 its target except the strongest, which reads 47 dB (a sharper filter rings beyond the 16-sample cyclic prefix:
 0.50 b put that floor at 44 dB). The 10 m device is ~25 dB above the 50 m one, fading adds a few dB either
 way: 60 dB keeps leakage ~30 dB under the far device's noise floor. The BS uses ``pfb_arb_resampler_ccf``
-(any rate ratio, retunable while running); the air resamples each burst once, in numpy (phy.air).
+(any rate ratio, retunable while running); the air resamples each burst once, in numpy (phy.air_medium).
 
 Level (the SNR convention of phy.gr_loopback)
 ----------------------------------------------
@@ -75,9 +75,6 @@ class Subband:
     @property
     def high_hz(self) -> float:
         return self.center_hz + self.bandwidth_hz / 2
-
-    def to_dict(self) -> dict:
-        return {"device_id": self.device_id, "center_hz": self.center_hz, "bandwidth_hz": self.bandwidth_hz}
 
 
 def plan_subbands(total_bandwidth_hz: float, widths_hz: Mapping[int, float]) -> dict[int, Subband]:

@@ -11,7 +11,6 @@ calibrated offset), not the sim's model. Airtime is the modem's samples per pack
 from __future__ import annotations
 
 import itertools
-import json
 import logging
 import time
 from collections.abc import Sequence
@@ -19,10 +18,11 @@ from dataclasses import dataclass
 
 import zmq
 
-from phy import ofdm
-from phy.channel import MODULATIONS, TxSetting
+from phy.channel import TxSetting
 from phy.sim import SimUplinkReceiver, SimUplinkTransmitter
 from phy.uplink import RxFrame
+from proto.air import FrameSidecar, decode_sidecar
+from proto.numerology import burst_airtime_s, check_modulation
 
 log = logging.getLogger(__name__)
 
@@ -30,11 +30,11 @@ log = logging.getLogger(__name__)
 class GrLoopbackTransmitter(SimUplinkTransmitter):
     """Edge side: no loss draw here (the modem decides at the BS); the sidecar carries the channel."""
 
-    def _sidecar(self, true_snr_db: float, setting: TxSetting, *, lost: bool, est_err_db: float) -> dict:
-        return {"snr_db": float(true_snr_db), "modulation": setting.modulation}
+    def _sidecar(self, true_snr_db: float, setting: TxSetting, *, lost: bool, est_err_db: float) -> FrameSidecar:
+        return FrameSidecar(snr_db=float(true_snr_db), modulation=check_modulation(setting.modulation))
 
     def estimate_airtime_s(self, frame_sizes: Sequence[int], setting: TxSetting) -> float:
-        return ofdm.burst_airtime_s(frame_sizes, setting.modulation, setting.bandwidth_hz)
+        return burst_airtime_s(frame_sizes, setting.modulation, setting.bandwidth_hz)
 
 
 @dataclass
@@ -61,8 +61,8 @@ class GrLoopbackReceiver(SimUplinkReceiver):
         frame = super()._parse(parts)
         if frame is None:
             return None
-        modulation = json.loads(parts[0]).get("modulation")
-        if modulation not in MODULATIONS or frame.snr_db is None:
+        modulation = decode_sidecar(parts[0]).modulation  # valid: super()._parse decoded it
+        if modulation is None or frame.snr_db is None:
             self.malformed_count += 1
             log.warning(
                 "gr-loopback receiver %s: frame without a channel SNR or with modulation %r skipped",
@@ -73,7 +73,7 @@ class GrLoopbackReceiver(SimUplinkReceiver):
         return _AirFrame(frame.data, frame.snr_db, frame.rx_time, modulation)
 
     def recv(self, timeout_s: float) -> list[RxFrame]:
-        air = super().recv(timeout_s)
+        air = [f for f in super().recv(timeout_s) if isinstance(f, _AirFrame)]  # what _parse made of them
         out: list[RxFrame] = []
         # consecutive frames of one burst share the channel and modulation: one modem run each
         for (snr_db, modulation), group in itertools.groupby(air, key=lambda f: (f.snr_db, f.modulation)):

@@ -32,7 +32,7 @@ more samples arrive. Every packet here carries zero padding (pre_pad before,
 post_pad after; 16 + 224 samples by default), far more than the trigger
 jitter and enough to flush the receiver after a burst's last packet.
 
-Pacing (pitfall 7): at most ``window_samples`` are in flight between what
+Pacing (docs/pitfalls.md §7): at most ``window_samples`` are in flight between what
 the transmitter was given and what the receiver has consumed.
 """
 
@@ -49,11 +49,13 @@ import pmt
 from gnuradio import channels, gr
 
 from phy import ofdm
-from phy.ofdm_rx import OfdmReceiver, pdu_to_result
+from phy.ofdm_decoder import pdu_to_result
+from phy.ofdm_rx import OfdmReceiver
 from phy.ofdm_tx import OfdmTransmitter
+from proto import numerology
 
 NOISE_FLUSH_SAMPLES = 16384  # > channel_model's noise buffer (8192 complex items by default)
-MAX_PACKETS_IN_FLIGHT = 64  # far from pitfall 7's ~1000 queued bursts
+MAX_PACKETS_IN_FLIGHT = 64  # far from the ~1000 queued bursts of docs/pitfalls.md §7
 
 
 @dataclass
@@ -106,8 +108,8 @@ class LoopbackModem:
         snr_offset_db: float = 0.0,
         noise_seed: int = 0,
         default_modulation: str = "qpsk",
-        pre_pad: int = ofdm.DEFAULT_PRE_PAD,
-        post_pad: int = ofdm.DEFAULT_POST_PAD,
+        pre_pad: int = numerology.DEFAULT_PRE_PAD_SAMPLES,
+        post_pad: int = numerology.DEFAULT_POST_PAD_SAMPLES,
         window_samples: int = 200_000,
         rx_kwargs: dict | None = None,
     ) -> None:
@@ -121,13 +123,13 @@ class LoopbackModem:
             taps=[1.0],
             noise_seed=noise_seed,
             block_tags=True,
-        )  # pitfall 1: no TX tags into the RX
+        )  # docs/pitfalls.md §1: no TX tags into the RX
         self.rx = OfdmReceiver(snr_offset_db, **(rx_kwargs or {}))
         self.collector = PduCollector()
         self.tb.connect(self.tx, self.channel, self.rx)
         self.tb.msg_connect(self.rx, "out", self.collector, "in")
         self.snr_db = float(snr_db)
-        self.window_samples = max(int(window_samples), 2 * ofdm.MAX_FRAME_SAMPLES)
+        self.window_samples = max(int(window_samples), 2 * numerology.MAX_FRAME_SAMPLES)
         self._posted_samples = 0
         self._next_num = 0
         self._closed = False
@@ -189,7 +191,8 @@ class LoopbackModem:
             self.set_snr_db(snr_db)
         self.collector.take()  # drop leftovers of an earlier, timed-out run
 
-        sizes = [ofdm.packet_samples(len(f), m, self.tx.pre_pad, self.tx.post_pad) for f, m in zip(checked, mods)]
+        pads = {"pre_pad_samples": self.tx.pre_pad, "post_pad_samples": self.tx.post_pad}
+        sizes = [numerology.packet_samples(len(f), m, **pads) for f, m in zip(checked, mods)]
         total = sum(sizes)
         if timeout_s is None:
             timeout_s = 20.0 + total / 100_000.0  # >10x slower than this loopback runs on a busy 2-core box
@@ -248,7 +251,7 @@ class LoopbackModem:
             now = time.monotonic()
             if len(results) != n_seen:
                 n_seen, last_change = len(results), now
-            caught_up = self.rx.samples_in() >= end - ofdm.SYMBOL_SAMPLES
+            caught_up = self.rx.samples_in() >= end - numerology.SYMBOL_SAMPLES
             if caught_up and now - last_change > quiet_s:
                 break
             if now > deadline:
@@ -266,7 +269,8 @@ def measure_back_to_back_loss(
     """
     out: dict[str, float] = {}
     frames = [bytes([i & 0xFF]) * frame_bytes for i in range(n_packets + 3)]
-    for label, pre, post in (("no_padding", 0, 0), ("padded", ofdm.DEFAULT_PRE_PAD, ofdm.DEFAULT_POST_PAD)):
+    padded = ("padded", numerology.DEFAULT_PRE_PAD_SAMPLES, numerology.DEFAULT_POST_PAD_SAMPLES)
+    for label, pre, post in (("no_padding", 0, 0), padded):
         with LoopbackModem(snr_db, pre_pad=pre, post_pad=post) as modem:
             got = modem.run_packets(frames, modulation, quiet_s=0.5)
         ok = {r.index for r in got if r.crc_ok and r.index < n_packets and r.data == frames[r.index]}

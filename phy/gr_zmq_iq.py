@@ -5,6 +5,9 @@
     BS:   [medium IQ] --> MediumSource --+--> SubbandChannelizer(dev 0) --> OfdmReceiver --> PDUs
                                          +--> SubbandChannelizer(dev 1) --> OfdmReceiver --> PDUs  ...
 
+This module is the BS side (ZmqIqReceiver); the edge side is phy.gr_zmq_iq_tx, the inbox the subband receivers
+deliver to is phy.subband_inbox, and every message on these sockets is typed in proto.air.
+
 Whether a frame survives and the SNR the BS records come from the OFDM receiver of the device's subband
 (its per-packet estimate from the equalized soft symbols, plus the bench's ``snr_offset_db``). Airtime is the
 burst's samples / the share's sample rate. The subband plan (phy.fdma) is the BS's: ``start_round`` announces
@@ -18,283 +21,90 @@ burst end the air reported, then for the last packets to come out.
 Why pyzmq messages and not gr-zeromq's stream blocks on these hops: every message carries metadata the other
 side needs (the edge's device, round, width and power; the medium index of a chunk), gr-zeromq's stream
 blocks carry none (only GNU Radio tags in an internal header), hold the tail of a message until the next one
-(pitfall 6), and a PUSH sink blocks the flowgraph while its peer is away. Here a sender never blocks on a
-missing peer, a malformed message is logged and skipped, and idle time costs nothing.
+(docs/pitfalls.md §6), and a PUSH sink blocks the flowgraph while its peer is away. Here a sender never blocks
+on a missing peer, a malformed message is logged and skipped, and idle time costs nothing.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import itertools
-import json
 import logging
-import math
-import os
-import threading
 import time
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import zmq
+from gnuradio import gr
 
-from phy import fdma, ofdm
-from phy.air import WIRE_VERSION
-from phy.channel import ChannelConfig, DeviceGeometry, TxSetting
-from phy.uplink import RxFrame, TxReport, UplinkReceiver, UplinkTransmitter, checked_frames
+from config import ChannelConfig
+from phy import fdma
+from phy.ofdm_rx import OfdmReceiver
+from phy.subband_inbox import FrameInbox, frame_collector
+from phy.uplink import RxFrame, UplinkReceiver
+from proto.air import (
+    AirMessageError,
+    AirRefusal,
+    BurstOnMedium,
+    RoundPlan,
+    SubbandSpec,
+    decode_medium,
+    decode_reply,
+)
 
 log = logging.getLogger(__name__)
 
 
-class ZmqIqTransmitter(UplinkTransmitter):
-    """Edge side: modulate a burst at the share's sample rate, hand it to the air, wait until it is on the air."""
+class MediumSource(gr.sync_block):
+    """The medium from the air (zmq PULL, [proto.air.MediumChunk, complex64]) as a sample stream.
 
-    def __init__(
-        self,
-        *,
-        air_address: str,
-        geometry: DeviceGeometry,
-        context: zmq.Context | None = None,
-        clock_speed: float = 1.0,
-        reply_slack_s: float = 30.0,
-    ) -> None:
-        self.geometry = geometry
-        self.air_address = air_address
-        self.clock_speed = clock_speed
-        self.reply_slack_s = reply_slack_s
-        ctx = context or zmq.Context.instance()
-        self._sock = ctx.socket(zmq.DEALER)
-        self._sock.setsockopt(zmq.LINGER, 0)
-        self._sock.setsockopt(zmq.SNDTIMEO, 5000)  # a missing air must not block the edge forever
-        self._sock.connect(air_address)
-        self._burst_ids = itertools.count(1)
-        self._closed = False
-        self.last_error: str | None = None
+    Tracks the medium index of what it has emitted, so the receiver knows when a burst the air reported has
+    been consumed. Idle time on the air is skipped, so gaps in the index are normal; a malformed message is
+    logged and dropped. Work waits at most 50 ms for a message, then returns, so the flowgraph can stop.
+    """
 
-    def estimate_airtime_s(self, frame_sizes: Sequence[int], setting: TxSetting) -> float:
-        return ofdm.burst_airtime_s(frame_sizes, setting.modulation, setting.bandwidth_hz)
+    def __init__(self, socket: zmq.Socket) -> None:
+        gr.sync_block.__init__(self, "zmq_iq_medium_source", None, [np.complex64])
+        self.socket = socket
+        self.index = 0  # medium index just after the last sample emitted
+        self.malformed = 0
+        self._pending: np.ndarray | None = None
+        self._pending_index = 0
+        self._running = True
 
-    def send(self, frames: Sequence[bytes], setting: TxSetting, *, round_idx: int) -> TxReport:
-        from phy.ofdm_tx import modulate  # GNU Radio where the modem runs
+    def stop(self) -> bool:
+        self._running = False
+        return True
 
-        if self._closed:
-            raise RuntimeError("ZmqIqTransmitter is closed")
-        frames = checked_frames(frames)
-        self.last_error = None
-        if not frames:
-            return TxReport(frames_sent=0, bytes_sent=0, airtime_s=0.0)
-        t0 = time.monotonic()
-        burst = modulate(frames, setting.modulation)
-        t_modulated = time.monotonic()
-        report = TxReport(
-            frames_sent=len(frames), bytes_sent=sum(len(f) for f in frames), airtime_s=len(burst) / setting.bandwidth_hz
-        )
-        burst_id = next(self._burst_ids)
-        meta = {
-            "v": WIRE_VERSION,
-            "device_id": self.geometry.device_id,
-            "round": round_idx,
-            "burst_id": burst_id,
-            "tx_power_dbm": setting.tx_power_dbm,
-            "bandwidth_hz": setting.bandwidth_hz,
-            "modulation": setting.modulation,
-        }
-        try:
-            self._sock.send_multipart([b"burst", json.dumps(meta).encode(), burst], copy=False)
-        except zmq.Again:
-            self.last_error = f"the air at {self.air_address} did not take the burst"
-            log.warning(
-                "zmq-iq device %d round %d: %s; %d frame(s) lost",
-                self.geometry.device_id,
-                round_idx,
-                self.last_error,
-                len(frames),
-            )
-            return report
-        self._wait_done(burst_id, report.airtime_s / self.clock_speed + self.reply_slack_s, round_idx)
-        log.info(
-            "zmq-iq device %d round %d burst %d: %d frames, %.2f s of airtime, modulated in %.2f s, on the air "
-            "%.2f s later",
-            self.geometry.device_id,
-            round_idx,
-            burst_id,
-            len(frames),
-            report.airtime_s,
-            t_modulated - t0,
-            time.monotonic() - t_modulated,
-        )
-        return report
-
-    def _wait_done(self, burst_id: int, timeout_s: float, round_idx: int) -> None:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            remaining_ms = int((deadline - time.monotonic()) * 1000)
-            if remaining_ms <= 0 or not self._sock.poll(remaining_ms, zmq.POLLIN):
-                self.last_error = f"no answer from the air at {self.air_address} within {timeout_s:.0f} s"
-                break
-            parts = self._sock.recv_multipart()
-            try:
-                kind, body = parts[0], json.loads(parts[1]) if len(parts) == 2 else None
-            except ValueError:
-                kind, body = b"", None
-            if not isinstance(body, dict):
-                log.warning(
-                    "zmq-iq device %d: malformed answer from the air skipped: %r",
-                    self.geometry.device_id,
-                    [p[:64] for p in parts],
-                )
-                continue
-            if kind == b"done" and body.get("burst_id") == burst_id:
-                return
-            if kind == b"error":
-                self.last_error = f"the air refused the burst: {body.get('error')}"
-                break
-            # an answer to an earlier burst that timed out: skip it
-        log.warning(
-            "zmq-iq device %d round %d: %s (its frames count as lost)",
-            self.geometry.device_id,
-            round_idx,
-            self.last_error,
-        )
-
-    def close(self) -> None:
-        if not self._closed:
-            self._closed = True
-            self._sock.close(linger=0)
-
-
-class FrameInbox:
-    """Decoded frames handed over from GNU Radio threads; a pipe makes the BS's zmq.Poller wake for them."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._frames: list[RxFrame] = []
-        self.fd, self._wake_w = os.pipe()
-        os.set_blocking(self.fd, False)
-        os.set_blocking(self._wake_w, False)
-        self.packets: dict[int, int] = {}
-        self.crc_failures = 0
-        # receivers whose subband is in the current plan; the others keep an old subband that may now be part of
-        # another device's, so what they decode is dropped (None: all)
-        self.active: set[int] | None = None
-
-    def deliver(self, device_id: int, data: bytes, meta: dict) -> None:
-        """From a receiver thread: one decoded packet (CRC failures are counted, not delivered)."""
-        if self.active is not None and device_id not in self.active:
-            return
-        self.packets[device_id] = self.packets.get(device_id, 0) + 1
-        if not meta.get("crc_ok", False):
-            self.crc_failures += 1
-            return
-        snr = meta.get("snr_db")
-        frame = RxFrame(data, float(snr) if isinstance(snr, (int, float)) and math.isfinite(snr) else None, time.time())
-        with self._lock:
-            self._frames.append(frame)
-        try:
-            os.write(self._wake_w, b"\0")
-        except OSError:  # pipe full: the poller is awake anyway
-            pass
-
-    def take(self, timeout_s: float) -> list[RxFrame]:
-        deadline = time.monotonic() + max(0.0, timeout_s)
-        while True:
-            try:
-                while os.read(self.fd, 4096):
-                    pass
-            except BlockingIOError:
-                pass
-            with self._lock:
-                out, self._frames = self._frames, []
-            remaining = deadline - time.monotonic()
-            if out or remaining <= 0:
-                return out
-            time.sleep(min(0.01, remaining))
-
-    def close(self) -> None:
-        os.close(self.fd)
-        os.close(self._wake_w)
-
-
-def _make_blocks():
-    """The BS's GNU Radio blocks, built on first use (edges never import GNU Radio's receiver side)."""
-    import pmt
-    from gnuradio import gr
-
-    from phy.ofdm_rx import pdu_to_result
-
-    class MediumSource(gr.sync_block):
-        """The medium from the air (zmq PULL, ``[header {"index"}, complex64]``) as a sample stream.
-
-        Tracks the medium index of what it has emitted, so the receiver knows when a burst the air reported has
-        been consumed. Idle time on the air is skipped, so gaps in the index are normal; a malformed message is
-        logged and dropped. Work waits at most 50 ms for a message, then returns, so the flowgraph can stop.
-        """
-
-        def __init__(self, socket: zmq.Socket) -> None:
-            gr.sync_block.__init__(self, "zmq_iq_medium_source", None, [np.complex64])
-            self.socket = socket
-            self.index = 0  # medium index just after the last sample emitted
-            self.malformed = 0
-            self._pending: np.ndarray | None = None
-            self._pending_index = 0
-            self._running = True
-
-        def stop(self) -> bool:
-            self._running = False
-            return True
-
-        def work(self, input_items, output_items):  # noqa: ANN001 (gr signature)
-            out = output_items[0]
-            while self._pending is None and self._running:
-                if not self.socket.poll(50, zmq.POLLIN):
-                    return 0
-                try:
-                    parts = self.socket.recv_multipart(zmq.NOBLOCK)
-                except zmq.Again:
-                    continue
-                self._pending_index, self._pending = self._parse(parts)
-            if self._pending is None:
+    def work(self, input_items: Sequence[np.ndarray], output_items: Sequence[np.ndarray]) -> int:
+        out = output_items[0]
+        while self._pending is None and self._running:
+            if not self.socket.poll(50, zmq.POLLIN):
                 return 0
-            n = min(len(out), len(self._pending))
-            out[:n] = self._pending[:n]
-            self._pending = self._pending[n:] if n < len(self._pending) else None
-            self._pending_index += n
-            self.index = self._pending_index
-            return n
-
-        def _parse(self, parts: list[bytes]) -> tuple[int, np.ndarray | None]:
             try:
-                if len(parts) != 2:
-                    raise ValueError(f"{len(parts)} parts, expected [header, IQ]")
-                header = json.loads(parts[0])
-                index = header.get("index") if isinstance(header, dict) else None
-                if isinstance(index, bool) or not isinstance(index, int) or index < 0:
-                    raise ValueError(f"header {header!r} has no medium index")
-                if not parts[1] or len(parts[1]) % 8:
-                    raise ValueError(f"{len(parts[1])} bytes is not a whole number of complex64 samples")
-                iq = np.frombuffer(parts[1], dtype=np.complex64)
-                if not np.isfinite(iq.view(np.float32)).all():
-                    raise ValueError("IQ holds NaN or Inf")
-                return index, iq
-            except ValueError as exc:
-                self.malformed += 1
-                log.warning("zmq-iq receiver: medium message skipped: %s", exc)
-                return 0, None
+                parts = self.socket.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                continue
+            self._pending_index, self._pending = self._parse(parts)
+        if self._pending is None:
+            return 0
+        n = min(len(out), len(self._pending))
+        out[:n] = self._pending[:n]
+        self._pending = self._pending[n:] if n < len(self._pending) else None
+        self._pending_index += n
+        self.index = self._pending_index
+        return n
 
-    class FrameCollector(gr.basic_block):
-        """Message sink for one receiver's PDUs (one per port, pitfall 8); wakes the BS's poller through a pipe."""
-
-        def __init__(self, device_id: int, sink: FrameInbox) -> None:
-            gr.basic_block.__init__(self, f"zmq_iq_collector_{device_id}", None, None)
-            self.device_id = device_id
-            self.sink = sink
-            self.message_port_register_in(pmt.intern("in"))
-            self.set_msg_handler(pmt.intern("in"), self._handle)
-
-        def _handle(self, msg: pmt.pmt_t) -> None:
-            data, meta = pdu_to_result(msg)
-            self.sink.deliver(self.device_id, data, meta)
-
-    return MediumSource, FrameCollector
+    def _parse(self, parts: list[bytes]) -> tuple[int, np.ndarray | None]:
+        try:
+            header, raw = decode_medium(parts)
+            iq = np.frombuffer(raw, dtype=np.complex64)
+            if not np.isfinite(iq.view(np.float32)).all():
+                raise AirMessageError("medium", "IQ holds NaN or Inf")
+            return header.index, iq
+        except AirMessageError as exc:
+            self.malformed += 1
+            log.warning("zmq-iq receiver: medium message skipped: %s", exc)
+            return 0, None
 
 
 class ZmqIqReceiver(UplinkReceiver):
@@ -319,24 +129,19 @@ class ZmqIqReceiver(UplinkReceiver):
     ) -> None:
         """distances_m, channel, seed, max_cfo_hz, clock_speed, hangover_s: what the air applies (announced
         with every plan: the air has no configuration of its own beyond its addresses)."""
-        from gnuradio import gr
-
-        from phy.ofdm_rx import OfdmReceiver
-
-        MediumSource, FrameCollector = _make_blocks()
         if device_count < 1:
             raise ValueError(f"device_count must be >= 1, got {device_count}")
         self.total_bandwidth_hz = float(total_bandwidth_hz)
         self.device_count = device_count
-        self.physics = {
+        self.physics: dict[str, Any] = {  # the fields of every RoundPlan besides round and subbands
             "total_bandwidth_hz": self.total_bandwidth_hz,
             "seed": seed,
-            "channel": dataclasses.asdict(channel or ChannelConfig()),
+            "channel": _channel_fields(channel or ChannelConfig()),
             "distances_m": [float(d) for d in distances_m],
-            "max_cfo_hz": max_cfo_hz,
-            "clock_speed": clock_speed,
-            "hangover_s": hangover_s,
-            "attenuation_db": attenuation_db,
+            "max_cfo_hz": float(max_cfo_hz),
+            "clock_speed": float(clock_speed),
+            "hangover_s": float(hangover_s),
+            "attenuation_db": float(attenuation_db),
         }
         self.address = air_address  # what the BS advertises as its data address: the edges send to the air
         ctx = context or zmq.Context.instance()
@@ -354,13 +159,13 @@ class ZmqIqReceiver(UplinkReceiver):
         self.plan = fdma.equal_subbands(self.total_bandwidth_hz, device_count)
         self.tb = gr.top_block("zmq_iq_bs")
         self.source = MediumSource(self._medium)
-        self.channelizers = []
-        self.receivers = []
-        self.collectors = []
+        self.channelizers: list[Any] = []
+        self.receivers: list[OfdmReceiver] = []
+        self.collectors: list[Any] = []
         for k in range(device_count):
             channelizer = fdma.SubbandChannelizer(self.plan[k], self.total_bandwidth_hz, attenuation_db=attenuation_db)
             receiver = OfdmReceiver(snr_offset_db)
-            collector = FrameCollector(k, self.inbox)
+            collector = frame_collector(k, self.inbox)
             self.tb.connect(self.source, channelizer, receiver)
             self.tb.msg_connect(receiver, "out", collector, "in")
             self.channelizers.append(channelizer)
@@ -388,16 +193,19 @@ class ZmqIqReceiver(UplinkReceiver):
                 self.channelizers[k].retune(subband)
         self.inbox.active = set(plan)
         self.plan = plan
-        msg = {"round": round_idx, **self.physics, "subbands": [s.to_dict() for s in plan.values()]}
+        subbands = [
+            SubbandSpec(device_id=k, center_hz=s.center_hz, bandwidth_hz=s.bandwidth_hz) for k, s in plan.items()
+        ]
+        msg = RoundPlan(round=round_idx, subbands=subbands, **self.physics)
         try:
-            self._air.send_multipart([b"plan", json.dumps(msg).encode()], zmq.NOBLOCK)
+            self._air.send_multipart([msg.encode()], zmq.NOBLOCK)
         except zmq.Again:
             log.warning("zmq-iq receiver: the air at %s did not take the round %d plan", self.address, round_idx)
         self._read_air()
 
     # ----------------------------------------------------------------------------------------- frames
     @property
-    def poll_socket(self) -> int:  # type: ignore[override]  # zmq.Poller takes a file descriptor as well
+    def poll_socket(self) -> int:
         return self.inbox.fd
 
     def recv(self, timeout_s: float) -> list[RxFrame]:
@@ -441,19 +249,16 @@ class ZmqIqReceiver(UplinkReceiver):
             except zmq.Again:
                 return
             try:
-                body = json.loads(parts[1]) if len(parts) == 2 else None
-            except ValueError:
-                body = None
-            if not isinstance(body, dict):
-                log.warning("zmq-iq receiver: malformed message from the air skipped: %r", [p[:64] for p in parts])
-            elif parts[0] == b"burst_done":
-                end, device_id = body.get("medium_end"), body.get("device_id")
-                if isinstance(end, int) and isinstance(device_id, int):
-                    self.burst_ends[device_id] = max(end, self.burst_ends.get(device_id, 0))
-            elif parts[0] == b"error":
-                log.warning("zmq-iq receiver: the air refused a message: %s", body.get("error"))
+                reply = decode_reply(parts)
+            except AirMessageError as exc:
+                log.warning("zmq-iq receiver: malformed message from the air skipped: %s", exc)
+                continue
+            if isinstance(reply, BurstOnMedium):
+                self.burst_ends[reply.device_id] = max(reply.medium_end, self.burst_ends.get(reply.device_id, 0))
+            elif isinstance(reply, AirRefusal):
+                log.warning("zmq-iq receiver: the air refused a message: %s", reply.error)
 
-    def stats(self) -> dict:
+    def stats(self) -> dict[str, Any]:
         return {
             "packets": dict(self.inbox.packets),
             "crc_failures": self.inbox.crc_failures,
@@ -470,3 +275,8 @@ class ZmqIqReceiver(UplinkReceiver):
             self._air.close(linger=0)
             self._medium.close(linger=0)
             self.inbox.close()
+
+
+def _channel_fields(channel: ChannelConfig) -> dict[str, float | str]:
+    """The channel model's fields as RoundPlan carries them (numbers as floats: the plan's JSON is strict)."""
+    return {k: v if isinstance(v, str) else float(v) for k, v in channel.model_dump().items()}

@@ -1,13 +1,14 @@
-"""OFDM parameters, packet format and symbol mapping shared by phy.ofdm_tx and phy.ofdm_rx.
+"""OFDM packet format and symbol mapping shared by phy.ofdm_tx and phy.ofdm_rx.
 
-Everything here is plain numpy (GNU Radio is imported lazily, only for the
-constellation objects and the receiver's header formatter), so the packet
-format can be unit-tested without a flowgraph and both ends agree.
+Everything here is plain numpy (GNU Radio is imported lazily, only for the receiver's header formatter), so the
+packet format can be unit-tested without a flowgraph and both ends agree. The sizes (FFT, cyclic prefix,
+carriers, overhead symbols, padding, packet limit, PHY CRC) and a packet's sample count and airtime are
+proto.numerology's; the payload constellations and hard decisions are phy.constellations'. The sizes and
+look-ups the flowgraph modules use are re-exported here, because they address the waveform through ``phy.ofdm``.
 
-Waveform (gr-digital defaults, so spectra and airtime match the stock blocks
-and phy.channel.ofdm_airtime_s): 64-point FFT, cyclic prefix 16, 48 data +
-4 pilot carriers (802.11a layout, DC unused), two Schmidl & Cox sync symbols,
-then one BPSK header symbol, then the payload symbols.
+Waveform (gr-digital defaults, so spectra and airtime match the stock blocks): 64-point FFT, cyclic prefix 16,
+48 data + 4 pilot carriers (802.11a layout, DC unused), two Schmidl & Cox sync symbols, then one BPSK header
+symbol, then the payload symbols.
 
 Header: gr-digital's packet header, with the modulation signalled in it
 ----------------------------------------------------------------------
@@ -32,8 +33,8 @@ The price: CRC-8 instead of a 16-bit check (1 in 256 corrupted headers
 passes; the payload CRC-32 still rejects the packet) and a 4091-byte cap
 (L <= 4095 for BPSK), above proto.framing's 4020-byte frames.
 
-8PSK length rule (pitfall 4)
-----------------------------
+8PSK length rule (docs/pitfalls.md §4)
+--------------------------------------
 The stock chain repacks bytes into 3-bit symbols and back, so a packet whose
 (len + 4) * 8 bits is not a multiple of 3 loses its tail (~2/3 of 8PSK packets
 fail CRC). Here the mapper pads the *bit* stream with zero bits up to a whole
@@ -43,14 +44,6 @@ stripped from the frame. ``pad_for_stock_8psk`` implements the stock rule
 (trailing zero bytes; safe for our data-plane Frame because Frame.payload_len
 tells where the real data ends, see ``strip_stock_8psk_padding``) and is used
 only when driving the stock ``digital.ofdm_tx``/``ofdm_rx`` (benchmarks).
-
-Constellations (pitfall 3)
---------------------------
-Gray-coded and normalised to unit average power (``constellation_qpsk()`` has
-power 4 in 3.10.5, which would put the payload 6 dB above the header).
-Pilots, sync words and the BPSK header also have unit power per carrier, so
-every full OFDM symbol carries the same power and the transmitter scales the
-burst to unit mean sample power.
 """
 
 from __future__ import annotations
@@ -58,170 +51,29 @@ from __future__ import annotations
 import math
 import struct
 import zlib
-from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import cache
 from typing import Any
 
 import numpy as np
 
-# --------------------------------------------------------------------------- waveform
-FFT_LEN = 64
-CP_LEN = 16
-SYMBOL_SAMPLES = FFT_LEN + CP_LEN  # 80
-# Carrier indices relative to DC (negative = below DC); same as gr-digital's ofdm_txrx defaults.
-OCCUPIED_CARRIERS: tuple[int, ...] = (
-    tuple(range(-26, -21))
-    + tuple(range(-20, -7))
-    + tuple(range(-6, 0))
-    + tuple(range(1, 7))
-    + tuple(range(8, 21))
-    + tuple(range(22, 27))
-)
-PILOT_CARRIERS: tuple[int, ...] = (-21, -7, 7, 21)
-N_DATA_CARRIERS = len(OCCUPIED_CARRIERS)  # 48
-N_ACTIVE_CARRIERS = N_DATA_CARRIERS + len(PILOT_CARRIERS)  # 52
-_PILOT_SCRAMBLE = (
-    1,
-    1,
-    1,
-    1,
-    -1,
-    -1,
-    -1,
-    1,
-    -1,
-    -1,
-    -1,
-    -1,
-    1,
-    1,
-    -1,
-    1,
-    -1,
-    -1,
-    1,
-    1,
-    -1,
-    1,
-    1,
-    -1,
-    1,
-    1,
-    1,
-    1,
-    1,
-    1,
-    -1,
-    1,
-    1,
-    1,
-    -1,
-    1,
-    1,
-    -1,
-    -1,
-    1,
-    1,
-    1,
-    -1,
-    1,
-    -1,
-    -1,
-    -1,
-    1,
-    -1,
-    1,
-    -1,
-    -1,
-    1,
-    -1,
-    -1,
-    1,
-    1,
-    1,
-    1,
-    1,
-    -1,
-    -1,
-    1,
-    1,
-    -1,
-    -1,
-    1,
-    -1,
-    1,
-    -1,
-    1,
-    1,
-    -1,
-    -1,
-    -1,
-    1,
-    1,
-    -1,
-    -1,
-    -1,
-    -1,
-    1,
-    -1,
-    -1,
-    1,
-    -1,
-    1,
-    1,
-    1,
-    1,
-    -1,
-    1,
-    -1,
-    1,
-    -1,
-    1,
-    -1,
-    -1,
-    -1,
-    -1,
-    -1,
-    1,
-    -1,
-    1,
-    1,
-    -1,
-    1,
-    -1,
-    1,
-    1,
-    1,
-    -1,
-    -1,
-    1,
-    -1,
-    -1,
-    -1,
-    1,
-    1,
-    1,
-    -1,
-    -1,
-    -1,
-    -1,
-    -1,
-    -1,
-    -1,
-)
-# One pilot set per OFDM symbol (header = symbol 0), cycling with period 127 (802.11a polarity sequence).
-PILOT_SYMBOLS: tuple[tuple[float, float, float, float], ...] = tuple((x, x, x, -x) for x in _PILOT_SCRAMBLE)
-N_SYNC_SYMBOLS = 2
-N_HEADER_SYMBOLS = 1
-OVERHEAD_SYMBOLS = N_SYNC_SYMBOLS + N_HEADER_SYMBOLS  # = phy.channel.ofdm_airtime_s's default
-PHY_CRC_BYTES = 4
-HEADER_BITS = N_DATA_CARRIERS  # one BPSK symbol
-MAX_PACKET_BYTES = 4091  # 12-bit header length field (BPSK); >= proto.framing.MAX_FRAME_BYTES (4020)
-# Largest packet in OFDM symbols (BPSK) and samples, for set_min_output_buffer (pitfall 2).
-MAX_PAYLOAD_OFDM_SYMBOLS = math.ceil((MAX_PACKET_BYTES + PHY_CRC_BYTES) * 8 / N_DATA_CARRIERS)
-MAX_FRAME_OFDM_SYMBOLS = MAX_PAYLOAD_OFDM_SYMBOLS + OVERHEAD_SYMBOLS
-MAX_FRAME_SAMPLES = MAX_FRAME_OFDM_SYMBOLS * SYMBOL_SAMPLES
+from phy.constellations import CONSTELLATIONS
+from phy.constellations import decide as decide
+from phy.constellations import get_modulation as get_modulation
+from proto.numerology import CP_LEN as CP_LEN
+from proto.numerology import FFT_LEN as FFT_LEN
+from proto.numerology import HEADER_BITS as HEADER_BITS
+from proto.numerology import MAX_FRAME_OFDM_SYMBOLS as MAX_FRAME_OFDM_SYMBOLS
+from proto.numerology import MAX_FRAME_SAMPLES as MAX_FRAME_SAMPLES
+from proto.numerology import MAX_PACKET_BYTES as MAX_PACKET_BYTES
+from proto.numerology import MODEM_BITS_PER_SYMBOL, PHY_CRC_BYTES
+from proto.numerology import N_ACTIVE_CARRIERS as N_ACTIVE_CARRIERS
+from proto.numerology import N_DATA_CARRIERS as N_DATA_CARRIERS
+from proto.numerology import N_HEADER_SYMBOLS as N_HEADER_SYMBOLS
+from proto.numerology import N_SYNC_SYMBOLS as N_SYNC_SYMBOLS
+from proto.numerology import OCCUPIED_CARRIERS as OCCUPIED_CARRIERS
+from proto.numerology import PILOT_CARRIERS as PILOT_CARRIERS
+from proto.numerology import SYMBOL_SAMPLES as SYMBOL_SAMPLES
+from proto.numerology import payload_symbols as payload_symbols
 
 # Tag / metadata keys used inside the flowgraphs.
 PACKET_LEN_KEY = "packet_len"  # TX tagged streams (symbols, then samples)
@@ -230,19 +82,39 @@ PACKET_NUM_KEY = "packet_num"  # header's packet-number field (see PacketHeader.
 META_PACKET_NUM = "ofdm_packet_num"  # PDU metadata: our 8-bit packet number
 META_MODULATION = "modulation"
 
-# Default zero padding before/after every packet (pitfall 5, gnuradio issue 6891; see phy.gr_loopback).
-# 240 samples per packet in all (3.3 % of a 1000-byte QPSK packet; ofdm_airtime_s(pad_samples=240)).
-# After the last packet of a burst the receiver needs 80 + 8 samples (data delay) + up to 127 (the plateau
-# detector's look-ahead) before it can release the payload, hence the post padding of 224.
-DEFAULT_PRE_PAD = 16
-DEFAULT_POST_PAD = 224
+BPS_TO_MODULATION: dict[int, str] = {bps: name for name, bps in MODEM_BITS_PER_SYMBOL.items()}
 
 
+# --------------------------------------------------------------------------- scrambler
+def _lfsr_bytes(n_bytes: int, seed: int) -> np.ndarray:
+    """802.11 additive scrambler x^7 + x^4 + 1 as a byte sequence (MSB first)."""
+    state = seed & 0x7F
+    bits = np.empty(n_bytes * 8, dtype=np.uint8)
+    for i in range(bits.size):
+        fb = ((state >> 6) ^ (state >> 3)) & 1
+        bits[i] = fb
+        state = ((state << 1) | fb) & 0x7F
+    return np.packbits(bits)
+
+
+_SCRAMBLE = _lfsr_bytes(MAX_PACKET_BYTES + PHY_CRC_BYTES, 0x7F)
+
+
+def scramble(data: np.ndarray) -> np.ndarray:
+    """Whiten payload+CRC bytes (self-inverse). Avoids PAPR spikes for repetitive frames (e.g. zeros)."""
+    return np.bitwise_xor(data, _SCRAMBLE[: data.size])
+
+
+# --------------------------------------------------------------------------- carriers, pilots, sync words
 def fft_bin(carrier: int) -> int:
     """Index of a DC-relative carrier in an fft-shifted vector (DC at FFT_LEN // 2)."""
     return carrier + FFT_LEN // 2
 
 
+# 802.11a pilot polarity: the scrambler's first 127 bits from the all-ones state, 0 -> +1 and 1 -> -1. One pilot
+# set per OFDM symbol (header = symbol 0), cycling with period 127; equal to gr-digital's _def_pilot_symbols.
+_PILOT_POLARITY = tuple(1 - 2 * int(b) for b in np.unpackbits(_lfsr_bytes(16, 0x7F))[:127])
+PILOT_SYMBOLS: tuple[tuple[int, int, int, int], ...] = tuple((x, x, x, -x) for x in _PILOT_POLARITY)
 DATA_BINS = np.array([fft_bin(c) for c in OCCUPIED_CARRIERS], dtype=np.intp)
 # Fixed per-data-carrier rotation by j**r (r pseudo-random) applied to payload symbols. With real BPSK symbols
 # on every carrier an OFDM symbol is conjugate-symmetric in time, which makes Schmidl & Cox plateaus inside
@@ -273,93 +145,6 @@ def _sync_words() -> tuple[np.ndarray, np.ndarray]:
 
 
 SYNC_WORD1, SYNC_WORD2 = _sync_words()
-
-
-# --------------------------------------------------------------------------- constellations
-def _gray(n: int) -> int:
-    return n ^ (n >> 1)
-
-
-def _psk_points(m: int) -> np.ndarray:
-    """points[label] for Gray-coded M-PSK: neighbours on the circle differ in one bit."""
-    pts = np.empty(m, dtype=np.complex128)
-    for k in range(m):  # k = position on the circle
-        pts[_gray(k)] = np.exp(2j * np.pi * k / m)
-    return pts
-
-
-def _qam16_points() -> np.ndarray:
-    level = {0b00: -3.0, 0b01: -1.0, 0b11: 1.0, 0b10: 3.0}  # Gray per axis
-    pts = np.array([level[lab >> 2] + 1j * level[lab & 3] for lab in range(16)])
-    return pts / math.sqrt(10.0)
-
-
-@dataclass(frozen=True)
-class Modulation:
-    """One payload constellation: points indexed by their Gray bit label, unit mean power."""
-
-    name: str
-    bits_per_symbol: int
-    points: np.ndarray  # complex64, len 2**bits_per_symbol
-
-    def gr_constellation(self) -> Any:
-        """The same points as a gr-digital constellation object (power-normalised, unit power)."""
-        return _gr_constellation(self.name)
-
-
-def _make_modulations() -> dict[str, Modulation]:
-    table = {
-        "bpsk": np.array([1.0, -1.0], dtype=np.complex128),  # bit 0 -> +1
-        "qpsk": np.array([1 + 1j, 1 - 1j, -1 + 1j, -1 - 1j]) / math.sqrt(2.0),  # MSB -> I sign, LSB -> Q sign
-        "8psk": _psk_points(8) * np.exp(1j * np.pi / 8),  # no point on the axes, like gr's 8PSK
-        "16qam": _qam16_points(),
-    }
-    out = {}
-    for name, pts in table.items():
-        pts = pts / math.sqrt(np.mean(np.abs(pts) ** 2))
-        out[name] = Modulation(name, int(round(math.log2(len(pts)))), pts.astype(np.complex64))
-    return out
-
-
-MODULATIONS: dict[str, Modulation] = _make_modulations()
-BPS_TO_MODULATION: dict[int, str] = {m.bits_per_symbol: n for n, m in MODULATIONS.items()}
-
-
-def get_modulation(name: str) -> Modulation:
-    try:
-        return MODULATIONS[name]
-    except (KeyError, TypeError):
-        raise ValueError(f"unknown modulation {name!r}; expected one of {sorted(MODULATIONS)}") from None
-
-
-@cache
-def _gr_constellation(name: str) -> Any:
-    from gnuradio import digital
-
-    mod = get_modulation(name)
-    pts = [complex(p) for p in mod.points]
-    const = digital.constellation_calcdist(pts, list(range(len(pts))), 1, 1, digital.constellation.POWER_NORMALIZATION)
-    return const
-
-
-# --------------------------------------------------------------------------- scrambler
-def _lfsr_bytes(n_bytes: int, seed: int) -> np.ndarray:
-    """802.11 additive scrambler x^7 + x^4 + 1 as a byte sequence (MSB first)."""
-    state = seed & 0x7F
-    bits = np.empty(n_bytes * 8, dtype=np.uint8)
-    for i in range(bits.size):
-        fb = ((state >> 6) ^ (state >> 3)) & 1
-        bits[i] = fb
-        state = ((state << 1) | fb) & 0x7F
-    return np.packbits(bits)
-
-
-_SCRAMBLE = _lfsr_bytes(MAX_PACKET_BYTES + PHY_CRC_BYTES, 0x7F)
-
-
-def scramble(data: np.ndarray) -> np.ndarray:
-    """Whiten payload+CRC bytes (self-inverse). Avoids PAPR spikes for repetitive frames (e.g. zeros)."""
-    return np.bitwise_xor(data, _SCRAMBLE[: data.size])
 
 
 # --------------------------------------------------------------------------- header
@@ -453,24 +238,6 @@ def header_formatter() -> Any:
     )
 
 
-def payload_symbols(payload_len: int, bits_per_symbol: int) -> int:
-    return math.ceil((payload_len + PHY_CRC_BYTES) * 8 / bits_per_symbol)
-
-
-def packet_samples(
-    payload_len: int, modulation: str, pre_pad: int = DEFAULT_PRE_PAD, post_pad: int = DEFAULT_POST_PAD
-) -> int:
-    """Exact number of samples our transmitter emits for one packet (= ofdm_airtime_s * fs)."""
-    bps = get_modulation(modulation).bits_per_symbol
-    n_ofdm = math.ceil(payload_symbols(payload_len, bps) / N_DATA_CARRIERS) + OVERHEAD_SYMBOLS
-    return n_ofdm * SYMBOL_SAMPLES + pre_pad + post_pad
-
-
-def burst_airtime_s(frame_sizes: Sequence[int], modulation: str, sample_rate_hz: float) -> float:
-    """Seconds our transmitter needs for these packets at this sample rate (padding included)."""
-    return sum(packet_samples(n, modulation) for n in frame_sizes) / sample_rate_hz
-
-
 # --------------------------------------------------------------------------- mapping
 def check_packet(data: bytes | bytearray | memoryview, max_packet_bytes: int = MAX_PACKET_BYTES) -> bytes:
     """Validate one packet's bytes; raises ValueError with the reason (never drop silently)."""
@@ -499,7 +266,7 @@ def map_packet(data: bytes, modulation: str, packet_num: int = 0) -> np.ndarray:
     body = np.frombuffer(data + struct.pack(">I", zlib.crc32(data)), dtype=np.uint8)
     bits = np.unpackbits(scramble(body))
     labels = _bits_to_labels(bits, mod.bits_per_symbol)
-    hdr = MODULATIONS["bpsk"].points[header_bits(header)]
+    hdr = CONSTELLATIONS["bpsk"].points[header_bits(header)]
     payload = mod.points[labels] * CARRIER_ROTATION[np.arange(labels.size) % N_DATA_CARRIERS]
     return np.concatenate([hdr, payload]).astype(np.complex64)
 
@@ -516,32 +283,6 @@ def _labels_to_bits(labels: np.ndarray, bps: int) -> np.ndarray:
     return np.unpackbits(labels.astype(np.uint8)[:, None], axis=1)[:, 8 - bps :].ravel()
 
 
-# Decision look-up tables (sign/magnitude slicing is ~10x faster than angles or distances in numpy).
-# 8PSK: sector k (angle in [k*pi/4, (k+1)*pi/4)) from (imag < 0, real < 0, |real| < |imag|), then Gray label.
-_8PSK_SECTOR = np.array([0, 1, 3, 2, 7, 6, 4, 5], dtype=np.intp)
-_8PSK_LUT = _8PSK_SECTOR ^ (_8PSK_SECTOR >> 1)
-_QAM16_AXIS_LUT = np.array([0b00, 0b01, 0b11, 0b10], dtype=np.intp)  # level index (-3,-1,1,3) -> Gray bits
-_QAM16_T = 2.0 / math.sqrt(10.0)
-
-
-def decide(symbols: np.ndarray, modulation: str) -> np.ndarray:
-    """Nearest-point hard decisions: Gray labels of the points closest to the (unit-power) symbols."""
-    re, im = symbols.real, symbols.imag
-    if modulation == "bpsk":
-        return (re < 0).astype(np.intp)
-    if modulation == "qpsk":
-        return ((re < 0).astype(np.intp) << 1) | (im < 0)
-    if modulation == "8psk":
-        idx = ((im < 0).astype(np.intp) << 2) | ((re < 0).astype(np.intp) << 1) | (np.abs(re) < np.abs(im))
-        return _8PSK_LUT[idx]
-    if modulation == "16qam":
-        i_re = (re > -_QAM16_T).astype(np.intp) + (re > 0) + (re > _QAM16_T)
-        i_im = (im > -_QAM16_T).astype(np.intp) + (im > 0) + (im > _QAM16_T)
-        return (_QAM16_AXIS_LUT[i_re] << 2) | _QAM16_AXIS_LUT[i_im]
-    mod = get_modulation(modulation)
-    return np.argmin(np.abs(symbols[..., None] - mod.points[None, :]), axis=-1)
-
-
 def demap_packet(labels: np.ndarray, header: PacketHeader) -> tuple[bytes, bool]:
     """Payload labels -> (payload bytes, CRC ok). Inverse of map_packet's payload part."""
     bits = _labels_to_bits(np.asarray(labels, dtype=np.intp)[: header.payload_symbols], header.bits_per_symbol)
@@ -553,7 +294,7 @@ def demap_packet(labels: np.ndarray, header: PacketHeader) -> tuple[bytes, bool]
 
 # --------------------------------------------------------------------------- stock-chain helpers
 def pad_for_stock_8psk(frame: bytes) -> bytes:
-    """Trailing zero bytes so (len + 4) % 3 == 0: the stock 8PSK chain's rule (pitfall 4).
+    """Trailing zero bytes so (len + 4) % 3 == 0: the stock 8PSK chain's rule (docs/pitfalls.md §4).
 
     Only needed for digital.ofdm_tx/ofdm_rx; our own PHY carries the exact length.
     """

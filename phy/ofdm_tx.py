@@ -13,17 +13,17 @@ chunks_to_symbols front end because (a) the constellation changes per packet
 and (b) PMT vector conversion in Python costs ~0.4 us per element, so
 symbol PDUs would be slower than the whole C++ chain; bytes in, numpy out.
 
-Pitfalls handled here (see /work/shared/notes/platform-facts.md):
-  1. length tags never leave the block: ``blocks.tag_gate`` at the output
+Pitfalls handled here (docs/pitfalls.md §1, §2, §5, §7):
+  §1 length tags never leave the block: ``blocks.tag_gate`` at the output
      (``propagate_tags=True`` only for sinks that want burst tags);
-  2. every tagged-stream port gets ``set_min_output_buffer(port, n)`` sized for
+  §2 every tagged-stream port gets ``set_min_output_buffer(port, n)`` sized for
      MAX_PACKET_BYTES in BPSK, the longest packet;
-  5. each packet is padded with zeros (pre_pad before, post_pad after): the
+  §5 each packet is padded with zeros (pre_pad before, post_pad after): the
      Schmidl & Cox detector sees a rising edge, the receiver is flushed past the
      last packet of a burst, and ``header_payload_demux`` never swallows the
      next trigger with the current payload (the mechanism behind gnuradio
      issue 6891, see phy.gr_loopback);
-  7. ``send`` queues packets in Python, not as thousands of PMTs in a block's
+  §7 ``send`` queues packets in Python, not as thousands of PMTs in a block's
      message queue; PacketSource only emits what the output buffer can take.
 """
 
@@ -41,10 +41,11 @@ import pmt
 from gnuradio import blocks, digital, fft, gr
 
 from phy import ofdm
+from proto import numerology
 
 log = logging.getLogger(__name__)
 
-_TX_SCALE = 1.0 / math.sqrt(ofdm.N_ACTIVE_CARRIERS)  # un-normalised IFFT of 52 unit carriers -> unit power
+_TX_SCALE = 1.0 / math.sqrt(numerology.N_ACTIVE_CARRIERS)  # un-normalised IFFT of 52 unit carriers -> unit power
 
 
 class PacketSource(gr.basic_block):
@@ -61,7 +62,7 @@ class PacketSource(gr.basic_block):
     wake-up message (PMT_NIL) on ``in`` after queuing from another thread.
     """
 
-    def __init__(self, default_modulation: str = "qpsk", max_packet_bytes: int = ofdm.MAX_PACKET_BYTES) -> None:
+    def __init__(self, default_modulation: str = "qpsk", max_packet_bytes: int = numerology.MAX_PACKET_BYTES) -> None:
         gr.basic_block.__init__(self, name="ofdm_packet_source", in_sig=None, out_sig=[np.complex64])
         ofdm.get_modulation(default_modulation)
         self.default_modulation = default_modulation
@@ -77,7 +78,7 @@ class PacketSource(gr.basic_block):
         self.rejected = 0
         self.message_port_register_in(self._port)
         self.set_msg_handler(self._port, self._handle_msg)
-        max_symbols = ofdm.HEADER_BITS + ofdm.payload_symbols(max_packet_bytes, 1)
+        max_symbols = numerology.HEADER_BITS + numerology.payload_symbols(max_packet_bytes, 1)
         self.set_min_output_buffer(0, 2 * max_symbols)
 
     # ----------------------------------------------------------------- input side
@@ -143,8 +144,8 @@ class BurstPadder(gr.basic_block):
     Replaces ``digital.burst_shaper_cc``, which only writes a packet's post
     padding when the *next* packet's samples arrive: the last packet of a
     burst would leave without its trailing zeros and stay stuck in the
-    receiver (pitfall 5). Here the trailing zeros go out in the same call as
-    the packet's last sample. The output ``packet_len`` tag covers the padding.
+    receiver (docs/pitfalls.md §5). Here the trailing zeros go out in the
+    same call as the packet's last sample. The output ``packet_len`` tag covers the padding.
     """
 
     def __init__(self, pre_pad: int, post_pad: int, len_tag_key: str = ofdm.PACKET_LEN_KEY) -> None:
@@ -217,25 +218,25 @@ class OfdmTransmitter(gr.hier_block2):
 
     Every packet becomes pre_pad zeros, 2 sync symbols, 1 BPSK header symbol,
     the payload symbols in the packet's modulation, post_pad zeros; exactly
-    phy.ofdm.packet_samples(len, modulation, pre_pad, post_pad) samples.
+    proto.numerology.packet_samples(len, modulation, pre_pad_samples=pre_pad, post_pad_samples=post_pad) samples.
     """
 
     def __init__(
         self,
         default_modulation: str = "qpsk",
         *,
-        pre_pad: int = ofdm.DEFAULT_PRE_PAD,
-        post_pad: int = ofdm.DEFAULT_POST_PAD,
+        pre_pad: int = numerology.DEFAULT_PRE_PAD_SAMPLES,
+        post_pad: int = numerology.DEFAULT_POST_PAD_SAMPLES,
         propagate_tags: bool = False,
-        max_packet_bytes: int = ofdm.MAX_PACKET_BYTES,
+        max_packet_bytes: int = numerology.MAX_PACKET_BYTES,
     ) -> None:
         gr.hier_block2.__init__(
             self, "ofdm_transmitter", gr.io_signature(0, 0, 0), gr.io_signature(1, 1, gr.sizeof_gr_complex)
         )
         if pre_pad < 0 or post_pad < 0:
             raise ValueError("pre_pad and post_pad must be >= 0 samples")
-        if not 0 < max_packet_bytes <= ofdm.MAX_PACKET_BYTES:
-            raise ValueError(f"max_packet_bytes must be in 1..{ofdm.MAX_PACKET_BYTES}")
+        if not 0 < max_packet_bytes <= numerology.MAX_PACKET_BYTES:
+            raise ValueError(f"max_packet_bytes must be in 1..{numerology.MAX_PACKET_BYTES}")
         self.default_modulation = default_modulation
         self.pre_pad, self.post_pad = pre_pad, post_pad
         self.max_packet_bytes = max_packet_bytes
@@ -243,23 +244,25 @@ class OfdmTransmitter(gr.hier_block2):
 
         self.source = PacketSource(default_modulation, max_packet_bytes)
         allocator = digital.ofdm_carrier_allocator_cvc(
-            ofdm.FFT_LEN,
-            [list(ofdm.OCCUPIED_CARRIERS)],
-            [list(ofdm.PILOT_CARRIERS)],
+            numerology.FFT_LEN,
+            [list(numerology.OCCUPIED_CARRIERS)],
+            [list(numerology.PILOT_CARRIERS)],
             [list(p) for p in ofdm.PILOT_SYMBOLS],
             [ofdm.SYNC_WORD1.tolist(), ofdm.SYNC_WORD2.tolist()],
             ofdm.PACKET_LEN_KEY,
         )
-        ifft = fft.fft_vcc(ofdm.FFT_LEN, False, (), True)
-        cyclic_prefixer = digital.ofdm_cyclic_prefixer(ofdm.FFT_LEN, ofdm.SYMBOL_SAMPLES, 0, ofdm.PACKET_LEN_KEY)
+        ifft = fft.fft_vcc(numerology.FFT_LEN, False, (), True)
+        cyclic_prefixer = digital.ofdm_cyclic_prefixer(
+            numerology.FFT_LEN, numerology.SYMBOL_SAMPLES, 0, ofdm.PACKET_LEN_KEY
+        )
         # Python blocks must stay referenced from Python, or the gateway calls into a freed object.
         self.padder = padder = BurstPadder(pre_pad, post_pad)
         scale = blocks.multiply_const_cc(_TX_SCALE)
         gate = blocks.tag_gate(gr.sizeof_gr_complex, propagate_tags)
 
-        # Pitfall 2: whole packets must fit in every tagged-stream buffer; set each port explicitly.
-        max_vectors = 2 * ofdm.MAX_FRAME_OFDM_SYMBOLS
-        max_samples = 2 * (ofdm.MAX_FRAME_SAMPLES + pre_pad + post_pad)
+        # docs/pitfalls.md §2: whole packets must fit in every tagged-stream buffer; set each port explicitly.
+        max_vectors = 2 * numerology.MAX_FRAME_OFDM_SYMBOLS
+        max_samples = 2 * (numerology.MAX_FRAME_SAMPLES + pre_pad + post_pad)
         allocator.set_min_output_buffer(0, max_vectors)
         ifft.set_min_output_buffer(0, max_vectors)
         for block in (cyclic_prefixer, padder, scale, gate):
@@ -296,7 +299,9 @@ class OfdmTransmitter(gr.hier_block2):
     def burst_samples(self, frame_sizes: Sequence[int], modulation: str | None = None) -> int:
         """Samples the transmitter will emit for packets of these sizes."""
         modulation = modulation or self.default_modulation
-        return sum(ofdm.packet_samples(n, modulation, self.pre_pad, self.post_pad) for n in frame_sizes)
+        return numerology.burst_samples(
+            frame_sizes, modulation, pre_pad_samples=self.pre_pad, post_pad_samples=self.post_pad
+        )
 
     def samples_out(self) -> int:
         """Samples emitted so far (for pacing the sender against the receiver)."""
@@ -322,8 +327,8 @@ def modulate(
     frames: Sequence[bytes],
     modulation: str = "qpsk",
     *,
-    pre_pad: int = ofdm.DEFAULT_PRE_PAD,
-    post_pad: int = ofdm.DEFAULT_POST_PAD,
+    pre_pad: int = numerology.DEFAULT_PRE_PAD_SAMPLES,
+    post_pad: int = numerology.DEFAULT_POST_PAD_SAMPLES,
     timeout_s: float = 30.0,
 ) -> np.ndarray:
     """Run a throwaway flowgraph: frames -> one complex64 burst (e.g. for file/zmq/SDR replay)."""

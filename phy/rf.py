@@ -14,10 +14,11 @@ Access (bench ``rf.access``):
   slot k of an equal grid over the band (``rf_subbands``), width = its planned bandwidth_hz, at most the slot
   (B / K). A radio cannot be told another centre mid-run without a control message the plan does not carry,
   so the centres are fixed per device and only the widths follow the controller.
-* ``tdma`` (HackRF One: half duplex, 8-bit, 2-20 Msps): every device uses the whole band, in turn: device k
-  transmits only in slot k of a cycle of K slots of ``slot_s`` (``next_slot_start``), a burst longer than a
-  slot is sent over several cycles, ``guard_s`` of each slot stays silent. Same-band bursts at once collide
-  (platform facts) and an 8-bit receiver cannot hold a 10 m and a 50 m device side by side in frequency.
+* ``tdma`` (HackRF One: half duplex, docs/pitfalls.md §10; 8-bit, 2-20 Msps): every device uses the whole band,
+  in turn: device k transmits only in slot k of a cycle of K slots of ``slot_s`` (``next_slot_start``), a burst
+  longer than a slot is sent over several cycles, ``guard_s`` of each slot stays silent. Same-band bursts at once
+  collide (docs/pitfalls.md, measured facts) and an 8-bit receiver cannot hold a 10 m and a 50 m device side by
+  side in frequency.
   Slots follow the hosts' wall clocks: keep them NTP-synchronised (a few ms) and guard_s above their error.
   The rate is the whole band, so airtime = samples / total_bandwidth_hz; the plan's share is not used.
 
@@ -35,14 +36,17 @@ import math
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from phy import fdma, ofdm
+from phy import fdma
+from phy.air_medium import to_medium
 from phy.channel import DeviceGeometry, TxSetting
+from phy.rf_radio import RadioSpec, Wiring, open_radio, tx_gain_db
+from phy.subband_inbox import FrameInbox, frame_collector
 from phy.uplink import RxFrame, TxReport, UplinkReceiver, UplinkTransmitter
+from proto import numerology
 
 
 # --------------------------------------------------------------------------------------------- plans
@@ -72,7 +76,7 @@ def slot_groups(frame_sizes: Sequence[int], modulation: str, sample_rate_hz: flo
     groups: list[list[int]] = [[]]
     used = 0.0
     for i, n in enumerate(frame_sizes):
-        t = ofdm.packet_samples(n, modulation) / sample_rate_hz
+        t = numerology.packet_samples(n, modulation) / sample_rate_hz
         if groups[-1] and used + t > usable_s:
             groups.append([])
             used = 0.0
@@ -86,94 +90,6 @@ def bs_subbands(bench: Any, device_count: int, widths_hz: dict[int, float] | Non
     if bench.rf.access == "tdma":
         return {0: fdma.Subband(0, 0.0, bench.radio.total_bandwidth_hz)}
     return rf_subbands(bench.radio.total_bandwidth_hz, device_count, widths_hz)
-
-
-def tx_gain_db(rf: Any, tx_power_dbm: float, max_tx_power_dbm: float) -> float:
-    """The radio gain for a planned power: rf.tx_gain_db at the bench's max power, dB for dB below."""
-    return rf.tx_gain_db - (max_tx_power_dbm - tx_power_dbm)
-
-
-# --------------------------------------------------------------------------------------------- radios
-@dataclass
-class RadioSpec:
-    """What a radio block would be opened with (printed by --dry-run; the flowgraph opens it for real)."""
-
-    driver: str
-    direction: str  # "tx" | "rx"
-    device_args: str
-    center_freq_hz: float
-    sample_rate_hz: float
-    gain_db: float
-    antenna: str
-
-    def describe(self) -> str:
-        kind = {
-            "uhd": {"tx": "uhd.usrp_sink", "rx": "uhd.usrp_source"},
-            "soapy": {"tx": "soapy.sink", "rx": "soapy.source"},
-        }[self.driver][self.direction]
-        return (
-            f"{kind}({self.device_args!r}, {self.center_freq_hz / 1e6:.3f} MHz, {self.sample_rate_hz / 1e6:.3f} "
-            f"Msps, gain {self.gain_db:.1f} dB{', antenna ' + self.antenna if self.antenna else ''})"
-        )
-
-
-def open_radio(spec: RadioSpec) -> Any:
-    """The GNU Radio block of a real radio (raises if the device is not there)."""
-    if spec.driver == "uhd":
-        from gnuradio import uhd
-
-        stream = uhd.stream_args(cpu_format="fc32", channels=[0])
-        if spec.direction == "tx":
-            block = uhd.usrp_sink(spec.device_args, stream, "packet_len")
-        else:
-            block = uhd.usrp_source(spec.device_args, stream)
-        block.set_samp_rate(spec.sample_rate_hz)
-        block.set_center_freq(spec.center_freq_hz, 0)
-        block.set_gain(spec.gain_db, 0)
-        if spec.antenna:
-            block.set_antenna(spec.antenna, 0)
-        return block
-    from gnuradio import soapy
-
-    make = soapy.sink if spec.direction == "tx" else soapy.source
-    driver = dict(kv.split("=", 1) for kv in spec.device_args.split(",") if "=" in kv).get("driver", "")
-    block = make(f"driver={driver}", "fc32", 1, spec.device_args, "", [""], [""])
-    block.set_sample_rate(0, spec.sample_rate_hz)
-    block.set_frequency(0, spec.center_freq_hz)
-    block.set_gain(0, spec.gain_db)
-    if spec.antenna:
-        block.set_antenna(0, spec.antenna)
-    return block
-
-
-class Wiring:
-    """Records a flowgraph's blocks and connections as it is built (for --dry-run and tests)."""
-
-    def __init__(self, tb: Any) -> None:
-        self.tb = tb
-        self.labels: dict[int, str] = {}
-        self.edges: list[tuple[str, str]] = []
-
-    def label(self, block: Any, text: str) -> Any:
-        self.labels[id(block)] = text
-        return block
-
-    def chain(self, *blocks: Any) -> None:
-        self.tb.connect(*blocks)
-        names = [self.labels.get(id(b), type(b).__name__) for b in blocks]
-        self.edges += list(zip(names, names[1:]))
-
-    def msg(self, src: Any, src_port: str, dst: Any, dst_port: str) -> None:
-        self.tb.msg_connect(src, src_port, dst, dst_port)
-        self.edges.append(
-            (
-                f"{self.labels.get(id(src), type(src).__name__)}:{src_port}",
-                f"{self.labels.get(id(dst), type(dst).__name__)}:{dst_port}",
-            )
-        )
-
-    def describe(self) -> str:
-        return "\n".join(f"  {a} --> {b}" for a, b in self.edges)
 
 
 # --------------------------------------------------------------------------------------------- BS
@@ -195,10 +111,8 @@ class RfReceiverFlowgraph:
     ) -> None:
         from gnuradio import gr
 
-        from phy.gr_zmq_iq import FrameInbox, _make_blocks
         from phy.ofdm_rx import OfdmReceiver
 
-        _, FrameCollector = _make_blocks()
         self.tb = gr.top_block("rf_bs")
         self.wiring = Wiring(self.tb)
         self.inbox = FrameInbox()
@@ -211,7 +125,7 @@ class RfReceiverFlowgraph:
                 f"{subband.bandwidth_hz / 1e3:.1f} kHz)",
             )
             receiver = self.wiring.label(OfdmReceiver(snr_offset_db), f"OfdmReceiver(dev {k})")
-            collector = self.wiring.label(FrameCollector(k, self.inbox), f"FrameCollector(dev {k})")
+            collector = self.wiring.label(frame_collector(k, self.inbox), f"FrameCollector(dev {k})")
             self.wiring.chain(self.source, channelizer, receiver)
             self.wiring.msg(receiver, "out", collector, "in")
             self.channelizers[k], self.receivers[k], self.collectors[k] = channelizer, receiver, collector
@@ -250,7 +164,7 @@ class RfUplinkReceiver(UplinkReceiver):
         self.flowgraph.retune(self._subbands(dict(widths_hz)))
 
     @property
-    def poll_socket(self) -> int:  # type: ignore[override]
+    def poll_socket(self) -> int:
         return self.flowgraph.inbox.fd
 
     def recv(self, timeout_s: float) -> list[RxFrame]:
@@ -270,7 +184,6 @@ def edge_burst(
 ) -> np.ndarray:
     """OfdmTransmitter's burst at the subband rate, resampled to the radio rate, shifted into its subband, and
     scaled so the OFDM peaks (~10 dB above the mean) sit backoff_db under the DAC's full scale."""
-    from phy.air import to_medium
     from phy.ofdm_tx import modulate
 
     burst = modulate(frames, setting.modulation)
@@ -330,7 +243,7 @@ class RfUplinkTransmitter(UplinkTransmitter):
         )
 
     def estimate_airtime_s(self, frame_sizes: Sequence[int], setting: TxSetting) -> float:
-        return ofdm.burst_airtime_s(frame_sizes, setting.modulation, self._rate_hz(setting))
+        return numerology.burst_airtime_s(frame_sizes, setting.modulation, self._rate_hz(setting))
 
     def send(self, frames: Sequence[bytes], setting: TxSetting, *, round_idx: int) -> TxReport:
         frames = [bytes(f) for f in frames]

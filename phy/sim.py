@@ -2,13 +2,12 @@
 
 The edge decides per frame, from the SimChannel SNR and the PerCurve, whether
 the frame survives; survivors go to the BS over a zmq PUSH/PULL pair as
-[sidecar JSON {"snr_db": measured}, frame bytes]. Airtime is virtual: it is
-computed (OFDM formula) and reported, never slept.
+[sidecar (proto.air.FrameSidecar: the measured snr_db), frame bytes]. Airtime is virtual: it is
+computed (the samples the OFDM transmitter would emit, proto.numerology) and reported, never slept.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
@@ -17,8 +16,10 @@ from collections.abc import Sequence
 import numpy as np
 import zmq
 
-from phy.channel import DeviceGeometry, PerCurve, SimChannel, TxSetting, ofdm_airtime_s
+from phy.channel import DeviceGeometry, PerCurve, SimChannel, TxSetting
 from phy.uplink import RxFrame, TxReport, UplinkReceiver, UplinkTransmitter, checked_frames
+from proto.air import AirMessageError, FrameSidecar, decode_sidecar
+from proto.numerology import burst_airtime_s
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +62,7 @@ class SimUplinkTransmitter(UplinkTransmitter):
         self._closed = False
 
     def estimate_airtime_s(self, frame_sizes: Sequence[int], setting: TxSetting) -> float:
-        return float(sum(ofdm_airtime_s(n, setting.modulation, setting.bandwidth_hz) for n in frame_sizes))
+        return burst_airtime_s(frame_sizes, setting.modulation, setting.bandwidth_hz)
 
     def send(self, frames: Sequence[bytes], setting: TxSetting, *, round_idx: int) -> TxReport:
         if self._closed:
@@ -96,7 +97,7 @@ class SimUplinkTransmitter(UplinkTransmitter):
             if not peer_ok:
                 self.last_frames_undeliverable += 1
                 continue
-            sidecar = json.dumps(sidecar_fields).encode()
+            sidecar = sidecar_fields.encode()
             try:
                 self._sock.send_multipart([sidecar, frame])
             except zmq.Again:
@@ -118,10 +119,10 @@ class SimUplinkTransmitter(UplinkTransmitter):
             airtime_s=self.estimate_airtime_s([len(f) for f in frames], setting),
         )
 
-    def _sidecar(self, true_snr_db: float, setting: TxSetting, *, lost: bool, est_err_db: float) -> dict | None:
+    def _sidecar(self, true_snr_db: float, setting: TxSetting, *, lost: bool, est_err_db: float) -> FrameSidecar | None:
         """What travels beside a frame, or None when the channel loses it: here the PER draw decides and the
         sidecar carries the receiver's SNR estimate (true SNR + estimation error)."""
-        return None if lost else {"snr_db": float(true_snr_db + est_err_db)}
+        return None if lost else FrameSidecar(snr_db=float(true_snr_db + est_err_db))
 
     def close(self) -> None:
         if not self._closed:
@@ -189,20 +190,9 @@ class SimUplinkReceiver(UplinkReceiver):
             problem = f"expected 2 parts [sidecar, frame], got {len(parts)}"
         else:
             try:
-                sidecar = json.loads(parts[0].decode("utf-8"))
-            except (UnicodeDecodeError, ValueError) as exc:
-                sidecar = None
-                problem = f"sidecar is not JSON ({exc})"
-            if problem is None:
-                if not isinstance(sidecar, dict):
-                    problem = f"sidecar is {type(sidecar).__name__}, expected object"
-                else:
-                    value = sidecar.get("snr_db")
-                    if value is not None:
-                        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                            problem = f"sidecar snr_db={value!r} is not a finite number"
-                        else:
-                            snr_db = float(value)
+                snr_db = decode_sidecar(parts[0]).snr_db
+            except AirMessageError as exc:
+                problem = str(exc)
         if problem is not None:
             self.malformed_count += 1
             log.warning(

@@ -1,7 +1,7 @@
-"""The one uplink interface every PHY implements (sim now; gr-loopback, gr-zmq-iq, rf later).
+"""The one uplink interface every PHY implements: sim, gr-loopback, gr-zmq-iq, rf.
 
-Nodes talk only to these classes, so the base station and edge code never
-branch on which PHY is underneath.
+Nodes talk only to these classes (link.factory opens the bench's implementation), so the base station and edge
+code never branch on which PHY is underneath.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from phy.channel import TxSetting
-from phy.ofdm import MAX_PACKET_BYTES
+from proto.numerology import MAX_PACKET_BYTES
 
 if TYPE_CHECKING:  # pragma: no cover
     import zmq
@@ -82,8 +82,9 @@ class UplinkReceiver(ABC):
         """Whatever arrived within timeout_s (possibly empty); never raises on garbage input."""
 
     @property
-    def poll_socket(self) -> zmq.Socket | None:
-        """A zmq socket that becomes readable when frames are waiting (for zmq.Poller), or None."""
+    def poll_socket(self) -> zmq.Socket[Any] | int | None:
+        """What becomes readable when frames are waiting, for zmq.Poller: a zmq socket or a file descriptor
+        (the GNU Radio receivers' pipe); None: the caller polls recv() itself."""
         return None
 
     def drain_until_quiet(self, quiet_s: float, max_wait_s: float) -> list[RxFrame]:

@@ -26,30 +26,37 @@ Why these choices:
   A component-coded key stays kind 1 even when its kept values are zero: its mask says which components the
   device *sent*, which aggregation needs, while kind 2 says "sent, and the change is zero".
 * Compression is off by default (`compress="never"`): the size is then a pure function of the shapes and the
-  kept masks, which airtime planning and byte-count tests can rely on.  Measured on MiniLM deltas, deflate saves
-  ~8 % of an fp16 update (mostly the key strings and exponent bits) for ~7 ms per 150 kB; lzma saves ~10 % for
-  10x the CPU, so only deflate is offered.  `"auto"` keeps the deflated body only if it is strictly smaller.
+  kept masks, which airtime planning and byte-count tests rely on: `encoded_size` computes it without encoding
+  anything (the controller's cost model asks it).  Measured on MiniLM deltas, deflate saves ~8 % of an fp16
+  update (mostly the key strings and exponent bits) for ~7 ms per 150 kB; lzma saves ~10 % for 10x the CPU, so
+  only deflate is offered.  `"auto"` keeps the deflated body only if it is strictly smaller.
 
-`decode_update` treats its input as hostile: the CRC is checked before the body is parsed or inflated, every
-length is checked against the bytes actually present before anything is allocated, inflating is bounded by
-the header's raw_len (itself capped at MAX_BODY_BYTES), the values a message may decode to are capped at
-MAX_VALUES (kind 2 costs no bytes), in v2 the component axis of every LoRA key must equal the header's rank
-(so every kept mask is (rank,), as aggregation needs), shapes may be checked against what the receiver
-expects, and NaN/Inf are refused.  Every failure is a `CodecError` that says what and where.
+`decode_update` treats its input as hostile: the CRC is checked before the body is parsed or inflated,
+inflating is bounded by the header's raw_len (itself capped at MAX_BODY_BYTES), and the entries are parsed with
+the bounds and budgets of proto.codec_entries.  Every failure is a `CodecError` that says what and where.
 """
 
 from __future__ import annotations
 
 import struct
 import zlib
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
 
-from fedlora.lora import AdapterState, ModuleSpec
+from proto.codec_entries import KIND_COMPONENTS as KIND_COMPONENTS
+from proto.codec_entries import KIND_DENSE as KIND_DENSE
+from proto.codec_entries import KIND_ZERO as KIND_ZERO
+from proto.codec_entries import MAX_BODY_BYTES as MAX_BODY_BYTES
+from proto.codec_entries import MAX_KEY_BYTES as MAX_KEY_BYTES
+from proto.codec_entries import MAX_VALUES as MAX_VALUES
+from proto.codec_entries import CodecError as CodecError
+from proto.codec_entries import component_axis as component_axis
+from proto.codec_entries import encode_entry, entry_size, parse_entries
+from proto.codec_entries import module_path as module_path
 
 MAGIC = b"FLUP"
 VERSION = 2
@@ -59,21 +66,22 @@ _HEADER = struct.Struct(">4sBBBBIHBBHI")  # version 1
 _HEADER_V2 = struct.Struct(">4sBBBBIHBBHII")  # version 2: + raw_len
 _HEADERS = {1: _HEADER, 2: _HEADER_V2}
 _CRC = struct.Struct(">I")
-_DTYPES = {1: np.dtype(">f2"), 2: np.dtype(">f4")}
+_DTYPES: dict[int, np.dtype[Any]] = {1: np.dtype(">f2"), 2: np.dtype(">f4")}
 _DTYPE_CODES = {"fp16": 1, "fp32": 2}
-KIND_DENSE, KIND_COMPONENTS, KIND_ZERO = 0, 1, 2
 FLAG_DEFLATE = 0x01  # v2: body is raw deflate (RFC 1951) of raw_len bytes of entries
 _KNOWN_FLAGS = FLAG_DEFLATE
-MAX_KEY_BYTES = 512
 MAX_ENTRIES = 4096
-MAX_BODY_BYTES = 64 * 2**20  # largest body, stored or inflated, a receiver accepts
-MAX_VALUES = 2 * MAX_BODY_BYTES // 4  # values a message may decode to (128 MiB as float32); kind 2 costs no bytes
 _DEFLATE_LEVEL = 9  # 150 kB in ~7 ms; lower levels are no faster on float data and compress less
 Compress = Literal["never", "auto", "always"]
+AdapterState = dict[str, torch.Tensor]  # key -> tensor, fedlora.lora's name for it
 
 
-class CodecError(ValueError):
-    """Update bytes are malformed or do not match what the receiver expects."""
+@dataclass(frozen=True)
+class ModuleSpec:
+    """A device's LoRA module, as the header carries it: a view of the global adapter (fedlora.lora)."""
+
+    rank: int  # r, 1..R: keeps rank components 0..r-1
+    depth: int  # LoRA only on the top `depth` layers (layer index >= L - depth); 1..L
 
 
 @dataclass
@@ -86,19 +94,6 @@ class DecodedUpdate:
     kept: dict[str, torch.Tensor] = field(default_factory=dict)  # module path -> bool (rank,), LoRA keys only
     version: int = VERSION
     compressed: bool = False
-
-
-def component_axis(key: str) -> int | None:
-    """Axis that indexes rank components: rows of A, columns of B; None for dense (head) tensors."""
-    if key.endswith(".lora_A"):
-        return 0
-    if key.endswith(".lora_B"):
-        return 1
-    return None
-
-
-def module_path(key: str) -> str:
-    return key.rsplit(".", 1)[0]
 
 
 def encode_update(
@@ -116,54 +111,24 @@ def encode_update(
 
     `compress`: "never" (size depends on shapes only), "always" (deflate even if it grows), "auto" (deflate
     only if strictly smaller).  `version=1` writes the old format for receivers that predate version 2."""
-    if dtype not in _DTYPE_CODES:
-        raise CodecError(f"unknown dtype {dtype!r}; expected one of {sorted(_DTYPE_CODES)}")
+    np_dtype = _check_format(dtype, version, len(state))
     if compress not in ("never", "auto", "always"):
         raise CodecError(f"compress must be 'never', 'auto' or 'always', got {compress!r}")
-    if version not in SUPPORTED_VERSIONS:
-        raise CodecError(f"cannot write format version {version}; supported: {SUPPORTED_VERSIONS}")
     if version == 1 and compress == "always":
         raise CodecError("format version 1 has no compression; use version 2 or compress='never'")
-    if len(state) > MAX_ENTRIES:
-        raise CodecError(f"{len(state)} entries exceed the limit of {MAX_ENTRIES}")
-    np_dtype = _DTYPES[_DTYPE_CODES[dtype]]
     body = bytearray()
     for key, tensor in state.items():
         values = tensor.detach().to(torch.float32).cpu().numpy()
         if not np.isfinite(values).all():
             raise CodecError(f"{key}: refusing to encode NaN/Inf values")
-        key_bytes = key.encode()
-        if not 1 <= len(key_bytes) <= MAX_KEY_BYTES:
-            raise CodecError(f"{key!r}: key of {len(key_bytes)} bytes, outside 1..{MAX_KEY_BYTES}")
-        axis = component_axis(key)
-        mask = kept.get(module_path(key)) if (kept is not None and axis is not None) else None
-        if mask is not None:
-            kind = KIND_COMPONENTS
-        elif version >= 2 and not values.any():
-            kind = KIND_ZERO
-        else:
-            kind = KIND_DENSE
-        body += struct.pack(">H", len(key_bytes)) + key_bytes
-        body += struct.pack(">BB", kind, values.ndim) + struct.pack(f">{values.ndim}I", *values.shape)
-        if kind == KIND_ZERO:
-            continue
-        if mask is not None:
-            flags = mask.detach().cpu().numpy().astype(bool).reshape(-1)
-            if len(flags) != values.shape[axis]:
-                raise CodecError(f"{key}: kept mask has {len(flags)} entries for {values.shape[axis]} components")
-            idx = np.flatnonzero(flags)
-            if version == 1:
-                body += struct.pack(">H", len(idx)) + idx.astype(np.uint8).tobytes()
-            else:
-                body += np.packbits(flags, bitorder="little").tobytes()
-            values = np.take(values, idx, axis=axis)
-        body += np.ascontiguousarray(values).astype(np_dtype).tobytes()
+        mask = kept.get(module_path(key)) if (kept is not None and component_axis(key) is not None) else None
+        flags = None if mask is None else mask.detach().cpu().numpy().astype(bool).reshape(-1)
+        body += encode_entry(key, values, flags, np_dtype, version)
     if len(body) > MAX_BODY_BYTES:
         raise CodecError(f"body of {len(body)} bytes exceeds the receivers' limit of {MAX_BODY_BYTES}")
+    layout = (spec.rank, spec.depth, len(state), len(body))
     if version == 1:
-        header = _HEADER.pack(
-            MAGIC, 1, _DTYPE_CODES[dtype], 0, 0, round_idx, device_id, spec.rank, spec.depth, len(state), len(body)
-        )
+        header = _HEADER.pack(MAGIC, 1, _DTYPE_CODES[dtype], 0, 0, round_idx, device_id, *layout)
         return header + bytes(body) + _CRC.pack(zlib.crc32(header + body))
     raw, flags_byte = bytes(body), 0
     stored = raw
@@ -173,20 +138,46 @@ def encode_update(
         if compress == "always" or len(deflated) < len(raw):
             stored, flags_byte = deflated, FLAG_DEFLATE
     header = _HEADER_V2.pack(
-        MAGIC,
-        2,
-        _DTYPE_CODES[dtype],
-        flags_byte,
-        0,
-        round_idx,
-        device_id,
-        spec.rank,
-        spec.depth,
-        len(state),
-        len(stored),
-        len(raw),
+        MAGIC, 2, _DTYPE_CODES[dtype], flags_byte, 0, round_idx, device_id, *layout[:3], len(stored), len(raw)
     )
     return header + stored + _CRC.pack(zlib.crc32(header + stored))
+
+
+def encoded_size(
+    shapes: Mapping[str, Sequence[int]],
+    *,
+    dtype: str = "fp16",
+    kept: int | Mapping[str, int] | None = None,
+    zero_keys: Collection[str] = (),
+    version: int = VERSION,
+) -> int:
+    """len(encode_update(...)) of an update with these entries, from the shapes alone (nothing is encoded).
+
+    `shapes`: every entry's full shape (LoRA keys at the update's rank).  `kept`: the components sent per LoRA
+    module -- one count for every module, a count per module path (modules left out go dense), or None (dense,
+    no masks).  `zero_keys`: keys sent dense whose values are all zero (version 2 writes their shape only).
+    Exact for compress="never" (the default).  An upper bound where the values decide: for compress="auto"
+    (deflate is kept only if smaller) and for a dense tensor that turns out all zero without being in
+    `zero_keys`.  With compress="always" incompressible values can come out a few bytes larger than this."""
+    itemsize = _check_format(dtype, version, len(shapes)).itemsize
+    size = _HEADERS[version].size + _CRC.size
+    for key, shape in shapes.items():
+        n_kept = None
+        if component_axis(key) is not None:
+            n_kept = kept.get(module_path(key)) if isinstance(kept, Mapping) else kept
+        size += entry_size(key, shape, itemsize, version, n_kept=n_kept, zero=key in zero_keys)
+    return size
+
+
+def _check_format(dtype: str, version: int, n_entries: int) -> np.dtype[Any]:
+    """The value dtype of a writable (dtype, version, entry count); CodecError otherwise."""
+    if dtype not in _DTYPE_CODES:
+        raise CodecError(f"unknown dtype {dtype!r}; expected one of {sorted(_DTYPE_CODES)}")
+    if version not in SUPPORTED_VERSIONS:
+        raise CodecError(f"cannot write format version {version}; supported: {SUPPORTED_VERSIONS}")
+    if n_entries > MAX_ENTRIES:
+        raise CodecError(f"{n_entries} entries exceed the limit of {MAX_ENTRIES}")
+    return _DTYPES[_DTYPE_CODES[dtype]]
 
 
 def decode_update(data: bytes, *, expected_shapes: Mapping[str, tuple[int, ...]] | None = None) -> DecodedUpdate:
@@ -242,7 +233,7 @@ def decode_update(data: bytes, *, expected_shapes: Mapping[str, tuple[int, ...]]
         raise CodecError(f"uncompressed body: raw length {raw_len} differs from the stored {body_len}")
     else:
         body = stored
-    state, kept = _parse_entries(body, version, _DTYPES[dtype_code], rank, n_entries, expected_shapes)
+    state, kept = parse_entries(body, version, _DTYPES[dtype_code], rank, n_entries, expected_shapes)
     dtype_name = {v: k for k, v in _DTYPE_CODES.items()}[dtype_code]
     return DecodedUpdate(round_idx, device_id, ModuleSpec(rank, depth), dtype_name, state, kept, version, compressed)
 
@@ -264,134 +255,6 @@ def _inflate(stored: bytes, raw_len: int) -> bytes:
     if len(out) != raw_len:
         raise CodecError(f"compressed body inflates to {len(out)} bytes, the header claims {raw_len}")
     return out
-
-
-def _parse_entries(
-    body: bytes,
-    version: int,
-    np_dtype: np.dtype,
-    rank: int,
-    n_entries: int,
-    expected: Mapping[str, tuple[int, ...]] | None,
-) -> tuple[AdapterState, dict[str, torch.Tensor]]:
-    reader = _Reader(body, 0, len(body))
-    state: AdapterState = {}
-    kept: dict[str, torch.Tensor] = {}
-    budget = MAX_VALUES  # values this message may still decode to
-    for i in range(n_entries):
-        key_len = reader.unpack(">H", f"entry {i} key length")[0]
-        if key_len == 0 or key_len > MAX_KEY_BYTES:
-            raise CodecError(f"entry {i}: key length {key_len} out of range 1..{MAX_KEY_BYTES}")
-        try:
-            key = reader.take(key_len, f"entry {i} key").decode("utf-8")
-        except UnicodeDecodeError:
-            raise CodecError(f"entry {i}: key is not UTF-8") from None
-        if key in state:
-            raise CodecError(f"{key}: appears twice")
-        kind, ndim = reader.unpack(">BB", f"{key} kind/ndim")
-        if ndim not in (1, 2):
-            raise CodecError(f"{key}: {ndim} dimensions (only 1 or 2 are valid)")
-        shape = reader.unpack(f">{ndim}I", f"{key} shape")
-        if expected is not None:
-            want = expected.get(key)
-            if want is None:
-                raise CodecError(f"{key}: not part of the expected module")
-            if tuple(want) != tuple(shape):
-                raise CodecError(f"{key}: shape {tuple(shape)} does not match the expected {tuple(want)}")
-        axis = component_axis(key)
-        if version >= 2 and axis is not None and (ndim != 2 or shape[axis] != rank):
-            raise CodecError(
-                f"{key}: shape {tuple(shape)} does not have the header's rank {rank} on its component axis"
-            )
-        count = int(np.prod(shape, dtype=object))
-        if kind == KIND_DENSE:
-            values = reader.array(np_dtype, shape, key)  # bounded by the bytes present
-            budget = _spend(budget, count, key)
-        elif kind == KIND_ZERO and version >= 2:
-            budget = _spend(budget, count, key)  # no bytes back a zero entry: only the budget bounds it
-            values = np.zeros(shape, dtype=np.float32)
-        elif kind == KIND_COMPONENTS:
-            if axis is None or ndim != 2:
-                raise CodecError(f"{key}: component coding is only valid for 2-D .lora_A/.lora_B tensors")
-            n_comp = shape[axis]
-            idx = _read_v1_indices(reader, key, n_comp) if version == 1 else _read_bitmask(reader, key, n_comp)
-            sent_shape = list(shape)
-            sent_shape[axis] = len(idx)
-            sent = reader.array(np_dtype, tuple(sent_shape), key)
-            budget = _spend(budget, count, key)  # the unsent components are zeros nobody paid bytes for
-            values = np.zeros(shape, dtype=np.float32)
-            if axis == 0:
-                values[idx, :] = sent
-            else:
-                values[:, idx] = sent
-            mask = torch.zeros(n_comp, dtype=torch.bool)
-            mask[torch.from_numpy(idx)] = True
-            path = module_path(key)
-            if path in kept and not torch.equal(kept[path], mask):
-                raise CodecError(f"{key}: kept components differ from its pair's")
-            kept[path] = mask
-        else:
-            raise CodecError(f"{key}: unknown entry kind {kind} for format version {version}")
-        state[key] = torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32))
-    if reader.pos != reader.end:
-        raise CodecError(f"{reader.end - reader.pos} unparsed bytes after the last entry")
-    if expected is not None and set(expected) != set(state):
-        missing = sorted(set(expected) - set(state))
-        raise CodecError(f"missing entries for the expected module: {missing[:3]}{'...' if len(missing) > 3 else ''}")
-    return state, kept
-
-
-def _spend(budget: int, count: int, key: str) -> int:
-    """What is left of the message's value budget after `count` more values; CodecError past the limit."""
-    if count > budget:
-        raise CodecError(f"{key}: decoding {count} more values would exceed the limit of {MAX_VALUES} per update")
-    return budget - count
-
-
-def _read_v1_indices(reader: _Reader, key: str, n_comp: int) -> np.ndarray:
-    """Version 1: n_kept u16, then that many increasing u8 indices."""
-    n_kept = reader.unpack(">H", f"{key} kept count")[0]
-    if n_kept > n_comp:
-        raise CodecError(f"{key}: {n_kept} kept components of only {n_comp}")
-    idx = np.frombuffer(reader.take(n_kept, f"{key} kept indices"), dtype=np.uint8).astype(np.int64)
-    if (idx >= n_comp).any() or (len(idx) > 1 and (np.diff(idx) <= 0).any()):
-        raise CodecError(f"{key}: kept component indices must be increasing and < {n_comp}")
-    return idx
-
-
-def _read_bitmask(reader: _Reader, key: str, n_comp: int) -> np.ndarray:
-    """Version 2: ceil(n_comp / 8) bytes, LSB first; bits past n_comp must be 0 (one encoding per mask)."""
-    raw = reader.take((n_comp + 7) // 8, f"{key} kept bitmask")
-    bits = np.unpackbits(np.frombuffer(raw, dtype=np.uint8), bitorder="little")
-    if bits[n_comp:].any():
-        raise CodecError(f"{key}: kept bitmask sets bits past its {n_comp} components")
-    return np.flatnonzero(bits[:n_comp]).astype(np.int64)
-
-
-class _Reader:
-    """Bounds-checked cursor over the body: nothing is read or allocated past what is present."""
-
-    def __init__(self, data: bytes, pos: int, end: int):
-        self.data, self.pos, self.end = data, pos, end
-
-    def take(self, n: int, what: str) -> bytes:
-        if n < 0 or self.pos + n > self.end:
-            raise CodecError(f"truncated: {what} needs {n} bytes, {self.end - self.pos} left")
-        out = self.data[self.pos : self.pos + n]
-        self.pos += n
-        return out
-
-    def unpack(self, fmt: str, what: str) -> tuple:
-        return struct.unpack(fmt, self.take(struct.calcsize(fmt), what))
-
-    def array(self, dtype: np.dtype, shape: tuple[int, ...], what: str) -> np.ndarray:
-        count = int(np.prod(shape, dtype=object)) if shape else 1
-        if count * dtype.itemsize > self.end - self.pos:
-            raise CodecError(f"truncated: {what} claims {count} values, {self.end - self.pos} bytes left")
-        values = np.frombuffer(self.take(count * dtype.itemsize, what), dtype=dtype).astype(np.float32)
-        if not np.isfinite(values).all():
-            raise CodecError(f"{what}: contains NaN or Inf")
-        return values.reshape(shape)
 
 
 def expected_shapes(state: AdapterState) -> dict[str, tuple[int, ...]]:

@@ -1,129 +1,252 @@
-"""Control-plane messages between the BS and the edges: small, versioned, schema-checked JSON.
+"""Control-plane messages between the BS and the edges: small, versioned, typed JSON.
 
-Every message is a JSON object with `v` (protocol version), `type` and the fields its schema lists. A
-message may carry one binary attachment (the global adapter view in a plan) as a second zmq frame.
-`decode` never trusts the peer: unknown types, missing or mistyped fields and wrong versions raise
-`MessageError` with the field named, and the caller logs it with the peer and carries on.
+Every message is a JSON object with `v` (protocol version), `type` (which model it is) and that model's fields;
+a message may carry one binary attachment (the global adapter view in a plan) as a second zmq frame. Each
+message is one pydantic model here, declared once and used typed on both sides. `decode_control` never trusts
+the peer: bad bytes of any kind raise one `MessageError` naming the message type and the field, and the caller
+logs it with the peer and carries on.
 """
 
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Annotated, Any, Final, Literal, NoReturn
 
-PROTOCOL_VERSION = 1
-MAX_MESSAGE_BYTES = 1 << 20  # the JSON part; attachments are checked by their own codec
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
-_num = (int, float)
-_opt_num = (int, float, type(None))
+from proto.numerology import Modulation
 
-# type -> {field: (allowed python types, required)}
-SCHEMAS: dict[str, dict[str, tuple[tuple[type, ...], bool]]] = {
-    # edge -> BS
-    "register": {"device_id": ((int,), True), "host": ((str,), True), "pid": ((int,), True)},
-    "heartbeat": {
-        "device_id": ((int,), True),
-        "state": ((str,), True),
-        "round": ((int,), False),
-        "step": ((int,), False),
-        "steps": ((int,), False),
-        "loss": (_opt_num, False),
-    },
-    "burst_end": {
-        "device_id": ((int,), True),
-        "round": ((int,), True),
-        "attempt": ((int,), True),
-        "seqs": ((list,), True),
-        "total": ((int,), True),
-    },
-    "report": {
-        "device_id": ((int,), True),
-        "round": ((int,), True),
-        "status": ((str,), True),
-        "measurements": ((dict,), True),
-        "error": ((str, type(None)), False),
-    },
-    "bye": {"device_id": ((int,), True), "reason": ((str,), False)},
-    # BS -> edge
-    "welcome": {
-        "device_id": ((int,), True),
-        "experiment": ((dict,), True),
-        "bench": ((dict,), True),
-        "run_id": ((str,), True),
-        "data_address": ((str,), True),
-    },
-    "plan": {
-        "round": ((int,), True),
-        "deadline_s": (_num, True),
-        "participate": ((bool,), True),
-        "rank": ((int,), True),
-        "depth": ((int,), True),
-        "tx_power_dbm": (_num, True),
-        "bandwidth_hz": (_num, True),
-        "modulation": ((str,), True),
-        "keep_fraction": (_num, True),
-        "local_steps": ((int,), True),
-    },
-    "ack": {"round": ((int,), True), "attempt": ((int,), True), "received": ((list,), True)},
-    "report_ack": {"round": ((int,), True)},
-    "reject": {"reason": ((str,), True)},
-    "shutdown": {"reason": ((str,), True)},
-}
+PROTOCOL_VERSION: Final = 2
+MAX_MESSAGE_BYTES: Final = 1 << 20  # the JSON part; attachments are checked by their own codec
+
+FrameSeq = Annotated[int, Field(ge=0, le=65535)]  # a frame's sequence number (proto.framing: u16)
+ReportStatus = Literal["ok", "undelivered", "failed"]  # delivered / not every frame acknowledged / round failed
 
 
 class MessageError(ValueError):
-    """A control message is malformed; the text names the field (the caller adds the peer)."""
+    """A control message is malformed; the text names the message type and the field (the caller adds the peer)."""
 
 
-def encode(msg_type: str, **fields: Any) -> bytes:
-    """Serialise a message after checking it against its schema (so we never send what we would reject)."""
-    msg = {"v": PROTOCOL_VERSION, "type": msg_type, **fields}
-    validate(msg)
-    return json.dumps(msg, separators=(",", ":"), allow_nan=False).encode()
+class _Strict(BaseModel):
+    """No coercion (no bool for int, no "1" for 1), no unknown fields, immutable once built."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
 
-def decode(data: bytes) -> dict[str, Any]:
+class _Message(_Strict):
+    v: Literal[2] = PROTOCOL_VERSION
+
+
+# ---------------------------------------------------------------------------------------------- edge -> BS
+class Register(_Message):
+    """An edge announces itself (again after a restart, or when the BS says it does not know it)."""
+
+    type: Literal["register"] = "register"
+    device_id: int
+    host: str
+    pid: int
+
+
+class Heartbeat(_Message):
+    """Liveness and progress; `state` is free text for the live view (ready, idle, training, sending, ...)."""
+
+    type: Literal["heartbeat"] = "heartbeat"
+    device_id: int
+    state: str
+    round: int | None = None
+    step: int | None = None
+    steps: int | None = None
+    loss: float | None = None
+
+
+class BurstEnd(_Message):
+    """ARQ: the edge finished sending one attempt's frames and asks which of the round's frames the BS holds."""
+
+    type: Literal["burst_end"] = "burst_end"
+    device_id: int
+    round: int
+    attempt: int
+    seqs: list[FrameSeq]
+    total: int
+
+
+class Measurements(_Strict):
+    """What an edge measured of its own round (absent when the round failed before it was measured)."""
+
+    update_bytes: int | None = None  # the encoded update
+    uplink_bytes: int | None = None  # frame bytes put on the air, retransmissions included
+    frames_sent: int | None = None
+    frames_lost: int | None = None  # transmissions the BS did not acknowledge
+    arq_attempts: int | None = None
+    airtime_s: float | None = None
+    compute_s: float | None = None  # CPU-seconds of local training (scaled for emulated slower hardware)
+    train_wall_s: float | None = None
+    compute_energy_j: float | None = None
+    transmit_energy_j: float | None = None
+    energy_j: float | None = None
+    energy_source: str | None = None  # "rapl" or "cpu_model" (+ the emulated slow-down)
+    train_loss: float | None = None
+    train_examples: int | None = None
+    kept_components: int | None = None  # rank components sent (all modules), of total_components
+    total_components: int | None = None
+    residual_norm: float | None = None  # error-feedback residual the device keeps for later rounds
+    true_snr_db: float | None = None  # the channel's true SNR of the last burst: sim PHYs only, ground truth
+
+
+class Report(_Message):
+    """The edge's account of one round; sent whatever became of the update."""
+
+    type: Literal["report"] = "report"
+    device_id: int
+    round: int
+    status: ReportStatus
+    measurements: Measurements = Measurements()
+    error: str | None = None
+
+
+class Bye(_Message):
+    """The edge leaves the run (stopped, or the BS ended the run)."""
+
+    type: Literal["bye"] = "bye"
+    device_id: int
+    reason: str | None = None
+
+
+# ---------------------------------------------------------------------------------------------- BS -> edge
+class Welcome(_Message):
+    """Registration accepted: the whole resolved experiment and bench, so a lab configures only the BS."""
+
+    type: Literal["welcome"] = "welcome"
+    device_id: int
+    experiment: dict[str, Any]
+    bench: dict[str, Any]
+    run_id: str
+    data_address: str
+
+
+class Plan(_Message):
+    """What one device does in a round; a participant's plan carries the adapter view as its attachment."""
+
+    type: Literal["plan"] = "plan"
+    round: int
+    deadline_s: float
+    participate: bool
+    rank: int
+    depth: int
+    tx_power_dbm: float
+    bandwidth_hz: float
+    modulation: Modulation
+    keep_fraction: float  # share of rank components sent (1.0 = dense)
+    local_steps: int
+
+
+class Ack(_Message):
+    """ARQ feedback: every frame sequence number of this round the BS holds."""
+
+    type: Literal["ack"] = "ack"
+    round: int
+    attempt: int
+    received: list[FrameSeq]
+
+
+class ReportAck(_Message):
+    type: Literal["report_ack"] = "report_ack"
+    round: int
+
+
+class Reject(_Message):
+    """A bad device id, or a message from an edge this BS run does not know (it registers again)."""
+
+    type: Literal["reject"] = "reject"
+    reason: str
+
+
+class Shutdown(_Message):
+    type: Literal["shutdown"] = "shutdown"
+    reason: str
+
+
+EdgeMessage = Register | Heartbeat | BurstEnd | Report | Bye
+BsMessage = Welcome | Plan | Ack | ReportAck | Reject | Shutdown
+ControlMessage = Annotated[EdgeMessage | BsMessage, Field(discriminator="type")]
+MESSAGE_TYPES: Final[tuple[type[_Message], ...]] = (
+    Register,
+    Heartbeat,
+    BurstEnd,
+    Report,
+    Bye,
+    Welcome,
+    Plan,
+    Ack,
+    ReportAck,
+    Reject,
+    Shutdown,
+)
+
+
+def message_type(model: type[BaseModel]) -> str:
+    """The `type` tag of a message model."""
+    tag = model.model_fields["type"].default
+    assert isinstance(tag, str)
+    return tag
+
+
+_BY_TYPE: Final[dict[str, type[_Message]]] = {message_type(m): m for m in MESSAGE_TYPES}
+_ADAPTER: Final = TypeAdapter[EdgeMessage | BsMessage](ControlMessage)
+
+
+def encode(msg: BaseModel) -> bytes:
+    """Serialise a message; refuses what `decode_control` would reject (NaN, oversize), so we never send it."""
+    if not isinstance(msg, _Message):
+        raise MessageError(f"{type(msg).__name__} is not a control message")
+    try:
+        data = json.dumps(msg.model_dump(mode="json"), separators=(",", ":"), allow_nan=False).encode()
+    except ValueError as exc:
+        raise MessageError(f"{message_type(type(msg))}: {exc}") from None
+    if len(data) > MAX_MESSAGE_BYTES:
+        raise MessageError(
+            f"{message_type(type(msg))}: {len(data)} bytes exceed the {MAX_MESSAGE_BYTES}-byte message limit"
+        )
+    return data
+
+
+def decode_control(data: bytes) -> ControlMessage:
+    """The one way into a process for control bytes: a typed message, or a `MessageError` naming type and field."""
     if len(data) > MAX_MESSAGE_BYTES:
         raise MessageError(f"message of {len(data)} bytes exceeds the {MAX_MESSAGE_BYTES}-byte limit")
     try:
-        msg = json.loads(data.decode("utf-8"), parse_constant=_reject_constant)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        obj = json.loads(data.decode("utf-8"), parse_constant=_reject_constant)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise MessageError(f"not a JSON message: {exc}") from None
-    validate(msg)
-    return msg
+    if not isinstance(obj, dict):
+        raise MessageError(f"message must be a JSON object, got {type(obj).__name__}")
+    if obj.get("v") != PROTOCOL_VERSION or isinstance(obj.get("v"), bool):
+        raise MessageError(f"protocol version {obj.get('v')!r} is not supported (expected {PROTOCOL_VERSION})")
+    kind = obj.get("type")
+    if not isinstance(kind, str) or kind not in _BY_TYPE:
+        raise MessageError(f"unknown message type {kind!r}")
+    try:
+        return _ADAPTER.validate_python(obj)
+    except ValidationError as exc:
+        raise MessageError(_describe(kind, exc)) from None
 
 
-def _reject_constant(name: str) -> Any:
+def _reject_constant(name: str) -> NoReturn:
     raise MessageError(f"non-finite number {name} in message")
 
 
-def validate(msg: Any) -> None:
-    if not isinstance(msg, dict):
-        raise MessageError(f"message must be a JSON object, got {type(msg).__name__}")
-    if msg.get("v") != PROTOCOL_VERSION:
-        raise MessageError(f"protocol version {msg.get('v')!r} is not supported (expected {PROTOCOL_VERSION})")
-    msg_type = msg.get("type")
-    schema = SCHEMAS.get(msg_type) if isinstance(msg_type, str) else None
-    if schema is None:
-        raise MessageError(f"unknown message type {msg_type!r}")
-    for name, (types_, required) in schema.items():
-        if name not in msg:
-            if required:
-                raise MessageError(f"{msg_type}: missing field {name!r}")
-            continue
-        value = msg[name]
-        if isinstance(value, bool) and bool not in types_:
-            raise MessageError(f"{msg_type}.{name}: expected {_names(types_)}, got a boolean")
-        if not isinstance(value, types_):
-            raise MessageError(f"{msg_type}.{name}: expected {_names(types_)}, got {type(value).__name__}")
-    extra = set(msg) - set(schema) - {"v", "type"}
-    if extra:
-        raise MessageError(f"{msg_type}: unknown field(s) {sorted(extra)}")
-    if msg_type in ("burst_end", "ack"):
-        key = "seqs" if msg_type == "burst_end" else "received"
-        if not all(isinstance(s, int) and not isinstance(s, bool) and 0 <= s < 65536 for s in msg[key]):
-            raise MessageError(f"{msg_type}.{key}: every entry must be a frame sequence number 0..65535")
-
-
-def _names(types_: tuple[type, ...]) -> str:
-    return " or ".join("null" if t is type(None) else t.__name__ for t in types_)
+def _describe(kind: str, exc: ValidationError) -> str:
+    """`type.field: what is wrong` for each problem pydantic found (the union's tag is dropped from the path)."""
+    problems = []
+    for err in exc.errors(include_url=False):
+        loc = [str(part) for part in err["loc"]]
+        if loc and loc[0] == kind:
+            loc = loc[1:]
+        where = ".".join([kind, *loc])
+        if err["type"] == "missing":
+            problems.append(f"{where}: missing field")
+        elif err["type"] == "extra_forbidden":
+            problems.append(f"{where}: unknown field")
+        else:
+            problems.append(f"{where}: {err['msg']} (got {err['input']!r:.60})")
+    return "; ".join(problems)

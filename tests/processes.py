@@ -6,9 +6,10 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
+
+from launcher.main import entry_point
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
@@ -32,8 +33,11 @@ class Procs:
         self.procs: list[subprocess.Popen] = []
 
     def start(self, name: str, args: list[str]) -> subprocess.Popen:
+        """Start the console script args[0] (an entry point of this installation) with the rest as arguments."""
         out = open(self.tmp / f"{name}.out", "w")
-        p = subprocess.Popen([sys.executable, *args], cwd=REPO, env=ENV, stdout=out, stderr=subprocess.STDOUT)
+        p = subprocess.Popen(
+            [*entry_point(args[0]), *args[1:]], cwd=REPO, env=ENV, stdout=out, stderr=subprocess.STDOUT
+        )
         p.name = name  # type: ignore[attr-defined]
         self.procs.append(p)
         return p
@@ -42,8 +46,7 @@ class Procs:
         p = self.start(
             "bs",
             [
-                "-m",
-                "bs_node.main",
+                "fedlora-bs",
                 "--run-dir",
                 str(run_dir),
                 "--control",
@@ -66,9 +69,7 @@ class Procs:
         return p, json.loads(endpoints.read_text())
 
     def edge(self, control: str, device_id: int, name: str | None = None) -> subprocess.Popen:
-        return self.start(
-            name or f"edge{device_id}", ["-m", "edge_node.main", "--bs", control, "--device-id", str(device_id)]
-        )
+        return self.start(name or f"edge{device_id}", ["fedlora-edge", "--bs", control, "--device-id", str(device_id)])
 
     def output(self, name: str) -> str:
         return (self.tmp / f"{name}.out").read_text()

@@ -3,7 +3,7 @@ import random
 import pytest
 import zmq
 
-from link.arq import send_with_arq
+from link.arq import AckTimers, send_with_arq
 from phy.channel import ChannelConfig, DeviceGeometry, PerCurve, SimChannel, TxSetting
 from phy.sim import SimUplinkReceiver, SimUplinkTransmitter
 from phy.uplink import TxReport, UplinkTransmitter
@@ -149,6 +149,35 @@ def test_argument_validation():
     with pytest.raises(ValueError, match="duplicate"):
         frames = make_frames()
         run(tx, frames=frames + frames[:1])
+
+
+def test_bs_answers_a_burst_once_complete_or_at_its_guard_interval():
+    held: dict[tuple[int, int], set[int]] = {(1, 7): {0, 1}, (2, 7): {0}}
+    received = lambda device, round_idx: set(held.get((device, round_idx), set()))  # noqa: E731
+    timers = AckTimers(guard_s=0.2)
+    assert timers.next_due_s() is None and timers.take_answerable(0.0, received) == []
+    timers.burst_ended(1, 7, 1, [0, 1, 2], now_s=10.0)
+    timers.burst_ended(2, 7, 1, [0, 1], now_s=10.05)
+    assert len(timers) == 2 and timers.next_due_s() == pytest.approx(10.2)
+    # nothing complete, nothing due: no answer yet, and no reason to drain the PHY
+    assert timers.take_answerable(10.1, received) == [] and not timers.overdue_with_gaps(10.1, received)
+    held[(1, 7)].add(2)  # device 1's last frame arrives before the guard: answered at once
+    ((timer, have),) = timers.take_answerable(10.1, received)
+    assert (timer.device_id, timer.attempt, have) == (1, 1, {0, 1, 2})
+    # device 2's burst falls due with frame 1 missing: drain first, then answer with what is held
+    assert timers.overdue_with_gaps(10.25, received)
+    ((timer, have),) = timers.take_answerable(10.25, received)
+    assert (timer.device_id, have) == (2, {0}) and len(timers) == 0
+
+
+def test_bs_ack_timers_of_a_closed_round_are_dropped():
+    timers = AckTimers(guard_s=1.0)
+    timers.burst_ended(1, 3, 1, [0], now_s=0.0)
+    timers.burst_ended(1, 4, 1, [0], now_s=0.0)
+    timers.discard_round(3)
+    assert [t.round_idx for t, _ in timers.take_answerable(5.0, lambda d, r: set())] == [4]
+    with pytest.raises(ValueError, match="guard_s"):
+        AckTimers(guard_s=-0.1)
 
 
 @pytest.mark.integration

@@ -1,142 +1,129 @@
-"""One BS round driven in-process with fabricated uplink frames: what is complete is used, what is bad is named."""
+"""BS rounds driven in-process with fabricated edges and uplink frames: what is complete is used, what is bad is
+named, a device sitting out is averaged in with its latest update (or as a zero update)."""
 
 from __future__ import annotations
 
 import dataclasses
-import io
+import json
+import math
 
 import pytest
 import torch
 
-from bs_node.controllers import DevicePlan
-from bs_node.live_view import LiveView
-from bs_node.server import BaseStation, Edge, Pending
-from config import load_bench, load_experiment
-from fedlora.lora import ModuleSpec
-from proto.codec import encode_update
-from proto.framing import fragment
+from bs_node.controllers import Controller, DevicePlan, RoundState
+from bs_node.controllers.fixed import FixedController
+from bs_node.rounds import FrameReceived
+from proto.control import Ack, Measurements, Plan, ReportAck
+from tests.bs_fakes import make_station, sends_update, update_frames
 
 
-@pytest.fixture
-def bs(tmp_path):
-    exp = load_experiment(
-        None, ["model.name_or_path=tiny", "task.test_size=50", "task.max_train=400", "devices.count=4"]
-    )
-    station = BaseStation(
-        exp,
-        load_bench(),
-        tmp_path / "run",
-        control_address="tcp://127.0.0.1:0",
-        data_address="tcp://127.0.0.1:0",
-        view=LiveView(io.StringIO()),
-        threads=1,
-    )
-    station._prepare_model()
-    yield station
-    station.uplink.close()
-    station.control.close(0)
+def test_round_uses_complete_updates_and_names_bad_ones(tmp_path):
+    bs = make_station(tmp_path / "run")
+    t = bs.transport
+    corrupted: list[bytes] = []
 
+    def device_0(plan: Plan, attachment: bytes | None) -> None:
+        sends_update(t, 0, 0.01, measurements=Measurements(energy_j=5.0, frames_sent=3))(plan, attachment)
+        frame = bytearray(update_frames(plan, attachment, 0, 0.01)[0])
+        frame[30] ^= 0xFF
+        corrupted.append(bytes(frame))
+        t.deliver(FrameReceived(bytes(frame), 20.0), 1.5)  # a corrupted retransmission: the CRC catches it
 
-def plan(device_id: int, spec: ModuleSpec) -> DevicePlan:
-    return DevicePlan(device_id, True, spec.rank, spec.depth, 10.0, 2.5e5, "qpsk", 1.0, 5)
+    t.join(0, device_0)
+    t.join(1, sends_update(t, 1, 0.01, report=None))  # complete, but the edge died before reporting
+    t.join(2, sends_update(t, 2, 0.01, drop_last=True, report="undelivered", measurements=Measurements()))
+    nan = Measurements(energy_j=math.nan)
+    t.join(3, sends_update(t, 3, 0.01, wrong_shape=True, measurements=nan))  # not the module that was planned
+    bs.runner.wait_for_devices()
+    before = {k: v.clone() for k, v in bs.model.adapter.state.items()}
 
+    record = bs.runner.run_round(1)
 
-def test_round_uses_complete_updates_and_names_bad_ones(bs):
-    r = 1
-    bs.round_idx = r
-    spec = ModuleSpec(bs.global_adapter.max_rank, bs.num_layers)
-    view = bs.global_adapter.view(spec)
-    plans = {k: plan(k, spec) for k in range(4)}
-    for k in range(4):
-        bs.edges[k] = Edge(k, f"edge-{k}".encode(), "h", k, state="idle")
-        bs.pending[k] = Pending(plans[k])
-    delta = {key: torch.full_like(v, 0.01) for key, v in view.items()}
-
-    def send(device_id: int, state, *, drop_last: bool = False) -> list[bytes]:
-        frames = fragment(encode_update(state, spec=spec, round_idx=r, device_id=device_id), device_id, r, 500)
-        sent = [f.to_bytes() for f in (frames[:-1] if drop_last else frames)]
-        for data in sent:
-            bs._on_frame(data, 20.0 + device_id)
-        return sent
-
-    first = send(0, delta)[0]  # complete, report comes
-    bs.pending[0].report = {"status": "ok", "measurements": {"energy_j": 5.0, "frames_sent": 3}, "error": None}
-    send(1, delta)  # complete, but the edge died before reporting
-    send(2, delta, drop_last=True)  # one frame never arrived
-    bs.pending[2].report = {"status": "undelivered", "measurements": {}, "error": None}
-    wrong = {key: v[..., :1] if key.endswith("lora_B") else v for key, v in delta.items()}
-    send(3, wrong)  # decodes, but is not the module that was planned
-    bs.pending[3].report = {"status": "ok", "measurements": {"energy_j": float("nan")}, "error": None}
-    corrupted = bytearray(first)
-    corrupted[30] ^= 0xFF
-    bs._on_frame(bytes(corrupted), 20.0)  # a corrupted retransmission: the CRC catches it; counted and ignored
-    assert bs.bad_frames == 1
-
-    before = {k: v.clone() for k, v in bs.global_adapter.state.items()}
-    record = bs._close_round(r, plans, downlink_bytes=0, t0=0.0)
+    assert corrupted and bs.runner.bad_frames == 1
     rows = {d.device_id: d for d in record.devices}
     assert rows[0].status == "ok" and rows[0].energy_j == 5.0 and rows[0].snr_db == pytest.approx(20.0)
     assert rows[1].status == "ok" and "no report" in rows[1].error
-    assert rows[2].status == "undelivered"
+    assert rows[2].status == "undelivered" and rows[2].frames_received == rows[0].frames_received - 1
     assert rows[3].status == "bad_update" and "does not match the expected" in rows[3].error
     assert rows[3].energy_j == 0.0  # the NaN measurement was refused
+    assert record.wall_s == pytest.approx(bs.runner.exp.round.deadline_s)  # device 1 never reported
+    # every burst was answered with what the BS holds, every report acknowledged
+    for k in range(4):
+        (ack,) = bs.transport.sent_to(k, Ack)
+        assert isinstance(ack, Ack) and (ack.round, ack.attempt) == (1, 1)
+        assert len(ack.received) == rows[k].frames_received
+    assert [len(t.sent_to(k, ReportAck)) for k in range(4)] == [1, 0, 1, 1]
     # devices 0 and 1 sent the same delta; 2 and 3 were planned but sent nothing usable, so they count as zero
     # updates (round.absent_as_zero): the step is that delta scaled by the share of the weight that arrived
-    w = {k: float(bs.device_examples[k]) for k in range(4)}
+    w = {k: float(bs.model.examples(k)) for k in range(4)}
     share = (w[0] + w[1]) / sum(w.values())
     assert 0 < share < 1
-    for key, value in bs.global_adapter.state.items():
+    for key, value in bs.model.adapter.state.items():
         torch.testing.assert_close(value, before[key] + 0.01 * share)
-    assert (bs.recorder.run_dir / "rounds.jsonl").read_text().count("\n") == 1
+    (line,) = (bs.run_dir / "rounds.jsonl").read_text().splitlines()
+    assert [d["status"] for d in json.loads(line)["devices"]] == ["ok", "ok", "undelivered", "bad_update"]
 
 
-def test_frames_for_another_round_or_device_are_ignored(bs):
-    bs.round_idx = 2
-    spec = ModuleSpec(1, 1)
-    bs.pending[0] = Pending(plan(0, spec))
-    view = bs.global_adapter.view(spec)
-    for frame in fragment(encode_update(view, spec=spec, round_idx=1, device_id=0), 0, 1, 500):
-        bs._on_frame(frame.to_bytes(), 10.0)  # stale round
-    for frame in fragment(encode_update(view, spec=spec, round_idx=2, device_id=3), 3, 2, 500):
-        bs._on_frame(frame.to_bytes(), 10.0)  # device not in this round
-    assert not bs.reassembler.received_seqs(0, 1) and not bs.reassembler.received_seqs(3, 2)
-    assert bs.pending[0].snr_db == []
+def test_frames_for_another_round_or_device_are_ignored(tmp_path):
+    bs = make_station(tmp_path / "run", ["devices.count=1"])
+    t = bs.transport
+
+    def stale_and_foreign(plan: Plan, attachment: bytes | None) -> None:
+        for data in update_frames(plan.model_copy(update={"round": plan.round - 1}), attachment, 0, 0.01):
+            t.deliver(FrameReceived(data, 10.0), 1.0)  # a stale round
+        for data in update_frames(plan, attachment, 3, 0.01):
+            t.deliver(FrameReceived(data, 10.0), 1.0)  # a device not in this round
+
+    t.join(0, stale_and_foreign)
+    bs.runner.wait_for_devices()
+    before = {k: v.clone() for k, v in bs.model.adapter.state.items()}
+    record = bs.runner.run_round(2)
+    (row,) = record.devices
+    assert (row.status, row.frames_received, row.snr_db) == ("timeout", 0, None)
+    assert bs.runner.bad_frames == 0  # well-formed, just not expected: ignored, not counted as bad
+    for key, value in bs.model.adapter.state.items():
+        torch.testing.assert_close(value, before[key])
+
+
+class TakeTurns(Controller):
+    """The fixed policy, but device 1 sits rounds 2 and 3 out."""
+
+    name = "take_turns"
+
+    def decide(self, state: RoundState) -> dict[int, DevicePlan]:
+        plans = FixedController(self.experiment, self.bench).decide(state)
+        return {d: dataclasses.replace(p, participate=d != 1 or state.round_idx == 1) for d, p in plans.items()}
 
 
 @pytest.mark.parametrize("stale_rounds", [0, 1])
-def test_a_device_sitting_out_is_averaged_in_with_its_latest_update_for_stale_rounds(bs, stale_rounds):
-    bs.exp = dataclasses.replace(bs.exp, round=dataclasses.replace(bs.exp.round, stale_rounds=stale_rounds))
-    spec = ModuleSpec(bs.global_adapter.max_rank, bs.num_layers)
-    for k in range(2):
-        bs.edges[k] = Edge(k, f"edge-{k}".encode(), "h", k, state="idle")
-    w = {k: float(bs.device_examples[k]) for k in range(2)}
+def test_a_device_sitting_out_is_averaged_in_with_its_latest_update_for_stale_rounds(tmp_path, stale_rounds):
+    bs = make_station(tmp_path / "run", ["devices.count=2", f"round.stale_rounds={stale_rounds}"], controller=TakeTurns)
+    t = bs.transport
+    t.join(0, sends_update(t, 0, {1: 0.01, 2: 0.02, 3: 0.02}))
+    t.join(1, sends_update(t, 1, {1: 0.03}))
+    bs.runner.wait_for_devices()
+    w = {k: float(bs.model.examples(k)) for k in range(2)}
+    key = next(iter(bs.model.adapter.state))
 
-    def round_(r: int, deltas: dict[int, float]):
-        bs.round_idx, bs.pending = r, {}
-        plans = {
-            k: plan(k, spec) if k in deltas else dataclasses.replace(plan(k, spec), participate=False) for k in range(2)
-        }
-        view = bs.global_adapter.view(spec)
-        for k, value in deltas.items():
-            bs.pending[k] = Pending(plans[k])
-            state = {key: torch.full_like(v, value) for key, v in view.items()}
-            for f in fragment(encode_update(state, spec=spec, round_idx=r, device_id=k), k, r, 500):
-                bs._on_frame(f.to_bytes(), 20.0)
-            bs.pending[k].report = {"status": "ok", "measurements": {"energy_j": 1.0}, "error": None}
-        before = {key: v.clone() for key, v in bs.global_adapter.state.items()}
-        record = bs._close_round(r, plans, downlink_bytes=0, t0=0.0)
-        key = next(iter(before))
-        return float((bs.global_adapter.state[key] - before[key]).flatten()[0]), record
+    def round_(r: int):
+        before = bs.model.adapter.state[key].clone()
+        record = bs.runner.run_round(r)
+        return float((bs.model.adapter.state[key] - before).flatten()[0]), record
 
-    step, _ = round_(1, {0: 0.01, 1: 0.03})
+    step, _ = round_(1)
     assert step == pytest.approx((w[0] * 0.01 + w[1] * 0.03) / (w[0] + w[1]), rel=1e-3)  # fp16 uplink
-    step, record = round_(2, {0: 0.02})  # device 1 sits round 2 out
+    step, record = round_(2)  # device 1 sits round 2 out
+    assert record.devices[1].status == "not_selected" and not record.devices[1].participated
     if stale_rounds:  # its round-1 update counts again
         assert record.stale_updates == {1: 1}
         assert step == pytest.approx((w[0] * 0.02 + w[1] * 0.03) / (w[0] + w[1]), rel=1e-3)  # fp16 uplink
     else:  # it counts as a zero update
         assert record.stale_updates == {}
         assert step == pytest.approx(w[0] * 0.02 / (w[0] + w[1]), rel=1e-3)  # fp16 uplink
-    step, record = round_(3, {0: 0.02})  # two rounds old: too stale for stale_rounds = 1
+    step, record = round_(3)  # two rounds old: too stale for stale_rounds = 1
     assert record.stale_updates == {}
     assert step == pytest.approx(w[0] * 0.02 / (w[0] + w[1]), rel=1e-3)  # fp16 uplink
+    assert record.wall_s < 3  # both participants settled: the round closed without waiting for its deadline
+    # a device sitting out gets its plan, without an adapter view
+    sit_out = [(m, a) for d, m, a in t.sent if d == 1 and isinstance(m, Plan) and not m.participate]
+    assert len(sit_out) == 2 and all(a is None for _, a in sit_out)

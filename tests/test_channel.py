@@ -5,16 +5,15 @@ import numpy as np
 import pytest
 
 from phy.channel import (
-    MODULATIONS,
     ChannelConfig,
     DeviceGeometry,
     PerCurve,
     SimChannel,
     TxSetting,
-    ofdm_airtime_s,
 )
+from proto.numerology import MODULATION_NAMES
 
-# ---------------------------------------------------------------- TxSetting / airtime
+# ---------------------------------------------------------------- TxSetting (airtime: tests/test_numerology.py)
 
 
 def test_tx_setting_validation():
@@ -27,29 +26,6 @@ def test_tx_setting_validation():
         TxSetting(10.0, -1e6)
     with pytest.raises(ValueError):
         TxSetting(float("nan"), 1e6)
-
-
-def test_ofdm_airtime_formula():
-    # 1000 B + 4 CRC = 8032 bits; QPSK carries 96 bits/symbol -> 84 symbols, +3 overhead.
-    assert ofdm_airtime_s(1000, "qpsk", 1e6) == pytest.approx((84 + 3) * 80 / 1e6)
-    # BPSK 48 bits/symbol -> 168 symbols; 8PSK 144 -> 56 symbols.
-    assert ofdm_airtime_s(1000, "bpsk", 1e6) == pytest.approx((168 + 3) * 80 / 1e6)
-    assert ofdm_airtime_s(1000, "8psk", 1e6) == pytest.approx((56 + 3) * 80 / 1e6)
-    # Empty payload still carries the CRC: 1 symbol.
-    assert ofdm_airtime_s(0, "qpsk", 1e6) == pytest.approx(4 * 80 / 1e6)
-    assert ofdm_airtime_s(1000, "qpsk", 1e6, pad_samples=100) == pytest.approx(((84 + 3) * 80 + 100) / 1e6)
-    # Half the bandwidth, twice the airtime.
-    assert ofdm_airtime_s(1000, "qpsk", 5e5) == pytest.approx(2 * ofdm_airtime_s(1000, "qpsk", 1e6))
-    with pytest.raises(ValueError):
-        ofdm_airtime_s(10, "qam", 1e6)
-    with pytest.raises(ValueError):
-        ofdm_airtime_s(10, "qpsk", 0)
-
-
-def test_airtime_symbol_boundary():
-    # 92 B + 4 = 96 B = 768 bits = exactly 8 QPSK symbols; one more byte needs a 9th.
-    assert ofdm_airtime_s(92, "qpsk", 1.0) == (8 + 3) * 80
-    assert ofdm_airtime_s(93, "qpsk", 1.0) == (9 + 3) * 80
 
 
 # ---------------------------------------------------------------- PerCurve
@@ -68,7 +44,7 @@ def test_default_per_matches_measured_points():
 def test_default_per_monotone_and_ordered():
     pc = PerCurve.default()
     snrs = np.linspace(-5, 35, 801)
-    for mod in MODULATIONS:
+    for mod in MODULATION_NAMES:
         per = [pc.per(s, mod, 1000) for s in snrs]
         assert all(b <= a for a, b in zip(per, per[1:]))
         assert all(0.0 <= p <= 1.0 for p in per)
@@ -92,7 +68,7 @@ def test_frame_size_scaling():
 
 def test_min_snr_inverts_per():
     pc = PerCurve.default()
-    for mod in MODULATIONS:
+    for mod in MODULATION_NAMES:
         for size in (200, 1000, 4020):
             for target in (0.5, 0.1, 0.01):
                 s = pc.min_snr_db(mod, size, target)

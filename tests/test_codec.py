@@ -21,6 +21,7 @@ from proto.codec import (
     CodecError,
     decode_update,
     encode_update,
+    encoded_size,
     expected_shapes,
 )
 
@@ -520,3 +521,115 @@ def test_round_trip_property_v2():
             assert out.kept == {}
 
     check()
+
+
+# --------------------------------------------------------------------------- size without encoding
+def _minilm_like(rank: int, depth: int, layers: int = 6, hidden: int = 24) -> dict[str, torch.Tensor]:
+    """A (rank, depth) view of a MiniLM-shaped adapter (q/v LoRA of the top `depth` layers, 2-class head)."""
+    g = torch.Generator().manual_seed(rank * 10 + depth)
+    state = {}
+    for layer in range(layers - depth, layers):
+        for mod in ("query", "value"):
+            base = f"bert.encoder.layer.{layer}.attention.self.{mod}"
+            state[f"{base}.lora_A"] = torch.randn(rank, hidden, generator=g)
+            state[f"{base}.lora_B"] = torch.randn(hidden + 8, rank, generator=g)
+    state["head.classifier.weight"] = torch.randn(2, hidden, generator=g)
+    state["head.classifier.bias"] = torch.randn(2, generator=g)
+    return state
+
+
+def _random_masks(state: dict[str, torch.Tensor], rank: int, k: int, seed: int) -> dict[str, torch.Tensor]:
+    rng = np.random.default_rng(seed)
+    masks = {}
+    for key in state:
+        if key.endswith(".lora_A"):
+            mask = torch.zeros(rank, dtype=torch.bool)
+            mask[torch.from_numpy(rng.choice(rank, k, replace=False))] = True
+            masks[key[: -len(".lora_A")]] = mask
+    return masks
+
+
+@pytest.mark.parametrize("version", [1, 2])
+@pytest.mark.parametrize("dtype", ["fp16", "fp32"])
+@pytest.mark.parametrize("rank, depth", [(1, 1), (2, 6), (4, 2), (8, 6), (9, 3), (16, 4)])
+def test_encoded_size_is_the_length_of_a_dense_update(rank, depth, dtype, version):
+    state = _minilm_like(rank, depth)
+    data = encode_update(state, spec=ModuleSpec(rank, depth), round_idx=1, device_id=2, dtype=dtype, version=version)
+    assert encoded_size(expected_shapes(state), dtype=dtype, version=version) == len(data)
+
+
+@pytest.mark.parametrize("version", [1, 2])
+@pytest.mark.parametrize("dtype", ["fp16", "fp32"])
+@pytest.mark.parametrize("rank, depth", [(2, 1), (4, 6), (8, 2), (8, 6), (13, 3)])
+@pytest.mark.parametrize("keep_fraction", [0.0, 0.125, 0.25, 0.5, 0.75, 1.0])
+def test_encoded_size_is_the_length_of_a_component_sparse_update(rank, depth, keep_fraction, dtype, version):
+    from fedlora.sparsify import n_keep
+
+    state = _minilm_like(rank, depth)
+    k = n_keep(keep_fraction, rank)
+    masks = _random_masks(state, rank, k, seed=rank + depth)
+    data = encode_update(
+        state, spec=ModuleSpec(rank, depth), round_idx=1, device_id=2, dtype=dtype, kept=masks, version=version
+    )
+    shapes = expected_shapes(state)
+    assert encoded_size(shapes, dtype=dtype, kept=k, version=version) == len(data)
+    per_module = {path: int(m.sum()) for path, m in masks.items()}
+    assert encoded_size(shapes, dtype=dtype, kept=per_module, version=version) == len(data)
+
+
+def test_encoded_size_counts_zero_entries_and_modules_left_dense():
+    state = _minilm_like(4, 2)
+    zero_a = [k for k in state if k.endswith(".lora_A")]
+    for k in zero_a:
+        state[k].zero_()  # b_only: A travels as kind 2
+    spec, shapes = ModuleSpec(4, 2), expected_shapes(state)
+    data = encode_update(state, spec=spec, round_idx=1, device_id=0)
+    assert encoded_size(shapes, zero_keys=zero_a) == len(data)
+    assert encoded_size(shapes) > len(data)  # zeros not declared: an upper bound
+    v1 = encode_update(state, spec=spec, round_idx=1, device_id=0, version=1)  # v1 has no kind 2
+    assert encoded_size(shapes, zero_keys=zero_a, version=1) == len(v1)
+    some = dict(list(_random_masks(state, 4, 3, seed=1).items())[:1])  # one module by components, the rest dense
+    data = encode_update(state, spec=spec, round_idx=1, device_id=0, kept=some)
+    assert encoded_size(shapes, zero_keys=zero_a, kept={p: 3 for p in some}) == len(data)
+
+
+def test_encoded_size_bounds_auto_compression_and_refuses_what_encode_refuses():
+    state = _minilm_like(8, 6)
+    state["head.classifier.bias"].zero_()
+    auto = encode_update(state, spec=ModuleSpec(8, 6), round_idx=1, device_id=0, compress="auto")
+    assert len(auto) <= encoded_size(expected_shapes(state))
+    with pytest.raises(CodecError, match="unknown dtype"):
+        encoded_size(expected_shapes(state), dtype="bf16")
+    with pytest.raises(CodecError, match="version"):
+        encoded_size(expected_shapes(state), version=3)
+    with pytest.raises(CodecError, match="kept components"):
+        encoded_size(expected_shapes(state), kept=9)
+    with pytest.raises(CodecError, match="key of"):
+        encoded_size({"": (3,)})
+
+
+@pytest.mark.parametrize("uplink_dtype", ["fp16", "fp32"])
+@pytest.mark.parametrize("sparsifier", ["dense", "dense_fp16", "dense_fp32", "soft", "topk", "randomk", "b_only"])
+def test_the_cost_models_update_size_is_what_the_edge_encodes(sparsifier, uplink_dtype):
+    """bs_node's size prediction (ModelShape + the codec config) == len(encode_update(sparsifier output))."""
+    from bs_node.controllers.costs import ModelShape, UpdateEncoding
+    from config import CodecConfig
+    from fedlora.sparsify import sparsifier_from_config
+
+    codec = CodecConfig(sparsifier=sparsifier, uplink_dtype=uplink_dtype)
+    encoding = UpdateEncoding.from_codec(codec)
+    full = _minilm_like(8, 6)
+    shape = ModelShape.from_shapes(expected_shapes(full), 6)
+    for rank, depth in [(2, 1), (4, 3), (8, 6), (5, 2)]:
+        view = _minilm_like(rank, depth)
+        g = torch.Generator().manual_seed(rank)
+        delta = {k: torch.randn(v.shape, generator=g) for k, v in view.items()}
+        trained = {k: view[k] + delta[k] for k in view}
+        assert set(shape.view_shapes(rank, depth)) == set(view)
+        for keep_fraction in (0.25, 0.5, 0.8, 1.0):
+            edge = sparsifier_from_config(codec, seed=0, device_id=1)
+            up = edge.sparsify(delta, trained, ModuleSpec(rank, depth), keep_fraction, round_idx=1)
+            data = encode_update(
+                up.delta, spec=ModuleSpec(rank, depth), round_idx=1, device_id=1, dtype=up.dtype, kept=up.kept
+            )
+            assert shape.update_bytes(rank, depth, keep_fraction, encoding) == len(data), (rank, depth, keep_fraction)

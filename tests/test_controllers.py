@@ -8,10 +8,19 @@ import pytest
 from bs_node.controllers import DeviceState, RoundState, make_controller
 from bs_node.controllers.costs import ModelShape
 from bs_node.measurements import DeviceRound, RoundRecord
-from config import ConfigError, load_bench, load_experiment
+from config import CodecConfig, ConfigError, load_bench, load_experiment
 from phy.channel import SimChannel
 
-SHAPE = ModelShape(layer_widths=(1536,) * 6, head_values=770, lora_entries_per_layer=4)  # MiniLM, q/v
+SHAPE = ModelShape.from_shapes(  # MiniLM: 6 layers, hidden 384, LoRA rank 8 on query/value, 2-class head
+    {
+        f"bert.encoder.layer.{i}.attention.self.{m}.lora_{f}": (8, 384) if f == "A" else (384, 8)
+        for i in range(6)
+        for m in ("query", "value")
+        for f in "AB"
+    }
+    | {"head.classifier.weight": (2, 384), "head.classifier.bias": (2,)},
+    6,
+)
 
 
 def bench(budget_j: float | None = 150.0, distances=(10, 20, 35, 60)):
@@ -251,7 +260,7 @@ def test_delivery_is_averaged_over_the_block_fade():
     from phy.channel import PerCurve
 
     b = bench()
-    model = CostModel(b, PerCurve.default(), SHAPE, 8, (0.3, 0.2, 0.2))
+    model = CostModel(b, PerCurve.default(), SHAPE, 8, (0.3, 0.2, 0.2), codec=CodecConfig())
     grid = model.grid([(8, 6)], ["qpsk"], [1.0], np.array([10.0]), np.array([0.25]))
     zeros = np.zeros((2, 1))
     noise_dbm = -174 + 9 + 10 * np.log10(0.25 * b.radio.total_bandwidth_hz)

@@ -18,10 +18,11 @@ import pmt  # noqa: E402
 from gnuradio import blocks, digital, gr  # noqa: E402
 
 from phy import ofdm  # noqa: E402
-from phy.channel import PerCurve, ofdm_airtime_s  # noqa: E402
+from phy.channel import PerCurve  # noqa: E402
 from phy.gr_loopback import LoopbackModem, measure_back_to_back_loss  # noqa: E402
-from phy.ofdm_rx import decode_payload  # noqa: E402
+from phy.ofdm_demod import decode_payload  # noqa: E402
 from phy.ofdm_tx import OfdmTransmitter, make_pdu, modulate  # noqa: E402
+from proto import numerology  # noqa: E402
 from proto.framing import MAX_FRAME_BYTES, Frame, fragment  # noqa: E402
 
 MODS = ("bpsk", "qpsk", "8psk", "16qam")
@@ -54,7 +55,7 @@ def test_sync_words_equal_gr_digital_and_leave_global_rng_alone():
 @pytest.mark.parametrize("mod", MODS)
 def test_constellations_unit_power_gray_and_gr_object_agrees(mod):
     m = ofdm.get_modulation(mod)
-    assert np.isclose(np.mean(np.abs(m.points) ** 2), 1.0, atol=1e-6)  # pitfall 3
+    assert np.isclose(np.mean(np.abs(m.points) ** 2), 1.0, atol=1e-6)  # docs/pitfalls.md §3
     d = np.abs(m.points[:, None] - m.points[None, :])
     dmin = d[d > 0].min()
     for i, j in zip(*np.nonzero(np.isclose(d, dmin))):
@@ -67,7 +68,7 @@ def test_constellations_unit_power_gray_and_gr_object_agrees(mod):
 @pytest.mark.parametrize("mod", MODS)
 @pytest.mark.parametrize("size", [0, 1, 2, 3, 37, 1000, 1001, 1002, ofdm.MAX_PACKET_BYTES])
 def test_map_demap_roundtrip_any_length(mod, size):
-    """No (len + 4) % 3 rule for our 8PSK (pitfall 4): the header carries the exact byte count."""
+    """No (len + 4) % 3 rule for our 8PSK (docs/pitfalls.md §4): the header carries the exact byte count."""
     data = bytes(np.random.default_rng(size).integers(0, 256, size, dtype=np.uint8))
     sym = ofdm.map_packet(data, mod, 201)
     header = ofdm.PacketHeader(size, ofdm.get_modulation(mod).bits_per_symbol, 201)
@@ -129,11 +130,21 @@ def test_header_bits_equal_gr_digital_formatter_and_parse_with_stock_parser():
         assert ofdm.PacketHeader.from_fields(d[ofdm.PACKET_LEN_KEY] // 8, d[ofdm.PACKET_NUM_KEY]) == h
 
 
-@pytest.mark.parametrize("mod", ["bpsk", "qpsk", "8psk"])
-def test_packet_samples_is_the_airtime_model(mod):
-    for size in (0, 500, 1000, MAX_FRAME_BYTES):
-        pad = ofdm.DEFAULT_PRE_PAD + ofdm.DEFAULT_POST_PAD
-        assert ofdm.packet_samples(size, mod) == round(ofdm_airtime_s(size, mod, 1.0, pad_samples=pad))
+@pytest.mark.gnuradio
+@pytest.mark.parametrize("mod", MODS)
+def test_the_airtime_model_counts_the_samples_the_transmitter_emits(mod):
+    """proto.numerology's packet/burst sample count and airtime == what OfdmTransmitter really emits, padding too."""
+    rate_hz = 250e3
+    for sizes in ([0], [1], [37], [1000], [MAX_FRAME_BYTES], [ofdm.MAX_PACKET_BYTES], [1000, 0, 92, 93, 1001, 4020]):
+        frames = [bytes(n) for n in sizes]
+        emitted = len(modulate(frames, mod))
+        assert emitted == numerology.burst_samples(sizes, mod), (mod, sizes)
+        assert emitted == sum(numerology.packet_samples(n, mod) for n in sizes)
+        assert numerology.burst_airtime_s(sizes, mod, rate_hz) == pytest.approx(emitted / rate_hz)
+        assert sum(numerology.packet_airtime_s(n, mod, rate_hz) for n in sizes) == pytest.approx(emitted / rate_hz)
+    frames = [bytes(100), bytes(3)]  # other padding: the transmitter and the count move together
+    emitted = len(modulate(frames, mod, pre_pad=0, post_pad=80))
+    assert emitted == numerology.burst_samples([100, 3], mod, pre_pad_samples=0, post_pad_samples=80)
 
 
 @pytest.mark.parametrize("snr_db", [20.0, 30.0])
@@ -165,11 +176,11 @@ def test_snr_estimator_unbiased_on_synthetic_frames(mod, snr_db):
 def test_transmitter_burst_length_padding_and_power():
     frames = [bytes(1000), bytes(range(256)) * 2, b""]
     x = modulate(frames, "qpsk")
-    sizes = [ofdm.packet_samples(len(f), "qpsk") for f in frames]
+    sizes = [numerology.packet_samples(len(f), "qpsk") for f in frames]
     assert len(x) == sum(sizes)
     first = x[: sizes[0]]
-    pre, post = ofdm.DEFAULT_PRE_PAD, ofdm.DEFAULT_POST_PAD
-    assert np.all(first[:pre] == 0) and np.all(first[-post:] == 0)  # pitfall 5, incl. the burst's last packet
+    pre, post = numerology.DEFAULT_PRE_PAD_SAMPLES, numerology.DEFAULT_POST_PAD_SAMPLES
+    assert np.all(first[:pre] == 0) and np.all(first[-post:] == 0)  # docs/pitfalls.md §5, the last packet too
     assert np.all(x[-post:] == 0) and np.any(x[-post - 16 : -post] != 0)
     assert 0.97 < np.mean(np.abs(first[pre:-post]) ** 2) < 1.01  # unit power: the SNR convention's reference
 
@@ -240,7 +251,7 @@ def test_many_small_packets_keep_their_order_and_index(modem):
 
 @pytest.mark.gnuradio
 def test_largest_packets_fit_the_buffers(modem):
-    """Pitfall 2: a whole BPSK packet of the maximum size must fit every tagged-stream buffer."""
+    """docs/pitfalls.md §2: a whole BPSK packet of the maximum size must fit every tagged-stream buffer."""
     frames = [bytes(np.random.default_rng(9).integers(0, 256, ofdm.MAX_PACKET_BYTES, dtype=np.uint8))] * 3
     frames += fragment(bytes(9000), 1, 0, MAX_FRAME_BYTES - 20)  # real data-plane frames of 4020 bytes
     frames = [f if isinstance(f, bytes) else f.to_bytes() for f in frames]

@@ -22,7 +22,6 @@ sim agrees on the lower waterfall but is optimistic on the upper part (the stric
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from functools import cache
 
@@ -87,7 +86,7 @@ def _modem_per(modulation: str, frame_bytes: int) -> tuple[tuple[float, float], 
 def _sim_link_per(snr_db: float, modulation: str, frame_bytes: int, n_frames: int = SIM_DRAW_FRAMES) -> float:
     """PER drawn by the sim link itself (SimUplinkTransmitter -> SimUplinkReceiver), at exactly snr_db."""
     bench = load_bench(BENCH_FILE)
-    channel = SimChannel(dataclasses.replace(bench.channel, fading="none"), seed=3)
+    channel = SimChannel(bench.channel.model_copy(update={"fading": "none"}), seed=3)
     geometry = DeviceGeometry(device_id=0, distance_m=10.0)
     bandwidth_hz = 250e3
     power_dbm = snr_db + channel.path_loss_db(geometry.distance_m) + channel.noise_dbm(bandwidth_hz)

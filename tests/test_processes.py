@@ -15,6 +15,7 @@ import torch
 import yaml
 import zmq
 
+from proto.air import FrameSidecar
 from tests.processes import ENV, REPO, TINY, Procs, read_rounds, wait_for
 
 pytestmark = pytest.mark.integration
@@ -125,11 +126,11 @@ def test_garbage_on_both_sockets_is_logged_and_ignored(procs, tmp_path):
     data.connect(ep["data"])
     for payload in (
         [b"\x00\xff garbage"],
-        [b'{"v": 1, "type": "plan"}'],
+        [b'{"v": 2, "type": "plan"}'],
         [b"a", b"b", b"c", b"d"],
         [
             json.dumps(
-                {"v": 1, "type": "report", "device_id": 0, "round": 1, "status": "ok", "measurements": {}}
+                {"v": 2, "type": "report", "device_id": 0, "round": 1, "status": "ok", "measurements": {}}
             ).encode()
         ],
     ):
@@ -140,7 +141,7 @@ def test_garbage_on_both_sockets_is_logged_and_ignored(procs, tmp_path):
         procs.edge(ep["control"], k)
     wait_for(lambda: len(read_rounds(run_dir)) >= 1, 180, "round 1")
     rogue.send_multipart([b"\xde\xad"])
-    data.send_multipart([b'{"snr_db": 12.0}', b"\x46\x4c" + os.urandom(60)])
+    data.send_multipart([FrameSidecar(snr_db=12.0).encode(), b"\x46\x4c" + os.urandom(60)])
     assert bs.wait(timeout=300) == 0, procs.output("bs")
     rounds = read_rounds(run_dir)
     assert len(rounds) == 2

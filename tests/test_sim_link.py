@@ -7,9 +7,11 @@ import numpy as np
 import pytest
 import zmq
 
-from phy.channel import ChannelConfig, DeviceGeometry, PerCurve, SimChannel, TxSetting, ofdm_airtime_s
+from phy.channel import ChannelConfig, DeviceGeometry, PerCurve, SimChannel, TxSetting
 from phy.sim import SimUplinkReceiver, SimUplinkTransmitter
+from proto.air import FrameSidecar
 from proto.framing import Frame, fragment
+from proto.numerology import packet_airtime_s
 
 pytestmark = pytest.mark.integration
 
@@ -88,7 +90,7 @@ def test_high_snr_all_arrive_with_measured_snr(ctx, rx):
 
     assert report.frames_sent == 200
     assert report.bytes_sent == sum(len(d) for d in data)
-    assert report.airtime_s == pytest.approx(sum(ofdm_airtime_s(len(d), "qpsk", BW_HZ) for d in data))
+    assert report.airtime_s == pytest.approx(sum(packet_airtime_s(len(d), "qpsk", BW_HZ) for d in data))
 
 
 def test_low_snr_almost_none_arrive_but_airtime_counted(ctx, rx):
@@ -101,7 +103,7 @@ def test_low_snr_almost_none_arrive_but_airtime_counted(ctx, rx):
     tx.close()
     assert got == []
     assert report.frames_sent == 200
-    assert report.airtime_s == pytest.approx(200 * ofdm_airtime_s(1000, "qpsk", BW_HZ))
+    assert report.airtime_s == pytest.approx(200 * packet_airtime_s(1000, "qpsk", BW_HZ))
 
 
 def _mid_snr_survivors(ctx, rx, seed, attempts=1):
@@ -144,8 +146,8 @@ def test_garbage_is_skipped(ctx, rx, caplog):
     with caplog.at_level(logging.WARNING, logger="phy.sim"):
         for msg in garbage:
             push.send_multipart(msg)
-        push.send_multipart([b'{"snr_db": 12.5}', good])
-        push.send_multipart([b"{}", SENTINEL])  # no snr_db: accepted with None
+        push.send_multipart([FrameSidecar(snr_db=12.5).encode(), good])
+        push.send_multipart([FrameSidecar().encode(), SENTINEL])  # no snr_db: accepted with None
         got = collect_until_sentinel(rx)
     push.close()
     assert [(f.data, f.snr_db) for f in got] == [(good, 12.5)]

@@ -17,6 +17,19 @@ import pytest
 
 from phy import fdma
 from phy.channel import DeviceGeometry, SimChannel, TxSetting
+from proto.air import (
+    AirMessageError,
+    BurstFrames,
+    BurstHeader,
+    FrameSidecar,
+    MediumChunk,
+    RoundPlan,
+    decode_endpoints,
+    decode_medium,
+    decode_reply,
+    decode_request,
+    decode_sidecar,
+)
 from tests.processes import ENV, REPO, TINY, read_rounds
 
 ZMQ_IQ = REPO / "hw_configs" / "zmq_iq.yaml"
@@ -85,7 +98,7 @@ def test_carrier_offsets_are_reproducible_and_bounded():
 
 def test_to_medium_puts_the_burst_in_its_subband_at_its_power():
     pytest.importorskip("scipy")
-    from phy.air import to_medium
+    from phy.air_medium import to_medium
 
     rng = np.random.default_rng(0)
     n = 40_000
@@ -114,7 +127,7 @@ def test_to_medium_puts_the_burst_in_its_subband_at_its_power():
 
 
 def test_frame_inbox_keeps_good_frames_of_planned_subbands_only():
-    from phy.gr_zmq_iq import FrameInbox
+    from phy.subband_inbox import FrameInbox
 
     inbox = FrameInbox()
     try:
@@ -128,6 +141,103 @@ def test_frame_inbox_keeps_good_frames_of_planned_subbands_only():
         assert inbox.crc_failures == 1 and inbox.take(0.05) == []
     finally:
         inbox.close()
+
+
+# --------------------------------------------------------------------------------------------- messages
+GOOD_BURST = BurstHeader(device_id=0, round=1, burst_id=1, tx_power_dbm=10.0, bandwidth_hz=250e3, modulation="qpsk")
+GOOD_PLAN = RoundPlan(
+    round=1,
+    total_bandwidth_hz=1e6,
+    seed=0,
+    channel={},
+    distances_m=[10.0, 20.0],
+    max_cfo_hz=100.0,
+    clock_speed=1.0,
+    hangover_s=0.02,
+    attenuation_db=60.0,
+    subbands=[{"device_id": 0, "center_hz": -375e3, "bandwidth_hz": 250e3}],
+)
+
+
+def test_air_messages_round_trip_with_their_binary_frames():
+    iq = np.ones(4, dtype=np.complex64).tobytes()
+    burst = decode_request([GOOD_BURST.encode(), iq])
+    assert isinstance(burst, BurstFrames) and burst.header == GOOD_BURST and burst.iq == iq
+    assert decode_request([GOOD_PLAN.encode()]) == GOOD_PLAN
+    chunk, samples = decode_medium([MediumChunk(index=7).encode(), iq])
+    assert chunk.index == 7 and samples == iq
+    assert decode_sidecar(FrameSidecar(snr_db=3.5).encode()).snr_db == 3.5
+    assert decode_sidecar(FrameSidecar(snr_db=1.0, modulation="8psk").encode()).modulation == "8psk"
+
+
+@pytest.mark.parametrize(
+    "decode, frames, named",
+    [
+        (decode_request, [b'{"v": 2, "type": "burst", "device_id": true}', b"12345678"], "burst: field 'device_id'"),
+        (decode_request, [b'{"v": 2, "type": "beam"}'], "request: "),
+        (decode_request, [GOOD_BURST.encode(), b"1234567"], "burst: IQ of 7 bytes"),
+        (decode_request, [GOOD_PLAN.encode(), b"12345678"], "plan: 2 frame(s)"),
+        (decode_reply, [b'{"v": 2, "type": "done", "device_id": 0}'], "done: field 'round' is missing"),
+        (decode_reply, [b'{"v": 1, "type": "error", "error": "x", "kind": ""}'], "error: field 'v'"),
+        (decode_medium, [b'{"v": 2, "index": -1}', b"12345678"], "medium: field 'index'"),
+        (decode_medium, [b'{"v": 2, "index": 0}', b""], "medium: IQ of 0 bytes"),
+        (lambda f: decode_sidecar(f[0]), [b'{"v": 2, "snr_db": "high"}'], "sidecar: field 'snr_db'"),
+        (lambda f: decode_sidecar(f[0]), [b'{"snr_db": 1.0}'], "sidecar: field 'v' (the protocol version) is missing"),
+        (lambda f: decode_endpoints(f[0]), [b'{"v": 2, "address": "tcp://a:1"}'], "endpoints: field 'medium'"),
+    ],
+)
+def test_bad_air_messages_raise_one_error_naming_type_and_field(decode, frames, named):
+    with pytest.raises(AirMessageError) as err:
+        decode(frames)
+    assert named in str(err.value) and "\n" not in str(err.value)
+
+
+def test_the_wire_format_doc_lists_every_air_message_and_field():
+    import re
+
+    from proto import air as messages
+
+    text = (REPO / "docs" / "wire-format.md").read_text()
+    start = text.index("## Air and PHY links (`proto/air.py`)")
+    section = text[start : text.index("\n## ", start + 1)]
+    assert f"`v` (protocol version, now {messages.AIR_PROTOCOL_VERSION})" in section
+    lines = section.splitlines()
+    first = next(i for i, line in enumerate(lines) if line.startswith("| socket | `type` | model |"))
+    documented = {}
+    for line in lines[first + 2 :]:
+        if not line.startswith("|"):
+            break
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        fields = re.findall(r"`(\w+)`", re.sub(r"\([^)]*\)", "", cells[4]))  # nested fields are in brackets
+        documented[cells[2].strip("`")] = (cells[1].strip("`"), fields)
+    models = [
+        messages.BurstHeader,
+        messages.RoundPlan,
+        messages.BurstDone,
+        messages.BurstOnMedium,
+        messages.PlanAccepted,
+        messages.AirRefusal,
+        messages.MediumChunk,
+        messages.AirEndpoints,
+        messages.FrameSidecar,
+    ]
+    assert set(documented) == {m.__name__ for m in models}
+    for model in models:
+        type_tag = model.model_fields["type"].default if "type" in model.model_fields else ""
+        fields = [f for f in model.model_fields if f not in ("v", "type")]
+        assert documented[model.__name__] == (type_tag, fields), model.__name__
+
+
+def test_air_messages_load_no_heavy_modules():
+    out = subprocess.run(
+        [sys.executable, "-c", "import sys, proto.air; print(sorted(set(sys.modules) & {'numpy', 'zmq', 'torch'}))"],
+        cwd=REPO,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert out.stdout.strip() == "[]"
 
 
 # --------------------------------------------------------------------------------------------- config
@@ -164,6 +274,12 @@ def test_air_settings_are_not_checked_for_other_phys():
     load_bench(REPO / "hw_configs" / "sim.yaml", ["air.max_cfo_hz=5000"])
 
 
+def test_the_air_reports_a_bad_bench_in_one_line_and_exits_2():
+    cmd = [sys.executable, "-m", "phy.air", "--bench", str(ZMQ_IQ), "--bench-set", "air.clock_speed=0"]
+    out = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "air.clock_speed" in out.stderr and len(out.stderr.strip().splitlines()) == 1
+
+
 # --------------------------------------------------------------------------------------------- real processes
 gnuradio = pytest.mark.gnuradio
 
@@ -192,7 +308,8 @@ def _start_air(tmp_path, *bench_set: str) -> tuple[subprocess.Popen, dict]:
             assert air.poll() is None, (tmp_path / "air.log").read_text()
             assert time.monotonic() < deadline, "the air did not bind"
             time.sleep(0.05)
-        return air, json.loads(endpoints.read_text())
+        ep = decode_endpoints(endpoints.read_bytes())
+        return air, {"address": ep.address, "medium": ep.medium}
     except BaseException:
         air.kill()
         air.wait()
@@ -275,77 +392,40 @@ def test_air_link_delivers_by_subband_with_snr_following_distance(tmp_path):
     assert "air stopped" in (tmp_path / "air.log").read_text()
 
 
-@gnuradio
-def test_air_survives_garbage_from_peers(tmp_path):
+def test_air_survives_garbage_from_peers():
     pytest.importorskip("scipy")
     import zmq
 
-    from phy.air import Air
+    from phy.air_server import Air
 
     ctx = zmq.Context()
     air = Air(address="tcp://127.0.0.1:0", medium_address="tcp://127.0.0.1:0", context=ctx)
-    physics = {
-        "seed": 0,
-        "channel": {},
-        "distances_m": [10.0, 20.0],
-        "max_cfo_hz": 100.0,
-        "clock_speed": 1.0,
-        "hangover_s": 0.02,
-        "attenuation_db": 60.0,
-    }
     peer = ctx.socket(zmq.DEALER)
     peer.connect(air.address)
-    good = {
-        "v": 1,
-        "device_id": 0,
-        "round": 1,
-        "burst_id": 1,
-        "tx_power_dbm": 10.0,
-        "bandwidth_hz": 250e3,
-        "modulation": "qpsk",
-    }
+    good = json.loads(GOOD_BURST.encode())
+    plan = json.loads(GOOD_PLAN.encode())
     iq = np.ones(1000, dtype=np.complex64).tobytes()
     garbage = [
         [b"hello"],
-        [b"burst", b"not json", iq],
-        [b"burst", json.dumps([1, 2]).encode(), iq],
-        [b"burst", json.dumps(good).encode(), iq],  # no plan from the BS yet
-        [b"plan", json.dumps({"round": 1, "total_bandwidth_hz": 1e6, "subbands": []}).encode()],  # no physics
-        [
-            b"plan",
-            json.dumps(
-                {**physics, "round": 1, "total_bandwidth_hz": 1e6, "channel": {"fading": "x"}, "subbands": []}
-            ).encode(),
-        ],
-        [
-            b"plan",
-            json.dumps(
-                {
-                    **physics,
-                    "round": 1,
-                    "total_bandwidth_hz": 1e6,
-                    "subbands": [{"device_id": 0, "center_hz": 0.0, "bandwidth_hz": 250e3}],
-                }
-            ).encode(),
-        ],
-        [
-            b"plan",
-            json.dumps(
-                {
-                    **physics,
-                    "round": 1,
-                    "total_bandwidth_hz": 1e6,
-                    "subbands": [{"device_id": 0, "center_hz": -375e3, "bandwidth_hz": 250e3}],
-                }
-            ).encode(),
-        ],
-        [b"burst", json.dumps({**good, "v": 9}).encode(), iq],
-        [b"burst", json.dumps({**good, "device_id": -2}).encode(), iq],
-        [b"burst", json.dumps({**good, "modulation": "ook"}).encode(), iq],
-        [b"burst", json.dumps(good).encode(), iq[:-3]],
-        [b"burst", json.dumps(good).encode(), np.full(10, np.nan, dtype=np.complex64).tobytes()],
-        [b"burst", json.dumps({**good, "bandwidth_hz": 100e3}).encode(), iq],
-        [b"burst", json.dumps({**good, "device_id": 2}).encode(), iq],
+        [b"burst", json.dumps(good).encode(), iq],  # protocol 1: a kind frame first
+        [b"not json", iq],
+        [json.dumps([1, 2]).encode(), iq],
+        [json.dumps(good).encode(), iq],  # no plan from the BS yet
+        [json.dumps(good).encode()],  # no IQ
+        [json.dumps({"v": 2, "type": "plan", "round": 1, "total_bandwidth_hz": 1e6, "subbands": []}).encode()],
+        [json.dumps({**plan, "channel": {"fading": "x"}}).encode()],
+        [json.dumps({**plan, "subbands": [{"device_id": 0, "center_hz": 0.0, "bandwidth_hz": 250e3}]}).encode()],
+        [json.dumps(plan).encode(), iq],
+        [json.dumps(plan).encode()],  # the good plan: plan_ok
+        [json.dumps({**good, "v": 9}).encode(), iq],
+        [json.dumps({**good, "device_id": -2}).encode(), iq],
+        [json.dumps({**good, "modulation": "ook"}).encode(), iq],
+        [json.dumps({**good, "colour": "blue"}).encode(), iq],
+        [json.dumps(good).replace('"round": 1', '"round": NaN').encode(), iq],
+        [json.dumps(good).encode(), iq[:-3]],
+        [json.dumps(good).encode(), np.full(10, np.nan, dtype=np.complex64).tobytes()],
+        [json.dumps({**good, "bandwidth_hz": 100e3}).encode(), iq],
+        [json.dumps({**good, "device_id": 2}).encode(), iq],
     ]
     try:
         for parts in garbage:
@@ -355,19 +435,22 @@ def test_air_survives_garbage_from_peers(tmp_path):
         while len(answers) < len(garbage) and time.monotonic() < deadline:
             for _ in range(50):
                 try:
-                    air._on_message(air.router.recv_multipart(zmq.NOBLOCK))
+                    air.on_message(air.router.recv_multipart(zmq.NOBLOCK))
                 except zmq.Again:
                     break
             while peer.poll(10):
-                answers.append(peer.recv_multipart())
-        kinds = [a[0] for a in answers]
-        assert kinds.count(b"plan_ok") == 1 and kinds.count(b"error") == len(garbage) - 1, kinds
-        assert not air.queues.get(0)  # nothing of that reached the medium
+                answers.append(decode_reply(peer.recv_multipart()))
+        kinds = [a.type for a in answers]
+        assert kinds.count("plan_ok") == 1 and kinds.count("error") == len(garbage) - 1, kinds
+        errors = [a.error for a in answers if a.type == "error"]
+        assert "plan: field 'channel.fading'" in errors[7] and "subband rule" in errors[8], errors
+        assert "protocol version 9" in errors[10] and "burst: field 'device_id'" in errors[11], errors
+        assert not air.medium.queues.get(0)  # nothing of that reached the medium
         # and a good burst after all that is taken
-        peer.send_multipart([b"burst", json.dumps(good).encode(), iq])
+        peer.send_multipart([GOOD_BURST.encode(), iq])
         time.sleep(0.2)
-        air._on_message(air.router.recv_multipart())
-        assert len(air.queues[0]) == 1
+        air.on_message(air.router.recv_multipart())
+        assert len(air.medium.queues[0]) == 1
     finally:
         air.close()
         peer.close(linger=0)
@@ -415,7 +498,7 @@ def test_fedlora_run_over_the_air(tmp_path):
 
 # --------------------------------------------------------------------------------------------- edge helper
 def _edge_main(argv: list[str]) -> int:
-    from phy.gr_zmq_iq import ZmqIqTransmitter
+    from phy.gr_zmq_iq_tx import ZmqIqTransmitter
     from proto.framing import fragment
 
     air, device, round_idx, n_frames, power, bandwidth = argv

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from bs_node.controllers.costs import ModelShape
 from bs_node.measurements import RoundRecord
 from config import BenchConfig, DeviceProfile, ExperimentConfig
+from proto.control import Plan
 
 
 @dataclass(frozen=True)
@@ -28,6 +29,22 @@ class DevicePlan:
     modulation: str
     keep_fraction: float  # share of rank components sent (1.0 = dense)
     local_steps: int
+
+    def to_plan(self, round_idx: int, deadline_s: float) -> Plan:
+        """The wire message of this plan: the one place a policy's output becomes a typed, checked `Plan`
+        (a policy that plans an unknown modulation or a numpy number fails here, before anything is sent)."""
+        return Plan(
+            round=round_idx,
+            deadline_s=deadline_s,
+            participate=self.participate,
+            rank=self.rank,
+            depth=self.depth,
+            tx_power_dbm=self.tx_power_dbm,
+            bandwidth_hz=self.bandwidth_hz,
+            modulation=self.modulation,  # type: ignore[arg-type]  # checked against proto.numerology.Modulation
+            keep_fraction=self.keep_fraction,
+            local_steps=self.local_steps,
+        )
 
 
 @dataclass(frozen=True)

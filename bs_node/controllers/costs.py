@@ -8,38 +8,75 @@ ones in docs/controller.md ("Link and cost model").
 from __future__ import annotations
 
 import itertools
-import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
-from config import BenchConfig
-from phy.channel import MODULATIONS, PerCurve, ofdm_airtime_s
+from config import BenchConfig, CodecConfig
+from fedlora.lora import layer_index
+from fedlora.sparsify import BOnlySparsifier, n_keep, sparsifier_from_config
+from fedlora.sparsify.base import ComponentSparsifier
+from phy.channel import PerCurve
+from proto.codec import component_axis, encoded_size
 from proto.framing import OVERHEAD_BYTES
+from proto.numerology import MODULATION_NAMES, packet_airtime_s
 
-FP16_BYTES = 2
-ENTRY_OVERHEAD_BYTES = 64  # codec: key, kind, shape and kept indices of one tensor
-CODEC_OVERHEAD_BYTES = 28  # codec header and checksum
+
+@dataclass(frozen=True)
+class UpdateEncoding:
+    """What the experiment's codec config makes an edge send: the value dtype and which parts go on the air."""
+
+    dtype: str  # the values' width on the air ("fp16" / "fp32"), as the sparsifier hands it to the codec
+    component_coded: bool  # every LoRA module sends n_keep(keep_fraction, rank) components and a kept mask
+    zero_lora_a: bool  # b_only: every lora_A delta is zero and travels as its shape only
+
+    @classmethod
+    def from_codec(cls, codec: CodecConfig) -> UpdateEncoding:
+        """Ask the sparsifier the edges build from this config (fedlora.sparsify.sparsifier_from_config)."""
+        sparsifier = sparsifier_from_config(codec, seed=0, device_id=0)
+        return cls(
+            sparsifier.dtype, isinstance(sparsifier, ComponentSparsifier), isinstance(sparsifier, BOnlySparsifier)
+        )
 
 
 @dataclass(frozen=True)
 class ModelShape:
-    """What the update size depends on: per transformer layer, Σ (in + out) over the LoRA target modules."""
+    """What an update's size depends on: the global adapter's tensors (key, shape at the max rank) and its layers.
 
-    layer_widths: tuple[int, ...]  # index 0 = bottom layer
-    head_values: int
-    lora_entries_per_layer: int  # tensors per layer (2 per target module)
+    A device's (rank, depth) update holds the LoRA tensors of the top `depth` layers cut to `rank` components,
+    plus the head (fedlora.lora.GlobalAdapter.view), encoded by proto.codec: the size comes from the codec."""
 
-    @property
-    def num_layers(self) -> int:
-        return len(self.layer_widths)
+    shapes: tuple[tuple[str, tuple[int, ...]], ...]
+    num_layers: int
 
-    def update_bytes(self, rank: int, depth: int, keep_fraction: float) -> int:
-        kept = max(1, math.ceil(keep_fraction * rank - 1e-9)) if keep_fraction > 0 else 0
-        top = self.layer_widths[self.num_layers - depth :]
-        values = kept * sum(top) + self.head_values
-        entries = depth * self.lora_entries_per_layer + 2
-        return FP16_BYTES * values + ENTRY_OVERHEAD_BYTES * entries + CODEC_OVERHEAD_BYTES
+    @classmethod
+    def from_shapes(cls, shapes: Mapping[str, Sequence[int]], num_layers: int) -> ModelShape:
+        """From the global adapter's key -> shape (proto.codec.expected_shapes(adapter.state))."""
+        for key in shapes:
+            layer = layer_index(key)  # ValueError for a LoRA key outside a numbered layer
+            if layer is not None and not 0 <= layer < num_layers:
+                raise ValueError(f"{key}: layer {layer} outside the model's {num_layers} layers")
+        return cls(tuple((k, tuple(int(d) for d in s)) for k, s in shapes.items()), num_layers)
+
+    def view_shapes(self, rank: int, depth: int) -> dict[str, tuple[int, ...]]:
+        """Keys and shapes of a (rank, depth) update."""
+        first = self.num_layers - depth
+        out: dict[str, tuple[int, ...]] = {}
+        for key, shape in self.shapes:
+            layer = layer_index(key)
+            if layer is not None and layer < first:
+                continue
+            axis = component_axis(key)
+            out[key] = shape if axis is None else shape[:axis] + (rank,) + shape[axis + 1 :]
+        return out
+
+    def update_bytes(self, rank: int, depth: int, keep_fraction: float, encoding: UpdateEncoding) -> int:
+        """Bytes of the encoded update (proto.codec.encoded_size, exact for the uncompressed codec the edges use)."""
+        shapes = self.view_shapes(rank, depth)
+        kept = n_keep(keep_fraction, rank) if encoding.component_coded else None
+        zero = [k for k in shapes if k.endswith(".lora_A")] if encoding.zero_lora_a else []
+        return encoded_size(shapes, dtype=encoding.dtype, kept=kept, zero_keys=zero)
 
 
 @dataclass
@@ -81,14 +118,17 @@ class CostModel:
         shape: ModelShape,
         max_rank: int,
         loss_weights: tuple[float, float, float],
+        *,
+        codec: CodecConfig,
     ):
         self.bench, self.per_curve, self.shape, self.max_rank = bench, per_curve, shape, max_rank
+        self.encoding = UpdateEncoding.from_codec(codec)
         self.loss_weights = loss_weights
         self.frame_payload = bench.radio.frame_payload_bytes
         self.frame_bytes = self.frame_payload + OVERHEAD_BYTES
         ch = bench.channel
         self.noise_psd_dbm_hz = ch.noise_psd_dbm_hz + ch.noise_figure_db
-        self._per_tables = {m: np.array(per_curve.points(m)).T for m in per_curve.modulations if m in MODULATIONS}
+        self._per_tables = {m: np.array(per_curve.points(m)).T for m in per_curve.modulations if m in MODULATION_NAMES}
 
     def per(self, snr_db: np.ndarray, modulation: str) -> np.ndarray:
         snr, per_ref = self._per_tables[modulation]
@@ -118,9 +158,11 @@ class CostModel:
         depth = np.array([m[1] for m in modules], dtype=float)[idx[:, 0]]
         keep = np.asarray(keeps, dtype=float)[idx[:, 2]]
         share = np.asarray(shares, dtype=float)[idx[:, 4]]
-        nbytes = np.array([[self.shape.update_bytes(r, d, k) for k in keeps] for r, d in modules], dtype=float)
+        nbytes = np.array(
+            [[self.shape.update_bytes(r, d, k, self.encoding) for k in keeps] for r, d in modules], dtype=float
+        )
         frames = np.ceil(nbytes[idx[:, 0], idx[:, 2]] / self.frame_payload)
-        per_hz = np.array([ofdm_airtime_s(self.frame_bytes, m, 1.0) for m in mods])
+        per_hz = np.array([packet_airtime_s(self.frame_bytes, m, 1.0) for m in mods])  # padding included
         # depth multiplies: the layers a module does not hold get nothing from this device this round
         info = (1 - lam_d * (1 - depth / self.shape.num_layers)) * (
             1 - lam_r * (1 - rank / self.max_rank) - lam_s * (1 - keep)

@@ -14,7 +14,8 @@ from statistics import NormalDist
 import numpy as np
 
 from bs_node.measurements import DeviceRound
-from phy.channel import ChannelConfig, SimChannel, TxSetting
+from config import ChannelConfig
+from phy.channel import SimChannel, TxSetting
 
 FADING_NODES = 8  # quantile nodes of the next round's channel (equal weights)
 # 10 log10 |h|^2 with |h|^2 ~ Exp(1) (Rayleigh block fading): mean −2.51 dB, standard deviation 5.57 dB

@@ -77,7 +77,12 @@ class LyapunovController(Controller):
         cfg, radio = self.cfg, self.bench.radio
         if self._costs is None:
             self._costs = CostModel(
-                self.bench, self.per_curve, state.model_shape, state.max_rank, tuple(cfg.loss_weights)
+                self.bench,
+                self.per_curve,
+                state.model_shape,
+                state.max_rank,
+                tuple(cfg.loss_weights),
+                codec=self.experiment.codec,
             )
         L = self._num_layers = state.num_layers
         K = len(state.devices)

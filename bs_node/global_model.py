@@ -1,0 +1,109 @@
+"""The BS's learning state: the task, the global adapter, the evaluator and each device's data share.
+
+The round logic (`bs_node.rounds`) sees this only through its `RoundModel` protocol, so the round state machine
+stays free of torch details and can be driven in tests with the tiny model.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from bs_node.controllers.costs import ModelShape
+from config import ExperimentConfig
+from fedlora.aggregation import ClientUpdate, aggregate
+from fedlora.lora import GlobalAdapter, LocalModel, ModuleSpec
+from fedlora.models import build_backbone, load_tokenizer, num_layers
+from fedlora.partition import dirichlet_split
+from fedlora.tasks import load_task
+from fedlora.training import evaluate
+from proto.codec import CodecError, decode_update, encode_update, expected_shapes
+
+log = logging.getLogger("bs")
+BS_DEVICE_ID = 0xFFFF  # sender id written into the downlink adapter view
+
+
+def model_shape(adapter: GlobalAdapter, layers: int) -> ModelShape:
+    """The global adapter's tensor names and shapes: what the controllers need to predict update bytes."""
+    return ModelShape.from_shapes(expected_shapes(adapter.state), layers)
+
+
+class GlobalModel:
+    """Loads the experiment's task and model once; then encodes views, decodes updates, aggregates, evaluates."""
+
+    def __init__(self, experiment: ExperimentConfig):
+        exp = self.exp = experiment
+        t0 = time.perf_counter()
+        self.task = load_task(
+            exp.task.name, exp.task.path, test_size=exp.task.test_size, seed=exp.seed, max_train=exp.task.max_train
+        )
+        self.tokenizer = load_tokenizer(exp.model)
+        backbone = build_backbone(exp.model, self.task.num_labels, exp.seed)
+        self.num_layers: int = num_layers(backbone)
+        self.adapter = GlobalAdapter(backbone, exp.model, exp.seed)
+        self.max_rank: int = self.adapter.max_rank
+        self.full_spec = ModuleSpec(self.max_rank, self.num_layers)
+        self.evaluator = LocalModel(backbone, exp.model)
+        # The same deterministic split the edges make: the BS weights updates by it, so a complete update
+        # whose report never came is still aggregated correctly.
+        shares = dirichlet_split(
+            [ex.label for ex in self.task.train],
+            exp.devices.count,
+            exp.devices.dirichlet_alpha,
+            seed=exp.seed,
+            min_per_device=exp.devices.min_examples,
+        )
+        self.device_examples = [len(share) for share in shares]
+        self.model_shape = model_shape(self.adapter, self.num_layers)
+        log.info(
+            "model and task ready in %.1f s: %s, %d train / %d test examples, %d layers, rank %d",
+            time.perf_counter() - t0,
+            exp.task.name,
+            len(self.task.train),
+            len(self.task.test),
+            self.num_layers,
+            self.max_rank,
+        )
+
+    def examples(self, device_id: int) -> int:
+        """Training examples of a device: its weight in the aggregate."""
+        return self.device_examples[device_id]
+
+    def adapter_view(self, rank: int, depth: int, round_idx: int) -> bytes:
+        """The downlink: the global adapter's view for module (rank, depth), encoded."""
+        spec = ModuleSpec(rank, depth)
+        self.adapter.validate_spec(spec)
+        return encode_update(
+            self.adapter.view(spec),
+            spec=spec,
+            round_idx=round_idx,
+            device_id=BS_DEVICE_ID,
+            dtype=self.exp.codec.downlink_dtype,
+        )
+
+    def decode_update(self, payload: bytes, *, rank: int, depth: int, round_idx: int, device_id: int) -> ClientUpdate:
+        """A device's update, checked against the module its plan named; `CodecError` names what is wrong."""
+        spec = ModuleSpec(rank, depth)
+        decoded = decode_update(payload, expected_shapes=expected_shapes(self.adapter.view(spec)))
+        if (decoded.round_idx, decoded.device_id, decoded.spec) != (round_idx, device_id, spec):
+            raise CodecError(
+                f"update is for round {decoded.round_idx}, device {decoded.device_id}, module "
+                f"{decoded.spec}; expected round {round_idx}, device {device_id}, module {spec}"
+            )
+        return ClientUpdate(
+            spec=spec, delta=decoded.state, weight=float(self.examples(device_id)), kept=decoded.kept or None
+        )
+
+    def aggregate(self, updates: Sequence[ClientUpdate], absent_weight: float) -> None:
+        """Apply the weighted aggregate of `updates` (absent_weight: devices counted as zero updates)."""
+        self.adapter.apply(aggregate(self.adapter, updates, absent_weight))
+
+    def evaluate(self) -> dict[str, float]:
+        """Accuracy and loss of the global adapter on the held-out test set."""
+        self.evaluator.load(self.full_spec, self.adapter.state)
+        return evaluate(self.evaluator.model, self.tokenizer, self.task.test, max_length=self.exp.model.max_length)
+
+    def adapter_state(self) -> dict[str, Any]:
+        return self.adapter.state

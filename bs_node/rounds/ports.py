@@ -1,0 +1,110 @@
+"""What the round state machine needs from the world: a transport (events in, messages out) and a model.
+
+The real process plugs in `bs_node.transport.ZmqTransport` and `bs_node.global_model.GlobalModel`; a test plugs
+in an in-memory transport on a fake clock. Nothing here knows about sockets.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
+
+from bs_node.controllers.costs import ModelShape
+from proto.control import BsMessage, BurstEnd, Bye, Heartbeat, Report
+
+if TYPE_CHECKING:  # pragma: no cover
+    from fedlora.aggregation import ClientUpdate
+
+Clock = Callable[[], float]  # monotonic seconds
+
+
+@dataclass(frozen=True)
+class Registered:
+    """A device registered (and was welcomed); `replaced`: a new process took over a known device id."""
+
+    device_id: int
+    replaced: bool
+
+
+@dataclass(frozen=True)
+class FromEdge:
+    """A message from a registered edge (the transport checked that its sender owns `device_id`)."""
+
+    device_id: int
+    message: Heartbeat | BurstEnd | Report | Bye
+
+
+@dataclass(frozen=True)
+class FrameReceived:
+    """One packet off the uplink with the receiver's measured SNR (None if the PHY measures none)."""
+
+    data: bytes
+    snr_db: float | None
+
+
+Event = Registered | FromEdge | FrameReceived
+
+
+@dataclass(frozen=True)
+class EdgeInfo:
+    device_id: int
+    host: str
+
+
+class RoundTransport(Protocol):
+    """The BS's sockets and registry of edges, as the round logic sees them."""
+
+    def poll(self, timeout_s: float) -> list[Event]:
+        """What arrived within timeout_s: control messages first, then uplink frames."""
+        ...
+
+    def drain_frames(self, quiet_s: float, max_wait_s: float) -> list[FrameReceived]:
+        """Uplink frames until none came for quiet_s (at most max_wait_s): the PHY may lag the control plane."""
+        ...
+
+    def ready_devices(self) -> list[EdgeInfo]:
+        """Registered edges that said they are ready and were heard within the silence timeout, by device id."""
+        ...
+
+    def silent_for_s(self, device_id: int) -> float | None:
+        """Seconds since the device was last heard, if that exceeds the silence timeout; else None."""
+        ...
+
+    def start_round(self, round_idx: int, bandwidth_hz: Mapping[int, float]) -> None:
+        """Tell the uplink receiver the round's subband schedule (PHYs without one ignore it)."""
+        ...
+
+    def is_registered(self, device_id: int) -> bool:
+        """The device registered in this run (offline or not)."""
+        ...
+
+    def send(self, device_id: int, message: BsMessage, attachment: bytes | None = None) -> bool:
+        """Send to a registered edge; False if it could not be delivered (the edge is then offline)."""
+        ...
+
+    def broadcast(self, message: BsMessage) -> None:
+        """Send to every edge not offline."""
+        ...
+
+
+class RoundModel(Protocol):
+    """The learning side of a round: views down, updates up, aggregate, evaluate."""
+
+    max_rank: int
+    num_layers: int
+    model_shape: ModelShape
+
+    def examples(self, device_id: int) -> int: ...
+
+    def adapter_view(self, rank: int, depth: int, round_idx: int) -> bytes: ...
+
+    def decode_update(
+        self, payload: bytes, *, rank: int, depth: int, round_idx: int, device_id: int
+    ) -> ClientUpdate: ...
+
+    def aggregate(self, updates: Sequence[ClientUpdate], absent_weight: float) -> None: ...
+
+    def evaluate(self) -> dict[str, float]: ...
+
+    def adapter_state(self) -> dict[str, Any]: ...

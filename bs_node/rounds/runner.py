@@ -1,0 +1,293 @@
+"""The BS's round state machine: plan (ask the controller), collect (reports, frames, ARQ acks), close.
+
+Driven through a `RoundTransport` and a clock, so it runs the same against zmq sockets and against an in-memory
+transport in tests. One thread: the runner polls the transport for events with a timeout no longer than the
+next ARQ answer falls due. A device that crashes, hangs or disconnects is dropped from the round when its
+deadline passes (or sooner, once the transport says it has been silent too long); the BS never waits on one
+device. Bad frames are counted, logged and ignored; nothing already received is dropped.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from bs_node.controllers import Controller, DeviceState, RoundState
+from bs_node.live_view import LiveView
+from bs_node.measurements import RoundRecord
+from bs_node.records import RunRecorder
+from bs_node.rounds.close import RoundCloser
+from bs_node.rounds.ports import Clock, Event, FrameReceived, FromEdge, Registered, RoundModel, RoundTransport
+from bs_node.rounds.state import Pending
+from config import BenchConfig, ExperimentConfig
+from link.arq import AckTimers
+from proto.control import Ack, BurstEnd, Bye, Heartbeat, Plan, Report, ReportAck, Shutdown
+from proto.framing import Frame, FrameError, Reassembler
+
+log = logging.getLogger("bs")
+
+
+class StartupError(RuntimeError):
+    """Too few edges became ready before the start-up timeout."""
+
+
+class RoundRunner:
+    """Runs the experiment's rounds; `run()` returns the run summary."""
+
+    def __init__(
+        self,
+        experiment: ExperimentConfig,
+        bench: BenchConfig,
+        *,
+        transport: RoundTransport,
+        model: RoundModel,
+        controller: Controller,
+        recorder: RunRecorder,
+        view: LiveView,
+        clock: Clock = time.monotonic,
+        run_id: str = "",
+    ) -> None:
+        self.exp, self.bench = experiment, bench
+        self.transport, self.model, self.controller = transport, model, controller
+        self.recorder, self.view, self.clock, self.run_id = recorder, view, clock, run_id
+        self.reassembler = Reassembler()
+        self.acks = AckTimers(bench.arq.guard_s)
+        self.closer = RoundCloser(experiment, model, self.reassembler, view)
+        self.round_idx = 0  # the round frames and reports are accepted for (still the last one between rounds)
+        self.pending: dict[int, Pending] = {}
+        self.progress: dict[int, str] = {}  # device -> its last progress, for the status line
+        self.bad_frames = 0
+        self.stopping = False
+
+    def stop(self) -> None:
+        """Finish after the current step: the round in progress closes with what it has."""
+        self.stopping = True
+
+    # ------------------------------------------------------------------------------------------ run
+    def run(self) -> dict[str, Any]:
+        """Evaluate the initial adapter, wait for the edges, run every round; the summary is written even when
+        the run stops early or fails, and the edges are told to leave."""
+        initial = self.model.evaluate()
+        self.recorder.initial_accuracy = initial["accuracy"]
+        self.view.line(f"round   0 | accuracy {initial['accuracy'] * 100:.1f} % before fine-tuning")
+        summary: dict[str, Any] = {"run_id": self.run_id, "initial_accuracy": initial["accuracy"], "rounds": 0}
+        t_start = self.clock()
+        try:
+            self.wait_for_devices()
+            for r in range(1, self.exp.round.rounds + 1):
+                if self.stopping:
+                    break
+                record = self.run_round(r)
+                summary.update(rounds=r, final_accuracy=record.accuracy)
+        finally:
+            summary.update(
+                wall_s=self.clock() - t_start,
+                stopped_early=self.stopping,
+                total_uplink_bytes=sum(r.uplink_bytes for r in self.recorder.records),
+                total_energy_j=sum(r.energy_j for r in self.recorder.records),
+                bad_frames=self.bad_frames,
+            )
+            self.recorder.write_summary(summary)
+            self.transport.broadcast(Shutdown(reason="stopped" if self.stopping else "run complete"))
+        acc = summary.get("final_accuracy")
+        self.view.line(
+            f"run {'stopped' if self.stopping else 'complete'}: {summary['rounds']} rounds in "
+            f"{summary['wall_s']:.0f} s, final accuracy "
+            f"{'n/a' if acc is None else f'{acc * 100:.1f} %'}; records in {self.recorder.run_dir}"
+        )
+        return summary
+
+    def wait_for_devices(self) -> None:
+        """Until every device is ready, or the start-up timeout with at least `round.min_devices` ready."""
+        want = self.exp.devices.count
+        deadline = self.clock() + self.exp.round.startup_timeout_s
+        self.view.line(f"waiting for {want} edge(s) to register (up to {self.exp.round.startup_timeout_s:.0f} s)")
+        while not self.stopping:
+            ready = self.transport.ready_devices()
+            if len(ready) >= want:
+                break
+            if self.clock() > deadline:
+                if len(ready) >= self.exp.round.min_devices:
+                    self.view.line(f"startup timeout: starting with {len(ready)} of {want} edges")
+                    break
+                raise StartupError(
+                    f"only {len(ready)} of {want} edges ready after "
+                    f"{self.exp.round.startup_timeout_s:.0f} s (need round.min_devices="
+                    f"{self.exp.round.min_devices})"
+                )
+            self.poll(0.5)
+        ready = self.transport.ready_devices()
+        self.view.line(f"{len(ready)} edge(s) ready: " + ", ".join(f"{e.device_id}@{e.host}" for e in ready))
+
+    def run_round(self, r: int) -> RoundRecord:
+        """Plan, collect until every participant settled or the deadline, close; returns the round's record."""
+        exp = self.exp
+        self.round_idx = r
+        t0 = self.clock()
+        self.poll(0.0)  # registrations and heartbeats that came in while the last round was evaluated
+        if not self.transport.ready_devices():
+            self.view.line(f"round {r}: no edge is ready; waiting up to {exp.round.deadline_s:.0f} s")
+        while not self.stopping and not self.transport.ready_devices() and self.clock() < t0 + exp.round.deadline_s:
+            self.poll(0.5)
+        plans, downlink_bytes = self._plan(r)
+        deadline = t0 + exp.round.deadline_s
+        while not self.stopping and self.clock() < deadline and not self._settled():
+            self.poll(min(1.0, max(0.0, deadline - self.clock())))
+            self._drop_silent()
+            self.view.status(r, self.clock() - t0, {d: self.progress.get(d, "") for d in self.pending})
+        return self._close(r, plans, downlink_bytes, t0)
+
+    # ------------------------------------------------------------------------------------------ plan
+    def _plan(self, r: int) -> tuple[dict[int, Plan], int]:
+        """Ask the controller, send each ready device its plan (participants with their adapter view)."""
+        ready = self.transport.ready_devices()
+        state = RoundState(
+            round_idx=r,
+            devices=tuple(
+                DeviceState(
+                    e.device_id, self.bench.device(e.device_id), self.closer.rounds_participated.get(e.device_id, 0)
+                )
+                for e in ready
+            ),
+            total_bandwidth_hz=self.bench.radio.total_bandwidth_hz,
+            max_tx_power_dbm=self.bench.radio.max_tx_power_dbm,
+            min_tx_power_dbm=self.bench.radio.min_tx_power_dbm,
+            max_rank=self.model.max_rank,
+            num_layers=self.model.num_layers,
+            local_steps=self.exp.training.local_steps,
+            model_shape=self.model.model_shape,
+            device_weights={e.device_id: float(self.model.examples(e.device_id)) for e in ready},
+        )
+        plans = {d: p.to_plan(r, self.exp.round.deadline_s) for d, p in self.controller.decide(state).items()}
+        self.transport.start_round(r, {d: p.bandwidth_hz for d, p in plans.items() if p.participate})
+        views: dict[tuple[int, int], bytes] = {}
+        downlink_bytes = 0
+        self.pending = {}
+        for device_id, plan in sorted(plans.items()):
+            if not self.transport.is_registered(device_id):
+                continue
+            module = (plan.rank, plan.depth)
+            if plan.participate and module not in views:
+                views[module] = self.model.adapter_view(plan.rank, plan.depth, r)
+            attachment = views.get(module) if plan.participate else None
+            delivered = self.transport.send(device_id, plan, attachment)
+            if plan.participate:
+                self.pending[device_id] = Pending(plan, dropped=None if delivered else "disconnected")
+                downlink_bytes += len(attachment) if delivered and attachment is not None else 0
+        return plans, downlink_bytes
+
+    # ------------------------------------------------------------------------------------------ collect
+    def _settled(self) -> bool:
+        return all(p.settled for p in self.pending.values())
+
+    def _drop_silent(self) -> None:
+        for device_id, p in self.pending.items():
+            silent_s = self.transport.silent_for_s(device_id)
+            if not p.settled and silent_s is not None:
+                p.dropped = f"silent for {silent_s:.0f} s"
+                self.view.line(f"round {self.round_idx}: edge {device_id} dropped ({p.dropped})")
+
+    def poll(self, timeout_s: float) -> None:
+        """Handle what arrives within timeout_s (shortened to the next ARQ answer due), then answer bursts."""
+        due_s = self.acks.next_due_s()
+        if due_s is not None:
+            timeout_s = min(timeout_s, max(0.0, due_s - self.clock()))
+        for event in self.transport.poll(timeout_s):
+            self._on_event(event)
+        self._fire_acks()
+
+    def _on_event(self, event: Event) -> None:
+        if isinstance(event, FrameReceived):
+            self._on_frame(event)
+        elif isinstance(event, Registered):
+            self.progress[event.device_id] = ""
+            p = self.pending.get(event.device_id)
+            if event.replaced and p is not None and p.report is None:
+                p.dropped = "restarted during the round"
+        else:
+            self._on_message(event)
+
+    def _on_message(self, event: FromEdge) -> None:
+        device_id, msg = event.device_id, event.message
+        p = self.pending.get(device_id)
+        if isinstance(msg, Heartbeat):
+            steps = f" {msg.step}/{msg.steps}" if msg.step is not None and msg.steps is not None else ""
+            self.progress[device_id] = msg.state + steps
+        elif isinstance(msg, BurstEnd):
+            if msg.round == self.round_idx and p is not None:
+                self.acks.burst_ended(device_id, msg.round, msg.attempt, msg.seqs, self.clock())
+                self.progress[device_id] = f"sending#{msg.attempt}"
+        elif isinstance(msg, Report):
+            if msg.round != self.round_idx or p is None:
+                log.info("control: late report of device %d for round %d ignored", device_id, msg.round)
+            elif p.report is None:
+                p.report = msg
+                self.progress[device_id] = msg.status
+            self._send(device_id, ReportAck(round=msg.round))
+        elif isinstance(msg, Bye):
+            if p is not None and p.report is None:
+                p.dropped = f"left the run ({msg.reason or 'bye'})"
+
+    def _on_frame(self, rx: FrameReceived) -> None:
+        try:
+            frame = Frame.from_bytes(rx.data)
+        except FrameError as exc:
+            self.bad_frames += 1
+            log.warning("uplink: dropped a bad frame (%d so far): %s", self.bad_frames, exc)
+            return
+        p = self.pending.get(frame.device_id)
+        if frame.round_idx != self.round_idx or p is None:
+            log.info(
+                "uplink: frame of device %d round %d is not expected now (round %d); ignored",
+                frame.device_id,
+                frame.round_idx,
+                self.round_idx,
+            )
+            return
+        try:
+            if self.reassembler.add(frame) and rx.snr_db is not None:
+                p.snr_db.append(rx.snr_db)
+        except FrameError as exc:
+            self.bad_frames += 1
+            log.warning("uplink: device %d frame %d rejected: %s", frame.device_id, frame.seq, exc)
+
+    def _fire_acks(self) -> None:
+        now = self.clock()
+        received = self.reassembler.received_seqs
+        if self.acks.overdue_with_gaps(now, received):
+            # an ack is due with frames missing: take what the PHY still holds (a receiver may lag the air)
+            max_wait_s = self.bench.arq.ack_timeout_s / 2  # the edge waits ack_timeout_s for the answer
+            for rx in self.transport.drain_frames(quiet_s=0.05, max_wait_s=max_wait_s):
+                self._on_frame(rx)
+        for timer, have in self.acks.take_answerable(now, received):
+            if self.transport.is_registered(timer.device_id):
+                self._send(timer.device_id, Ack(round=timer.round_idx, attempt=timer.attempt, received=sorted(have)))
+
+    def _send(self, device_id: int, message: Ack | ReportAck) -> None:
+        if not self.transport.send(device_id, message):
+            p = self.pending.get(device_id)
+            if p is not None and p.report is None and not p.dropped:
+                p.dropped = "disconnected"
+
+    # ------------------------------------------------------------------------------------------ close
+    def _close(self, r: int, plans: dict[int, Plan], downlink_bytes: int, t0: float) -> RoundRecord:
+        devices, stale = self.closer.close(r, plans, self.pending)
+        self.acks.discard_round(r)
+        result = self.model.evaluate()
+        record = RoundRecord(
+            round=r,
+            accuracy=result["accuracy"],
+            eval_loss=result["loss"],
+            wall_s=self.clock() - t0,
+            policy=self.controller.name,
+            downlink_bytes=downlink_bytes,
+            devices=devices,
+            controller=self.controller.explain(),
+            stale_updates=stale,
+        )
+        self.controller.observe(record)
+        self.recorder.write_round(record)
+        self.recorder.save_adapter(self.model.adapter_state())
+        self.view.round_table(record)
+        return record

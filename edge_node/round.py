@@ -1,0 +1,207 @@
+"""One edge round: load the plan's adapter view, train, sparsify, encode, fragment, send with ARQ, build the report.
+
+No sockets here: the round talks to the BS through `RoundLink` (heartbeats, ARQ feedback) and to the air through
+the uplink transmitter it is given. A bad plan or a bad adapter view never crashes the edge: the round is
+reported as failed with the reason.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Protocol
+
+import torch
+
+from config import BenchConfig, ExperimentConfig
+from fedlora.energy import EnergyMeter
+from fedlora.lora import LocalModel, ModuleSpec
+from fedlora.models import build_backbone, load_tokenizer
+from fedlora.partition import dirichlet_split
+from fedlora.sparsify import sparsifier_from_config
+from fedlora.tasks import load_task
+from fedlora.training import train_local
+from link.arq import send_with_arq
+from phy.channel import TxSetting
+from phy.uplink import UplinkTransmitter
+from proto.codec import CodecError, decode_update, encode_update
+from proto.control import Measurements, Plan, Report, ReportStatus
+from proto.framing import fragment
+
+log = logging.getLogger("edge")
+
+
+class Stopped(Exception):
+    """Raised from the training loop when the edge is asked to stop: the round ends without a report."""
+
+
+class RoundLink(Protocol):
+    """What a round needs of the control plane."""
+
+    def heartbeat(
+        self,
+        state: str,
+        *,
+        round_idx: int | None = None,
+        step: int | None = None,
+        steps: int | None = None,
+        loss: float | None = None,
+    ) -> None: ...
+
+    def request_ack(
+        self, round_idx: int, attempt: int, seqs: list[int], total: int, timeout_s: float
+    ) -> set[int] | None: ...
+
+
+class EdgeRounds:
+    """One run's local state (data share, model, sparsifier residual, energy meter, uplink) and its rounds."""
+
+    def __init__(
+        self,
+        experiment: ExperimentConfig,
+        bench: BenchConfig,
+        device_id: int,
+        tx: UplinkTransmitter,
+        *,
+        link: RoundLink,
+        stopping: Callable[[], bool] = lambda: False,
+        threads: int = 1,
+    ):
+        exp = self.exp = experiment
+        self.bench, self.device_id, self.tx, self.link, self.stopping = bench, device_id, tx, link, stopping
+        torch.set_num_threads(threads)
+        task = load_task(
+            exp.task.name, exp.task.path, test_size=exp.task.test_size, seed=exp.seed, max_train=exp.task.max_train
+        )
+        shares = dirichlet_split(
+            [ex.label for ex in task.train],
+            exp.devices.count,
+            exp.devices.dirichlet_alpha,
+            seed=exp.seed,
+            min_per_device=exp.devices.min_examples,
+        )
+        if device_id >= len(shares):
+            raise SystemExit(f"edge {device_id}: the experiment has only {len(shares)} devices")
+        self.examples = [task.train[i] for i in shares[device_id]]
+        self.tokenizer = load_tokenizer(exp.model)
+        self.local = LocalModel(build_backbone(exp.model, task.num_labels, exp.seed), exp.model)
+        # one per run: it carries this device's error-feedback residual from round to round
+        self.sparsifier = sparsifier_from_config(exp.codec, seed=exp.seed, device_id=device_id)
+        profile = bench.device(device_id)
+        self.meter = EnergyMeter(
+            profile.compute_watts_per_core, bench.radio.pa_efficiency, bench.radio.radio_on_power_w
+        )
+
+    def run(self, plan: Plan, attachment: bytes | None) -> Report | None:
+        """Take part as planned; the report to send, or None (not a participant, or stopped mid-round)."""
+        if not plan.participate:
+            self.link.heartbeat("idle", round_idx=plan.round)
+            return None
+        status: ReportStatus
+        try:
+            measurements, status = self._train_and_send(plan, attachment)
+            error = None
+        except Stopped:
+            return None
+        except (CodecError, ValueError, RuntimeError) as exc:
+            log.exception("edge %d: round %d failed", self.device_id, plan.round)
+            measurements, status, error = Measurements(), "failed", f"{type(exc).__name__}: {exc}"
+        return Report(device_id=self.device_id, round=plan.round, status=status, measurements=measurements, error=error)
+
+    def _train_and_send(self, plan: Plan, attachment: bytes | None) -> tuple[Measurements, ReportStatus]:
+        round_idx = plan.round
+        if attachment is None:
+            raise ValueError("plan carries no global adapter view")
+        view = decode_update(attachment)
+        spec = ModuleSpec(plan.rank, plan.depth)
+        if view.spec != spec:
+            raise ValueError(f"adapter view is for module {view.spec}, the plan says {spec}")
+        self.local.load(spec, view.state)
+        steps = plan.local_steps
+        log.info(
+            "edge %d: round %d: training module rank %d depth %d for %d steps",
+            self.device_id,
+            round_idx,
+            spec.rank,
+            spec.depth,
+            steps,
+        )
+        cfg = self.exp.training.model_copy(
+            update={"local_steps": steps, "seed": self.exp.seed * 100003 + round_idx * 101 + self.device_id}
+        )
+        last_hb = [0.0]
+
+        def progress(step: int, loss: float) -> None:
+            if self.stopping():
+                raise Stopped()
+            if time.monotonic() - last_hb[0] >= self.exp.round.heartbeat_s:
+                self.link.heartbeat("training", round_idx=round_idx, step=step, steps=steps, loss=float(loss))
+                last_hb[0] = time.monotonic()
+
+        self.sparsifier.prepare_model(self.local.model)  # b_only: freeze A
+        with self.meter.compute() as window:  # sparsifying is edge compute too
+            stats = train_local(
+                self.local.model,
+                self.tokenizer,
+                self.examples,
+                cfg,
+                regularizer=self.sparsifier.regularizer(),
+                progress=progress,
+            )
+            trained = self.local.state()
+            delta = {k: trained[k] - view.state[k] for k in view.state}
+            update = self.sparsifier.sparsify(delta, trained, spec, plan.keep_fraction, round_idx=round_idx)
+        compute = window.result
+        assert compute is not None  # set when the window closed
+        speed = self.bench.device(self.device_id).compute_speed
+        if speed < 1.0:  # emulated slower hardware: the extra time is really spent, the extra work is accounted
+            self._wait_emulated(compute.wall_s * (1.0 / speed - 1.0), round_idx)
+        payload = encode_update(
+            update.delta, spec=spec, round_idx=round_idx, device_id=self.device_id, dtype=update.dtype, kept=update.kept
+        )
+        frames = fragment(payload, self.device_id, round_idx, self.bench.radio.frame_payload_bytes)
+        setting = TxSetting(tx_power_dbm=plan.tx_power_dbm, bandwidth_hz=plan.bandwidth_hz, modulation=plan.modulation)
+        self.link.heartbeat("sending", round_idx=round_idx)
+        ack_timeout_s = self.bench.arq.ack_timeout_s
+        arq = send_with_arq(
+            self.tx,
+            frames,
+            setting,
+            round_idx=round_idx,
+            request_ack=lambda attempt, seqs: self.link.request_ack(
+                round_idx, attempt, seqs, len(frames), ack_timeout_s
+            ),
+            max_attempts=self.bench.arq.max_attempts,
+            airtime_budget_s=self.bench.arq.airtime_budget_s,
+        )
+        transmit_j = self.meter.transmit_energy_j(setting.tx_power_dbm, arq.airtime_s)
+        true_snr_db = getattr(self.tx, "last_true_snr_db", None)  # sim PHYs only: ground truth for the records
+        measurements = Measurements(
+            update_bytes=len(payload),
+            uplink_bytes=int(arq.bytes_sent),
+            frames_sent=int(arq.frames_sent),
+            frames_lost=int(arq.frames_lost),
+            arq_attempts=arq.attempts,
+            airtime_s=float(arq.airtime_s),
+            compute_s=compute.cpu_s / speed,
+            train_wall_s=compute.wall_s / speed,
+            compute_energy_j=compute.energy_j / speed,
+            transmit_energy_j=float(transmit_j),
+            energy_j=compute.energy_j / speed + transmit_j,
+            energy_source=compute.source + (f" x1/{speed:g} emulated" if speed < 1.0 else ""),
+            train_loss=float(stats.mean_loss),
+            train_examples=len(self.examples),
+            kept_components=int(update.info["kept_components"]),
+            total_components=int(update.info["total_components"]),
+            residual_norm=float(update.info["residual_norm"]),
+            true_snr_db=None if true_snr_db is None else float(true_snr_db),
+        )
+        return measurements, "ok" if arq.delivered else "undelivered"
+
+    def _wait_emulated(self, seconds: float, round_idx: int) -> None:
+        """Spend the time emulated slower hardware would have needed, still heartbeating."""
+        end = time.monotonic() + seconds
+        while not self.stopping() and time.monotonic() < end:
+            self.link.heartbeat("training (emulated slow-down)", round_idx=round_idx)
+            time.sleep(min(self.exp.round.heartbeat_s, max(0.0, end - time.monotonic())))

@@ -1,0 +1,285 @@
+"""The air's sockets: requests from the edges and the BS (proto.air), replies, and the medium to the BS.
+
+* ``address`` (ROUTER, bound): an edge sends ``burst`` [header, complex64 IQ] and gets ``done`` once the burst's
+  last sample is on the medium (that is when its send() returns); the BS sends ``plan`` (the round's subbands,
+  phy.fdma, and the physics) and gets ``plan_ok``, and is told ``burst_done`` (device, medium index of the burst's
+  end) before the edge's ``done``, so it can finish decoding a burst before it acknowledges it.
+* ``medium_address`` (PUSH, bound): the summed medium as [``MediumChunk`` {index}, complex64 IQ], ~10 ms a chunk.
+
+A message the air cannot use is logged with its peer and answered with ``error``; it never stops the air.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+import zmq
+from pydantic import ValidationError
+
+from config import ChannelConfig
+from phy import fdma
+from phy.air_medium import Burst, Medium, RateError, to_medium
+from phy.channel import DeviceGeometry, SimChannel, TxSetting
+from proto.air import (
+    IQ_SAMPLE_BYTES,
+    MAX_BURST_SAMPLES,
+    MAX_HEADER_BYTES,
+    AirMessageError,
+    AirRefusal,
+    BurstDone,
+    BurstFrames,
+    BurstOnMedium,
+    MediumChunk,
+    PlanAccepted,
+    RoundPlan,
+    decode_request,
+)
+
+log = logging.getLogger("air")
+
+MEDIUM_QUEUE_CHUNKS = 64  # ~0.6 s of medium queued for the BS, then the clock waits
+
+
+class AirError(ValueError):
+    """A well-formed request the air cannot serve (no plan yet, a width that is not the device's subband, ...)."""
+
+
+@dataclass(frozen=True)
+class Physics:
+    """What the BS's plan tells the air besides the subbands (from its bench and experiment)."""
+
+    total_bandwidth_hz: float
+    channel: ChannelConfig
+    distances_m: tuple[float, ...]
+    seed: int
+    max_cfo_hz: float
+    clock_speed: float
+    hangover_s: float
+    attenuation_db: float
+
+    @classmethod
+    def from_plan(cls, plan: RoundPlan) -> Physics:
+        try:
+            channel = ChannelConfig.model_validate(plan.channel)
+        except ValidationError as exc:
+            error = exc.errors(include_url=False)[0]
+            where = ".".join(["channel", *map(str, error["loc"])])
+            raise AirError(f"plan: field {where!r}: {error['msg']}, got {error.get('input')!r}") from None
+        return cls(
+            plan.total_bandwidth_hz,
+            channel,
+            tuple(plan.distances_m),
+            plan.seed,
+            plan.max_cfo_hz,
+            plan.clock_speed,
+            plan.hangover_s,
+            plan.attenuation_db,
+        )
+
+    def distance_m(self, device_id: int) -> float:
+        return self.distances_m[device_id % len(self.distances_m)]  # cyclic, as BenchConfig.device()
+
+
+@dataclass
+class _BsState:
+    """What the air knows from the BS: its identity, the subband plan and the physics it announced."""
+
+    identity: bytes | None = None
+    round_idx: int = -1
+    physics: Physics | None = None
+    plan: dict[int, fdma.Subband] = field(default_factory=dict)
+
+
+class Air:
+    """The air process's server: sockets, the BS's plan, bursts onto the medium. ``run()`` until ``stop()``."""
+
+    def __init__(
+        self, *, address: str, medium_address: str, noise_seed: int = 0, context: zmq.Context | None = None
+    ) -> None:
+        ctx = context or zmq.Context.instance()
+        self.router = ctx.socket(zmq.ROUTER)
+        self.router.setsockopt(zmq.LINGER, 0)
+        self.router.setsockopt(zmq.MAXMSGSIZE, MAX_BURST_SAMPLES * IQ_SAMPLE_BYTES + MAX_HEADER_BYTES)
+        self.router.bind(bindable(address))
+        self.address = self.router.getsockopt_string(zmq.LAST_ENDPOINT)
+        self.medium_push = ctx.socket(zmq.PUSH)
+        self.medium_push.setsockopt(zmq.LINGER, 0)
+        self.medium_push.setsockopt(zmq.SNDHWM, MEDIUM_QUEUE_CHUNKS)
+        self.medium_push.bind(bindable(medium_address))
+        self.medium_address = self.medium_push.getsockopt_string(zmq.LAST_ENDPOINT)
+        self.medium = Medium(noise_seed)
+        self.bs = _BsState()
+        self._running = True
+        self.stats = {"bursts": 0, "refused": 0, "malformed": 0}
+
+    def stop(self, *_: object) -> None:
+        self._running = False
+
+    def close(self) -> None:
+        self.router.close(linger=0)
+        self.medium_push.close(linger=0)
+
+    def run(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self.router, zmq.POLLIN)
+        while self._running:
+            timeout_ms = 2 if self.medium.active() else 100
+            if dict(poller.poll(timeout_ms)).get(self.router):
+                for _ in range(100):
+                    try:
+                        parts = self.router.recv_multipart(zmq.NOBLOCK, copy=True)
+                    except zmq.Again:
+                        break
+                    self.on_message(parts)
+            self.medium.advance(self._send_chunk, self._on_burst_end)
+        log.info(
+            "air stopped: %s, medium_samples %d, busy_s %.2f",
+            self.stats,
+            self.medium.samples_sent,
+            self.medium.busy_s,
+        )
+
+    # ----------------------------------------------------------------------------------------- requests
+    def on_message(self, parts: list[bytes]) -> None:
+        """One message as the ROUTER received it: [peer identity, header, (IQ)]."""
+        identity, kind = parts[0], ""
+        try:
+            request = decode_request(parts[1:])
+            if isinstance(request, RoundPlan):
+                kind = request.type
+                self._on_plan(identity, request)
+            else:
+                kind = request.header.type
+                self._on_burst(identity, request)
+        except (AirMessageError, AirError) as exc:
+            if isinstance(exc, AirMessageError):
+                kind = exc.message_type if exc.message_type in ("burst", "plan") else ""
+            self.stats["malformed" if isinstance(exc, AirMessageError) else "refused"] += 1
+            log.warning("air: refused a message from peer %r: %s", identity, exc)
+            self._reply(identity, AirRefusal(error=str(exc), kind=kind))
+        except Exception as exc:  # a bug or an odd input must cost one message, not the air
+            self.stats["refused"] += 1
+            log.exception("air: message from peer %r failed", identity)
+            self._reply(identity, AirRefusal(error=f"air failed on it: {exc}", kind=kind))
+
+    def _on_plan(self, identity: bytes, msg: RoundPlan) -> None:
+        physics = Physics.from_plan(msg)
+        if self.bs.physics and physics.total_bandwidth_hz != self.medium.rate_hz and self.medium.active():
+            raise AirError(f"plan: the band changes from {self.medium.rate_hz:.0f} Hz while bursts are on the air")
+        try:
+            plan = fdma.plan_subbands(physics.total_bandwidth_hz, {s.device_id: s.bandwidth_hz for s in msg.subbands})
+        except ValueError as exc:
+            raise AirError(f"plan: field 'subbands': {exc}") from None
+        for s in msg.subbands:  # the BS's centres must be the ones the rule gives: both ends apply the same plan
+            if abs(plan[s.device_id].center_hz - s.center_hz) > 1.0:
+                raise AirError(
+                    f"plan: field 'subbands': device {s.device_id} centre {s.center_hz} Hz, the subband rule "
+                    f"gives {plan[s.device_id].center_hz} Hz"
+                )
+        self.bs = _BsState(identity, msg.round, physics, plan)
+        self.medium.rate_hz = physics.total_bandwidth_hz
+        self.medium.clock_speed = physics.clock_speed
+        self.medium.hangover_s = physics.hangover_s
+        log.info(
+            "air: round %d plan from the BS: %s",
+            msg.round,
+            ", ".join(
+                f"dev {k} {sb.center_hz / 1e3:+.1f} kHz / {sb.bandwidth_hz / 1e3:.1f} kHz"
+                for k, sb in sorted(plan.items())
+            ),
+        )
+        self._reply(identity, PlanAccepted(round=msg.round, index=self.medium.index))
+
+    def _on_burst(self, identity: bytes, request: BurstFrames) -> None:
+        meta = request.header
+        iq = np.frombuffer(request.iq, dtype=np.complex64)
+        if not np.isfinite(iq.view(np.float32)).all():
+            raise AirError("burst: IQ holds NaN or Inf")
+        if not np.all(np.abs(iq.view(np.float32)) < 1e3):
+            raise AirError("burst: IQ is not a unit-power OFDM burst (|sample| >= 1000)")
+        subband = self.bs.plan.get(meta.device_id)
+        physics = self.bs.physics
+        if subband is None or physics is None:
+            raise AirError(
+                f"burst: device {meta.device_id} has no subband in the BS's plan for round {self.bs.round_idx}"
+                + ("" if self.bs.identity else " (no plan from the BS yet)")
+            )
+        if abs(subband.bandwidth_hz - meta.bandwidth_hz) > 1e-6 * meta.bandwidth_hz:
+            raise AirError(
+                f"burst: device {meta.device_id} sends {meta.bandwidth_hz:.0f} Hz wide, its subband in round "
+                f"{self.bs.round_idx} is {subband.bandwidth_hz:.0f} Hz"
+            )
+        try:
+            # the channel's SNR does not depend on the modulation; 16qam (no plan uses it) is costed as qpsk
+            setting = TxSetting(
+                meta.tx_power_dbm, meta.bandwidth_hz, "qpsk" if meta.modulation == "16qam" else meta.modulation
+            )
+        except ValueError as exc:
+            raise AirError(f"burst: {exc}") from None
+        channel = SimChannel(physics.channel, seed=physics.seed)
+        geometry = DeviceGeometry(meta.device_id, physics.distance_m(meta.device_id))
+        snr_db = channel.snr_db(geometry, meta.round, setting)
+        start = self.medium.next_start(meta.device_id)
+        try:
+            samples = to_medium(
+                iq,
+                subband,
+                physics.total_bandwidth_hz,
+                amplitude=fdma.signal_amplitude(snr_db, meta.bandwidth_hz, physics.total_bandwidth_hz),
+                cfo_hz=fdma.carrier_offset_hz(physics.seed, meta.device_id, physics.max_cfo_hz),
+                start_index=start,
+                attenuation_db=physics.attenuation_db,
+            )
+        except RateError as exc:
+            raise AirError(f"burst: {exc}") from None
+        self.medium.add(Burst(identity, meta.device_id, meta.round, meta.burst_id, samples, start, snr_db))
+        self.stats["bursts"] += 1
+        log.info(
+            "air: device %d round %d burst %d: %d samples at %.0f Hz, SNR %.1f dB, on the medium at %d..%d",
+            meta.device_id,
+            meta.round,
+            meta.burst_id,
+            len(iq),
+            meta.bandwidth_hz,
+            snr_db,
+            start,
+            start + len(samples),
+        )
+
+    def _reply(self, identity: bytes, reply: BurstDone | BurstOnMedium | PlanAccepted | AirRefusal) -> None:
+        try:
+            self.router.send_multipart([identity, reply.encode()], zmq.NOBLOCK)
+        except zmq.ZMQError as exc:  # a peer that left: nothing to tell
+            log.info("air: could not answer peer %r: %s", identity, exc)
+
+    # ----------------------------------------------------------------------------------------- medium
+    def _send_chunk(self, start: int, chunk: np.ndarray) -> bool:
+        try:
+            self.medium_push.send_multipart([MediumChunk(index=start).encode(), chunk], zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            return False
+        return True
+
+    def _on_burst_end(self, b: Burst) -> None:
+        if self.bs.identity is not None:  # first the BS: it must know before the edge's burst_end comes
+            self._reply(
+                self.bs.identity,
+                BurstOnMedium(
+                    device_id=b.device_id,
+                    round=b.round_idx,
+                    burst_id=b.burst_id,
+                    medium_end=b.end,
+                    snr_db=b.snr_db,
+                ),
+            )
+        self._reply(
+            b.identity,
+            BurstDone(device_id=b.device_id, round=b.round_idx, burst_id=b.burst_id, medium_end=b.end, snr_db=b.snr_db),
+        )
+
+
+def bindable(address: str) -> str:
+    """tcp://host:0 (any free port, as the bench writes it) in zmq's spelling, tcp://host:*."""
+    return address[:-2] + ":*" if address.startswith("tcp://") and address.endswith(":0") else address

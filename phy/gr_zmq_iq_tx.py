@@ -1,0 +1,131 @@
+"""gr-zmq-iq, edge side: modulate a burst at the share's sample rate, hand it to the air, wait until it is on the air.
+
+The burst goes to the air as [proto.air.BurstHeader, complex64 IQ]; send() returns when the air answers ``done``
+(the burst's last sample is on the medium), or with ``last_error`` set when the air refused it or did not answer.
+The rest of the link is in phy.gr_zmq_iq.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from collections.abc import Sequence
+
+import zmq
+
+from phy.channel import DeviceGeometry, TxSetting
+from phy.uplink import TxReport, UplinkTransmitter, checked_frames
+from proto import numerology
+from proto.air import AirMessageError, AirRefusal, BurstDone, BurstHeader, decode_reply
+
+log = logging.getLogger("phy.gr_zmq_iq")
+
+
+class ZmqIqTransmitter(UplinkTransmitter):
+    """Edge side: modulate a burst at the share's sample rate, hand it to the air, wait until it is on the air."""
+
+    def __init__(
+        self,
+        *,
+        air_address: str,
+        geometry: DeviceGeometry,
+        context: zmq.Context | None = None,
+        clock_speed: float = 1.0,
+        reply_slack_s: float = 30.0,
+    ) -> None:
+        self.geometry = geometry
+        self.air_address = air_address
+        self.clock_speed = clock_speed
+        self.reply_slack_s = reply_slack_s
+        ctx = context or zmq.Context.instance()
+        self._sock = ctx.socket(zmq.DEALER)
+        self._sock.setsockopt(zmq.LINGER, 0)
+        self._sock.setsockopt(zmq.SNDTIMEO, 5000)  # a missing air must not block the edge forever
+        self._sock.connect(air_address)
+        self._burst_ids = itertools.count(1)
+        self._closed = False
+        self.last_error: str | None = None
+
+    def estimate_airtime_s(self, frame_sizes: Sequence[int], setting: TxSetting) -> float:
+        return numerology.burst_airtime_s(frame_sizes, setting.modulation, setting.bandwidth_hz)
+
+    def send(self, frames: Sequence[bytes], setting: TxSetting, *, round_idx: int) -> TxReport:
+        from phy.ofdm_tx import modulate  # GNU Radio where the modem runs
+
+        if self._closed:
+            raise RuntimeError("ZmqIqTransmitter is closed")
+        frames = checked_frames(frames)
+        self.last_error = None
+        if not frames:
+            return TxReport(frames_sent=0, bytes_sent=0, airtime_s=0.0)
+        t0 = time.monotonic()
+        burst = modulate(frames, setting.modulation)
+        t_modulated = time.monotonic()
+        report = TxReport(
+            frames_sent=len(frames), bytes_sent=sum(len(f) for f in frames), airtime_s=len(burst) / setting.bandwidth_hz
+        )
+        header = BurstHeader(
+            device_id=self.geometry.device_id,
+            round=round_idx,
+            burst_id=next(self._burst_ids),
+            tx_power_dbm=setting.tx_power_dbm,
+            bandwidth_hz=setting.bandwidth_hz,
+            modulation=numerology.check_modulation(setting.modulation),
+        )
+        try:
+            self._sock.send_multipart([header.encode(), burst], copy=False)
+        except zmq.Again:
+            self.last_error = f"the air at {self.air_address} did not take the burst"
+            log.warning(
+                "zmq-iq device %d round %d: %s; %d frame(s) lost",
+                self.geometry.device_id,
+                round_idx,
+                self.last_error,
+                len(frames),
+            )
+            return report
+        self._wait_done(header.burst_id, report.airtime_s / self.clock_speed + self.reply_slack_s, round_idx)
+        log.info(
+            "zmq-iq device %d round %d burst %d: %d frames, %.2f s of airtime, modulated in %.2f s, on the air "
+            "%.2f s later",
+            self.geometry.device_id,
+            round_idx,
+            header.burst_id,
+            len(frames),
+            report.airtime_s,
+            t_modulated - t0,
+            time.monotonic() - t_modulated,
+        )
+        return report
+
+    def _wait_done(self, burst_id: int, timeout_s: float, round_idx: int) -> None:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            remaining_ms = int((deadline - time.monotonic()) * 1000)
+            if remaining_ms <= 0 or not self._sock.poll(remaining_ms, zmq.POLLIN):
+                self.last_error = f"no answer from the air at {self.air_address} within {timeout_s:.0f} s"
+                break
+            parts = self._sock.recv_multipart()
+            try:
+                reply = decode_reply(parts)
+            except AirMessageError as exc:
+                log.warning("zmq-iq device %d: malformed answer from the air skipped: %s", self.geometry.device_id, exc)
+                continue
+            if isinstance(reply, BurstDone) and reply.burst_id == burst_id:
+                return
+            if isinstance(reply, AirRefusal):
+                self.last_error = f"the air refused the burst: {reply.error}"
+                break
+            # an answer to an earlier burst that timed out: skip it
+        log.warning(
+            "zmq-iq device %d round %d: %s (its frames count as lost)",
+            self.geometry.device_id,
+            round_idx,
+            self.last_error,
+        )
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._sock.close(linger=0)

@@ -1,0 +1,294 @@
+"""Messages of the PHY's sockets: the air's (gr-zmq-iq) and the sidecar beside each frame on the sim links.
+
+Every header is one zmq frame of JSON with ``v`` (protocol version); a channel that carries several kinds adds
+``type``. IQ samples stay binary: one more zmq frame of complex64 beside the header. Channels:
+
+* requests to the air (edge / BS DEALER -> air ROUTER): ``burst`` [header, IQ] from an edge, ``plan`` [header]
+  from the BS. Decoded by ``decode_request``.
+* replies of the air (air ROUTER -> DEALER): ``done`` (to the edge), ``burst_done`` and ``plan_ok`` (to the BS),
+  ``error`` (to either). Decoded by ``decode_reply``.
+* the medium (air PUSH -> BS PULL): [``MediumChunk``, IQ]. Decoded by ``decode_medium``.
+* the air's endpoints file (``--endpoints-file``): ``AirEndpoints``. Decoded by ``decode_endpoints``.
+* the frame sidecar (sim and gr-loopback edge PUSH -> BS PULL): [``FrameSidecar``, frame]. ``decode_sidecar``.
+
+A decode entry point never trusts its peer: anything malformed raises one ``AirMessageError`` naming the message
+type and the field; the receiving process logs it with the peer and carries on. docs/wire-format.md has the tables.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Annotated, Any, ClassVar, Literal, TypeVar
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import ErrorDetails, PydanticCustomError
+
+from proto.numerology import ModemModulation, Modulation
+
+AIR_PROTOCOL_VERSION = 2  # 2: typed headers with `type`, no separate kind frame (1: [kind, JSON, IQ])
+MAX_HEADER_BYTES = 1 << 16  # a JSON header longer than this is refused before it is parsed
+IQ_SAMPLE_BYTES = 8  # complex64: float32 I, float32 Q
+MAX_BURST_SAMPLES = 64_000_000  # 512 MB of IQ: the air refuses a larger burst from a peer
+
+NonNegativeInt = Annotated[int, Field(ge=0)]
+PositiveFloat = Annotated[float, Field(gt=0)]
+
+
+class AirMessageError(ValueError):
+    """A PHY socket message that cannot be used; the text names the message type and field."""
+
+    def __init__(self, message_type: str, problem: str) -> None:
+        super().__init__(f"{message_type}: {problem}")
+        self.message_type = message_type
+
+
+class _Message(BaseModel):
+    """Strict JSON: no coercion (a bool is no number, a float no integer), no NaN/Inf, no unknown fields."""
+
+    model_config = ConfigDict(strict=True, extra="forbid", frozen=True, allow_inf_nan=False)
+    KIND: ClassVar[str] = "message"  # how errors name a message of a single-kind channel
+
+    v: int = AIR_PROTOCOL_VERSION  # a default for the sender; a decoded message must carry it
+
+    @model_validator(mode="before")
+    @classmethod
+    def _version_on_the_wire(cls, data: Any, info: ValidationInfo) -> Any:
+        if info.context is _FROM_THE_WIRE and isinstance(data, dict) and "v" not in data:
+            raise PydanticCustomError("missing_version", "field 'v' (the protocol version) is missing")
+        return data
+
+    @field_validator("v")
+    @classmethod
+    def _supported_version(cls, v: int) -> int:
+        if v != AIR_PROTOCOL_VERSION:
+            raise PydanticCustomError(
+                "unsupported_version",
+                "protocol version {v} is not supported (expected {expected})",
+                {"v": v, "expected": AIR_PROTOCOL_VERSION},
+            )
+        return v
+
+    def encode(self) -> bytes:
+        return self.model_dump_json(exclude_none=True).encode()  # a None field is its default: left out
+
+
+# --------------------------------------------------------------------------------------------- to the air
+class BurstHeader(_Message):
+    """An edge's burst: who sends, in which round, at which power and width; its IQ is the next zmq frame."""
+
+    type: Literal["burst"] = "burst"
+    device_id: NonNegativeInt
+    round: NonNegativeInt
+    burst_id: NonNegativeInt  # the edge's counter: the air's `done` names it
+    tx_power_dbm: float
+    bandwidth_hz: PositiveFloat  # the sample rate of the IQ: the device's subband width
+    modulation: ModemModulation  # what the payload was modulated with (16qam too: tests and benchmarks use it)
+
+
+class SubbandSpec(BaseModel):
+    """One device's subband in the BS's plan (phy.fdma.Subband)."""
+
+    model_config = _Message.model_config
+
+    device_id: NonNegativeInt
+    center_hz: float
+    bandwidth_hz: PositiveFloat
+
+
+class RoundPlan(_Message):
+    """The BS's plan for a round: the subbands, and the physics the air applies (from the BS's bench/experiment)."""
+
+    type: Literal["plan"] = "plan"
+    round: NonNegativeInt
+    total_bandwidth_hz: PositiveFloat
+    seed: NonNegativeInt  # the experiment's seed: fading draws and carrier offsets
+    channel: dict[str, float | str]  # phy.channel.ChannelConfig fields (the air checks them)
+    distances_m: Annotated[list[PositiveFloat], Field(min_length=1)]  # device k -> entry k (cyclic)
+    max_cfo_hz: Annotated[float, Field(ge=0)]
+    clock_speed: PositiveFloat
+    hangover_s: Annotated[float, Field(ge=0, le=10)]
+    attenuation_db: Annotated[float, Field(ge=20, le=150)]
+    subbands: list[SubbandSpec]
+
+
+@dataclass(frozen=True)
+class BurstFrames:
+    """A decoded burst request: the typed header and its IQ (complex64 bytes, length checked)."""
+
+    header: BurstHeader
+    iq: bytes
+
+
+AirRequest = BurstFrames | RoundPlan
+_REQUEST_HEADER: TypeAdapter[BurstHeader | RoundPlan] = TypeAdapter(
+    Annotated[BurstHeader | RoundPlan, Field(discriminator="type")]
+)
+
+
+def decode_request(frames: Sequence[bytes]) -> AirRequest:
+    """[header] or [header, IQ] from a peer of the air (the ROUTER's identity frame already removed)."""
+    if not frames:
+        raise AirMessageError("request", "no frames")
+    header = _decode(_REQUEST_HEADER, frames[0], "request")
+    if isinstance(header, RoundPlan):
+        if len(frames) != 1:
+            raise AirMessageError("plan", f"{len(frames)} frame(s), expected 1 [header]")
+        return header
+    if len(frames) != 2:
+        raise AirMessageError("burst", f"{len(frames)} frame(s), expected 2 [header, IQ]")
+    return BurstFrames(header, _checked_iq("burst", frames[1], MAX_BURST_SAMPLES))
+
+
+# --------------------------------------------------------------------------------------------- from the air
+class _BurstEndFields(_Message):
+    device_id: NonNegativeInt
+    round: NonNegativeInt
+    burst_id: NonNegativeInt
+    medium_end: NonNegativeInt  # medium index just after the burst's last sample
+    snr_db: float  # the channel's SNR for this burst (what the air applied)
+
+
+class BurstDone(_BurstEndFields):
+    """To the edge: the burst's last sample is on the medium (its send() returns)."""
+
+    type: Literal["done"] = "done"
+
+
+class BurstOnMedium(_BurstEndFields):
+    """To the BS, before the edge's `done`: it decodes up to medium_end before it acknowledges the burst."""
+
+    type: Literal["burst_done"] = "burst_done"
+
+
+class PlanAccepted(_Message):
+    """To the BS: the round's plan is in force from medium index `index` on."""
+
+    type: Literal["plan_ok"] = "plan_ok"
+    round: NonNegativeInt
+    index: NonNegativeInt
+
+
+class AirRefusal(_Message):
+    """To the peer whose message the air could not use (it carries on)."""
+
+    type: Literal["error"] = "error"
+    error: str
+    kind: str  # the refused message's type ("" when it had none)
+
+
+AirReply = BurstDone | BurstOnMedium | PlanAccepted | AirRefusal
+_REPLY: TypeAdapter[AirReply] = TypeAdapter(Annotated[AirReply, Field(discriminator="type")])
+
+
+def decode_reply(frames: Sequence[bytes]) -> AirReply:
+    """One reply of the air, as its DEALER peers receive it."""
+    if len(frames) != 1:
+        raise AirMessageError("reply", f"{len(frames)} frame(s), expected 1 [header]")
+    return _decode(_REPLY, frames[0], "reply")
+
+
+# --------------------------------------------------------------------------------------------- medium, files
+class MediumChunk(_Message):
+    """Header of one chunk of the medium; the IQ (complex64 at total_bandwidth_hz) is the next zmq frame."""
+
+    KIND: ClassVar[str] = "medium"
+    index: NonNegativeInt  # medium index of the chunk's first sample (idle time is skipped: gaps are normal)
+
+
+_MEDIUM: TypeAdapter[MediumChunk] = TypeAdapter(MediumChunk)
+MAX_MEDIUM_SAMPLES = 8_000_000  # 64 MB: the BS's socket refuses larger messages anyway
+
+
+def decode_medium(frames: Sequence[bytes]) -> tuple[MediumChunk, bytes]:
+    """[header, IQ] from the air's medium socket."""
+    if len(frames) != 2:
+        raise AirMessageError(MediumChunk.KIND, f"{len(frames)} frame(s), expected 2 [header, IQ]")
+    return _decode(_MEDIUM, frames[0], MediumChunk.KIND), _checked_iq(MediumChunk.KIND, frames[1], MAX_MEDIUM_SAMPLES)
+
+
+class AirEndpoints(_Message):
+    """What the air bound (``tcp://host:0`` picks a free port): written to --endpoints-file for its starter."""
+
+    KIND: ClassVar[str] = "endpoints"
+    address: str  # ROUTER: edges and the BS
+    medium: str  # PUSH: the medium to the BS
+
+
+_ENDPOINTS: TypeAdapter[AirEndpoints] = TypeAdapter(AirEndpoints)
+
+
+def decode_endpoints(raw: bytes | str) -> AirEndpoints:
+    return _decode(_ENDPOINTS, raw.encode() if isinstance(raw, str) else raw, AirEndpoints.KIND)
+
+
+class FrameSidecar(_Message):
+    """Beside each frame on the sim and gr-loopback links (the PHY those links stand in for would measure it).
+
+    sim: ``snr_db`` is the receiver's SNR estimate of the frame (None: no estimate), no modulation.
+    gr-loopback: ``snr_db`` is the channel's SNR that the BS's modem applies, with the payload's modulation.
+    """
+
+    KIND: ClassVar[str] = "sidecar"
+    snr_db: float | None = None
+    modulation: Modulation | None = None
+
+
+_SIDECAR: TypeAdapter[FrameSidecar] = TypeAdapter(FrameSidecar)
+
+
+def decode_sidecar(raw: bytes) -> FrameSidecar:
+    return _decode(_SIDECAR, raw, FrameSidecar.KIND)
+
+
+# --------------------------------------------------------------------------------------------- helpers
+_M = TypeVar("_M")
+_FROM_THE_WIRE: dict[str, bool] = {"from_the_wire": True}  # validation context of every decode entry point
+_UNION_CHANNELS = ("request", "reply")  # their errors' locations start with the message's type tag
+
+
+def _decode(adapter: TypeAdapter[_M], raw: bytes, what: str) -> _M:
+    if len(raw) > MAX_HEADER_BYTES:
+        raise AirMessageError(what, f"header of {len(raw)} bytes exceeds the {MAX_HEADER_BYTES}-byte limit")
+    try:
+        return adapter.validate_json(raw, context=_FROM_THE_WIRE)
+    except ValidationError as exc:
+        errors = exc.errors(include_url=False)
+        message_type, problem = _describe(errors[0], what)
+        more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+        raise AirMessageError(message_type, problem + more) from None
+
+
+def _describe(error: ErrorDetails, what: str) -> tuple[str, str]:
+    """(message type, "field: problem, got value") of a pydantic error; a union's tag leads its location."""
+    loc = [str(part) for part in error["loc"]]
+    message_type = loc.pop(0) if loc and what in _UNION_CHANNELS else what
+    field = ".".join(loc)
+    got = repr(error.get("input"))
+    got = got if len(got) <= 60 else got[:57] + "..."
+    if not field:
+        plain = error["type"] in ("json_invalid", "missing_version")
+        return message_type, f"{error['msg']}" + ("" if plain else f", got {got}")
+    if error["type"] == "missing":
+        return message_type, f"field {field!r} is missing"
+    return message_type, f"field {field!r}: {error['msg']}, got {got}"
+
+
+def _checked_iq(message_type: str, iq: bytes, max_samples: int) -> bytes:
+    """The IQ frame's length: whole complex64 samples, at least one, at most max_samples (the values are the
+    receiver's to check: it turns them into numbers anyway)."""
+    n = len(iq)
+    if n == 0 or n % IQ_SAMPLE_BYTES:
+        raise AirMessageError(message_type, f"IQ of {n} bytes is not a whole number of complex64 samples")
+    if n // IQ_SAMPLE_BYTES > max_samples:
+        raise AirMessageError(message_type, f"{n // IQ_SAMPLE_BYTES} samples is above the limit {max_samples}")
+    return iq
