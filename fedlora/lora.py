@@ -22,9 +22,10 @@ import math
 import re
 import warnings
 from collections import OrderedDict
+from typing import Any, cast
 
 import torch
-from peft import LoraConfig, get_peft_model
+from peft import LoraConfig, PeftModel, get_peft_model
 
 from fedlora.models import ModelConfig, num_layers
 from proto.codec import AdapterState, ModuleSpec  # the wire's names for a state and a device's module
@@ -42,6 +43,12 @@ def layer_index(key: str) -> int | None:
     if m is None:
         raise ValueError(f"cannot find a transformer layer index in key {key!r}")
     return int(m.group(1))
+
+
+def _in_view(key: str, first_layer: int) -> bool:
+    """A head key, or a LoRA key of a layer at or above ``first_layer``: part of a depth-limited view."""
+    layer = layer_index(key)
+    return layer is None or layer >= first_layer
 
 
 def module_keys(state: AdapterState) -> list[str]:
@@ -71,7 +78,7 @@ def _target_modules(backbone: torch.nn.Module, cfg: ModelConfig) -> dict[str, tu
 def _head_modules(backbone: torch.nn.Module) -> list[str]:
     """Top-level parameterised modules outside the encoder (BERT: ``classifier``).
     The pooler lives inside the encoder and stays frozen."""
-    encoder = getattr(backbone, backbone.base_model_prefix, None)
+    encoder = getattr(backbone, str(backbone.base_model_prefix), None)
     heads = [
         name
         for name, child in backbone.named_children()
@@ -120,7 +127,7 @@ class GlobalAdapter:
         """Keys of ``view(spec)``: LoRA keys of the top ``depth`` layers, then the head."""
         self.validate_spec(spec)
         first = self.num_layers - spec.depth
-        return [k for k in self.state if (layer_index(k) is None or layer_index(k) >= first)]
+        return [k for k in self.state if _in_view(k, first)]
 
     def view(self, spec: ModuleSpec) -> AdapterState:
         """Copies of A[:r], B[:, :r] for the top ``depth`` layers, plus the head."""
@@ -180,7 +187,7 @@ class LocalModel:
         first = self.num_layers - spec.depth
         config = LoraConfig(
             r=spec.rank,
-            lora_alpha=self.scaling * spec.rank,  # peft scales by alpha / r == global scaling
+            lora_alpha=self.scaling * spec.rank,  # type: ignore[arg-type]  # peft takes a float alpha; scales by alpha / r
             target_modules=list(self.cfg.target_modules),
             layers_to_transform=list(range(first, self.num_layers)),
             lora_dropout=0.0,
@@ -193,18 +200,19 @@ class LocalModel:
             warnings.simplefilter("ignore", FutureWarning)
             model = get_peft_model(copy.deepcopy(self._backbone), config)
         got = {p for p in self._modules if hasattr(model.get_base_model().get_submodule(p), "lora_A")}
-        want = {p for p in self._modules if layer_index(p) >= first}
+        want = {p for p in self._modules if _in_view(p, first)}
         if got != want:
             raise RuntimeError(f"peft placed LoRA on {sorted(got)}, expected {sorted(want)}")
         return model
 
     def _params(self, spec: ModuleSpec) -> dict[str, torch.nn.Parameter]:
         """AdapterState key -> the live parameter in the active peft model."""
-        base = self.model.get_base_model()
+        # peft's layers are reached by name: nn.Module's __getattr__ hides their types from the checker
+        base: Any = cast(PeftModel, self.model).get_base_model()
         out: dict[str, torch.nn.Parameter] = {}
         first = self.num_layers - spec.depth
         for path in self._modules:
-            if layer_index(path) < first:
+            if not _in_view(path, first):
                 continue
             mod = base.get_submodule(path)
             out[path + _A] = mod.lora_A["default"].weight

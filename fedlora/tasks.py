@@ -199,7 +199,8 @@ def _read_glue_tsv(name: str, path: str) -> list[Example]:
             missing = [c for c in needed if c not in header]
             if missing:
                 raise TaskError(f"{path}: line 1: missing column(s) {missing} (header has {header})")
-            it, ip, il = (header.index(c) if c else None for c in (text_col, pair_col, "label"))
+            it, il = header.index(text_col), header.index("label")
+            ip = header.index(pair_col) if pair_col else None
             for row in reader:
                 line = reader.line_num
                 if not row or row == [""]:
@@ -226,7 +227,7 @@ def _from_hf_datasets(name: str) -> tuple[list[Example], list[Example]]:
     datasets' QNLI ids (entailment = 0) are the reverse of ours."""
     hint = f"pass path= a GLUE {'SST-2' if name == 'sst2' else 'QNLI'} folder holding train.tsv and dev.tsv"
     try:
-        import datasets  # type: ignore[import-not-found]
+        import datasets
     except ImportError as e:
         raise TaskError(f"task {name!r}: the 'datasets' package is not installed; {hint}") from e
     try:

@@ -1,6 +1,7 @@
 """The architecture's rules, checked on the source: dependencies point down, files stay small, docs stay inside.
 
-docs/DESIGN.md states the layering: proto at the bottom, config on it (for the modulation set), then the learning core (fedlora), then the PHY
+docs/DESIGN.md states the layering: proto at the bottom, config on it (for the modulation set), then the learning
+core (fedlora), then the PHY
 (phy) and the link layer (link), then the nodes (bs_node, edge_node), then the launcher. A package may import its
 own layer and the ones below, never one above.
 """
@@ -104,7 +105,7 @@ def test_no_file_cites_a_path_outside_the_repository() -> None:
 
 
 def test_every_docs_path_cited_in_readme_and_code_exists() -> None:
-    """`docs/NAME.md` references (with or without a § section) resolve inside the repository."""
+    """Every docs/*.md reference (with or without a § section) resolves inside the repository."""
     cited = re.compile(r"docs/[A-Za-z0-9_.-]+\.md")
     missing = sorted(
         {

@@ -26,7 +26,7 @@ class GreedyController(Controller):
             d.device_id: self.channel.planning_gain_db(d.device_id, d.profile.distance_m, 0.0) for d in state.devices
         }
         top = cfg.greedy_top or max(1, len(state.devices) // 2)
-        chosen = set(sorted(gains, key=gains.get, reverse=True)[:top])
+        chosen = set(sorted(gains, key=lambda d: gains[d], reverse=True)[:top])
         share_hz = state.total_bandwidth_hz / max(1, len(chosen))
         return {
             k: DevicePlan(

@@ -75,13 +75,15 @@ class LyapunovController(Controller):
         if not state.devices:
             return {}
         cfg, radio = self.cfg, self.bench.radio
+        if state.model_shape is None:
+            raise ValueError("the lyapunov controller needs the round's model_shape to predict update sizes")
         if self._costs is None:
             self._costs = CostModel(
                 self.bench,
                 self.per_curve,
                 state.model_shape,
                 state.max_rank,
-                tuple(cfg.loss_weights),
+                cfg.loss_weights,
                 codec=self.experiment.codec,
             )
         L = self._num_layers = state.num_layers

@@ -85,7 +85,9 @@ def lora_factors(model: torch.nn.Module) -> Iterator[tuple[torch.Tensor, torch.T
     for mod in model.modules():
         la, lb = getattr(mod, "lora_A", None), getattr(mod, "lora_B", None)
         if isinstance(la, torch.nn.ModuleDict) and isinstance(lb, torch.nn.ModuleDict) and "default" in la:
-            yield la["default"].weight, lb["default"].weight
+            a, b = la["default"].weight, lb["default"].weight
+            assert isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)
+            yield a, b
 
 
 _EPS = 1e-12
