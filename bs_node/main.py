@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import signal
 import sys
 import time
 from pathlib import Path
+
+from proto.control import BsEndpoints
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -66,7 +67,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:  # e.g. an unknown controller policy
         print(f"fedlora-bs: configuration error: {exc}", file=sys.stderr)
         return 2
-    (run_dir / "endpoints.json").write_text(json.dumps({"control": bs.control_endpoint, "data": bs.data_endpoint}))
+    endpoints = BsEndpoints(control=bs.control_endpoint, data=bs.data_endpoint)
+    (run_dir / "endpoints.json").write_text(endpoints.model_dump_json())
     signal.signal(signal.SIGINT, bs.stop)
     signal.signal(signal.SIGTERM, bs.stop)
     try:

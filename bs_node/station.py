@@ -55,10 +55,7 @@ class BaseStation:
             device_count=experiment.devices.count,
             seed=experiment.seed,
         )
-        address = getattr(uplink, "address", None)  # what edges send to; every receiver has one (not in its ABC)
-        if not isinstance(address, str):
-            raise TypeError(f"{type(uplink).__name__} has no data address to advertise")
-        self.data_endpoint = address
+        self.data_endpoint = uplink.address  # what edges send to
         self.transport = ZmqTransport(
             control_address=control_address or bench.addresses.control,
             uplink=uplink,

@@ -8,6 +8,7 @@ reported as failed with the reason.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable
 from typing import Protocol
@@ -136,7 +137,7 @@ class EdgeRounds:
             if self.stopping():
                 raise Stopped()
             if time.monotonic() - last_hb[0] >= self.exp.round.heartbeat_s:
-                self.link.heartbeat("training", round_idx=round_idx, step=step, steps=steps, loss=float(loss))
+                self.link.heartbeat("training", round_idx=round_idx, step=step, steps=steps, loss=_finite(loss))
                 last_hb[0] = time.monotonic()
 
         self.sparsifier.prepare_model(self.local.model)  # b_only: freeze A
@@ -190,7 +191,7 @@ class EdgeRounds:
             transmit_energy_j=float(transmit_j),
             energy_j=compute.energy_j / speed + transmit_j,
             energy_source=compute.source + (f" x1/{speed:g} emulated" if speed < 1.0 else ""),
-            train_loss=float(stats.mean_loss),
+            train_loss=_finite(stats.mean_loss),  # a diverged loss is reported as missing, not sent as NaN
             train_examples=len(self.examples),
             kept_components=int(update.info["kept_components"]),
             total_components=int(update.info["total_components"]),
@@ -205,3 +206,8 @@ class EdgeRounds:
         while not self.stopping() and time.monotonic() < end:
             self.link.heartbeat("training (emulated slow-down)", round_idx=round_idx)
             time.sleep(min(self.exp.round.heartbeat_s, max(0.0, end - time.monotonic())))
+
+
+def _finite(value: float) -> float | None:
+    """A loss for the wire: JSON has no NaN or infinity, and a diverged step must not take the edge down."""
+    return float(value) if math.isfinite(value) else None

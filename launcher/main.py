@@ -10,16 +10,23 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 from config import REPO_ROOT, ConfigError, load_bench, load_experiment
+from proto.air import AirEndpoints, AirMessageError
+from proto.air import decode_endpoints as decode_air_endpoints
+from proto.control import MessageError
+from proto.control import decode_endpoints as decode_bs_endpoints
+
+T = TypeVar("T")
 
 DEFAULT_BENCH = "hw_configs/zmq_iq.yaml"
 FALLBACK_BENCH = "hw_configs/sim.yaml"
@@ -93,9 +100,9 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         passthrough += [
             "--bench-set",
-            f"air.address={air_endpoints['address']}",
+            f"air.address={air_endpoints.address}",
             "--bench-set",
-            f"air.medium={air_endpoints['medium']}",
+            f"air.medium={air_endpoints.medium}",
         ]
     bs_log = open(run_dir / "logs" / "bs.log", "w")
     bs = subprocess.Popen(
@@ -130,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
     try:
-        endpoints = _wait_endpoints(run_dir / "endpoints.json", bs)
+        endpoints = _wait_endpoints(run_dir / "endpoints.json", bs, decode_bs_endpoints)
         if endpoints is None:
             print(f"fedlora-run: the BS exited before binding (see {run_dir / 'logs' / 'bs.log'})", file=sys.stderr)
             return bs.wait() or 1
@@ -141,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
                     [
                         *entry_point("fedlora-edge"),
                         "--bs",
-                        endpoints["control"],
+                        endpoints.control,
                         "--device-id",
                         str(k),
                         "--threads",
@@ -192,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
         bs_log.close()
 
 
-def _start_air(args: argparse.Namespace, run_dir: Path, env: dict) -> tuple[subprocess.Popen, dict | None]:
+def _start_air(args: argparse.Namespace, run_dir: Path, env: dict) -> tuple[subprocess.Popen, AirEndpoints | None]:
     """The gr-zmq-iq air on free loopback ports; returns it and its bound addresses (None if it failed)."""
     endpoints = run_dir / "air.json"
     endpoints.unlink(missing_ok=True)
@@ -211,7 +218,7 @@ def _start_air(args: argparse.Namespace, run_dir: Path, env: dict) -> tuple[subp
     with open(run_dir / "logs" / "air.log", "w") as log:
         air = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        return air, _wait_endpoints(endpoints, air, timeout_s=60.0)
+        return air, _wait_endpoints(endpoints, air, decode_air_endpoints, timeout_s=60.0)
     except BaseException:  # Ctrl-C while it starts: it is in its own session, so take it down here
         _signal(air, signal.SIGKILL)
         raise
@@ -235,15 +242,18 @@ def _signal(proc: subprocess.Popen, sig: int) -> None:
             pass
 
 
-def _wait_endpoints(path: Path, bs: subprocess.Popen, timeout_s: float = 120.0) -> dict | None:
+def _wait_endpoints(
+    path: Path, proc: subprocess.Popen, decode: Callable[[bytes], T], timeout_s: float = 120.0
+) -> T | None:
+    """The endpoints file `proc` writes once it has bound its sockets; None if it exits or times out first."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if path.exists():
             try:
-                return json.loads(path.read_text())
-            except json.JSONDecodeError:
+                return decode(path.read_bytes())
+            except (MessageError, AirMessageError):
                 pass  # written but not flushed yet
-        if bs.poll() is not None:
+        if proc.poll() is not None:
             return None
         time.sleep(0.1)
     return None

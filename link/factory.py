@@ -24,19 +24,12 @@ def open_uplink_transmitter(
     bench: BenchConfig, device_id: int, *, data_address: str, seed: int, context: zmq.Context[Any] | None = None
 ) -> UplinkTransmitter:
     geometry = DeviceGeometry(device_id=device_id, distance_m=bench.device(device_id).distance_m)
-    if bench.phy == "sim":
-        return SimUplinkTransmitter(
-            bs_data_address=data_address,
-            geometry=geometry,
-            channel=SimChannel(bench.channel, seed=seed),
-            per_curve=per_curve_for(bench),
-            seed=seed,
-            context=context,
-        )
-    if bench.phy == "gr-loopback":
-        from phy.gr_link import GrLoopbackTransmitter  # needs no GNU Radio on the edge, but shares ofdm sizes
+    if bench.phy in ("sim", "gr-loopback"):
+        # gr-loopback's edge is the sim's (the BS runs the modem), with the modulation beside each frame
+        from phy.gr_link import GrLoopbackTransmitter  # needs no GNU Radio on the edge
 
-        return GrLoopbackTransmitter(
+        sender = SimUplinkTransmitter if bench.phy == "sim" else GrLoopbackTransmitter
+        return sender(
             bs_data_address=data_address,
             geometry=geometry,
             channel=SimChannel(bench.channel, seed=seed),

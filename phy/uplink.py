@@ -77,6 +77,8 @@ class UplinkTransmitter(ABC):
 class UplinkReceiver(ABC):
     """Base-station side of the data plane."""
 
+    address: str  # what the BS advertises to the edges as its data address (each implementation sets it)
+
     @abstractmethod
     def recv(self, timeout_s: float) -> list[RxFrame]:
         """Whatever arrived within timeout_s (possibly empty); never raises on garbage input."""

@@ -250,3 +250,19 @@ def _describe(kind: str, exc: ValidationError) -> str:
         else:
             problems.append(f"{where}: {err['msg']} (got {err['input']!r:.60})")
     return "; ".join(problems)
+
+
+class BsEndpoints(_Strict):
+    """What the BS bound (``tcp://host:0`` picks free ports), written to ``<run>/endpoints.json`` for its starter."""
+
+    v: Literal[2] = PROTOCOL_VERSION
+    control: str  # the control plane's ROUTER
+    data: str  # the uplink receiver's address (its meaning depends on the PHY)
+
+
+def decode_endpoints(data: bytes) -> BsEndpoints:
+    """The BS's endpoints file, or a `MessageError` naming the field (a half-written file fails and is read again)."""
+    try:
+        return BsEndpoints.model_validate_json(data)
+    except ValidationError as exc:
+        raise MessageError(_describe("endpoints", exc)) from None
