@@ -7,7 +7,7 @@
 (a) PER: --packets random frames per (modulation, frame size, SNR) cross phy.gr_loopback.LoopbackModem
     (OfdmTransmitter -> channel_model AWGN at the time-domain SNR -> OfdmReceiver); a frame counts as delivered
     when it comes back CRC-ok and byte-identical. Beside it: the PER the sim link would draw from the calibration
-    curve (PerCurve.from_file of --curve, which is what link.factory.per_curve_for gives the loopback bench),
+    curve (PerCurve.from_file of --curve, the table load_bench puts in the loopback bench for PerCurve.for_bench),
     scaled to the frame size; the difference in percentage points with the modem's 2-sigma binomial interval;
     and `loss_dB`, how many dB more SNR the sim curve needs to lose as many frames as the modem did (positive:
     the sim is optimistic at this point).

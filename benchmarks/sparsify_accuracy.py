@@ -24,14 +24,12 @@ device sends every round).  Defaults take ~35 min on 2 free cores (one local ste
 from __future__ import annotations
 
 import argparse
-import csv
-import json
 import math
 import os
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,17 +38,19 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
+from benchmarks.sparsify_results import Result, load_results, table, write_out  # noqa: E402
+from config import ModelConfig, TrainConfig  # noqa: E402
 from fedlora.aggregation import ClientUpdate, aggregate  # noqa: E402
 from fedlora.lora import GlobalAdapter, LocalModel, ModuleSpec  # noqa: E402
-from fedlora.models import ModelConfig, build_backbone, load_tokenizer, num_layers  # noqa: E402
+from fedlora.models import build_backbone, load_tokenizer, num_layers  # noqa: E402
 from fedlora.partition import dirichlet_split  # noqa: E402
 from fedlora.sparsify import SPARSIFIERS, make_sparsifier  # noqa: E402
 from fedlora.tasks import Example, load_task  # noqa: E402
-from fedlora.training import TrainConfig, evaluate, train_local  # noqa: E402
+from fedlora.training import evaluate, train_local  # noqa: E402
 from proto.codec import decode_update, encode_update, expected_shapes  # noqa: E402
+from proto.framing import OVERHEAD_BYTES  # noqa: E402
 
 COMPONENT_METHODS = ("soft", "topk", "randomk")
-FRAME_OVERHEAD = 20  # proto/framing.py: header + CRC per frame
 DEFAULT_METHODS = "dense_fp32,dense_fp16,soft,topk,randomk,b_only"
 
 # Presets; an explicit flag overrides either.
@@ -83,24 +83,6 @@ class Settings:
     dtype: str = "fp16"  # value width of the sparsifiers that do not fix their own
     compress: str = "auto"
     frame_payload: int = 1000
-
-
-@dataclass
-class Result:
-    label: str
-    name: str
-    keep_fraction: float
-    options: dict[str, Any]
-    update_bytes: float  # mean encoded update per device per round
-    air_bytes: float  # + frame overhead
-    kept_fraction: float  # rank components sent / held, over all devices and rounds
-    accuracy: list[float] = field(default_factory=list)  # after round 0 (initial), 1, ..., R
-    train_loss: list[float] = field(default_factory=list)  # mean local loss per round (devices averaged)
-    seconds: float = 0.0
-
-    @property
-    def final_accuracy(self) -> float:
-        return self.accuracy[-1]
 
 
 def _parse_value(text: str) -> Any:
@@ -163,7 +145,7 @@ def _clock(seconds: float) -> str:
 
 
 def on_air(update_bytes: int, frame_payload: int) -> int:
-    return update_bytes + FRAME_OVERHEAD * math.ceil(update_bytes / frame_payload)
+    return update_bytes + OVERHEAD_BYTES * math.ceil(update_bytes / frame_payload)
 
 
 class Experiment:
@@ -257,71 +239,6 @@ class Experiment:
         return result
 
 
-def table(results: Sequence[Result], reference: str = "dense_fp32") -> str:
-    """Fixed-width table; ratios and accuracy deltas are against the `reference` row (if it ran)."""
-    ref = next((r for r in results if r.label == reference), None)
-    rounds = len(results[0].accuracy) - 1 if results else 0
-    head = (
-        f"{'method':<24} {'keep':>6} {'update B':>9} {'on-air B':>9} {'x fewer':>8} {'final acc':>9} "
-        f"{'Δ pts':>6}  acc per round (r0..r{rounds})"
-    )
-    lines = [head, "-" * len(head)]
-    for r in results:
-        ratio = f"{ref.air_bytes / r.air_bytes:8.2f}" if ref else f"{'n/a':>8}"
-        delta = f"{100 * (r.final_accuracy - ref.final_accuracy):+6.1f}" if ref else f"{'n/a':>6}"
-        per_round = " ".join(f"{a:.3f}" for a in r.accuracy)
-        lines.append(
-            f"{r.label:<24} {r.kept_fraction:6.3f} {r.update_bytes:9.0f} {r.air_bytes:9.0f} {ratio} "
-            f"{r.final_accuracy:9.4f} {delta}  {per_round}"
-        )
-    if ref:
-        lines.append(
-            f"x fewer = on-air bytes of {reference} / method's; Δ pts = final accuracy minus {reference}'s, "
-            f"in percentage points; keep = rank components sent / held."
-        )
-    return "\n".join(lines)
-
-
-def write_out(path: Path, settings: Settings, results: Sequence[Result]) -> None:
-    if path.suffix == ".csv":
-        rounds = len(results[0].accuracy) if results else 0
-        with path.open("w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(
-                [
-                    "method",
-                    "sparsifier",
-                    "keep_fraction",
-                    "kept_fraction",
-                    "update_bytes",
-                    "air_bytes",
-                    "final_accuracy",
-                    "seconds",
-                ]
-                + [f"acc_r{i}" for i in range(rounds)]
-            )
-            for r in results:
-                w.writerow(
-                    [
-                        r.label,
-                        r.name,
-                        r.keep_fraction,
-                        f"{r.kept_fraction:.4f}",
-                        f"{r.update_bytes:.1f}",
-                        f"{r.air_bytes:.1f}",
-                        f"{r.final_accuracy:.4f}",
-                        f"{r.seconds:.1f}",
-                    ]
-                    + [f"{a:.4f}" for a in r.accuracy]
-                )
-    else:
-        payload = {
-            "settings": asdict(settings),
-            "results": [dict(asdict(r), final_accuracy=r.final_accuracy) for r in results],
-        }
-        path.write_text(json.dumps(payload, indent=2) + "\n")
-
-
 def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, Settings]:
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
@@ -376,21 +293,6 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, Settings
         frame_payload=args.frame_payload,
     )
     return args, settings
-
-
-def load_results(paths: Sequence[Path]) -> tuple[dict, list[Result]]:
-    """Results of split runs; they must share their settings (same seeds, rounds, devices)."""
-    settings: dict | None = None
-    results: list[Result] = []
-    for path in paths:
-        payload = json.loads(path.read_text())
-        if settings is not None and payload["settings"] != settings:
-            raise SystemExit(f"--merge: {path} was run with other settings than {paths[0]}")
-        settings = payload["settings"]
-        for r in payload["results"]:
-            r.pop("final_accuracy", None)
-            results.append(Result(**r))
-    return settings or {}, results
 
 
 def main(argv: Sequence[str] | None = None) -> list[Result]:

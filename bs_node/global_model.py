@@ -13,13 +13,13 @@ from typing import Any
 
 from bs_node.controllers.costs import ModelShape
 from config import ExperimentConfig
-from fedlora.aggregation import ClientUpdate, aggregate
+from fedlora.aggregation import FLOAT32_MAX, ClientUpdate, aggregate, check_update
 from fedlora.lora import GlobalAdapter, LocalModel, ModuleSpec
 from fedlora.models import build_backbone, load_tokenizer, num_layers
 from fedlora.partition import dirichlet_split
 from fedlora.tasks import load_task
 from fedlora.training import evaluate
-from proto.codec import CodecError, decode_update, encode_update, expected_shapes
+from proto.codec import CodecError, decode_update, encode_update, expected_shapes, largest_value
 
 log = logging.getLogger("bs")
 BS_DEVICE_ID = 0xFFFF  # sender id written into the downlink adapter view
@@ -28,6 +28,31 @@ BS_DEVICE_ID = 0xFFFF  # sender id written into the downlink adapter view
 def model_shape(adapter: GlobalAdapter, layers: int) -> ModelShape:
     """The global adapter's tensor names and shapes: what the controllers need to predict update bytes."""
     return ModelShape.from_shapes(expected_shapes(adapter.state), layers)
+
+
+def receive_update(
+    adapter: GlobalAdapter,
+    payload: bytes,
+    *,
+    spec: ModuleSpec,
+    round_idx: int,
+    device_id: int,
+    weight: float,
+    max_abs: float = FLOAT32_MAX,
+) -> ClientUpdate:
+    """A device's update bytes as something `aggregate` takes, or the error that names what is wrong with them:
+    `CodecError` (the bytes, or not the round, device or module its plan named) or `UpdateError` (aggregation's
+    own rules, `fedlora.aggregation.check_update`; max_abs bounds the adapter plus the update). What returns can
+    be aggregated with the adapter as it is."""
+    decoded = decode_update(payload, expected_shapes=expected_shapes(adapter.view(spec)))
+    if (decoded.round_idx, decoded.device_id, decoded.spec) != (round_idx, device_id, spec):
+        raise CodecError(
+            f"update is for round {decoded.round_idx}, device {decoded.device_id}, module "
+            f"{decoded.spec}; expected round {round_idx}, device {device_id}, module {spec}"
+        )
+    update = ClientUpdate(spec=spec, delta=decoded.state, weight=weight, kept=decoded.kept or None)
+    check_update(adapter, update, max_abs=max_abs)
+    return update
 
 
 class GlobalModel:
@@ -45,6 +70,7 @@ class GlobalModel:
         self.adapter = GlobalAdapter(backbone, exp.model, exp.seed)
         self.max_rank: int = self.adapter.max_rank
         self.full_spec = ModuleSpec(self.max_rank, self.num_layers)
+        self.max_abs = largest_value(exp.codec.downlink_dtype)  # what the adapter may reach: views must encode
         self.evaluator = LocalModel(backbone, exp.model)
         # The same deterministic split the edges make: the BS weights updates by it, so a complete update
         # whose report never came is still aggregated correctly.
@@ -84,21 +110,27 @@ class GlobalModel:
         )
 
     def decode_update(self, payload: bytes, *, rank: int, depth: int, round_idx: int, device_id: int) -> ClientUpdate:
-        """A device's update, checked against the module its plan named; `CodecError` names what is wrong."""
-        spec = ModuleSpec(rank, depth)
-        decoded = decode_update(payload, expected_shapes=expected_shapes(self.adapter.view(spec)))
-        if (decoded.round_idx, decoded.device_id, decoded.spec) != (round_idx, device_id, spec):
-            raise CodecError(
-                f"update is for round {decoded.round_idx}, device {decoded.device_id}, module "
-                f"{decoded.spec}; expected round {round_idx}, device {device_id}, module {spec}"
-            )
-        return ClientUpdate(
-            spec=spec, delta=decoded.state, weight=float(self.examples(device_id)), kept=decoded.kept or None
+        """A device's update, decoded and checked against the module its plan named (`receive_update`); a
+        `ValueError` (CodecError or UpdateError) names what is wrong: that device's failure, not the round's."""
+        return receive_update(
+            self.adapter,
+            payload,
+            spec=ModuleSpec(rank, depth),
+            round_idx=round_idx,
+            device_id=device_id,
+            weight=float(self.examples(device_id)),
+            max_abs=self.max_abs,
         )
 
     def aggregate(self, updates: Sequence[ClientUpdate], absent_weight: float) -> None:
-        """Apply the weighted aggregate of `updates` (absent_weight: devices counted as zero updates)."""
-        self.adapter.apply(aggregate(self.adapter, updates, absent_weight))
+        """Apply the weighted aggregate of `updates` (absent_weight: devices counted as zero updates). The
+        adapter steps only if every value stays within the downlink dtype's range (else ValueError, nothing
+        changed): the next round's views must still encode."""
+        delta = aggregate(self.adapter, updates, absent_weight)
+        for key, d in delta.items():
+            if not bool(((self.adapter.state[key] + d).abs() <= self.max_abs).all()):
+                raise ValueError(f"the aggregate would take {key!r} beyond {self.max_abs:g}; the adapter did not step")
+        self.adapter.apply(delta)
 
     def evaluate(self) -> dict[str, float]:
         """Accuracy and loss of the global adapter on the held-out test set."""

@@ -64,11 +64,13 @@ def main(argv: list[str] | None = None) -> int:
             silence_timeout_s=args.silence_timeout,
             threads=args.threads,
         )
-    except ConfigError as exc:  # e.g. an unknown controller policy
+    except ConfigError as exc:  # what only the bench and the experiment together can tell
         print(f"fedlora-bs: configuration error: {exc}", file=sys.stderr)
         return 2
     endpoints = BsEndpoints(control=bs.control_endpoint, data=bs.data_endpoint)
-    (run_dir / "endpoints.json").write_text(endpoints.model_dump_json())
+    tmp = run_dir / "endpoints.json.tmp"  # written whole, then renamed: a reader never sees half a file
+    tmp.write_text(endpoints.model_dump_json())
+    tmp.replace(run_dir / "endpoints.json")
     signal.signal(signal.SIGINT, bs.stop)
     signal.signal(signal.SIGTERM, bs.stop)
     try:

@@ -128,7 +128,7 @@ def write_calibration(result: dict[str, Any], out: str | Path) -> tuple[Path, Pa
 
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    curve = PerCurve(
+    curve = PerCurve.from_points(
         {m: [tuple(p) for p in pts] for m, pts in result["curves"].items()}, ref_frame_bytes=result["ref_frame_bytes"]
     )  # validates before anything is written
     est_path = estimator_path(out)

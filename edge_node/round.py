@@ -2,7 +2,8 @@
 
 No sockets here: the round talks to the BS through `RoundLink` (heartbeats, ARQ feedback) and to the air through
 the uplink transmitter it is given. A bad plan or a bad adapter view never crashes the edge: the round is
-reported as failed with the reason.
+reported as failed with the reason. Every plan, taking part or not, first settles the device's error feedback
+with the BS's verdict on what it sent before (`Plan.aggregated_rounds`, docs/soft.md).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from link.arq import send_with_arq
 from phy.channel import TxSetting
 from phy.uplink import UplinkTransmitter
 from proto.codec import CodecError, decode_update, encode_update
-from proto.control import Measurements, Plan, Report, ReportStatus
+from proto.control import AGGREGATED_WINDOW_ROUNDS, Measurements, Plan, Report, ReportStatus
 from proto.framing import fragment
 
 log = logging.getLogger("edge")
@@ -96,6 +97,7 @@ class EdgeRounds:
 
     def run(self, plan: Plan, attachment: bytes | None) -> Report | None:
         """Take part as planned; the report to send, or None (not a participant, or stopped mid-round)."""
+        self.settle(plan)
         if not plan.participate:
             self.link.heartbeat("idle", round_idx=plan.round)
             return None
@@ -109,6 +111,25 @@ class EdgeRounds:
             log.exception("edge %d: round %d failed", self.device_id, plan.round)
             measurements, status, error = Measurements(), "failed", f"{type(exc).__name__}: {exc}"
         return Report(device_id=self.device_id, round=plan.round, status=status, measurements=measurements, error=error)
+
+    def settle(self, plan: Plan) -> None:
+        """Error feedback on what this device sent earlier (docs/soft.md): an update the plan lists as aggregated
+        is dropped, one of a closed round it does not list is folded back into the residual, so this round's update
+        carries it. One older than the plan's window cannot be judged: it counts as delivered."""
+        if plan.aggregated_rounds is None:
+            return
+        aggregated = set(plan.aggregated_rounds)
+        earlier = [r for r in self.sparsifier.feedback.pending if r < plan.round]
+        first = plan.round - AGGREGATED_WINDOW_ROUNDS
+        lost = [r for r in earlier if r not in aggregated and r >= first]
+        unknown = [r for r in earlier if r < first]
+        if unknown:
+            log.warning(
+                "edge %d: no word on the update(s) of round(s) %s; counted as delivered", self.device_id, unknown
+            )
+        folded = self.sparsifier.settle(delivered=[r for r in earlier if r not in lost], lost=lost)
+        if folded:
+            log.info("edge %d: round(s) %s closed without this device's update: folded back", self.device_id, folded)
 
     def _train_and_send(self, plan: Plan, attachment: bytes | None) -> tuple[Measurements, ReportStatus]:
         round_idx = plan.round

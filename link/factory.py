@@ -13,13 +13,6 @@ from phy.sim import SimUplinkReceiver, SimUplinkTransmitter
 from phy.uplink import UplinkReceiver, UplinkTransmitter
 
 
-def per_curve_for(bench: BenchConfig) -> PerCurve:
-    """The bench's calibrated PER curve (its content travels in the bench: no file is opened), or the built-in one."""
-    if bench.per_curve_table is None:
-        return PerCurve.default()
-    return PerCurve.from_table(bench.per_curve_table)
-
-
 def open_uplink_transmitter(
     bench: BenchConfig, device_id: int, *, data_address: str, seed: int, context: zmq.Context[Any] | None = None
 ) -> UplinkTransmitter:
@@ -33,7 +26,7 @@ def open_uplink_transmitter(
             bs_data_address=data_address,
             geometry=geometry,
             channel=SimChannel(bench.channel, seed=seed),
-            per_curve=per_curve_for(bench),
+            per_curve=PerCurve.for_bench(bench),
             seed=seed,
             context=context,
         )

@@ -12,14 +12,13 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, get_args
+from typing import Any
 
 import numpy as np
 
-from config import ChannelConfig, FadingModel, PerCurveTable, read_per_curve
+from config import BenchConfig, ChannelConfig, PerCurveTable, read_per_curve, validated
 from proto.numerology import BITS_PER_SYMBOL, check_modulation
 
-FADING_MODELS: tuple[str, ...] = get_args(FadingModel)
 _FADING_STREAM = 0xFAD1  # separates the fading RNG stream from other users of the same seed
 
 
@@ -57,19 +56,22 @@ class PerCurve:
     1 - (1 - PER_ref) ** (bytes / ref_bytes) (independent bit errors).
     """
 
-    def __init__(self, table: Mapping[str, Sequence[tuple[float, float]]], ref_frame_bytes: int = 1000) -> None:
-        if isinstance(ref_frame_bytes, bool) or not isinstance(ref_frame_bytes, int) or ref_frame_bytes <= 0:
-            raise ValueError(f"ref_frame_bytes must be a positive int, got {ref_frame_bytes!r}")
-        if not table:
-            raise ValueError("PER table is empty")
-        self.ref_frame_bytes = ref_frame_bytes
-        self._snr: dict[str, np.ndarray] = {}
-        self._per: dict[str, np.ndarray] = {}
-        for mod, points in table.items():
-            _check_modulation(mod)
-            snr, per = _validate_points(mod, points)
-            self._snr[mod] = snr
-            self._per[mod] = per
+    def __init__(self, table: PerCurveTable) -> None:
+        """A curve from its checked table: config.per_curve holds the rules (SNR strictly up, PER never up)."""
+        self.ref_frame_bytes = table.ref_frame_bytes
+        self._snr: dict[str, np.ndarray] = {m: np.array([s for s, _ in pts], float) for m, pts in table.curves.items()}
+        self._per: dict[str, np.ndarray] = {m: np.array([p for _, p in pts], float) for m, pts in table.curves.items()}
+
+    @classmethod
+    def from_points(cls, curves: Mapping[str, Sequence[tuple[float, float]]], ref_frame_bytes: int = 1000) -> PerCurve:
+        """A curve from (snr_db, per) points per modulation, checked by the calibration file's schema."""
+        data = {"ref_frame_bytes": ref_frame_bytes, "curves": {m: [list(p) for p in pts] for m, pts in curves.items()}}
+        return cls(validated(PerCurveTable, data, "PER curve"))
+
+    @classmethod
+    def for_bench(cls, bench: BenchConfig) -> PerCurve:
+        """The bench's calibrated curve (its content travels in the bench: no file is opened), or the built-in one."""
+        return cls.default() if bench.per_curve_table is None else cls(bench.per_curve_table)
 
     @property
     def modulations(self) -> list[str]:
@@ -101,7 +103,7 @@ class PerCurve:
             per = 1.0 / (1.0 + np.exp((grid - snr50_db) / scale_db))
             per[0], per[-1] = 1.0, 0.0
             table[mod] = [(float(s), float(p)) for s, p in zip(grid, per)]
-        return cls(table, ref_frame_bytes=1000)
+        return cls.from_points(table, ref_frame_bytes=1000)
 
     @classmethod
     def from_file(cls, path: str | Path) -> PerCurve:
@@ -111,7 +113,7 @@ class PerCurve:
     @classmethod
     def from_table(cls, table: PerCurveTable) -> PerCurve:
         """The curve of a calibration file's content, e.g. the table a bench carries (BenchConfig.per_curve_table)."""
-        return cls({m: list(points) for m, points in table.curves.items()}, ref_frame_bytes=table.ref_frame_bytes)
+        return cls(table)
 
     def _table_for(self, modulation: str) -> tuple[np.ndarray, np.ndarray]:
         _check_modulation(modulation)
@@ -148,28 +150,6 @@ class PerCurve:
             return math.inf
         s0, s1, p0, p1 = snr[idx - 1], snr[idx], per_tab[idx - 1], per_tab[idx]
         return float(s0 + (p0 - target) * (s1 - s0) / (p0 - p1))
-
-
-def _validate_points(mod: str, points: Sequence[tuple[float, float]]) -> tuple[np.ndarray, np.ndarray]:
-    try:
-        arr = np.asarray(points, dtype=float)
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"curve {mod!r}: points must be (snr_db, per) pairs: {exc}") from None
-    if arr.ndim != 2 or arr.shape[1] != 2 or arr.shape[0] < 1:
-        raise ValueError(f"curve {mod!r}: need a non-empty list of (snr_db, per) pairs")
-    snr, per = arr[:, 0], arr[:, 1]
-    if not np.all(np.isfinite(arr)):
-        raise ValueError(f"curve {mod!r}: SNR and PER must be finite")
-    if np.any(np.diff(snr) <= 0):
-        raise ValueError(f"curve {mod!r}: SNR points must be strictly increasing")
-    if np.any((per < 0) | (per > 1)):
-        raise ValueError(f"curve {mod!r}: PER must be in [0, 1]")
-    if np.any(np.diff(per) > 0):
-        raise ValueError(
-            f"curve {mod!r}: PER must be non-increasing in SNR "
-            "(smooth measured points first, e.g. np.minimum.accumulate)"
-        )
-    return snr.copy(), per.copy()
 
 
 def _scale_per(per_ref: float, size_ratio: float) -> float:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import itertools
 import logging
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import zmq
@@ -22,7 +21,7 @@ from phy.channel import TxSetting
 from phy.sim import SimUplinkReceiver, SimUplinkTransmitter
 from phy.uplink import RxFrame
 from proto.air import FrameSidecar, decode_sidecar
-from proto.numerology import burst_airtime_s, check_modulation
+from proto.numerology import MAX_PACKET_BYTES, check_modulation
 
 log = logging.getLogger(__name__)
 
@@ -32,9 +31,6 @@ class GrLoopbackTransmitter(SimUplinkTransmitter):
 
     def _sidecar(self, true_snr_db: float, setting: TxSetting, *, lost: bool, est_err_db: float) -> FrameSidecar:
         return FrameSidecar(snr_db=float(true_snr_db), modulation=check_modulation(setting.modulation))
-
-    def estimate_airtime_s(self, frame_sizes: Sequence[int], setting: TxSetting) -> float:
-        return burst_airtime_s(frame_sizes, setting.modulation, setting.bandwidth_hz)
 
 
 @dataclass
@@ -62,6 +58,15 @@ class GrLoopbackReceiver(SimUplinkReceiver):
         if frame is None:
             return None
         modulation = decode_sidecar(parts[0]).modulation  # valid: super()._parse decoded it
+        if len(frame.data) > MAX_PACKET_BYTES:  # the modem could not carry it: not a frame any edge sends
+            self.malformed_count += 1
+            log.warning(
+                "gr-loopback receiver %s: %d-byte frame skipped (limit %d)",
+                self.address,
+                len(frame.data),
+                MAX_PACKET_BYTES,
+            )
+            return None
         if modulation is None or frame.snr_db is None:
             self.malformed_count += 1
             log.warning(
@@ -78,7 +83,12 @@ class GrLoopbackReceiver(SimUplinkReceiver):
         # consecutive frames of one burst share the channel and modulation: one modem run each
         for (snr_db, modulation), group in itertools.groupby(air, key=lambda f: (f.snr_db, f.modulation)):
             frames = [f.data for f in group]
-            packets = self.modem.run_packets(frames, modulation, snr_db)
+            try:
+                packets = self.modem.run_packets(frames, modulation, snr_db)
+            except ValueError as exc:  # a peer's frames the modem refuses: theirs to lose, not the BS's
+                self.malformed_count += len(frames)
+                log.warning("gr-loopback receiver %s: %d frame(s) skipped: %s", self.address, len(frames), exc)
+                continue
             decoded = [p for p in packets if p.crc_ok]
             self.packets_in += len(frames)
             self.packets_decoded += len(decoded)

@@ -37,15 +37,12 @@ class RxFrame:
     rx_time: float  # time.time() at reception
 
 
-MAX_PHY_PACKET_BYTES = MAX_PACKET_BYTES  # the OFDM header's 12-bit length field; every link enforces it
-
-
 def checked_frames(frames: Sequence[bytes]) -> list[bytes]:
     """The frames as bytes, or a ValueError naming the first one the PHY cannot carry."""
     out = [bytes(f) for f in frames]
-    too_big = [len(f) for f in out if len(f) > MAX_PHY_PACKET_BYTES]
+    too_big = [len(f) for f in out if len(f) > MAX_PACKET_BYTES]
     if too_big:
-        raise ValueError(f"frame of {max(too_big)} bytes exceeds the PHY packet limit {MAX_PHY_PACKET_BYTES}")
+        raise ValueError(f"frame of {max(too_big)} bytes exceeds the PHY packet limit {MAX_PACKET_BYTES}")
     return out
 
 

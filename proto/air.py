@@ -239,7 +239,7 @@ class FrameSidecar(_Message):
     """
 
     KIND: ClassVar[str] = "sidecar"
-    snr_db: float | None = None
+    snr_db: Annotated[float, Field(ge=-100.0, le=200.0)] | None = None  # dB: anything outside is not a channel
     modulation: Modulation | None = None
 
 

@@ -33,7 +33,9 @@ Why these choices:
 
 `decode_update` treats its input as hostile: the CRC is checked before the body is parsed or inflated,
 inflating is bounded by the header's raw_len (itself capped at MAX_BODY_BYTES), and the entries are parsed with
-the bounds and budgets of proto.codec_entries.  Every failure is a `CodecError` that says what and where.
+the bounds, budgets and pairing rules of proto.codec_entries (a module's two factors are both sent by components
+with one kept mask, or both whole).  Every failure is a `CodecError` that says what and where.  Modules may be coded
+differently from each other: a module sent whole has no mask in `kept`, and aggregation counts all its components.
 """
 
 from __future__ import annotations
@@ -56,6 +58,7 @@ from proto.codec_entries import MAX_VALUES as MAX_VALUES
 from proto.codec_entries import CodecError as CodecError
 from proto.codec_entries import component_axis as component_axis
 from proto.codec_entries import encode_entry, entry_size, parse_entries
+from proto.codec_entries import largest_value as largest_dtype_value
 from proto.codec_entries import module_path as module_path
 
 MAGIC = b"FLUP"
@@ -91,7 +94,7 @@ class DecodedUpdate:
     spec: ModuleSpec
     dtype: str
     state: AdapterState  # full shapes for the spec; components that were not sent are zero
-    kept: dict[str, torch.Tensor] = field(default_factory=dict)  # module path -> bool (rank,), LoRA keys only
+    kept: dict[str, torch.Tensor] = field(default_factory=dict)  # module path -> bool (rank,): modules by components
     version: int = VERSION
     compressed: bool = False
 
@@ -167,6 +170,11 @@ def encoded_size(
             n_kept = kept.get(module_path(key)) if isinstance(kept, Mapping) else kept
         size += entry_size(key, shape, itemsize, version, n_kept=n_kept, zero=key in zero_keys)
     return size
+
+
+def largest_value(dtype: str) -> float:
+    """The largest magnitude a value encoded as `dtype` ("fp16", "fp32") can carry; encode_update refuses more."""
+    return largest_dtype_value(_check_format(dtype, VERSION, 0))
 
 
 def _check_format(dtype: str, version: int, n_entries: int) -> np.dtype[Any]:

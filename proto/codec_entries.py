@@ -4,8 +4,9 @@ is read back from untrusted bytes (the layout is in proto.codec's docstring; pro
 Reading treats the body as hostile: every length is checked against the bytes actually present before anything
 is allocated, the values a message may decode to are capped at MAX_VALUES (kind 2 costs no bytes), in version 2
 the component axis of every LoRA key must equal the header's rank (so every kept mask is (rank,), as aggregation
-needs), shapes may be checked against what the receiver expects, and NaN/Inf are refused. Every failure is a
-`CodecError` that says what and where.
+needs), both factors of a module are coded alike (by components with one kept mask, or whole: dense or zero), shapes
+may be checked against what the receiver expects, keys are printable (an error naming one stays one line), and NaN/Inf
+are refused. Every failure is a `CodecError` that says what and where.
 """
 
 from __future__ import annotations
@@ -51,6 +52,8 @@ def key_bytes(key: str) -> bytes:
     raw = key.encode()
     if not 1 <= len(raw) <= MAX_KEY_BYTES:
         raise CodecError(f"{key!r}: key of {len(raw)} bytes, outside 1..{MAX_KEY_BYTES}")
+    if not key.isprintable():
+        raise CodecError(f"{key!r}: key has unprintable characters")
     return raw
 
 
@@ -81,8 +84,17 @@ def encode_entry(
         else:
             out += np.packbits(mask, bitorder="little").tobytes()
         values = np.take(values, idx, axis=axis)
-    out += np.ascontiguousarray(values).astype(dtype).tobytes()
+    with np.errstate(over="ignore"):  # an overflow is reported below, naming the key
+        stored = np.ascontiguousarray(values).astype(dtype)
+    if not np.isfinite(stored).all():  # finite as float32, but not in this dtype: the receiver would refuse it
+        raise CodecError(f"{key}: values beyond the range of {dtype.name} (largest {largest_value(dtype):g})")
+    out += stored.tobytes()
     return bytes(out)
+
+
+def largest_value(dtype: np.dtype[Any]) -> float:
+    """The largest magnitude a value of `dtype` can carry."""
+    return float(np.finfo(dtype).max)
 
 
 def entry_size(key: str, shape: Sequence[int], itemsize: int, version: int, *, n_kept: int | None, zero: bool) -> int:
@@ -113,6 +125,7 @@ def parse_entries(
     reader = _Reader(body, 0, len(body))
     state: dict[str, torch.Tensor] = {}
     kept: dict[str, torch.Tensor] = {}
+    coding: dict[str, tuple[str, bool]] = {}  # module path -> (its first factor's key, sent by components)
     budget = MAX_VALUES  # values this message may still decode to
     for i in range(n_entries):
         key_len = reader.unpack(">H", f"entry {i} key length")[0]
@@ -122,6 +135,8 @@ def parse_entries(
             key = reader.take(key_len, f"entry {i} key").decode("utf-8")
         except UnicodeDecodeError:
             raise CodecError(f"entry {i}: key is not UTF-8") from None
+        if not key.isprintable():
+            raise CodecError(f"entry {i}: key {key!r} has unprintable characters")
         if key in state:
             raise CodecError(f"{key}: appears twice")
         kind, ndim = reader.unpack(">BB", f"{key} kind/ndim")
@@ -168,6 +183,8 @@ def parse_entries(
             kept[path] = mask
         else:
             raise CodecError(f"{key}: unknown entry kind {kind} for format version {version}")
+        if axis is not None:
+            _check_coded_alike(coding, key, kind == KIND_COMPONENTS)
         state[key] = torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32))
     if reader.pos != reader.end:
         raise CodecError(f"{reader.end - reader.pos} unparsed bytes after the last entry")
@@ -175,6 +192,19 @@ def parse_entries(
         missing = sorted(set(expected) - set(state))
         raise CodecError(f"missing entries for the expected module: {missing[:3]}{'...' if len(missing) > 3 else ''}")
     return state, kept
+
+
+def _check_coded_alike(coding: dict[str, tuple[str, bool]], key: str, components: bool) -> None:
+    """Both factors of a module by components (one kept mask) or both whole: a mask on one factor only would make
+    aggregation count the other factor's components as unsent, or its unsent components as sent."""
+    path = module_path(key)
+    first, first_components = coding.setdefault(path, (key, components))
+    if first_components != components:
+        coded = {True: "by kept components", False: "whole (dense or zero)"}
+        raise CodecError(
+            f"{path}: {first.rsplit('.', 1)[1]} is sent {coded[first_components]} but {key.rsplit('.', 1)[1]} "
+            f"{coded[components]}; both factors of a module must be coded alike"
+        )
 
 
 def _spend(budget: int, count: int, key: str) -> int:

@@ -12,14 +12,22 @@ from __future__ import annotations
 import json
 from typing import Annotated, Any, Final, Literal, NoReturn
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, ValidationInfo, field_validator
 
 from proto.numerology import Modulation
 
 PROTOCOL_VERSION: Final = 2
 MAX_MESSAGE_BYTES: Final = 1 << 20  # the JSON part; attachments are checked by their own codec
+# a plan's verdict on the device's earlier updates covers the rounds [round - this, round): see Plan
+AGGREGATED_WINDOW_ROUNDS: Final = 16
 
 FrameSeq = Annotated[int, Field(ge=0, le=65535)]  # a frame's sequence number (proto.framing: u16)
+# A module's rank and depth travel in one byte each (the update codec's header): the largest either can be.
+MAX_MODULE_RANK: Final = 255
+MAX_MODULE_DEPTH: Final = 255
+ModuleRank = Annotated[int, Field(ge=1, le=MAX_MODULE_RANK)]
+ModuleDepth = Annotated[int, Field(ge=1, le=MAX_MODULE_DEPTH)]
+RoundIndex = Annotated[int, Field(ge=0, le=0xFFFFFFFF)]  # u32 in the frame and codec headers
 ReportStatus = Literal["ok", "undelivered", "failed"]  # delivered / not every frame acknowledged / round failed
 
 
@@ -30,7 +38,7 @@ class MessageError(ValueError):
 class _Strict(BaseModel):
     """No coercion (no bool for int, no "1" for 1), no unknown fields, immutable once built."""
 
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, allow_inf_nan=False)
 
 
 class _Message(_Strict):
@@ -125,19 +133,42 @@ class Welcome(_Message):
 
 
 class Plan(_Message):
-    """What one device does in a round; a participant's plan carries the adapter view as its attachment."""
+    """What one device does in a round; a participant's plan carries the adapter view as its attachment.
+
+    `aggregated_rounds` is the BS's verdict on the device's earlier updates, for its error feedback: of the rounds
+    in [round - AGGREGATED_WINDOW_ROUNDS, round) (all closed when a plan is sent), exactly those listed aggregated
+    an update of this device (fresh; reusing it stale later changes nothing). An update the device sent in any
+    other round of the window was not aggregated, and it folds it back into its residual. Every ready device gets
+    a plan each round, participant or not; the window makes one lost plan or a few skipped rounds harmless.
+    None: no verdict (the device keeps what it sent pending)."""
 
     type: Literal["plan"] = "plan"
-    round: int
+    round: RoundIndex
     deadline_s: float
     participate: bool
-    rank: int
-    depth: int
+    rank: ModuleRank
+    depth: ModuleDepth
     tx_power_dbm: float
     bandwidth_hz: float
     modulation: Modulation
     keep_fraction: float  # share of rank components sent (1.0 = dense)
     local_steps: int
+    aggregated_rounds: Annotated[list[RoundIndex], Field(max_length=AGGREGATED_WINDOW_ROUNDS)] | None = None
+
+    @field_validator("aggregated_rounds")
+    @classmethod
+    def _in_window(cls, rounds: list[int] | None, info: ValidationInfo) -> list[int] | None:
+        """Only closed rounds inside the window: the BS cannot have aggregated anything of this round or later."""
+        current = info.data.get("round")
+        if rounds is None or not isinstance(current, int):
+            return rounds
+        outside = [r for r in rounds if not current - AGGREGATED_WINDOW_ROUNDS <= r < current]
+        if outside:
+            lo = current - AGGREGATED_WINDOW_ROUNDS
+            raise ValueError(
+                f"rounds {outside} are not in [round - {AGGREGATED_WINDOW_ROUNDS}, round) = [{lo}, {current})"
+            )
+        return rounds
 
 
 class Ack(_Message):

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 from launcher.main import entry_point
+from proto.control import decode_endpoints
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
@@ -65,8 +66,7 @@ class Procs:
             assert p.poll() is None, self.output("bs")
             assert time.monotonic() < deadline, "BS did not bind"
             time.sleep(0.1)
-        time.sleep(0.1)
-        return p, json.loads(endpoints.read_text())
+        return p, decode_endpoints(endpoints.read_bytes()).model_dump()  # written whole, then renamed
 
     def edge(self, control: str, device_id: int, name: str | None = None) -> subprocess.Popen:
         return self.start(name or f"edge{device_id}", ["fedlora-edge", "--bs", control, "--device-id", str(device_id)])

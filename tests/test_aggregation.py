@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fedlora.aggregation import ClientUpdate, aggregate
+from fedlora.aggregation import ClientUpdate, UpdateError, aggregate, check_update
 from fedlora.lora import GlobalAdapter, ModuleSpec, layer_index, module_keys
 from fedlora.models import ModelConfig, build_backbone
 
@@ -105,9 +105,49 @@ def test_bad_updates_name_the_device_and_key(adapter):
     masks[L1Q] = torch.ones(3, dtype=torch.bool)
     with pytest.raises(ValueError, match=f"device 0: kept mask for '{L1Q}'"):
         aggregate(adapter, [ClientUpdate(spec, good.delta, 1.0, masks)])
-    del masks[L1Q]
-    with pytest.raises(ValueError, match=f"device 0: kept has no mask for module '{L1Q}'"):
+    masks[L1Q] = torch.ones(2)  # not bool
+    with pytest.raises(
+        UpdateError, match=rf"device 0: kept mask for '{L1Q}' must be bool of shape \(2,\), got torch.float32"
+    ):
         aggregate(adapter, [ClientUpdate(spec, good.delta, 1.0, masks)])
+
+
+def test_check_update_names_what_aggregation_cannot_use(adapter):
+    spec = ModuleSpec(2, 1)
+    a = L1Q + ".lora_A"
+    check_update(adapter, ClientUpdate(spec, _delta(adapter, spec, 0), 1.0))  # a good one passes
+    nan = _delta(adapter, spec, 0)
+    nan[a][0, 0] = float("nan")
+    with pytest.raises(UpdateError, match=f"key '{a}' has non-finite values"):
+        check_update(adapter, ClientUpdate(spec, nan, 1.0))
+    ints = _delta(adapter, spec, 0)
+    ints[a] = torch.zeros(2, 32, dtype=torch.int64)
+    with pytest.raises(UpdateError, match=f"key '{a}' is not a floating-point tensor"):
+        check_update(adapter, ClientUpdate(spec, ints, 1.0))
+    with pytest.raises(UpdateError, match="weight must be a finite number > 0, got True"):
+        check_update(adapter, ClientUpdate(spec, _delta(adapter, spec, 0), True))
+    # finite, but the global adapter plus it is not: the next round's view could not be encoded
+    g = GlobalAdapter(build_backbone(TINY, 2, seed=0), TINY, seed=0)
+    g.state[a][:2] = 2.0e38  # grown there by earlier (finite) updates
+    huge = _delta(g, spec, 0)
+    huge[a] = torch.full((2, 32), 2.0e38)
+    with pytest.raises(UpdateError, match=f"key '{a}': the global adapter plus this update exceeds"):
+        check_update(g, ClientUpdate(spec, huge, 1.0))
+    huge[a] = -huge[a]  # the other way it is fine
+    check_update(g, ClientUpdate(spec, huge, 1.0))
+    assert isinstance(UpdateError("x"), ValueError)
+
+
+def test_a_module_without_a_mask_was_sent_whole(adapter):
+    """The codec lets modules be coded differently (some by components, some whole): no mask means all sent."""
+    spec = ModuleSpec(4, 2)
+    d1, d2 = _delta(adapter, spec, 1), _delta(adapter, spec, 2)
+    only_l0 = {L0Q: torch.tensor([True, False, False, False])}  # every other module of device 1 went whole
+    out = aggregate(adapter, [ClientUpdate(spec, d1, 1.0, only_l0), ClientUpdate(spec, d2, 1.0)])
+    a0, a1 = L0Q + ".lora_A", L1Q + ".lora_A"
+    torch.testing.assert_close(out[a1][:4], (d1[a1] + d2[a1]) / 2)  # whole: every component voted
+    torch.testing.assert_close(out[a0][0], (d1[a0][0] + d2[a0][0]) / 2)
+    assert torch.equal(out[a0][1:4], d2[a0][1:4])  # device 1 did not send components 1..3 of layer 0
 
 
 def _reference(adapter, updates):
@@ -122,7 +162,9 @@ def _reference(adapter, updates):
         path = k.rsplit(".", 1)[0]
         for i in range(adapter.max_rank):
             voters = [
-                u for u in updates if k in u.delta and i < u.spec.rank and (u.kept is None or bool(u.kept[path][i]))
+                u
+                for u in updates
+                if k in u.delta and i < u.spec.rank and (not u.kept or path not in u.kept or bool(u.kept[path][i]))
             ]
             tot = sum(u.weight for u in voters)
             for u in voters:
@@ -146,6 +188,7 @@ def test_matches_the_per_component_rule(adapter, data):
             kept = {
                 p: torch.tensor(data.draw(st.lists(st.booleans(), min_size=spec.rank, max_size=spec.rank)))
                 for p in module_keys(delta)
+                if data.draw(st.integers(0, 3))  # now and then a module goes whole, without a mask
             }
         updates.append(ClientUpdate(spec, delta, data.draw(st.floats(0.1, 100.0)), kept))
     out = aggregate(adapter, updates)

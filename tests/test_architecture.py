@@ -60,13 +60,13 @@ def test_every_package_imports_only_its_layer_and_below() -> None:
 
 
 def test_the_round_logic_imports_no_sockets() -> None:
-    rounds = sorted((REPO / "bs_node").glob("rounds*.py")) + sorted((REPO / "bs_node" / "rounds").rglob("*.py"))
-    assert rounds, "bs_node's round logic module is missing"
-    for path in rounds:
-        assert not any(m.split(".")[0] == "zmq" for m in _imports(path)), f"{path} imports zmq"
+    """The BS's round state machine and the edge's round run without zmq, through everything they import."""
+    code = "import sys, bs_node.rounds.runner, edge_node.round\nprint('zmq' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False", "importing the round logic loaded zmq"
 
 
-@pytest.mark.parametrize("tree", ["proto", "config", "fedlora", "phy", "link", "bs_node", "edge_node", "launcher"])
+@pytest.mark.parametrize("tree", [*LAYER, "benchmarks", "scripts"])
 def test_no_source_file_is_over_the_limit(tree: str) -> None:
     long = [
         f"{p.relative_to(REPO)}: {n} lines"

@@ -56,7 +56,7 @@ def test_default_per_monotone_and_ordered():
 
 
 def test_frame_size_scaling():
-    pc = PerCurve({"qpsk": [(0.0, 1.0), (10.0, 0.2), (20.0, 0.0)]}, ref_frame_bytes=1000)
+    pc = PerCurve.from_points({"qpsk": [(0.0, 1.0), (10.0, 0.2), (20.0, 0.0)]}, ref_frame_bytes=1000)
     assert pc.per(10.0, "qpsk", 1000) == pytest.approx(0.2)
     assert pc.per(10.0, "qpsk", 2000) == pytest.approx(1 - 0.8**2)
     assert pc.per(10.0, "qpsk", 500) == pytest.approx(1 - 0.8**0.5)
@@ -79,18 +79,18 @@ def test_min_snr_inverts_per():
 
 def test_per_curve_validation():
     with pytest.raises(ValueError, match="increasing"):
-        PerCurve({"qpsk": [(10.0, 0.5), (5.0, 0.1)]})
-    with pytest.raises(ValueError, match=r"\[0, 1\]"):
-        PerCurve({"qpsk": [(5.0, 1.5), (10.0, 0.1)]})
+        PerCurve.from_points({"qpsk": [(10.0, 0.5), (5.0, 0.1)]})
+    with pytest.raises(ValueError, match="<= 1"):
+        PerCurve.from_points({"qpsk": [(5.0, 1.5), (10.0, 0.1)]})
     with pytest.raises(ValueError, match="non-increasing"):
-        PerCurve({"qpsk": [(5.0, 0.1), (10.0, 0.5)]})
-    with pytest.raises(ValueError, match="modulation"):
-        PerCurve({"64qam": [(5.0, 0.1)]})
+        PerCurve.from_points({"qpsk": [(5.0, 0.1), (10.0, 0.5)]})
+    with pytest.raises(ValueError, match="expected one of 'bpsk'"):
+        PerCurve.from_points({"64qam": [(5.0, 0.1)]})
     with pytest.raises(ValueError):
-        PerCurve({"qpsk": []})
+        PerCurve.from_points({"qpsk": []})
     with pytest.raises(ValueError):
-        PerCurve({"qpsk": [(5.0, 0.1)]}, ref_frame_bytes=0)
-    pc = PerCurve({"qpsk": [(5.0, 0.1)]})
+        PerCurve.from_points({"qpsk": [(5.0, 0.1)]}, ref_frame_bytes=0)
+    pc = PerCurve.from_points({"qpsk": [(5.0, 0.1)]})
     with pytest.raises(ValueError, match="no table"):
         pc.per(5.0, "bpsk", 100)
 

@@ -23,7 +23,9 @@ from proto.codec import (
     encode_update,
     encoded_size,
     expected_shapes,
+    largest_value,
 )
+from proto.codec_entries import encode_entry
 
 SPEC = ModuleSpec(rank=4, depth=2)
 
@@ -367,6 +369,69 @@ def test_version_2_component_axis_must_match_the_header_rank():
     body = entry_head("m.lora_A", KIND_ZERO, 4)
     with pytest.raises(CodecError, match="does not have the header's rank"):
         decode_update(v2_message(body, entries=1, rank=4))
+
+
+def coded_per_key(state, masks, *, version=2) -> bytes:
+    """A sealed fp32 update (rank 4) whose entries are coded one by one: `masks[key]` by components, else whole."""
+    body = b"".join(
+        encode_entry(k, v.numpy(), None if masks.get(k) is None else masks[k].numpy(), np.dtype(">f4"), version)
+        for k, v in state.items()
+    )
+    if version == 2:
+        return v2_message(body, entries=len(state))
+    return reseal(_HEADER.pack(b"FLUP", 1, 2, 0, 0, 1, 0, 4, 2, len(state), len(body)) + body)
+
+
+L5V = "bert.encoder.layer.5.attention.self.value"
+
+
+@pytest.mark.parametrize("version", [1, 2])
+@pytest.mark.parametrize("masked", [".lora_A", ".lora_B"])
+def test_a_module_with_one_factor_by_components_and_the_other_whole_is_refused(version, masked):
+    """A mask on one factor only would be half a mask for aggregation: the codec names the module."""
+    state = make_state()
+    mask = torch.tensor([True, False, True, False])
+    data = coded_per_key(state, {L5V + masked: mask}, version=version)
+    with pytest.raises(CodecError, match=rf"{L5V}: lora_\w is sent .* but lora_\w .*must be coded alike"):
+        decode_update(data, expected_shapes=expected_shapes(state))
+    if version == 2:  # a zero factor is sent whole as well
+        state[L5V + ({".lora_A": ".lora_B", ".lora_B": ".lora_A"}[masked])].zero_()
+        with pytest.raises(CodecError, match=f"{L5V}: .*whole \\(dense or zero\\)"):
+            decode_update(coded_per_key(state, {L5V + masked: mask}))
+
+
+def test_modules_may_be_coded_differently_from_each_other():
+    """One module by components, the others whole (dense or zero): valid; only the coded module has a mask."""
+    state = make_state()
+    state["bert.encoder.layer.4.attention.self.query.lora_A"].zero_()
+    mask = torch.tensor([False, True, True, True])
+    data = coded_per_key(state, {L5V + ".lora_A": mask, L5V + ".lora_B": mask})
+    out = decode_update(data, expected_shapes=expected_shapes(state))
+    assert list(out.kept) == [L5V] and torch.equal(out.kept[L5V], mask)
+    assert data == encode_update(state, spec=SPEC, round_idx=1, device_id=0, dtype="fp32", kept={L5V: mask})
+
+
+def test_encode_refuses_values_beyond_the_dtypes_range():
+    """Finite as float32 but Inf in fp16: the receiver would refuse it, so the sender does (naming the key)."""
+    assert (largest_value("fp16"), largest_value("fp32")) == (65504.0, float(np.finfo(np.float32).max))
+    ok = {"head.x": torch.tensor([65504.0, -65504.0])}
+    assert torch.equal(
+        decode_update(encode_update(ok, spec=SPEC, round_idx=1, device_id=0)).state["head.x"], ok["head.x"]
+    )
+    with pytest.raises(CodecError, match=r"head.x: values beyond the range of float16 \(largest 65504\)"):
+        encode_update({"head.x": torch.tensor([1.0, 7e4])}, spec=SPEC, round_idx=1, device_id=0)
+    assert decode_update(
+        encode_update({"head.x": torch.tensor([7e4])}, spec=SPEC, round_idx=1, device_id=0, dtype="fp32")
+    )
+
+
+def test_keys_must_be_printable():
+    """An error that names a key is one line in the log and the live view, without control characters."""
+    with pytest.raises(CodecError, match="unprintable"):
+        encode_update({"head.x\n": torch.ones(2)}, spec=SPEC, round_idx=1, device_id=0)
+    body = entry_head("head.\x1b[2J", 0, 1) + struct.pack(">f", 1.0)
+    with pytest.raises(CodecError, match=r"entry 0: key 'head.\\x1b\[2J' has unprintable characters"):
+        decode_update(v2_message(body, entries=1))
 
 
 def test_version_2_header_fields_are_checked():

@@ -218,6 +218,9 @@ def _one_line(proc: subprocess.CompletedProcess[str]) -> str:
         ("launcher.main", ["--set", "devices.count=four"], ["default.yaml: devices.count = 'four': expected an int"]),
         ("launcher.main", ["--experiment", "nope/missing.yaml"], ["nope/missing.yaml: cannot read"]),
         ("bs_node.main", ["--bench-set", "channel.fading=bogus"], ["sim.yaml: channel.fading = 'bogus'"]),
+        ("launcher.main", ["--set", "controller.policy=lyapnuov"], ["controller.policy = 'lyapnuov'", "'lyapunov'"]),
+        ("launcher.main", ["--set", "seed=-1"], ["default.yaml: seed = -1: expected >= 0"]),
+        ("launcher.main", ["--set", "model.max_rank=300"], ["model.max_rank = 300: expected <= 255"]),
     ],
 )
 def test_cli_prints_one_line_and_exits_2(cli: str, args: list[str], needles: list[str]):

@@ -206,7 +206,7 @@ def test_round_records_explain_the_decision():
         ("controller.energy_credit_rounds=-1", "energy_credit_rounds"),
         ("controller.modulations=[qam1024]", "modulations"),
         ("controller.keep_fractions=[0]", "keep_fractions"),
-        ("controller.policy=clairvoyant", "unknown policy"),
+        ("controller.policy=clairvoyant", "controller.policy = 'clairvoyant': expected one of 'fixed'"),
     ],
 )
 def test_bad_controller_config_is_named(override, needle):
@@ -389,3 +389,13 @@ def test_keep_fractions_are_offered_only_where_the_codec_honours_them(sparsifier
             load_experiment(None, [f"controller.policy={policy}", f"codec.sparsifier={sparsifier}"]), b
         )
         assert set(ctrl.choices(state(b))[2]) == choices  # a dense codec would send it all anyway
+
+
+def test_the_config_offers_exactly_the_policies_that_exist():
+    """config cannot import the controllers (it sits below them), so its list of policies is checked here."""
+    import typing
+
+    from bs_node.controllers import POLICIES
+    from config import ControllerConfig
+
+    assert set(typing.get_args(ControllerConfig.model_fields["policy"].annotation)) == set(POLICIES)

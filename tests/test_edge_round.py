@@ -4,12 +4,13 @@ whose update the BS can decode; a bad plan becomes a failed report, never a cras
 from __future__ import annotations
 
 import pytest
+import torch
 
 from bs_node.global_model import GlobalModel
 from config import load_bench, load_experiment
 from edge_node.round import EdgeRounds
 from phy.uplink import TxReport, UplinkTransmitter
-from proto.control import Plan
+from proto.control import AGGREGATED_WINDOW_ROUNDS, Plan
 from proto.framing import Frame, Reassembler
 
 TINY = ["model.name_or_path=tiny", "task.test_size=50", "task.max_train=400", "devices.count=2"]
@@ -119,3 +120,27 @@ def test_the_edge_round_imports_no_sockets():
         for alias in node.names
     }
     assert not any(str(m).split(".")[0] == "zmq" for m in imported), imported
+
+
+def test_every_plan_settles_what_the_edge_sent_before(setup):
+    """Error feedback on the edge: a plan that does not list a round folds its update back, a plan without a
+    verdict keeps it pending, and an update older than the plan's window counts as delivered."""
+    exp, bench, bs = setup
+    rounds = EdgeRounds(exp, bench, 0, RecordingTx(), link=RecordingLink())
+    fb = rounds.sparsifier.feedback
+    view = bs.adapter_view(bs.max_rank, bs.num_layers, 1)
+    rounds.run(plan(bs, round=1), view)
+    sent = {k: v.clone() for k, v in fb.pending[1].items()}
+    assert fb.norm() == 0  # dense: nothing withheld
+    assert rounds.run(plan(bs, round=2, participate=False), None) is None and list(fb.pending) == [1]  # no verdict
+    assert rounds.run(plan(bs, round=3, participate=False, aggregated_rounds=[]), None) is None  # sitting out too
+    assert not fb.pending and all(torch.equal(fb.take(k, v), v) for k, v in sent.items())  # folded back, whole
+
+    rounds.run(plan(bs, round=4), view)  # carries round 1's update; round 4's own is held
+    assert list(fb.pending) == [4] and fb.norm() == 0
+    rounds.run(plan(bs, round=5, participate=False, aggregated_rounds=[4]), None)
+    assert not fb.pending and fb.norm() == 0  # aggregated: dropped, never sent again
+
+    rounds.run(plan(bs, round=6), view)
+    rounds.run(plan(bs, round=6 + AGGREGATED_WINDOW_ROUNDS + 1, participate=False, aggregated_rounds=[]), None)
+    assert not fb.pending and fb.norm() == 0  # out of the window: nobody can say, counted as delivered

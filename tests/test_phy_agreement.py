@@ -1,6 +1,6 @@
 """The sim PHY's frame loss agrees with the real GNU Radio OFDM modem it was calibrated on.
 
-The sim link decides loss from the PER curve of the bench (`per_curve_for(load_bench(loopback.yaml))`, the
+The sim link decides loss from the PER curve of the bench (`PerCurve.for_bench(load_bench(loopback.yaml))`, the
 committed `hw_configs/calibration/loopback.yaml`). For every modulation that file covers, the SNRs where the
 curve's PER is 0.8, 0.5 and 0.15 are read from the file itself (`PerCurve.min_snr_db`, the exact inverse of
 the piecewise-linear table), N frames cross the real LoopbackModem at each, and the measured PER must be within
@@ -33,7 +33,6 @@ pytest.importorskip("gnuradio")
 import zmq  # noqa: E402
 
 from config import REPO_ROOT, load_bench  # noqa: E402
-from link.factory import per_curve_for  # noqa: E402
 from phy.channel import DeviceGeometry, PerCurve, SimChannel, TxSetting  # noqa: E402
 from phy.sim import SimUplinkReceiver, SimUplinkTransmitter  # noqa: E402
 
@@ -49,7 +48,7 @@ TOLERANCE = 0.10
 @cache
 def _curve() -> PerCurve:
     """The object the sim link of the loopback bench uses."""
-    return per_curve_for(load_bench(BENCH_FILE))
+    return PerCurve.for_bench(load_bench(BENCH_FILE))
 
 
 def _modulations() -> list[str]:

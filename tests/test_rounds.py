@@ -8,7 +8,7 @@ import json
 import pytest
 
 from bs_node.rounds import FromEdge, StartupError
-from proto.control import Ack, Bye, Measurements, Plan, Shutdown
+from proto.control import AGGREGATED_WINDOW_ROUNDS, Ack, Bye, Measurements, Plan, Shutdown
 from tests.bs_fakes import make_station, sends_update
 
 DEADLINE_S = 60.0
@@ -106,3 +106,49 @@ def test_stop_closes_the_round_in_progress(tmp_path):
     (line,) = (bs.run_dir / "rounds.jsonl").read_text().splitlines()
     assert json.loads(line)["devices"][0]["status"] == "timeout"
     assert t.broadcasts == [Shutdown(reason="stopped")]
+
+
+def test_each_plan_tells_the_device_which_of_its_updates_were_aggregated(tmp_path):
+    """Plan.aggregated_rounds: fresh updates that went into a step; not a lost, bad or unstepped one, and a stale
+    reuse adds nothing. Every device hears it each round, with the whole window."""
+    bs = make_station(tmp_path / "run", ["devices.count=3", "round.stale_rounds=2"])
+    t = bs.transport
+    for k in range(3):
+        t.join(k, sends_update(t, k, 0.01))
+    bs.runner.wait_for_devices()
+
+    def verdicts(r: int) -> dict[int, list[int] | None]:
+        plans = {k: [p for p in t.sent_to(k, Plan) if isinstance(p, Plan) and p.round == r] for k in range(3)}
+        assert all(len(p) == 1 for p in plans.values())  # one plan per device and round
+        return {k: p[0].aggregated_rounds for k, p in plans.items()}
+
+    bs.runner.run_round(1)
+    assert verdicts(1) == {0: [], 1: [], 2: []}
+    t.behaviours[1] = sends_update(t, 1, 0.01, drop_last=True, report="undelivered")  # lost: its round 1 is reused
+    t.behaviours[2] = sends_update(t, 2, 0.01, wrong_shape=True)  # arrives, but bad
+    second = bs.runner.run_round(2)
+    assert second.stale_updates == {1: 1, 2: 1}
+    for k in (1, 2):
+        t.behaviours[k] = sends_update(t, k, 0.01)
+    third = bs.runner.run_round(3)
+    assert {d.device_id: d.status for d in third.devices} == {0: "ok", 1: "ok", 2: "ok"}
+    assert verdicts(2) == {0: [1], 1: [1], 2: [1]}
+    assert verdicts(3) == {0: [1, 2], 1: [1], 2: [1]}  # the stale reuse of round 1 in round 2 adds nothing
+
+    def fails(updates, absent_weight):
+        raise RuntimeError("no step")
+
+    bs.model.aggregate = fails  # round 4 closes without a step: none of its updates counts as aggregated
+    bs.runner.run_round(4)
+    bs.runner.run_round(5)
+    assert verdicts(4) == verdicts(5) == {0: [1, 2, 3], 1: [1, 3], 2: [1, 3]}
+
+
+def test_the_verdict_covers_a_window_of_rounds(tmp_path):
+    closer = make_station(tmp_path / "run").runner.closer
+    for r in range(1, 21):
+        closer._note_aggregated(r, {0: None} if r % 2 else {0: None, 1: None})
+    assert closer.aggregated_rounds(0, 21) == list(range(21 - AGGREGATED_WINDOW_ROUNDS, 21))
+    assert closer.aggregated_rounds(1, 21) == list(range(6, 21, 2)) and closer.aggregated_rounds(2, 21) == []
+    assert closer.aggregated_rounds(0, 10) == list(range(5, 10))  # only rounds before the plan's (1..4 forgotten)
+    assert all(len(v) <= AGGREGATED_WINDOW_ROUNDS for v in closer.aggregated.values())

@@ -13,7 +13,9 @@ from fedlora.aggregation import ClientUpdate, aggregate
 from fedlora.lora import GlobalAdapter, LocalModel, ModuleSpec
 from fedlora.models import ModelConfig, build_backbone, load_tokenizer
 from fedlora.sparsify import (
+    MAX_PENDING_UPDATES,
     BOnlySparsifier,
+    ErrorFeedback,
     SoftSparsifier,
     SparseUpdate,
     component_scores,
@@ -252,6 +254,147 @@ def test_error_feedback_conservation_over_any_module_sequence(rounds, name):
         else:
             pad[:, : res.shape[1]] = res
         torch.testing.assert_close(sent[k] + pad, want[k], rtol=0, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------- lost updates
+ALL = ["soft", "topk", "randomk", "dense", "dense_fp32", "dense_fp16", "b_only"]
+
+
+def add_global(state: dict[str, torch.Tensor], total: dict[str, torch.Tensor]) -> None:
+    """Like embed, head parameters included (they have no component axis)."""
+    embed(state, total)
+    for k, v in state.items():
+        if ".lora_" not in k:
+            total[k] = total.get(k, torch.zeros(v.shape, dtype=torch.float64)) + v.double()
+
+
+def residual_global(sp) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for k, v in sp.feedback.residual.items():
+        if k.endswith(".lora_A"):
+            out[k] = torch.zeros(R, v.shape[1], dtype=torch.float64)
+            out[k][: v.shape[0]] = v.double()
+        elif k.endswith(".lora_B"):
+            out[k] = torch.zeros(v.shape[0], R, dtype=torch.float64)
+            out[k][:, : v.shape[1]] = v.double()
+        else:
+            out[k] = v.double()
+    return out
+
+
+def frozen_a(delta: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """b_only's A never moves: its deltas are 0."""
+    return {k: torch.zeros_like(v) if k.endswith(".lora_A") else v for k, v in delta.items()}
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_a_lost_update_comes_back_in_full_in_the_next_one(name):
+    sp = make_sparsifier(name, dtype="fp32", seed=1, device_id=0)
+    spec = ModuleSpec(R, 2)
+    d1, d2 = make_delta(spec, 1), make_delta(spec, 2)
+    if name == "b_only":
+        d1, d2 = frozen_a(d1), frozen_a(d2)
+    up1 = sp.sparsify(d1, trained_from(d1), spec, 0.5, round_idx=1)
+    assert list(sp.feedback.pending) == [1]
+    assert all(torch.equal(sp.feedback.pending[1][k], v) for k, v in up1.delta.items())  # held: exactly what went
+    for k, v in d1.items():  # sent + residual == delta, exactly
+        torch.testing.assert_close(up1.delta[k] + sp.feedback.take(k, v), v, rtol=0, atol=1e-6)
+    assert sp.settle(delivered=[], lost=[1]) == [1] and not sp.feedback.pending
+    up2 = sp.sparsify(d2, trained_from(d2), spec, 1.0, round_idx=2)
+    for k, v in d2.items():  # everything of round 1 rides on round 2, head included
+        torch.testing.assert_close(up2.delta[k], v + d1[k], rtol=0, atol=1e-6)
+    assert sp.feedback.norm() == 0 and up2.info["residual_norm"] == 0
+
+
+def test_an_aggregated_update_is_dropped_and_never_sent_again():
+    sp = make_sparsifier("topk", dtype="fp32")
+    spec = ModuleSpec(R, 2)
+    d1 = make_delta(spec, 1)
+    sp.sparsify(d1, d1, spec, 0.25, round_idx=1)
+    residual = {k: v.clone() for k, v in sp.feedback.residual.items()}
+    assert sp.settle(delivered=[1], lost=[]) == [] and not sp.feedback.pending
+    assert all(torch.equal(sp.feedback.residual[k], v) for k, v in residual.items())
+    zero = {k: torch.zeros_like(v) for k, v in d1.items()}
+    up = sp.sparsify(zero, zero, spec, 1.0, round_idx=2)
+    for k, v in up.delta.items():  # only what round 1 withheld, nothing of what it sent
+        torch.testing.assert_close(v, residual[k] if k in residual else torch.zeros_like(v), rtol=0, atol=0)
+
+
+def test_pending_updates_are_bounded():
+    sp = make_sparsifier("dense", dtype="fp32")
+    spec = ModuleSpec(2, 1)
+    for r in range(1, 7):
+        d = make_delta(spec, r)
+        sp.sparsify(d, d, spec, 1.0, round_idx=r)
+    assert sorted(sp.feedback.pending) == [3, 4, 5, 6] and MAX_PENDING_UPDATES == 4  # the oldest counted delivered
+    assert sp.settle(delivered=[], lost=[1, 2, 99]) == []  # forgotten or never sent: nothing to fold back
+    assert sp.feedback.norm() == 0 and sp.feedback.pending_norm() > 0
+    assert sp.settle(delivered=[3, 4], lost=[5]) == [5] and list(sp.feedback.pending) == [6]
+    sp.reset()
+    assert not sp.feedback.pending and not sp.feedback.residual
+
+
+def test_a_lost_update_with_non_finite_values_is_not_folded_back():
+    fb = ErrorFeedback()
+    bad = torch.ones(2, IN)
+    bad[0, 0] = math.nan
+    fb.hold(1, {path(0) + ".lora_A": bad, HEAD_B: torch.ones(2)})
+    fb.hold(2, {path(0) + ".lora_A": torch.ones(2, IN), HEAD_B: torch.ones(2)})
+    assert fb.settle([], [1, 2]) == [2] and not fb.pending  # round 2 only
+    assert torch.equal(fb.residual[HEAD_B], torch.ones(2))
+    assert torch.equal(fb.residual[path(0) + ".lora_A"], torch.ones(2, IN))
+
+
+@pytest.mark.parametrize("name", ["dense", "topk"])
+def test_without_error_feedback_nothing_is_held(name):
+    sp = make_sparsifier(name, dtype="fp32", error_feedback=False)
+    spec = ModuleSpec(R, 1)
+    d = make_delta(spec, 0, layers=1)
+    sp.sparsify(d, d, spec, 0.5, round_idx=1)
+    assert not sp.feedback.pending and sp.settle([], [1]) == [] and sp.feedback.norm() == 0
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.integers(1, R),
+            st.integers(1, 2),
+            st.sampled_from([0.0, 0.3, 0.5, 1.0]),
+            st.sampled_from(["aggregated", "lost", "later"]),  # what the next plan says of this round's update
+        ),
+        min_size=1,
+        max_size=7,
+    ),
+    st.sampled_from(["soft", "topk", "randomk", "dense"]),
+)
+def test_conservation_with_losses(rounds, name):
+    """sum(delta) == sum(aggregated sent) + sum(pending sent) + residual, over any modules, fractions and fates."""
+    sp = make_sparsifier(name, dtype="fp32", seed=1, **({"score": "update"} if name == "soft" else {}))
+    want: dict[str, torch.Tensor] = {}
+    delivered: dict[str, torch.Tensor] = {}
+    fates: dict[int, str] = {}
+    for i, (rank, depth, kf, fate) in enumerate(rounds):
+        agg = [r for r, f in fates.items() if f == "aggregated" and r in sp.feedback.pending]
+        for r in agg:
+            add_global(sp.feedback.pending[r], delivered)
+        sp.settle(delivered=agg, lost=[r for r, f in fates.items() if f == "lost"])
+        fates = {r: f for r, f in fates.items() if f == "later" and r in sp.feedback.pending}
+        spec = ModuleSpec(rank, depth)
+        d = make_delta(spec, seed=i)
+        held = dict(sp.feedback.pending)
+        sp.sparsify(d, trained_from(d, i), spec, kf, round_idx=i)
+        for r in set(held) - set(sp.feedback.pending):  # past MAX_PENDING_UPDATES: forgotten, counted as delivered
+            add_global(held[r], delivered)
+        fates[i] = fate
+        add_global(d, want)
+    have = dict(delivered)
+    for sent in sp.feedback.pending.values():
+        add_global(sent, have)
+    for k, v in residual_global(sp).items():
+        have[k] = have.get(k, torch.zeros_like(v)) + v
+    for k, total in want.items():
+        torch.testing.assert_close(have.get(k, torch.zeros_like(total)), total, rtol=0, atol=1e-4)
 
 
 # ----------------------------------------------------------------------------------------------- regulariser

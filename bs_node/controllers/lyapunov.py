@@ -18,7 +18,7 @@ from bs_node.controllers.estimates import ChannelEstimator, ComputeEstimator
 from bs_node.measurements import RoundRecord
 from config import BenchConfig, ExperimentConfig
 from fedlora.sparsify import SPARSIFIERS
-from link.factory import per_curve_for
+from phy.channel import PerCurve
 
 TIE_BREAK = 1e-3
 
@@ -47,7 +47,7 @@ class LyapunovController(Controller):
         self.cfg = cfg
         self.channel = ChannelEstimator(bench.channel, ewma=cfg.gain_ewma)
         self.compute = ComputeEstimator(ewma=cfg.gain_ewma)
-        self.per_curve = per_curve_for(bench)
+        self.per_curve = PerCurve.for_bench(bench)
         self.energy_queue: dict[int, float] = {}
         self.energy_spent_j: dict[int, float] = {}  # measured, since the device was first planned
         self.rounds_planned: dict[int, int] = {}  # rounds the device was present for (its budget accrues)

@@ -15,9 +15,8 @@ from bs_node.measurements import DeviceRound, apply_report
 from bs_node.rounds.ports import RoundModel
 from bs_node.rounds.state import Pending
 from config import ExperimentConfig
-from proto.codec import CodecError
-from proto.control import Plan
-from proto.framing import FrameError, Reassembler
+from proto.control import AGGREGATED_WINDOW_ROUNDS, Plan
+from proto.framing import Reassembler
 
 if TYPE_CHECKING:  # pragma: no cover
     from fedlora.aggregation import ClientUpdate
@@ -35,6 +34,9 @@ class RoundCloser:
         self.view = view
         self.latest_updates: dict[int, tuple[int, ClientUpdate]] = {}  # device -> (round, update), for reuse
         self.rounds_participated: dict[int, int] = {}  # device -> rounds whose update it delivered
+        # device -> the rounds (last AGGREGATED_WINDOW_ROUNDS) whose fresh update went into a step: each plan tells
+        # the device, for its error feedback (proto.control.Plan.aggregated_rounds)
+        self.aggregated: dict[int, list[int]] = {}
 
     def close(
         self, r: int, plans: dict[int, Plan], pending: dict[int, Pending]
@@ -64,13 +66,47 @@ class RoundCloser:
             devices.append(row)
         self.reassembler.discard_round(r)
         stale = self._stale_updates(r, plans, fresh)
-        self.latest_updates.update({d: (r, update) for d, update in fresh.items()})
         updates = list(fresh.values()) + [update for _, update in stale.values()]
         if updates:
             absent = [d for d in plans if d not in fresh and d not in stale]
             absent_weight = sum(float(self.model.examples(d)) for d in absent) if self.exp.round.absent_as_zero else 0.0
-            self.model.aggregate(updates, absent_weight)
+            used = {*fresh, *stale}
+            if not self._step(r, updates, absent_weight, [row for row in devices if row.device_id in used]):
+                for d in stale:  # nor is a reused update tried again
+                    del self.latest_updates[d]
+                return devices, {}
+        self.latest_updates.update({d: (r, update) for d, update in fresh.items()})
+        self._note_aggregated(r, fresh)
         return devices, {d: made for d, (made, _) in stale.items()}
+
+    def _note_aggregated(self, r: int, fresh: dict[int, ClientUpdate]) -> None:
+        """Remember that round r's fresh updates stepped the adapter, forgetting what no plan can ask about."""
+        for d in fresh:
+            self.aggregated.setdefault(d, []).append(r)
+        oldest = r + 1 - AGGREGATED_WINDOW_ROUNDS  # the next plan is for round r + 1 at the earliest
+        for d, rounds in list(self.aggregated.items()):
+            self.aggregated[d] = [x for x in rounds if x >= oldest]
+
+    def aggregated_rounds(self, device_id: int, round_idx: int) -> list[int]:
+        """For the plan of `round_idx`: the rounds of its window whose update of `device_id` was aggregated (a
+        stale reuse adds nothing: that update was aggregated when it arrived)."""
+        first = round_idx - AGGREGATED_WINDOW_ROUNDS
+        return [x for x in self.aggregated.get(device_id, []) if first <= x < round_idx]
+
+    def _step(self, r: int, updates: list[ClientUpdate], absent_weight: float, rows: list[DeviceRound]) -> bool:
+        """Aggregate and step the adapter. The last line of defence behind the per-update checks: if that still
+        fails, the round closes without a step, the error goes to the log and the rows of the devices whose update
+        was in it, and the run goes on; no update of the round is kept for reuse."""
+        try:
+            self.model.aggregate(updates, absent_weight)
+        except Exception as exc:  # whatever it is, one round's step is not worth the run
+            error = f"aggregation failed, the adapter did not step: {' '.join(str(exc).split())}"
+            log.exception("round %d: %s", r, error)
+            self.view.line(f"round {r}: {error}")
+            for row in rows:
+                row.error = f"{row.error}; {error}" if row.error else error
+            return False
+        return True
 
     def _fill_row(self, row: DeviceRound, r: int, p: Pending) -> None:
         if p.snr_db:
@@ -112,9 +148,9 @@ class RoundCloser:
             update = self.model.decode_update(
                 payload, rank=p.plan.rank, depth=p.plan.depth, round_idx=r, device_id=row.device_id
             )
-        except (CodecError, FrameError, KeyError) as exc:
-            row.status, row.error = "bad_update", str(exc)
-            self.view.line(f"round {r}: edge {row.device_id} sent a bad update: {exc}")
+        except (ValueError, KeyError) as exc:  # CodecError, FrameError, UpdateError: the device's failure
+            row.status, row.error = "bad_update", " ".join(str(exc).split())
+            self.view.line(f"round {r}: edge {row.device_id} sent a bad update: {row.error}")
             return None
         if p.report is None:
             row.error = f"update received complete, but no report ({row.error}); measurements missing"

@@ -99,9 +99,10 @@ class RoundModel(Protocol):
 
     def adapter_view(self, rank: int, depth: int, round_idx: int) -> bytes: ...
 
-    def decode_update(
-        self, payload: bytes, *, rank: int, depth: int, round_idx: int, device_id: int
-    ) -> ClientUpdate: ...
+    def decode_update(self, payload: bytes, *, rank: int, depth: int, round_idx: int, device_id: int) -> ClientUpdate:
+        """The device's update, checked against its plan and against what aggregation relies on; raises
+        ValueError (CodecError, UpdateError) for a bad one, which then fails that device only."""
+        ...
 
     def aggregate(self, updates: Sequence[ClientUpdate], absent_weight: float) -> None: ...
 

@@ -159,7 +159,10 @@ class RoundRunner:
             model_shape=self.model.model_shape,
             device_weights={e.device_id: float(self.model.examples(e.device_id)) for e in ready},
         )
-        plans = {d: p.to_plan(r, self.exp.round.deadline_s) for d, p in self.controller.decide(state).items()}
+        plans = {
+            d: self._with_verdict(p.to_plan(r, self.exp.round.deadline_s), d)
+            for d, p in self.controller.decide(state).items()
+        }
         self.transport.start_round(r, {d: p.bandwidth_hz for d, p in plans.items() if p.participate})
         views: dict[tuple[int, int], bytes] = {}
         downlink_bytes = 0
@@ -176,6 +179,12 @@ class RoundRunner:
                 self.pending[device_id] = Pending(plan, dropped=None if delivered else "disconnected")
                 downlink_bytes += len(attachment) if delivered and attachment is not None else 0
         return plans, downlink_bytes
+
+    def _with_verdict(self, plan: Plan, device_id: int) -> Plan:
+        """The plan, telling the device which of its earlier updates were aggregated (its error feedback folds the
+        others back): every ready device gets one each round, so it hears about every round it sent in."""
+        rounds = self.closer.aggregated_rounds(device_id, plan.round)
+        return Plan.model_validate({**plan.model_dump(), "aggregated_rounds": rounds})
 
     # ------------------------------------------------------------------------------------------ collect
     def _settled(self) -> bool:

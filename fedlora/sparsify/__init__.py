@@ -4,8 +4,9 @@
     sp.prepare_model(model); train_local(..., regularizer=sp.regularizer())     # every round
     up = sp.sparsify(delta, trained, spec, keep_fraction, round_idx=r)
     encode_update(up.delta, kept=up.kept, dtype=up.dtype, ...)
+    sp.settle(delivered=[...], lost=[...])                                      # the BS's verdict on earlier rounds
 
-Rules (score, selection, error feedback across module switches, regulariser) are in docs/soft.md.
+Rules (score, selection, error feedback across module switches and lost updates, regulariser) are in docs/soft.md.
 """
 
 from __future__ import annotations
@@ -14,8 +15,9 @@ import inspect
 from typing import Any
 
 from fedlora.sparsify.b_only import BOnlySparsifier, freeze_a
-from fedlora.sparsify.base import ErrorFeedback, SparseUpdate, Sparsifier, check_keep_fraction, n_keep
+from fedlora.sparsify.base import SparseUpdate, Sparsifier, check_keep_fraction, n_keep
 from fedlora.sparsify.dense import DenseFp16, DenseFp32, DenseSparsifier
+from fedlora.sparsify.feedback import MAX_PENDING_UPDATES, ErrorFeedback
 from fedlora.sparsify.randomk import RandomKSparsifier
 from fedlora.sparsify.soft import SoftSparsifier, component_scores, orthogonality_penalty, update_scores
 from fedlora.sparsify.topk import TopKSparsifier, magnitude_scores
@@ -68,6 +70,7 @@ __all__ = [
     "DenseFp32",
     "DenseSparsifier",
     "ErrorFeedback",
+    "MAX_PENDING_UPDATES",
     "RandomKSparsifier",
     "SPARSIFIERS",
     "SoftSparsifier",

@@ -2,11 +2,12 @@
 
 ``freeze_a`` (called through ``prepare_model`` before training) sets requires_grad=False on every
 lora_A weight, so the optimiser never touches A and delta_A is exactly 0.  ``sparsify`` enforces that:
-A deltas are replaced by zeros whatever the model did.  No regulariser, no error feedback (nothing is
-withheld); ``keep_fraction`` is validated but ignored -- this is a dense baseline.
+A deltas are replaced by zeros whatever the model did (and A has no residual).  No regulariser;
+``keep_fraction`` is validated but ignored -- this is a dense baseline.  Nothing is withheld, so with
+``error_feedback`` on the residual holds only B and head of updates the BS closed its round without,
+folded back to go out with the next update (``fedlora.sparsify.feedback``).
 
-Bytes: the codec has no way to say "this tensor is all zero" yet, so the zero A tensors still travel
-as values (see the report / docs/soft.md for the one-entry-kind codec change that removes them).
+Bytes: the codec writes an all-zero tensor as a zero entry (kind 2), so the frozen A costs only its key.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from fedlora.lora import AdapterState, ModuleSpec
-from fedlora.sparsify.base import SparseUpdate, Sparsifier, check_keep_fraction, lora_pairs
+from fedlora.sparsify.base import SparseUpdate, Sparsifier
 
 
 def freeze_a(model: torch.nn.Module) -> int:
@@ -38,23 +39,19 @@ class BOnlySparsifier(Sparsifier):
     def prepare_model(self, model: torch.nn.Module) -> None:
         freeze_a(model)
 
-    def sparsify(
+    def _select(
         self,
         delta: AdapterState,
         trained: AdapterState,
         spec: ModuleSpec,
         keep_fraction: float,
-        *,
-        round_idx: int | None = None,
+        pairs: dict[str, tuple[str, str]],
+        round_idx: int,
     ) -> SparseUpdate:
-        check_keep_fraction(keep_fraction)
-        pairs = lora_pairs(delta, spec)
         a_keys = {ka for ka, _ in pairs.values()}
         out = {
-            k: (torch.zeros_like(v, dtype=torch.float32) if k in a_keys else v.detach().float().clone())
+            k: (torch.zeros_like(v, dtype=torch.float32) if k in a_keys else self.sent_all(k, self.with_residual(k, v)))
             for k, v in delta.items()
         }
         total = spec.rank * len(pairs)
-        return SparseUpdate(
-            out, None, self.dtype, {"kept_components": total, "total_components": total, "residual_norm": 0.0}
-        )
+        return SparseUpdate(out, None, self.dtype, {"kept_components": total, "total_components": total})

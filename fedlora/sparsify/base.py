@@ -1,8 +1,10 @@
-"""The sparsifier interface, the error-feedback store, and the component-selection skeleton.
+"""The sparsifier interface, error feedback through it, and the component-selection skeleton.
 
-A sparsifier lives on one edge device for the whole run (it carries that device's error-feedback
-residual from round to round).  Per round the edge calls, in order:
+A sparsifier lives on one edge device for the whole run (it carries that device's error feedback --
+residual and pending updates, ``fedlora.sparsify.feedback`` -- from round to round).  Per round the
+edge calls, in order:
 
+    settle(delivered, lost)  the BS's verdict on earlier rounds, from the plan
     prepare_model(model)   before training  (b_only: freeze A)
     regularizer()          passed to ``train_local(..., regularizer=...)``  (SOFT: orthogonality)
     sparsify(delta, trained, spec, keep_fraction, round_idx=...)  -> SparseUpdate
@@ -27,6 +29,12 @@ So a switch to a smaller rank or depth parks the residual of the components (or 
 module does not have; they are re-sliced in, unchanged, the next time the device's module contains
 them again.  Nothing is ever dropped: sum(sent) + residual == sum(delta) over any sequence of rounds.
 Stale residuals are applied to the newer global adapter, as in every error-feedback scheme.
+
+Lost updates.  What is sent is held as pending (``ErrorFeedback.hold``, in ``sparsify``) until the BS's
+next plan says whether it was aggregated; one the BS closed its round without is folded back into the
+residual (``settle``), head included, so the next update carries it.  Every method takes part when
+``error_feedback`` is on, the dense ones too (their residual is only ever what was lost); see
+``fedlora.sparsify.feedback`` and docs/soft.md.
 """
 
 from __future__ import annotations
@@ -34,12 +42,13 @@ from __future__ import annotations
 import math
 import numbers
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import torch
 
 from fedlora.lora import HEAD_PREFIX, AdapterState, ModuleSpec
+from fedlora.sparsify.feedback import ErrorFeedback
 
 _A, _B = ".lora_A", ".lora_B"
 DTYPES = ("fp16", "fp32")
@@ -117,76 +126,18 @@ def check_same_layout(delta: AdapterState, trained: AdapterState) -> None:
             raise ValueError(f"{k!r}: delta {tuple(d.shape)} vs trained {tuple(trained[k].shape)}")
 
 
-class ErrorFeedback:
-    """Per-key residual in global component coordinates (the rule is in the module docstring)."""
-
-    def __init__(self) -> None:
-        self.residual: AdapterState = {}
-
-    @staticmethod
-    def _axis(key: str) -> int:
-        return 0 if key.endswith(_A) else 1
-
-    def take(self, key: str, like: torch.Tensor) -> torch.Tensor:
-        """Residual of components 0..r-1 of ``key`` shaped like ``like`` (zeros where none is stored)."""
-        out = torch.zeros_like(like, dtype=torch.float32)
-        stored = self.residual.get(key)
-        if stored is None:
-            return out
-        axis = self._axis(key)
-        other = 1 - axis
-        if stored.shape[other] != like.shape[other]:
-            raise ValueError(
-                f"{key!r}: stored residual {tuple(stored.shape)} does not fit {tuple(like.shape)} "
-                f"(was the model changed?)"
-            )
-        n = min(stored.shape[axis], like.shape[axis])
-        if axis == 0:
-            out[:n] = stored[:n]
-        else:
-            out[:, :n] = stored[:, :n]
-        return out
-
-    def put(self, key: str, value: torch.Tensor) -> None:
-        """Store ``value`` as the residual of components 0..r-1; components >= r keep theirs."""
-        axis = self._axis(key)
-        r = value.shape[axis]
-        stored = self.residual.get(key)
-        if stored is None or stored.shape[axis] < r:
-            shape = list(value.shape)
-            if stored is not None:
-                shape[axis] = r
-                grown = torch.zeros(shape, dtype=torch.float32)
-                n = stored.shape[axis]
-                if axis == 0:
-                    grown[:n] = stored
-                else:
-                    grown[:, :n] = stored
-                stored = grown
-            else:
-                stored = torch.zeros(shape, dtype=torch.float32)
-            self.residual[key] = stored
-        if axis == 0:
-            stored[:r] = value
-        else:
-            stored[:, :r] = value
-
-    def norm(self) -> float:
-        """Frobenius norm of everything not yet sent (all keys, all components)."""
-        return math.sqrt(sum(float(t.double().pow(2).sum()) for t in self.residual.values()))
-
-    def reset(self) -> None:
-        self.residual.clear()
-
-
 class Sparsifier(ABC):
-    """One update-compression method; one instance per edge device, kept across rounds."""
+    """One update-compression method; one instance per edge device, kept across rounds (it holds the device's
+    error feedback: the residual, and what was sent until the BS says it was aggregated)."""
 
     name: str = "abstract"
     honours_keep_fraction: bool = False  # whether the plan's keep fraction changes what is sent
 
-    def __init__(self, dtype: str = "fp16"):
+    def __init__(self, dtype: str = "fp16", error_feedback: bool = True):
         self.dtype = check_dtype(dtype)
+        self.error_feedback = bool(error_feedback)
+        self.feedback = ErrorFeedback()
+        self._calls = 0
 
     def regularizer(self) -> Regularizer | None:
         """Added to the local training loss (SOFT: orthogonality); None for no term."""
@@ -195,7 +146,6 @@ class Sparsifier(ABC):
     def prepare_model(self, model: torch.nn.Module) -> None:
         """Called on the live peft model before training (b_only freezes A); default: nothing."""
 
-    @abstractmethod
     def sparsify(
         self,
         delta: AdapterState,
@@ -205,13 +155,55 @@ class Sparsifier(ABC):
         *,
         round_idx: int | None = None,
     ) -> SparseUpdate:
-        """Turn this round's ``delta = trained - view`` into what is sent."""
+        """Turn this round's ``delta = trained - view`` into what is sent; with error feedback, what is sent is
+        held as pending under ``round_idx`` (default: the number of earlier calls) until ``settle``."""
+        kf = check_keep_fraction(keep_fraction)
+        pairs = lora_pairs(delta, spec)
+        rnd = self._calls if round_idx is None else int(round_idx)
+        self._calls += 1
+        update = self._select(delta, trained, spec, kf, pairs, rnd)
+        if self.error_feedback:
+            self.feedback.hold(rnd, update.delta)
+        update.info["residual_norm"] = self.feedback.norm() if self.error_feedback else 0.0
+        return update
+
+    @abstractmethod
+    def _select(
+        self,
+        delta: AdapterState,
+        trained: AdapterState,
+        spec: ModuleSpec,
+        keep_fraction: float,
+        pairs: dict[str, tuple[str, str]],
+        round_idx: int,
+    ) -> SparseUpdate:
+        """The method itself: what goes out of ``delta`` (+ residual), the residual updated."""
+
+    def settle(self, delivered: Iterable[int], lost: Iterable[int]) -> list[int]:
+        """The BS's verdict on earlier rounds: ``delivered`` were aggregated, ``lost`` closed without this
+        device's update (folded back into the residual). Returns the rounds folded back."""
+        if not self.error_feedback:
+            return []
+        return self.feedback.settle(delivered, lost)
+
+    def with_residual(self, key: str, d: torch.Tensor) -> torch.Tensor:
+        """``d`` (float32) plus the residual of its components: what the device could send for ``key``."""
+        v = d.detach().float()
+        return v + self.feedback.take(key, v) if self.error_feedback else v.clone()
+
+    def sent_all(self, key: str, v: torch.Tensor) -> torch.Tensor:
+        """``v`` goes out whole: the residual of its components is 0."""
+        if self.error_feedback:
+            self.feedback.clear(key, v)
+        return v
 
     def reset(self) -> None:
         """Forget any state carried across rounds (a new run)."""
+        self.feedback.reset()
+        self._calls = 0
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(name={self.name!r}, dtype={self.dtype!r})"
+        return f"{type(self).__name__}(name={self.name!r}, dtype={self.dtype!r}, error_feedback={self.error_feedback})"
 
 
 @dataclass
@@ -231,40 +223,27 @@ class ComponentSparsifier(Sparsifier):
 
     honours_keep_fraction = True
 
-    def __init__(self, dtype: str = "fp16", error_feedback: bool = True):
-        super().__init__(dtype)
-        self.error_feedback = bool(error_feedback)
-        self.feedback = ErrorFeedback()
-        self._calls = 0
-
     @abstractmethod
     def choose(self, cand: Candidate, k: int, round_idx: int) -> torch.Tensor:
         """Indices (int64, any order, distinct) of the ``k`` components of ``cand`` to send."""
 
-    def sparsify(
+    def _select(
         self,
         delta: AdapterState,
         trained: AdapterState,
         spec: ModuleSpec,
         keep_fraction: float,
-        *,
-        round_idx: int | None = None,
+        pairs: dict[str, tuple[str, str]],
+        round_idx: int,
     ) -> SparseUpdate:
-        kf = check_keep_fraction(keep_fraction)
         check_same_layout(delta, trained)
-        pairs = lora_pairs(delta, spec)
-        rnd = self._calls if round_idx is None else int(round_idx)
-        self._calls += 1
         out: AdapterState = {}
         kept: dict[str, torch.Tensor] = {}
         n_sent = n_total = 0
         for path, (ka, kb) in pairs.items():
-            da, db = delta[ka].detach().float(), delta[kb].detach().float()
-            if self.error_feedback:
-                da = da + self.feedback.take(ka, da)
-                db = db + self.feedback.take(kb, db)
+            da, db = self.with_residual(ka, delta[ka]), self.with_residual(kb, delta[kb])
             r = da.shape[0]
-            k = n_keep(kf, r)
+            k = n_keep(keep_fraction, r)
             cand = Candidate(
                 path,
                 da,
@@ -276,7 +255,7 @@ class ComponentSparsifier(Sparsifier):
             if k == r:
                 mask[:] = True
             elif k > 0:
-                idx = torch.as_tensor(self.choose(cand, k, rnd), dtype=torch.long)
+                idx = torch.as_tensor(self.choose(cand, k, round_idx), dtype=torch.long)
                 if idx.numel() != k or idx.unique().numel() != k or (idx < 0).any() or (idx >= r).any():
                     raise RuntimeError(f"{self.name}: choose() returned bad indices {idx.tolist()} for k={k}, r={r}")
                 mask[idx] = True
@@ -288,18 +267,6 @@ class ComponentSparsifier(Sparsifier):
             kept[path] = mask
             n_sent += int(mask.sum())
             n_total += r
-        # head (and anything else dense) goes as is, in the delta's key order
-        ordered = {k: (out[k] if k in out else delta[k].detach().float().clone()) for k in delta}
-        info = {
-            "kept_components": n_sent,
-            "total_components": n_total,
-            "residual_norm": self.feedback.norm() if self.error_feedback else 0.0,
-        }
-        return SparseUpdate(ordered, kept, self.dtype, info)
-
-    def reset(self) -> None:
-        self.feedback.reset()
-        self._calls = 0
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}(name={self.name!r}, dtype={self.dtype!r}, error_feedback={self.error_feedback})"
+        # head (and anything else dense) goes whole, with what of it was lost earlier, in the delta's key order
+        ordered = {k: (out[k] if k in out else self.sent_all(k, self.with_residual(k, delta[k]))) for k in delta}
+        return SparseUpdate(ordered, kept, self.dtype, {"kept_components": n_sent, "total_components": n_total})

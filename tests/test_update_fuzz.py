@@ -1,0 +1,51 @@
+"""10,000 mutated, well-formed updates through decode -> check -> aggregate: each is aggregated or rejected with a
+CodecError or an UpdateError, never an uncaught exception, and an aggregate never takes the adapter out of range."""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+
+import pytest
+
+from fedlora.lora import GlobalAdapter, ModuleSpec
+from fedlora.models import ModelConfig, build_backbone
+from tests.fuzz_updates import MUST_BE_DECODE_ERRORS, UpdateFuzzer, dense_update, push
+
+TINY = ModelConfig(name_or_path="tiny", max_rank=8, target_modules=("query",))  # fewer tensors: more cases per s
+CASES = 10_000
+
+
+@pytest.fixture(scope="module")
+def adapter() -> GlobalAdapter:
+    g = GlobalAdapter(build_backbone(TINY, 2, seed=0), TINY, seed=0)
+    # a global adapter that grew large in a few places, so that "finite, but the sum overflows" is reachable
+    for layer in (0, 1):
+        g.state[f"bert.encoder.layer.{layer}.attention.self.query.lora_A"][0, :4] = 3.0e38
+        g.state[f"bert.encoder.layer.{layer}.attention.self.query.lora_B"][:4, 0] = -3.0e38
+    g.state["head.classifier.bias"][0] = -3.0e38
+    g.state["head.classifier.weight"][1, :4] = 3.0e38
+    return g
+
+
+def test_every_fuzzed_update_is_aggregated_or_rejected_cleanly(adapter):
+    others = [dense_update(adapter, ModuleSpec(8, 2), seed=1, weight=3.0)]
+    t0 = time.perf_counter()
+    outcomes: Counter[str] = Counter()
+    by_mutation: dict[str, Counter[str]] = {}
+    for i, case in enumerate(UpdateFuzzer(adapter, seed=12).cases(CASES)):
+        result = push(adapter, case, others=others, absent_weight=float(i % 3))
+        outcomes[result.outcome] += 1
+        for m in case.mutations or ("none",):
+            by_mutation.setdefault(m, Counter())[result.outcome] += 1
+        if set(case.mutations) & MUST_BE_DECODE_ERRORS:
+            assert result.outcome == "codec", (case.mutations, result)
+        if not case.mutations:
+            assert result.outcome == "aggregated", result
+        assert "\n" not in result.error
+    elapsed_s = time.perf_counter() - t0
+    assert sum(outcomes.values()) == CASES
+    assert min(outcomes[o] for o in ("aggregated", "codec", "check")) > 50, outcomes  # every path is exercised
+    assert by_mutation["extreme"]["aggregated"] and by_mutation["extreme"]["check"], by_mutation["extreme"]
+    assert set(by_mutation) >= MUST_BE_DECODE_ERRORS | {"extreme", "none"}, sorted(by_mutation)
+    assert elapsed_s < 30, f"{CASES} cases took {elapsed_s:.1f} s"
