@@ -25,9 +25,11 @@ class RunRecorder:
         self.records: list[RoundRecord] = []
         self.initial_accuracy: float | None = None  # before fine-tuning: round 0 of the plot
 
-    def snapshot_config(self, experiment: dict, bench: dict) -> None:
+    def snapshot_config(self, experiment: dict, bench: dict, provenance: dict[str, Any]) -> None:
+        """What the run is (the resolved configs) and where it came from (code, packages, host, radios)."""
         (self.run_dir / "experiment.yaml").write_text(yaml.safe_dump(experiment, sort_keys=False))
         (self.run_dir / "bench.yaml").write_text(yaml.safe_dump(bench, sort_keys=False))
+        (self.run_dir / "provenance.json").write_text(json.dumps(provenance, indent=1) + "\n")
 
     def write_round(self, record: RoundRecord) -> None:
         self.records.append(record)

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 import zmq
 
+from bs_node import provenance
 from bs_node.controllers import make_controller
 from bs_node.global_model import GlobalModel
 from bs_node.live_view import LiveView
@@ -75,7 +76,7 @@ class BaseStation:
     def run(self) -> dict[str, Any]:
         """The whole run; the sockets are closed when it ends, however it ends."""
         try:
-            self.recorder.snapshot_config(to_mapping(self.exp), to_mapping(self.bench))
+            self.recorder.snapshot_config(to_mapping(self.exp), to_mapping(self.bench), provenance.collect(self.bench))
             self.view.line(
                 f"BS {self.run_id}: control {self.control_endpoint}, data {self.data_endpoint}, "
                 f"PHY {self.bench.phy}, policy {self.exp.controller.policy}, run folder {self.recorder.run_dir}"

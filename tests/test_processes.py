@@ -69,6 +69,9 @@ def test_launcher_runs_a_whole_experiment(tmp_path):
         assert (run_dir / "logs" / "air.log").exists()
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["rounds"] == 2 and not summary["stopped_early"]
+    origin = json.loads((run_dir / "provenance.json").read_text())  # the code and machine behind the numbers
+    assert len(origin["code"]["commit"]) == 40 and origin["packages"]["torch"].startswith("2.13.0")
+    assert origin["host"]["cpu_count"] >= 1
     adapter = torch.load(run_dir / "adapter.pt")
     assert any(k.endswith("lora_B") and v.abs().sum() > 0 for k, v in adapter.items()), "no update was applied"
     assert "round   2 | accuracy" in out.stdout
