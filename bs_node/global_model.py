@@ -16,8 +16,8 @@ from config import ExperimentConfig
 from fedlora.aggregation import FLOAT32_MAX, ClientUpdate, aggregate, check_update
 from fedlora.lora import GlobalAdapter, LocalModel, ModuleSpec
 from fedlora.models import build_backbone, load_tokenizer, num_layers
-from fedlora.partition import dirichlet_split
-from fedlora.tasks import load_task
+from fedlora.partition import device_splits, validation_union
+from fedlora.tasks import Example, load_task
 from fedlora.training import evaluate
 from proto.codec import CodecError, decode_update, encode_update, expected_shapes, largest_value
 
@@ -72,29 +72,27 @@ class GlobalModel:
         self.full_spec = ModuleSpec(self.max_rank, self.num_layers)
         self.max_abs = largest_value(exp.codec.downlink_dtype)  # what the adapter may reach: views must encode
         self.evaluator = LocalModel(backbone, exp.model)
-        # The same deterministic split the edges make: the BS weights updates by it, so a complete update
-        # whose report never came is still aggregated correctly.
-        shares = dirichlet_split(
-            [ex.label for ex in self.task.train],
-            exp.devices.count,
-            exp.devices.dirichlet_alpha,
-            seed=exp.seed,
-            min_per_device=exp.devices.min_examples,
-        )
-        self.device_examples = [len(share) for share in shares]
+        # The same deterministic split the edges make: the BS weights updates by each training part, so a complete
+        # update whose report never came is still aggregated correctly; the held-out parts are its validation set.
+        splits = device_splits([ex.label for ex in self.task.train], exp.devices, exp.seed)
+        self.device_examples = [len(split.train) for split in splits]
+        self.validation = [self.task.train[i] for i in validation_union(splits, exp.task.max_validation, seed=exp.seed)]
         self.model_shape = model_shape(self.adapter, self.num_layers)
         log.info(
-            "model and task ready in %.1f s: %s, %d train / %d test examples, %d layers, rank %d",
+            "model and task ready in %.1f s: %s, %d train (%d held out, %d validated on) / %d test examples, "
+            "%d layers, rank %d",
             time.perf_counter() - t0,
             exp.task.name,
             len(self.task.train),
+            len(self.task.train) - sum(self.device_examples),
+            len(self.validation),
             len(self.task.test),
             self.num_layers,
             self.max_rank,
         )
 
     def examples(self, device_id: int) -> int:
-        """Training examples of a device: its weight in the aggregate."""
+        """Training examples of a device (its held-out part not counted): its weight in the aggregate."""
         return self.device_examples[device_id]
 
     def adapter_view(self, rank: int, depth: int, round_idx: int) -> bytes:
@@ -133,9 +131,17 @@ class GlobalModel:
         self.adapter.apply(delta)
 
     def evaluate(self) -> dict[str, float]:
-        """Accuracy and loss of the global adapter on the held-out test set."""
+        """Accuracy and loss of the global adapter on the held-out test set: reported, never chosen on."""
+        return self._evaluate_on(self.task.test)
+
+    def validate(self) -> dict[str, float]:
+        """Accuracy and loss of the global adapter on the devices' held-out parts (`task.max_validation` of them
+        at most): what settings are chosen on. NaN, n = 0 when nothing is held out."""
+        return self._evaluate_on(self.validation)
+
+    def _evaluate_on(self, examples: Sequence[Example]) -> dict[str, float]:
         self.evaluator.load(self.full_spec, self.adapter.state)
-        return evaluate(self.evaluator.model, self.tokenizer, self.task.test, max_length=self.exp.model.max_length)
+        return evaluate(self.evaluator.model, self.tokenizer, examples, max_length=self.exp.model.max_length)
 
     def adapter_state(self) -> dict[str, Any]:
         return self.adapter.state

@@ -1,7 +1,11 @@
-"""The terminal view of a run: a status line while a round runs, a table row per device when it closes."""
+"""The terminal view of a run: a status line while a round runs, a table row per device when it closes.
+
+Each round's headline shows the test accuracy (reported only) beside the validation accuracy (what settings are
+chosen on)."""
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 from typing import TextIO
@@ -42,9 +46,9 @@ class LiveView:
             self._status_len = 0
 
     def round_table(self, record: RoundRecord) -> None:
-        acc = f"{record.accuracy * 100:.1f} %" if record.accuracy is not None else "n/a"
         self.line(
-            f"round {record.round:3d} | accuracy {acc} | uplink {record.uplink_bytes / 1e3:8.1f} kB | "
+            f"round {record.round:3d} | accuracy {percent(record.accuracy)} | validation "
+            f"{percent(record.val_accuracy)} | uplink {record.uplink_bytes / 1e3:8.1f} kB | "
             f"energy {record.energy_j:7.1f} J | {record.wall_s:5.1f} s"
         )
         self.line(
@@ -59,3 +63,8 @@ class LiveView:
                 f"{d.frames_sent:6d}({d.frames_lost:4d})  {snr}  {d.airtime_s:9.2f}  {d.compute_s:9.1f}  "
                 f"{d.energy_j:8.1f}"
             )
+
+
+def percent(value: float | None) -> str:
+    """An accuracy as the view shows it: test or validation, "n/a" when there is none (nothing held out)."""
+    return "n/a" if value is None or not math.isfinite(value) else f"{value * 100:.1f} %"

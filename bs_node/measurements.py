@@ -78,6 +78,10 @@ class RoundRecord:
     devices: list[DeviceRound] = field(default_factory=list)
     controller: dict[str, Any] = field(default_factory=dict)  # the controller's inputs and state for this round
     stale_updates: dict[int, int] = field(default_factory=dict)  # device -> round of its update reused here
+    # on the devices' held-out parts (fedlora/partition.py): what settings are chosen on; accuracy and eval_loss
+    # are the test set's, which only reports. None when nothing is held out
+    val_accuracy: float | None = None
+    val_loss: float | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -47,7 +47,8 @@ class RunRecorder:
         (self.run_dir / "summary.json").write_text(json.dumps(_finite(summary), indent=2) + "\n")
 
     def plot(self) -> None:
-        """plot.png: accuracy, uplink bytes and energy per round (per device stacked)."""
+        """plot.png: accuracy (test, and validation when devices hold data out), uplink bytes and energy per round
+        (per device stacked)."""
         if not self.records:
             return
         import matplotlib
@@ -63,6 +64,11 @@ class RunRecorder:
             axes[0].plot([0, *rounds], [self.initial_accuracy * 100, *acc], marker="o")
         else:
             axes[0].plot(rounds, acc, marker="o")
+        val = [r.val_accuracy * 100 if r.val_accuracy is not None else math.nan for r in self.records]
+        if any(math.isfinite(v) for v in val):
+            axes[0].plot(rounds, val, marker=".", linestyle="--", label="validation")
+            axes[0].lines[0].set_label("test")
+            axes[0].legend(fontsize=8)
         axes[0].set_ylabel("held-out accuracy (%)")
         axes[0].grid(alpha=0.3)
         for ax, field, scale, label in (

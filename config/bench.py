@@ -11,7 +11,20 @@ from config.per_curve import PerCurveTable
 
 NonEmptyStr = Annotated[str, Field(min_length=1)]
 ZMQ_SCHEMES = ("tcp://", "ipc://", "inproc://")
-FadingModel = Literal["rayleigh", "none"]
+FadingModel = Literal["rayleigh", "rician", "none"]
+InterferenceModel = Literal["none", "gilbert-elliott"]
+# The sim channel's impairments beyond the nominal model. A controller is never told them (ChannelConfig.nominal).
+IMPAIRMENT_KEYS = (
+    "rician_k_db",
+    "shadowing_sigma_db",
+    "fading_correlation",
+    "interference",
+    "interference_prob",
+    "interference_persist",
+    "interference_inr_db",
+    "true_per_curve",
+    "true_per_curve_table",
+)
 
 
 class DeviceProfile(ConfigModel):
@@ -49,7 +62,11 @@ class ArqConfig(ConfigModel):
 
 
 class ChannelConfig(ConfigModel):
-    """Log-distance path loss, block fading and thermal noise of the sim link (phy/channel.py SimChannel)."""
+    """Log-distance path loss, block fading and thermal noise of the sim link (phy/channel.py SimChannel).
+
+    The defaults are the nominal channel the controller models. The impairments below them (IMPAIRMENT_KEYS) make
+    the sim's world differ from it; the controller only sees `nominal()` and must learn them from measurements.
+    """
 
     noise_psd_dbm_hz: float = -174.0
     noise_figure_db: float = 9.0
@@ -58,6 +75,36 @@ class ChannelConfig(ConfigModel):
     path_loss_exponent: float = Field(3.5, ge=0.0)
     fading: FadingModel = "rayleigh"
     snr_est_sigma_db: float = Field(1.5, ge=0.0)  # the receiver's per-frame SNR estimation error (std)
+    # --- impairments (sim link, and the air's gains on gr-zmq-iq); the defaults leave the nominal channel as is
+    rician_k_db: float = Field(3.0, ge=-40.0, le=60.0)  # fading: rician: line-of-sight / scattered power
+    shadowing_sigma_db: float = Field(0.0, ge=0.0, le=20.0)  # log-normal shadowing, one draw per device
+    fading_correlation: float = Field(0.0, ge=0.0, lt=1.0)  # AR(1) coefficient of the gain round to round; 0 = iid
+    interference: InterferenceModel = "none"  # bursty interference at the BS: a Gilbert-Elliott state per round
+    interference_prob: float = Field(0.2, ge=0.0, lt=1.0)  # long-run fraction of rounds in the bad state
+    interference_persist: float = Field(0.5, ge=0.0, lt=1.0)  # P(bad round | previous round bad)
+    interference_inr_db: float = Field(10.0, ge=-30.0, le=60.0)  # interference / thermal noise in a bad round
+    # PER calibration file the sim link draws losses from instead of the bench's per_curve (the controller keeps
+    # per_curve or the built-in curve). load_bench resolves it like per_curve and reads it into true_per_curve_table.
+    true_per_curve: str | None = None
+    true_per_curve_table: PerCurveTable | None = None
+
+    @model_validator(mode="after")
+    def _impairment_rules(self) -> ChannelConfig:
+        if self.true_per_curve is not None and self.true_per_curve_table is None:
+            raise RuleError("true_per_curve", self.true_per_curve, "its table is missing (load_bench reads the file)")
+        # P(good -> bad) = prob (1 - persist) / (1 - prob) keeps the long-run bad fraction at prob; it must be <= 1
+        if self.interference_prob * (2.0 - self.interference_persist) > 1.0:
+            limit = f"expected >= 2 - 1/interference_prob = {2.0 - 1.0 / self.interference_prob:g}"
+            raise RuleError("interference_persist", self.interference_persist, limit)
+        return self
+
+    def nominal(self) -> ChannelConfig:
+        """What a controller is told: path loss, noise, the estimation error and whether the channel fades (modelled
+        as Rayleigh); none of the impairments, nor the sim's true PER curve."""
+        defaults = ChannelConfig()
+        update: dict[str, object] = {key: getattr(defaults, key) for key in IMPAIRMENT_KEYS}
+        update["fading"] = "none" if self.fading == "none" else "rayleigh"
+        return self.model_copy(update=update)
 
 
 class AddressConfig(ConfigModel):

@@ -21,6 +21,8 @@ class TaskConfig(ConfigModel):
     path: str | None = None  # GLUE task folder (train.tsv, dev.tsv) for sst2 / qnli
     test_size: int = Field(1000, gt=0)
     max_train: int | None = Field(None, gt=0)
+    # the BS validates on at most this many of the devices' held-out examples (a seeded sample); None: all of them
+    max_validation: int | None = Field(1000, gt=0)
 
     @model_validator(mode="after")
     def _glue_folder_exists(self) -> TaskConfig:
@@ -46,7 +48,10 @@ class ModelConfig(ConfigModel):
 class DevicesConfig(ConfigModel):
     count: int = Field(4, gt=0)
     dirichlet_alpha: float = Field(1.0, gt=0.0)  # non-IID label skew: smaller is more skewed
-    min_examples: int = Field(8, ge=0)
+    min_examples: int = Field(8, ge=0)  # of each device's share, its held-out part included
+    # share of each device's examples held out for validation (never trained on; fedlora/partition.py): settings
+    # are chosen on validation accuracy, the test set only reports; 0 = no hold-out
+    validation_fraction: float = Field(0.1, ge=0.0, le=0.5)
 
 
 class TrainConfig(ConfigModel):

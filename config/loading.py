@@ -1,8 +1,8 @@
 """Config files in, typed configs out: YAML reading, dotted KEY=VALUE overrides, and one-line errors.
 
 Every failure is a ConfigError whose message is one line naming the file, the dotted key path, the bad value
-and what is allowed (`hw_configs/sim.yaml: channel.fading = 'bogus': expected one of 'rayleigh', 'none'`), so
-a CLI can print it as is and a typo in a lab's bench file points at itself.
+and what is allowed (`hw_configs/sim.yaml: channel.fading = 'bogus': expected one of 'rayleigh', 'rician',
+'none'`), so a CLI can print it as is and a typo in a lab's bench file points at itself.
 """
 
 from __future__ import annotations
@@ -240,24 +240,35 @@ def read_per_curve(path: str | Path) -> PerCurveTable:
     return validated(PerCurveTable, doc, str(path))
 
 
-def _with_per_curve_table(data: Any, source: Path) -> Any:
-    """Resolve the bench's per_curve from the bench file's folder and carry the file's content along."""
-    if not isinstance(data, Mapping) or not isinstance(data.get("per_curve"), str):
-        return data  # no curve, or a wrong type that validation names
-    given = data["per_curve"]
+def _read_bench_curve(given: str, source: Path, key: str) -> tuple[str, PerCurveTable]:
+    """A PER-curve path the bench names (relative: from the bench file's folder), resolved, and its table."""
     path = Path(given).expanduser()
     if not path.is_absolute():
         path = source.parent / path
     path = path.resolve()
     if not path.is_file():
         raise ConfigError(
-            f"{source}: per_curve = {given!r}: no such file ({path}; a relative path starts at the bench file's folder)"
+            f"{source}: {key} = {given!r}: no such file ({path}; a relative path starts at the bench file's folder)"
         )
     try:
-        table = read_per_curve(path)
+        return str(path), read_per_curve(path)
     except ConfigError as exc:
-        raise ConfigError(f"{exc} (the per_curve of {source})") from None
-    return {**data, "per_curve": str(path), "per_curve_table": table}
+        raise ConfigError(f"{exc} (the {key} of {source})") from None
+
+
+def _with_per_curve_table(data: Any, source: Path) -> Any:
+    """Resolve the bench's per_curve (the controller's and the link's) and channel.true_per_curve (the sim link's
+    only) from the bench file's folder and carry each file's content along."""
+    if not isinstance(data, Mapping):
+        return data  # a wrong type that validation names
+    if isinstance(data.get("per_curve"), str):
+        path, table = _read_bench_curve(data["per_curve"], source, "per_curve")
+        data = {**data, "per_curve": path, "per_curve_table": table}
+    channel = data.get("channel")
+    if isinstance(channel, Mapping) and isinstance(channel.get("true_per_curve"), str):
+        path, table = _read_bench_curve(channel["true_per_curve"], source, "channel.true_per_curve")
+        data = {**data, "channel": {**channel, "true_per_curve": path, "true_per_curve_table": table}}
+    return data
 
 
 def load_experiment(path: str | Path | None = None, overrides: Sequence[str] = ()) -> ExperimentConfig:

@@ -20,7 +20,7 @@ from config import BenchConfig, ExperimentConfig
 from fedlora.energy import EnergyMeter
 from fedlora.lora import LocalModel, ModuleSpec
 from fedlora.models import build_backbone, load_tokenizer
-from fedlora.partition import dirichlet_split
+from fedlora.partition import device_splits
 from fedlora.sparsify import sparsifier_from_config
 from fedlora.tasks import load_task
 from fedlora.training import train_local
@@ -76,16 +76,11 @@ class EdgeRounds:
         task = load_task(
             exp.task.name, exp.task.path, test_size=exp.task.test_size, seed=exp.seed, max_train=exp.task.max_train
         )
-        shares = dirichlet_split(
-            [ex.label for ex in task.train],
-            exp.devices.count,
-            exp.devices.dirichlet_alpha,
-            seed=exp.seed,
-            min_per_device=exp.devices.min_examples,
-        )
-        if device_id >= len(shares):
-            raise SystemExit(f"edge {device_id}: the experiment has only {len(shares)} devices")
-        self.examples = [task.train[i] for i in shares[device_id]]
+        # the BS makes the same split; the held-out part is never trained on (it is the BS's validation data)
+        splits = device_splits([ex.label for ex in task.train], exp.devices, exp.seed)
+        if device_id >= len(splits):
+            raise SystemExit(f"edge {device_id}: the experiment has only {len(splits)} devices")
+        self.examples = [task.train[i] for i in splits[device_id].train]
         self.tokenizer = load_tokenizer(exp.model)
         self.local = LocalModel(build_backbone(exp.model, task.num_labels, exp.seed), exp.model)
         # one per run: it carries this device's error-feedback residual from round to round

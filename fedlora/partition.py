@@ -1,18 +1,67 @@
-"""Non-IID data partitioning across edge devices.
+"""Non-IID data partitioning across edge devices, and each device's held-out validation part.
 
 The usual label-skew model of federated learning: for each class, the share of
 that class given to each device is drawn from Dir(alpha).  Small alpha means
 each device sees mostly one class; large alpha approaches an IID split.
+
+Each device then holds out a seeded fraction of its own share for validation
+(`device_splits`): the edge trains only on the rest, and the BS, which makes the
+same split, weights updates by the training part and validates the global
+adapter on the union of the held-out parts, so settings are chosen without
+looking at the test set.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
+from config import DevicesConfig
+
 _MAX_RESAMPLES = 100
+_HOLDOUT_STREAM = 0x7A11  # the held-out draws' own seed stream, apart from the Dirichlet draw's
+_SAMPLE_STREAM = 0x5A3F  # the BS's sample of the validation union
+
+
+@dataclass(frozen=True)
+class DeviceSplit:
+    """One device's share of the training data, as sorted indices into the task's train list."""
+
+    train: list[int]  # what the device trains on; its size is the device's weight in the aggregate
+    validation: list[int]  # held out: never trained on; the BS validates the global adapter on the union
+
+
+def device_splits(labels: Sequence[int], devices: DevicesConfig, seed: int) -> list[DeviceSplit]:
+    """Every device's (train, validation) split: the one function the BS and the edges both call, so they agree.
+
+    The shares are `dirichlet_split`'s (`devices.min_examples` applies to a whole share), unchanged by the
+    hold-out, so `validation_fraction` 0 gives today's shards exactly. Each device then holds out
+    floor(validation_fraction x share) of its examples, drawn from a generator seeded by (seed, device): one
+    device's hold-out does not depend on another's share size. Deterministic given the arguments."""
+    shares = dirichlet_split(
+        labels, devices.count, devices.dirichlet_alpha, seed=seed, min_per_device=devices.min_examples
+    )
+    splits = []
+    for device_id, share in enumerate(shares):
+        held = int(devices.validation_fraction * len(share))  # <= half the share (the config caps the fraction)
+        rng = np.random.default_rng([int(seed), _HOLDOUT_STREAM, device_id])
+        chosen = {share[int(i)] for i in rng.choice(len(share), size=held, replace=False)} if held else set()
+        splits.append(DeviceSplit([i for i in share if i not in chosen], sorted(chosen)))
+    return splits
+
+
+def validation_union(splits: Sequence[DeviceSplit], max_examples: int | None, seed: int) -> list[int]:
+    """The union of the devices' held-out parts, sorted; above max_examples a seeded sample of it (bounds the
+    BS's evaluation cost). The full union's accuracy equals the example-weighted mean of the devices'
+    validation accuracies; the sample's is an unbiased estimate of it."""
+    union = sorted(i for split in splits for i in split.validation)
+    if max_examples is None or len(union) <= max_examples:
+        return union
+    rng = np.random.default_rng([int(seed), _SAMPLE_STREAM])
+    return sorted(union[int(i)] for i in rng.choice(len(union), size=max_examples, replace=False))
 
 
 def dirichlet_split(

@@ -26,7 +26,7 @@ def open_uplink_transmitter(
             bs_data_address=data_address,
             geometry=geometry,
             channel=SimChannel(bench.channel, seed=seed),
-            per_curve=PerCurve.for_bench(bench),
+            per_curve=PerCurve.for_sim_link(bench),  # the sim's true loss model (the controller's: for_bench)
             seed=seed,
             context=context,
         )

@@ -278,5 +278,7 @@ class ZmqIqReceiver(UplinkReceiver):
 
 
 def _channel_fields(channel: ChannelConfig) -> dict[str, float | str]:
-    """The channel model's fields as RoundPlan carries them (numbers as floats: the plan's JSON is strict)."""
-    return {k: v if isinstance(v, str) else float(v) for k, v in channel.model_dump().items()}
+    """The channel's physics as RoundPlan carries them (numbers as floats: the plan's JSON is strict). The air
+    applies SNR, not loss: a true PER curve for the sim link stays out of the plan."""
+    physics = channel.model_dump(exclude={"true_per_curve", "true_per_curve_table"})
+    return {k: v if isinstance(v, str) else float(v) for k, v in physics.items()}

@@ -1,6 +1,7 @@
 """Frame-level software link for CI and sweeps: the channel is applied at the edge.
 
-The edge decides per frame, from the SimChannel SNR and the PerCurve, whether
+The edge decides per frame, from the SimChannel SNR (with the bench's impairments: shadowing, Rician or
+correlated fading, interference) and the PerCurve (the bench's true curve, PerCurve.for_sim_link), whether
 the frame survives; survivors go to the BS over a zmq PUSH/PULL pair as
 [sidecar (proto.air.FrameSidecar: the measured snr_db), frame bytes]. Airtime is virtual: it is
 computed (the samples the OFDM transmitter would emit, proto.numerology) and reported, never slept.

@@ -83,7 +83,13 @@ def test_run_folder_snapshot_keeps_the_yaml_keys(tmp_path: Path, kind: str):
     [
         ("devices: {count: four}", "devices.count = 'four': expected an integer"),
         ("devices: {count: yes}", "devices.count = True: expected an integer"),
-        ("devices: {cuont: 4}", "devices.cuont = 4: unknown key; allowed: count, dirichlet_alpha, min_examples"),
+        (
+            "devices: {cuont: 4}",
+            "devices.cuont = 4: unknown key; allowed: count, dirichlet_alpha, min_examples, validation_fraction",
+        ),
+        ("devices: {validation_fraction: 0.6}", "devices.validation_fraction = 0.6: expected <= 0.5"),
+        ("devices: {validation_fraction: -0.1}", "devices.validation_fraction = -0.1: expected >= 0"),
+        ("task: {max_validation: 0}", "task.max_validation = 0: expected > 0"),
         ("task: {name: mnist}", "task.name = 'mnist': expected one of 'rotten_tomatoes', 'sst2', 'qnli'"),
         ("round: {rounds: 0}", "round.rounds = 0: expected > 0"),
         ("round: {stale_rounds: -1}", "round.stale_rounds = -1: expected >= 0"),
@@ -158,7 +164,7 @@ def test_configs_are_frozen_and_typed() -> None:
     with pytest.raises(ValueError):
         exp.round.rounds = 3  # type: ignore[misc]
     with pytest.raises(ValueError, match="fading"):
-        ChannelConfig(fading="rician")  # type: ignore[arg-type]
+        ChannelConfig(fading="nakagami")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="batch_size"):
         TrainConfig(batch_size=0)
 

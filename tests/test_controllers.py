@@ -399,3 +399,28 @@ def test_the_config_offers_exactly_the_policies_that_exist():
     from config import ControllerConfig
 
     assert set(typing.get_args(ControllerConfig.model_fields["policy"].annotation)) == set(POLICIES)
+
+
+def test_the_controller_is_told_the_nominal_channel_only():
+    """hw_configs/sim_mismatch.yaml: the controller sees path loss, noise and "it fades" (as Rayleigh) and the
+    built-in PER curve, never the sim's Rician K, shadowing, correlation, interference or true curve."""
+    from bs_node.controllers.estimates import RAYLEIGH_LOG_MEAN_DB, ChannelEstimator
+    from config import ChannelConfig
+    from config.base import REPO_ROOT
+    from config.bench import IMPAIRMENT_KEYS
+    from phy.channel import PerCurve
+
+    mismatch = load_bench(REPO_ROOT / "hw_configs" / "sim_mismatch.yaml")
+    hetero = load_bench(REPO_ROOT / "hw_configs" / "sim_hetero.yaml")
+    told = mismatch.channel.nominal()
+    assert told == hetero.channel  # the nominal model of the same bench without impairments
+    assert all(getattr(told, k) == getattr(ChannelConfig(), k) for k in IMPAIRMENT_KEYS)
+    assert ChannelConfig(fading="none", shadowing_sigma_db=3.0).nominal() == ChannelConfig(fading="none")
+    estimator = ChannelEstimator(mismatch.channel)
+    assert estimator.channel.cfg == told and estimator.rayleigh  # "it fades", not how
+    prior = estimator.prior(2, 40.0)
+    assert prior.mean_db == pytest.approx(-estimator.channel.path_loss_db(40.0) + RAYLEIGH_LOG_MEAN_DB)
+    assert prior.mean_db == ChannelEstimator(hetero.channel).prior(2, 40.0).mean_db
+    ctrl = make_controller(load_experiment(None, ["controller.policy=lyapunov"]), mismatch)
+    assert ctrl.channel.channel.cfg == told
+    assert ctrl.per_curve.to_dict() == PerCurve.default().to_dict() != PerCurve.for_sim_link(mismatch).to_dict()

@@ -9,6 +9,8 @@ import torch
 from bs_node.global_model import GlobalModel
 from config import load_bench, load_experiment
 from edge_node.round import EdgeRounds
+from fedlora.partition import device_splits
+from fedlora.training import train_local
 from phy.uplink import TxReport, UplinkTransmitter
 from proto.control import AGGREGATED_WINDOW_ROUNDS, Plan
 from proto.framing import Frame, Reassembler
@@ -86,6 +88,34 @@ def test_a_planned_round_is_trained_sent_and_reported(setup):
     assert len(payload) == m.update_bytes
     update = bs.decode_update(payload, rank=p.rank, depth=p.depth, round_idx=1, device_id=1)  # what the BS does
     assert update.weight == bs.examples(1)
+
+
+def test_the_edge_trains_only_on_its_training_part_and_the_bs_weights_and_validates_by_the_same_split(
+    setup, monkeypatch
+):
+    exp, bench, bs = setup
+    assert exp.devices.validation_fraction > 0  # the default holds data out
+    splits = device_splits([ex.label for ex in bs.task.train], exp.devices, exp.seed)
+    trained_on: list = []
+
+    def recording_train_local(model, tokenizer, examples, cfg, **kwargs):
+        trained_on.extend(examples)
+        return train_local(model, tokenizer, examples, cfg, **kwargs)
+
+    monkeypatch.setattr("edge_node.round.train_local", recording_train_local)
+    held_out_everywhere = {bs.task.train[i] for split in splits for i in split.validation}
+    for device_id, split in enumerate(splits):
+        rounds = EdgeRounds(exp, bench, device_id, RecordingTx(), link=RecordingLink())
+        held_out = {bs.task.train[i] for i in split.validation}
+        assert held_out and rounds.examples == [bs.task.train[i] for i in split.train]  # the edge's own split
+        assert bs.examples(device_id) == len(rounds.examples) == len(split.train)  # the BS's update weight
+        assert not held_out & set(rounds.examples)
+        trained_on.clear()
+        report = rounds.run(plan(bs), bs.adapter_view(bs.max_rank, bs.num_layers, 1))
+        assert report is not None and report.status == "ok" and trained_on
+        assert not held_out_everywhere & set(trained_on)  # no held-out example was ever trained on
+    union = sorted(i for split in splits for i in split.validation)  # 40 examples: under the max_validation cap
+    assert bs.validation == [bs.task.train[i] for i in union]  # the BS validates on the held-out parts' union
 
 
 def test_bad_plans_are_reported_as_failed_and_sitting_out_sends_nothing(setup):

@@ -1,4 +1,5 @@
-"""Dirichlet non-IID partition: coverage, disjointness, minimum size, skew, determinism."""
+"""Dirichlet non-IID partition: coverage, disjointness, minimum size, skew, determinism; each device's held-out
+validation part and the BS's capped sample of their union."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fedlora.partition import dirichlet_split
+from config import DevicesConfig
+from fedlora.partition import device_splits, dirichlet_split, validation_union
 
 
 @settings(max_examples=60, deadline=None)
@@ -69,3 +71,45 @@ def test_bad_arguments_name_the_argument(kwargs, name):
     args = {"labels": [0, 1] * 20, "num_devices": 4, "alpha": 1.0, "seed": 0, "min_per_device": 8} | kwargs
     with pytest.raises(ValueError, match=name):
         dirichlet_split(**args)
+
+
+# ---------------------------------------------------------------------------------------------- validation hold-out
+@settings(max_examples=40, deadline=None)
+@given(
+    labels=st.lists(st.integers(0, 2), min_size=40, max_size=300),
+    count=st.integers(1, 5),
+    fraction=st.floats(0.0, 0.5),
+    seed=st.integers(0, 2**31),
+)
+def test_holdout_splits_each_share_into_disjoint_train_and_validation(labels, count, fraction, seed):
+    devices = DevicesConfig(count=count, dirichlet_alpha=0.5, min_examples=4, validation_fraction=fraction)
+    shares = dirichlet_split(labels, count, 0.5, seed, min_per_device=4)
+    splits = device_splits(labels, devices, seed)
+    for share, split in zip(shares, splits, strict=True):
+        assert not set(split.train) & set(split.validation)  # a device never trains on what it holds out
+        assert sorted(split.train + split.validation) == share  # together they are the device's share
+        assert len(split.validation) == int(fraction * len(share)) and split.train == sorted(split.train)
+        assert split.validation == sorted(split.validation)
+    assert splits == device_splits(labels, devices, seed)  # what the BS computes, the edge computes
+
+
+def test_no_holdout_reproduces_the_dirichlet_shards_exactly():
+    labels = [i % 2 for i in range(500)]
+    devices = DevicesConfig(count=4, dirichlet_alpha=0.3, min_examples=8, validation_fraction=0.0)
+    splits = device_splits(labels, devices, seed=3)
+    assert [s.train for s in splits] == dirichlet_split(labels, 4, 0.3, seed=3, min_per_device=8)
+    assert all(s.validation == [] for s in splits)
+    assert validation_union(splits, 1000, seed=3) == []
+
+
+def test_holdout_is_seeded_and_the_union_is_capped_by_a_seeded_sample():
+    labels = [i % 2 for i in range(2000)]
+    devices = DevicesConfig(count=4, validation_fraction=0.1)
+    splits = device_splits(labels, devices, seed=0)
+    assert [s.validation for s in splits] != [s.validation for s in device_splits(labels, devices, seed=1)]
+    union = sorted(i for s in splits for i in s.validation)
+    assert len(union) == sum(int(0.1 * (len(s.train) + len(s.validation))) for s in splits)
+    assert validation_union(splits, None, seed=0) == union == validation_union(splits, len(union), seed=0)
+    sample = validation_union(splits, 50, seed=0)
+    assert len(sample) == 50 and set(sample) <= set(union) and sample == sorted(sample)
+    assert sample == validation_union(splits, 50, seed=0) != validation_union(splits, 50, seed=1)

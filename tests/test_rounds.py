@@ -77,6 +77,21 @@ def test_run_writes_the_summary_and_tells_the_edges_to_leave(tmp_path):
     assert t.broadcasts == [Shutdown(reason="run complete")]
     assert all(len(t.sent_to(k, Ack)) == 2 for k in range(2))
     assert "round   0 | accuracy" in bs.view_text and "2 edge(s) ready: 0@host, 1@host" in bs.view_text
+    # validation (the devices' held-out parts) beside the test set, in the records, the summary and the view
+    lines = [json.loads(line) for line in (bs.run_dir / "rounds.jsonl").read_text().splitlines()]
+    assert all(0.0 <= r["val_accuracy"] <= 1.0 and r["val_loss"] > 0 and 0.0 <= r["accuracy"] <= 1.0 for r in lines)
+    assert summary["final_val_accuracy"] == lines[-1]["val_accuracy"] and 0.0 <= summary["initial_val_accuracy"] <= 1
+    assert f"validation {summary['final_val_accuracy'] * 100:.1f} %" in bs.view_text
+
+
+def test_without_a_holdout_validation_is_none_and_the_view_says_so(tmp_path):
+    bs = make_station(tmp_path / "run", ["devices.count=1", "round.rounds=1", "devices.validation_fraction=0"])
+    bs.transport.join(0, sends_update(bs.transport, 0, 0.01))
+    summary = bs.runner.run()
+    record = json.loads((bs.run_dir / "rounds.jsonl").read_text())
+    assert record["val_accuracy"] is None and record["val_loss"] is None and record["accuracy"] is not None
+    assert summary["initial_val_accuracy"] is None and summary["final_val_accuracy"] is None
+    assert "round   1 | accuracy" in bs.view_text and "| validation n/a |" in bs.view_text
 
 
 def test_startup_waits_for_min_devices_then_gives_up(tmp_path):

@@ -7,6 +7,9 @@ import numpy as np
 import pytest
 import zmq
 
+from config import BenchConfig, ConfigError, load_bench, read_per_curve, to_mapping, validated
+from config.base import REPO_ROOT
+from link.factory import open_uplink_transmitter
 from phy.channel import ChannelConfig, DeviceGeometry, PerCurve, SimChannel, TxSetting
 from phy.sim import SimUplinkReceiver, SimUplinkTransmitter
 from proto.air import FrameSidecar
@@ -191,3 +194,76 @@ def test_send_validation(ctx, rx):
     tx.close()
     with pytest.raises(RuntimeError):
         tx.send([SENTINEL], HIGH, round_idx=0)
+
+
+# ---------------------------------------------------------------- a sim whose loss model is not the controller's
+MISMATCH = REPO_ROOT / "hw_configs" / "sim_mismatch.yaml"
+TRUE_CURVE = REPO_ROOT / "hw_configs" / "calibration" / "sim_mismatch.true.yaml"
+
+
+def test_sim_mismatch_bench_loads_with_its_impairments_and_true_curve():
+    bench = load_bench(MISMATCH)
+    ch = bench.channel
+    assert len(bench.devices) == 6 and bench.phy == "sim" and bench.per_curve is None
+    assert (ch.fading, ch.rician_k_db, ch.shadowing_sigma_db, ch.fading_correlation) == ("rician", 3.0, 6.0, 0.7)
+    assert (ch.interference, ch.interference_prob, ch.interference_inr_db) == ("gilbert-elliott", 0.2, 10.0)
+    assert ch.true_per_curve == str(TRUE_CURVE.resolve())  # resolved from the bench's folder, content carried
+    assert ch.true_per_curve_table == read_per_curve(TRUE_CURVE)
+    assert validated(BenchConfig, to_mapping(bench), "welcome: bench") == bench  # an edge needs no file
+    with pytest.raises(ConfigError, match=r"channel\.true_per_curve = 'nowhere\.yaml': no such file"):
+        load_bench(MISMATCH, ["channel.true_per_curve=nowhere.yaml"])
+
+
+def test_true_curve_is_the_built_in_one_two_db_worse_and_only_the_sim_link_uses_it():
+    bench = load_bench(MISMATCH)
+    true_curve, told = PerCurve.for_sim_link(bench), PerCurve.for_bench(bench)
+    assert told.to_dict() == PerCurve.default().to_dict()  # the controller's curve
+    for modulation in ("bpsk", "qpsk", "8psk"):
+        for snr_db in np.arange(5.0, 25.0, 0.5):
+            assert true_curve.per(snr_db + 2.0, modulation, 1000) == pytest.approx(
+                told.per(snr_db, modulation, 1000), abs=1e-5
+            )
+    nominal = load_bench(REPO_ROOT / "hw_configs" / "sim_hetero.yaml")
+    assert PerCurve.for_sim_link(nominal).to_dict() == PerCurve.for_bench(nominal).to_dict()  # no true curve
+
+
+def test_sim_link_draws_losses_from_the_true_curve(ctx, rx):
+    # 15.5 dB QPSK at 1 m: the controller's curve says PER 0.11, the true one 0.5
+    bench = load_bench(
+        MISMATCH,
+        [
+            "channel.fading=none",
+            "channel.shadowing_sigma_db=0",
+            "channel.interference=none",
+            "devices=[{distance_m: 1}]",
+        ],
+    )
+    tx = open_uplink_transmitter(bench, 0, data_address=rx.address, seed=5, context=ctx)
+    assert tx.per_curve.to_dict() == PerCurve.for_sim_link(bench).to_dict()
+    setting = TxSetting(tx_power_dbm=15.5 - 65.0, bandwidth_hz=BW_HZ)
+    data = frames_bytes(300)
+    assert {len(d) for d in data} == {1000}
+    tx.send(data, setting, round_idx=0)
+    assert tx.last_true_snr_db == pytest.approx(15.5)
+    tx.send([SENTINEL], HIGH, round_idx=0)
+    got = collect_until_sentinel(rx)
+    tx.close()
+    assert PerCurve.for_bench(bench).per(15.5, "qpsk", 1000) < 0.15
+    assert 0.35 < len(got) / len(data) < 0.65  # PER 0.5: 150 expected, standard deviation 8.7
+
+
+def test_sim_transmitter_applies_the_impairments_through_sim_channel(ctx, rx):
+    bench = load_bench(MISMATCH)
+    tx = open_uplink_transmitter(bench, 3, data_address=rx.address, seed=5, context=ctx)
+    world = SimChannel(bench.channel, seed=5)
+    nominal = SimChannel(bench.channel.nominal(), seed=5)
+    geom = DeviceGeometry(3, bench.device(3).distance_m)
+    rises = []
+    for r in range(40):
+        tx.send([Frame(3, r, 0, 1, b"x").to_bytes()], HIGH, round_idx=r)
+        assert tx.last_true_snr_db == world.snr_db(geom, r, HIGH)
+        offset_db = world.shadowing_db(3) + world.fading_db(3, r) - world.interference_rise_db(r)
+        assert tx.last_true_snr_db == pytest.approx(nominal.snr_db(geom, r, HIGH) - nominal.fading_db(3, r) + offset_db)
+        rises.append(world.interference_rise_db(r))
+    tx.close()
+    assert world.shadowing_db(3) != 0.0 and 0 < sum(rise > 0 for rise in rises) < 40

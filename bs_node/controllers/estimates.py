@@ -53,6 +53,7 @@ class ChannelEstimator:
         missing_var_growth_db2: float = 4.0,
         min_std_db: float = 1.0,
     ):
+        channel = channel.nominal()  # never the sim's impairments: they show only in the measured SNR
         self.channel = SimChannel(channel, seed=0)  # for its noise and path-loss formulas only
         self.rayleigh = channel.fading == "rayleigh"
         self.min_std_db = min_std_db

@@ -10,11 +10,12 @@ device. Bad frames are counted, logged and ignored; nothing already received is 
 from __future__ import annotations
 
 import logging
+import math
 import time
 from typing import Any
 
 from bs_node.controllers import Controller, DeviceState, RoundState
-from bs_node.live_view import LiveView
+from bs_node.live_view import LiveView, percent
 from bs_node.measurements import RoundRecord
 from bs_node.records import RunRecorder
 from bs_node.rounds.close import RoundCloser
@@ -68,10 +69,19 @@ class RoundRunner:
     def run(self) -> dict[str, Any]:
         """Evaluate the initial adapter, wait for the edges, run every round; the summary is written even when
         the run stops early or fails, and the edges are told to leave."""
-        initial = self.model.evaluate()
+        initial, initial_val = self.model.evaluate(), self.model.validate()
         self.recorder.initial_accuracy = initial["accuracy"]
-        self.view.line(f"round   0 | accuracy {initial['accuracy'] * 100:.1f} % before fine-tuning")
-        summary: dict[str, Any] = {"run_id": self.run_id, "initial_accuracy": initial["accuracy"], "rounds": 0}
+        val_accuracy = _finite_or_none(initial_val["accuracy"])
+        self.view.line(
+            f"round   0 | accuracy {percent(initial['accuracy'])} | validation {percent(val_accuracy)} "
+            "before fine-tuning"
+        )
+        summary: dict[str, Any] = {
+            "run_id": self.run_id,
+            "initial_accuracy": initial["accuracy"],
+            "initial_val_accuracy": val_accuracy,
+            "rounds": 0,
+        }
         t_start = self.clock()
         try:
             self.wait_for_devices()
@@ -79,7 +89,7 @@ class RoundRunner:
                 if self.stopping:
                     break
                 record = self.run_round(r)
-                summary.update(rounds=r, final_accuracy=record.accuracy)
+                summary.update(rounds=r, final_accuracy=record.accuracy, final_val_accuracy=record.val_accuracy)
         finally:
             summary.update(
                 wall_s=self.clock() - t_start,
@@ -90,11 +100,10 @@ class RoundRunner:
             )
             self.recorder.write_summary(summary)
             self.transport.broadcast(Shutdown(reason="stopped" if self.stopping else "run complete"))
-        acc = summary.get("final_accuracy")
         self.view.line(
             f"run {'stopped' if self.stopping else 'complete'}: {summary['rounds']} rounds in "
-            f"{summary['wall_s']:.0f} s, final accuracy "
-            f"{'n/a' if acc is None else f'{acc * 100:.1f} %'}; records in {self.recorder.run_dir}"
+            f"{summary['wall_s']:.0f} s, final accuracy {percent(summary.get('final_accuracy'))} "
+            f"(validation {percent(summary.get('final_val_accuracy'))}); records in {self.recorder.run_dir}"
         )
         return summary
 
@@ -283,11 +292,13 @@ class RoundRunner:
     def _close(self, r: int, plans: dict[int, Plan], downlink_bytes: int, t0: float) -> RoundRecord:
         devices, stale = self.closer.close(r, plans, self.pending)
         self.acks.discard_round(r)
-        result = self.model.evaluate()
+        result, val = self.model.evaluate(), self.model.validate()
         record = RoundRecord(
             round=r,
             accuracy=result["accuracy"],
             eval_loss=result["loss"],
+            val_accuracy=_finite_or_none(val["accuracy"]),
+            val_loss=_finite_or_none(val["loss"]),
             wall_s=self.clock() - t0,
             policy=self.controller.name,
             downlink_bytes=downlink_bytes,
@@ -300,3 +311,8 @@ class RoundRunner:
         self.recorder.save_adapter(self.model.adapter_state())
         self.view.round_table(record)
         return record
+
+
+def _finite_or_none(value: float) -> float | None:
+    """An evaluation's number, or None for the NaN of an empty set (no validation data held out)."""
+    return value if math.isfinite(value) else None
