@@ -26,6 +26,7 @@ from proto.air import (
     IQ_SAMPLE_BYTES,
     MAX_BURST_SAMPLES,
     MAX_HEADER_BYTES,
+    MEDIUM_QUEUE_CHUNKS,
     AirMessageError,
     AirRefusal,
     BurstDone,
@@ -38,8 +39,6 @@ from proto.air import (
 )
 
 log = logging.getLogger("air")
-
-MEDIUM_QUEUE_CHUNKS = 64  # ~0.6 s of medium queued for the BS, then the clock waits
 
 
 class AirError(ValueError):

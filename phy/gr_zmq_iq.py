@@ -42,6 +42,9 @@ from phy.ofdm_rx import OfdmReceiver
 from phy.subband_inbox import FrameInbox, frame_collector
 from phy.uplink import RxFrame, UplinkReceiver
 from proto.air import (
+    IQ_SAMPLE_BYTES,
+    MAX_MEDIUM_SAMPLES,
+    MEDIUM_QUEUE_CHUNKS,
     AirMessageError,
     AirRefusal,
     BurstOnMedium,
@@ -150,8 +153,8 @@ class ZmqIqReceiver(UplinkReceiver):
         self._air.connect(air_address)
         self._medium = ctx.socket(zmq.PULL)
         self._medium.setsockopt(zmq.LINGER, 0)
-        self._medium.setsockopt(zmq.RCVHWM, 64)
-        self._medium.setsockopt(zmq.MAXMSGSIZE, 1 << 26)
+        self._medium.setsockopt(zmq.RCVHWM, MEDIUM_QUEUE_CHUNKS)
+        self._medium.setsockopt(zmq.MAXMSGSIZE, MAX_MEDIUM_SAMPLES * IQ_SAMPLE_BYTES)
         self._medium.connect(medium_address)
         self.inbox = FrameInbox()
         self.burst_ends: dict[int, int] = {}  # device -> medium index where its last reported burst ended

@@ -47,9 +47,6 @@ class ZmqIqTransmitter(UplinkTransmitter):
         self._closed = False
         self.last_error: str | None = None
 
-    def estimate_airtime_s(self, frame_sizes: Sequence[int], setting: TxSetting) -> float:
-        return numerology.burst_airtime_s(frame_sizes, setting.modulation, setting.bandwidth_hz)
-
     def send(self, frames: Sequence[bytes], setting: TxSetting, *, round_idx: int) -> TxReport:
         from phy.ofdm_tx import modulate  # GNU Radio where the modem runs
 

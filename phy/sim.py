@@ -62,9 +62,6 @@ class SimUplinkTransmitter(UplinkTransmitter):
         self._sock.connect(bs_data_address)
         self._closed = False
 
-    def estimate_airtime_s(self, frame_sizes: Sequence[int], setting: TxSetting) -> float:
-        return burst_airtime_s(frame_sizes, setting.modulation, setting.bandwidth_hz)
-
     def send(self, frames: Sequence[bytes], setting: TxSetting, *, round_idx: int) -> TxReport:
         if self._closed:
             raise RuntimeError("SimUplinkTransmitter is closed")
@@ -117,7 +114,7 @@ class SimUplinkTransmitter(UplinkTransmitter):
         return TxReport(
             frames_sent=len(frames),
             bytes_sent=sum(len(f) for f in frames),
-            airtime_s=self.estimate_airtime_s([len(f) for f in frames], setting),
+            airtime_s=burst_airtime_s([len(f) for f in frames], setting.modulation, setting.bandwidth_hz),
         )
 
     def _sidecar(self, true_snr_db: float, setting: TxSetting, *, lost: bool, est_err_db: float) -> FrameSidecar | None:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from phy.channel import TxSetting
-from proto.numerology import MAX_PACKET_BYTES
+from proto.numerology import MAX_PACKET_BYTES, burst_airtime_s
 
 if TYPE_CHECKING:  # pragma: no cover
     import zmq
@@ -57,9 +57,11 @@ class UplinkTransmitter(ABC):
         """Airtime that sending frames of these sizes would take, or None if unknown.
 
         Lets ARQ check an airtime budget before a retransmission instead of
-        extrapolating from earlier attempts.
+        extrapolating from earlier attempts. Every link here carries the same OFDM
+        packets at the bandwidth share's sample rate; a link whose radios run at
+        another rate (rf) says so by overriding this.
         """
-        return None
+        return burst_airtime_s(frame_sizes, setting.modulation, setting.bandwidth_hz)
 
     def close(self) -> None:
         """Release resources; idempotent."""

@@ -206,7 +206,8 @@ class MediumChunk(_Message):
 
 
 _MEDIUM: TypeAdapter[MediumChunk] = TypeAdapter(MediumChunk)
-MAX_MEDIUM_SAMPLES = 8_000_000  # 64 MB: the BS's socket refuses larger messages anyway
+MAX_MEDIUM_SAMPLES = 8_000_000  # 64 MB of complex64: the BS's socket refuses larger messages anyway
+MEDIUM_QUEUE_CHUNKS = 64  # medium chunks queued between the air and the BS (~0.6 s), then the air's clock waits
 
 
 def decode_medium(frames: Sequence[bytes]) -> tuple[MediumChunk, bytes]:
