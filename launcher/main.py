@@ -63,6 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs-dir", default="runs", help="parent folder of run folders")
     parser.add_argument("--run-dir", help="exact run folder (default: <runs-dir>/<time>-<name>)")
     parser.add_argument("--edge-threads", type=int, default=1, help="torch threads per edge")
+    parser.add_argument("--bs-threads", type=int, default=2, help="torch threads of the BS (evaluation)")
     parser.add_argument("--silence-timeout", type=float, default=30.0)
     args = parser.parse_args(argv)
     bench_defaulted = args.bench is None
@@ -117,6 +118,8 @@ def main(argv: list[str] | None = None) -> int:
             "tcp://127.0.0.1:0",
             "--silence-timeout",
             str(args.silence_timeout),
+            "--threads",
+            str(args.bs_threads),
         ],
         env=env,
         stderr=bs_log,

@@ -27,6 +27,7 @@ LAYER = {
     "edge_node": 5,
     "calibration": 5,
     "launcher": 6,
+    "sweep": 7,
 }
 MAX_LINES = 400
 

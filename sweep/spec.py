@@ -1,0 +1,152 @@
+"""What a sweep is: a grid of (bench, arm, seed) trials, each a whole experiment, declared once in YAML.
+
+An *arm* is what is compared: a policy, an aggregator and a named set of overrides (e.g. `soft`, `dense`), the
+product of the three lists. Seeds repeat every arm on every bench; trials of one bench and seed share the data
+split and the channel, so arms are compared *paired* on them. The trial id names all four, so a trial's folder
+is found again when the sweep is run a second time (finished trials are skipped).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import Field, model_validator
+
+from config import REPO_ROOT, ConfigError
+from config.base import ConfigModel, Items, RuleError
+from config.experiment import Policy
+from config.loading import read_yaml, validated
+
+Label = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$", max_length=40)]
+Scalar = str | int | float | bool | None
+Overrides = Mapping[str, Scalar | list[Scalar]]
+
+
+class SweepSpec(ConfigModel):
+    name: Label = "sweep"
+    experiment: str | None = None  # experiment YAML (None: experiments/default.yaml), relative to the repo
+    benches: Items[str] = Field(("hw_configs/sim.yaml",), min_length=1)  # bench YAMLs, relative to the repo
+    policies: Items[Policy] = Field(("fixed",), min_length=1)
+    aggregators: Items[str] = Field(("default",), min_length=1)  # round.aggregator values; "default": as configured
+    arms: Mapping[Label, Overrides] = Field(default_factory=lambda: {"base": {}})  # named override sets
+    seeds: Items[Annotated[int, Field(ge=0)]] = Field((0, 1, 2), min_length=1)
+    overrides: Overrides = Field(default_factory=dict)  # experiment overrides every trial gets
+    bench_overrides: Overrides = Field(default_factory=dict)
+    baseline: str | None = None  # arm the paired differences are taken against (None: the first arm)
+    cpus_per_trial: int = Field(1, gt=0)  # Ray CPUs a trial asks for; its BS and edges share them
+    target_accuracy: float | None = Field(None, gt=0.0, le=1.0)  # energy to reach it, besides the baseline's
+
+    @model_validator(mode="after")
+    def _baseline_is_an_arm(self) -> SweepSpec:
+        labels = [a.label for a in self.arm_list()]
+        if len(set(labels)) != len(labels):
+            raise RuleError("arms", labels, "arm labels must be distinct")
+        if self.baseline is not None and self.baseline not in labels:
+            raise RuleError("baseline", self.baseline, f"expected one of the arms {labels}")
+        return self
+
+    def arm_list(self) -> list[Arm]:
+        arms = []
+        for policy, aggregator, (name, overrides) in itertools.product(
+            self.policies, self.aggregators, self.arms.items()
+        ):
+            parts = [policy] + ([aggregator] if aggregator != "default" else []) + ([name] if name != "base" else [])
+            sets = {
+                "controller.policy": policy,
+                **({"round.aggregator": aggregator} if aggregator != "default" else {}),
+            }
+            arms.append(Arm("/".join(parts), policy, aggregator, name, {**sets, **overrides}))
+        return arms
+
+    def baseline_label(self) -> str:
+        return self.baseline or self.arm_list()[0].label
+
+    def trials(self) -> list[Trial]:
+        """Every trial, seed-major: a sweep cut short has every arm on the first seeds rather than some arms on all."""
+        return [
+            Trial(bench=bench, arm=arm, seed=seed, spec=self)
+            for seed in self.seeds
+            for bench in self.benches
+            for arm in self.arm_list()
+        ]
+
+
+@dataclass(frozen=True)
+class Arm:
+    label: str
+    policy: str
+    aggregator: str
+    variant: str
+    overrides: Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class Trial:
+    bench: str
+    arm: Arm
+    seed: int
+    spec: SweepSpec
+
+    @property
+    def bench_name(self) -> str:
+        return Path(self.bench).stem
+
+    @property
+    def trial_id(self) -> str:
+        return f"{self.bench_name}__{self.arm.label.replace('/', '_')}__s{self.seed}"
+
+    def experiment_sets(self) -> list[str]:
+        """`--set` values of the trial: the sweep's, the arm's, then the seed (later ones win)."""
+        merged = {**self.spec.overrides, **self.arm.overrides, "seed": self.seed}
+        return [f"{key}={_yaml_value(value)}" for key, value in merged.items()]
+
+    def bench_sets(self) -> list[str]:
+        return [f"{key}={_yaml_value(value)}" for key, value in self.spec.bench_overrides.items()]
+
+
+def _yaml_value(value: Any) -> str:
+    """A value as `--set` reads it (YAML): JSON is YAML, and keeps strings like 'none' strings."""
+    return json.dumps(value)
+
+
+def repo_path(path: str) -> str:
+    """A path of the spec, relative to the repo unless absolute."""
+    p = Path(path)
+    return str(p if p.is_absolute() else REPO_ROOT / p)
+
+
+def load_sweep(path: str | Path | None, overrides: Sequence[str] = ()) -> SweepSpec:
+    """The sweep YAML (None: an empty spec) with `key=value` overrides of its top-level keys; ConfigError if bad."""
+    data: dict[str, Any] = {}
+    where = str(path) if path else "sweep"
+    if path is not None:
+        loaded = read_yaml(Path(path))
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{where}: top level: expected a mapping")
+        data = dict(loaded or {})
+    data.update(overrides_as_dict(overrides, where))
+    spec = validated(SweepSpec, data, where)
+    for i, bench in enumerate(spec.benches):
+        if not Path(repo_path(bench)).is_file():
+            raise ConfigError(f"{where}: benches.{i} = {bench!r}: no such file")
+    if spec.experiment is not None and not Path(repo_path(spec.experiment)).is_file():
+        raise ConfigError(f"{where}: experiment = {spec.experiment!r}: no such file")
+    return spec
+
+
+def overrides_as_dict(items: Sequence[str], where: str) -> dict[str, Any]:
+    from config.loading import parse_yaml
+
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not re.fullmatch(r"[a-z_]+", key):
+            raise ConfigError(f"{where}: {item!r}: expected KEY=VALUE with a top-level sweep key")
+        out[key] = parse_yaml(raw)
+    return out
