@@ -69,6 +69,7 @@ def replay(run_dir: Path, policy: str | None, overrides: list[str]) -> list[dict
                 devices=devices,
                 controller=rec.get("controller", {}),
                 stale_updates={int(k): v for k, v in rec.get("stale_updates", {}).items()},
+                aggregation=_with_device_keys(rec.get("aggregation", {})),
             )
         )
         for d in devices:
@@ -120,6 +121,11 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print(json.dumps([{str(k): p for k, p in r.items()} for r in plans]))
     return 0
+
+
+def _with_device_keys(aggregation: dict) -> dict:
+    """JSON made the per-device maps' keys strings (e.g. HetLoRA's tail_share); the controllers use ints."""
+    return {k: ({int(d): x for d, x in v.items()} if k == "tail_share" else v) for k, v in aggregation.items()}
 
 
 if __name__ == "__main__":

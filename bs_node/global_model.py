@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
 from bs_node.controllers.costs import ModelShape
 from config import ExperimentConfig
-from fedlora.aggregation import FLOAT32_MAX, ClientUpdate, aggregate, check_update
+from fedlora.aggregation import FLOAT32_MAX, Absent, ClientUpdate, check_update
+from fedlora.aggregators import make_aggregator
 from fedlora.lora import GlobalAdapter, LocalModel, ModuleSpec
 from fedlora.models import build_backbone, load_tokenizer, num_layers
 from fedlora.partition import device_splits, validation_union
@@ -78,6 +80,7 @@ class GlobalModel:
         self.device_examples = [len(split.train) for split in splits]
         self.validation = [self.task.train[i] for i in validation_union(splits, exp.task.max_validation, seed=exp.seed)]
         self.model_shape = model_shape(self.adapter, self.num_layers)
+        self.aggregator = make_aggregator(exp.round.aggregator, exp.round.aggregation_rule)
         log.info(
             "model and task ready in %.1f s: %s, %d train (%d held out, %d validated on) / %d test examples, "
             "%d layers, rank %d",
@@ -120,15 +123,31 @@ class GlobalModel:
             max_abs=self.max_abs,
         )
 
-    def aggregate(self, updates: Sequence[ClientUpdate], absent_weight: float) -> None:
-        """Apply the weighted aggregate of `updates` (absent_weight: devices counted as zero updates). The
-        adapter steps only if every value stays within the downlink dtype's range (else ValueError, nothing
-        changed): the next round's views must still encode."""
-        delta = aggregate(self.adapter, updates, absent_weight)
+    def aggregate(
+        self, updates: Mapping[int, ClientUpdate], absent: Sequence[int], capabilities: Mapping[int, tuple[int, int]]
+    ) -> dict[str, Any]:
+        """Apply the round's aggregate (`RoundModel.aggregate`). The adapter steps only if every value stays
+        within the downlink dtype's range (else ValueError, nothing changed): the next round's views must still
+        encode. Returns the aggregator's name, rule and what it measured."""
+
+        def capability(device_id: int) -> ModuleSpec | None:
+            cap = capabilities.get(device_id)
+            return ModuleSpec(*cap) if cap is not None else None
+
+        devices = list(updates)
+        delta = self.aggregator.aggregate(
+            self.adapter,
+            [replace(updates[d], capability=capability(d)) for d in devices],
+            [Absent(float(self.examples(d)), capability(d)) for d in absent],
+        )
         for key, d in delta.items():
             if not bool(((self.adapter.state[key] + d).abs() <= self.max_abs).all()):
                 raise ValueError(f"the aggregate would take {key!r} beyond {self.max_abs:g}; the adapter did not step")
         self.adapter.apply(delta)
+        stats = dict(self.aggregator.last_stats)
+        if "tail_shares" in stats:  # per update, in the order given: name the devices
+            stats["tail_share"] = dict(zip(devices, stats.pop("tail_shares")))
+        return {"aggregator": self.aggregator.name, "rule": self.aggregator.rule, **stats}
 
     def evaluate(self) -> dict[str, float]:
         """Accuracy and loss of the global adapter on the held-out test set: reported, never chosen on."""

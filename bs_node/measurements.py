@@ -78,6 +78,7 @@ class RoundRecord:
     devices: list[DeviceRound] = field(default_factory=list)
     controller: dict[str, Any] = field(default_factory=dict)  # the controller's inputs and state for this round
     stale_updates: dict[int, int] = field(default_factory=dict)  # device -> round of its update reused here
+    aggregation: dict[str, Any] = field(default_factory=dict)  # the aggregator, its rule and what it measured
     # on the devices' held-out parts (fedlora/partition.py): what settings are chosen on; accuracy and eval_loss
     # are the test set's, which only reports. None when nothing is held out
     val_accuracy: float | None = None

@@ -11,7 +11,7 @@ from config.base import ConfigModel, Items, RuleError
 from proto.control import ModuleDepth, ModuleRank
 from proto.numerology import MODULATION_NAMES, Modulation
 
-Policy = Literal["fixed", "lyapunov", "tsfa", "greedy", "random"]
+Policy = Literal["fixed", "lyapunov", "tsfa", "greedy", "random", "hetlora", "flexlora"]
 Fraction = Annotated[float, Field(gt=0.0, le=1.0)]
 Weight = Annotated[float, Field(ge=0.0, le=1.0)]
 
@@ -73,9 +73,13 @@ class RoundConfig(ConfigModel):
     startup_timeout_s: float = Field(300.0, gt=0.0)  # how long the BS waits for devices to register before round 1
     min_devices: int = Field(1, ge=0)  # the BS starts once this many devices are ready and the startup timeout passed
     heartbeat_s: float = Field(2.0, gt=0.0)
-    # devices present for a round whose update did not arrive (not planned, lost) count as zero updates in the
-    # average (unbiased partial participation, fedlora/aggregation.py); false: average over the arrivals only
-    absent_as_zero: bool = True
+    # how updates become the adapter's step (fedlora/aggregators, docs/aggregation.md): fedavg (component-wise),
+    # hetlora (zero-padding, norm-weighted), flexlora (product average, SVD back to rank)
+    aggregator: Literal["fedavg", "hetlora", "flexlora"] = "fedavg"
+    # fedavg's rule for what a present device did not deliver: "eligible" counts it as a zero update in every
+    # component its capability covers (docs/aggregation.md); "sent", the earlier rule, averages each component
+    # over the updates that sent it plus the absent devices' weight
+    aggregation_rule: Literal["eligible", "sent"] = "eligible"
     # reuse a present device's latest update for up to this many rounds after it arrived, in the rounds it sits
     # out or loses (MIFA: energy-limited devices take turns without dropping out of the average); 0: never
     stale_rounds: int = Field(0, ge=0)
@@ -109,6 +113,9 @@ class ControllerConfig(ConfigModel):
     price_iterations: int = Field(25, gt=0)
     greedy_top: int | None = Field(None, ge=1)  # channel-greedy: how many devices take part (None: half)
     random_participation: float = Field(0.5, gt=0.0, le=1.0)  # random policy: chance that a device takes part
+    # hetlora policy: a device whose update holds less than this share of its norm in the last half of its rank
+    # components steps down to the next smaller rank (HetLoRA's self-pruning)
+    hetlora_prune_share: float = Field(0.1, ge=0.0, lt=0.5)
 
     @model_validator(mode="after")
     def _rank_and_sparsity_leave_room(self) -> ControllerConfig:
@@ -142,6 +149,17 @@ class ExperimentConfig(ConfigModel):
     round: RoundConfig = Field(default_factory=RoundConfig)
     controller: ControllerConfig = Field(default_factory=ControllerConfig)
     codec: CodecConfig = Field(default_factory=CodecConfig)
+
+    @model_validator(mode="after")
+    def _feedback_needs_stable_factors(self) -> ExperimentConfig:
+        if self.round.aggregator == "flexlora" and self.codec.error_feedback:
+            raise RuleError(
+                "round.aggregator",
+                self.round.aggregator,
+                "re-factors the adapter every round, so error-feedback residuals would not carry over; "
+                "set codec.error_feedback=false with it",
+            )
+        return self
 
     @model_validator(mode="after")
     def _rank_within_the_adapter(self) -> ExperimentConfig:

@@ -1,34 +1,31 @@
-"""Aggregation of heterogeneous (rank/depth-truncated, possibly sparsified) LoRA updates.
+"""The aggregation rule for heterogeneous, partial and sparse LoRA updates, and the checks every update passes.
 
-Rule.  For every LoRA module and every rank component i, the aggregated delta of
-row i of A and of column i of B is the weight-normalised average of the deltas
-of ONLY those devices whose module contains component i (rank > i and the layer
-lies within the device's depth) AND that actually sent it (``kept[path][i]``;
-a module without a mask was sent whole, as the codec allows per module).
-A component nobody sent gets a zero delta.  Head parameters, which every device
-trains densely, are the weighted average over all updates.
+One rule (docs/aggregation.md has the formula and why it is unbiased).  Every device *present* for the round
+has a weight p_k (its training examples) and a *capability*: the module it is able to train (the largest rank
+and depth its policy may give it; by default the whole adapter).  For every LoRA module and rank component i
+(row i of A, column i of B), the aggregated delta is
 
-Why: averaging a component over devices that never trained or never sent it
-would treat their absence as a zero update and shrink it towards the old value
-(dilution); a low-rank or shallow device, or a lost/pruned component, should
-simply not vote on it.  Consequences: with equal specs and dense updates this is
-exactly FedAvg; an empty update list yields a zero delta.
+    delta_i = sum_k p_k * s_ki * d_ki  /  sum_k p_k * e_ki
 
-Absent devices.  A device that was present for the round but took no part (not
-planned, or its update did not arrive) is different: its weight (``absent_weight``)
-joins every denominator, i.e. it counts as a zero update.  This is the unbiased
-partial-participation rule (Li et al., ICLR 2020): averaging over the arrivals only
-would take a full step towards whichever few devices happened to take part, and
-with non-IID data a round of two small, skewed devices swings the model (measured
-on sim_hetero: 74.4 % -> 50.1 % in one such round).  With absent_weight = 0 the
-rule is the arrivals-only average.
+where e_ki = 1 if component i of that module lies within device k's capability (it is *eligible*), and
+s_ki = 1 if k's update for this round is in the aggregate and carries component i (its plan covered it and its
+sparsifier sent it).  Whatever an eligible device did not deliver (it sat out, its update was lost, its plan
+was shallower or of lower rank this round, its sparsifier kept the component back) counts as a zero update
+of weight p_k; error feedback (fedlora/sparsify/feedback.py) delivers the part it trained later.  A component
+outside a device's capability is not its to vote on.  A stale update (MIFA reuse) stands in for its device's
+missing fresh one, with the same weight.  Head parameters, which every device trains, average over every
+present device the same way.  With equal capabilities and dense updates from everybody this is FedAvg.
 
-Checks.  ``check_update`` is every rule ``aggregate`` and the step after it rely on, for one update: the BS runs
+The rule of earlier versions (``rule="sent"``) is kept to measure against: a component averages over the
+updates that sent it, plus the weight of absent devices; a shallower, lower-rank or sparser update does not
+vote on what it did not send, so each component leans towards whichever devices happened to send it.
+
+Checks.  ``check_update`` is every rule aggregation and the step after it rely on, for one update: the BS runs
 it when it takes an update off the air, so a bad one is that device's failure (``UpdateError``), never the
-round's; ``aggregate`` runs it again on everything it is given (stale updates included).  One rule goes beyond
-shapes: the global adapter plus the update must stay within a magnitude (finite in float32, or the range of the
-dtype the BS sends views in).  The aggregate is a convex combination of the updates and zero, so the stepped
-adapter then stays within it too, and the next round's adapter view can still be encoded.
+round's; the aggregators run it again on everything they are given (stale updates included).  One rule goes
+beyond shapes: the global adapter plus the update must stay within a magnitude (finite in float32, or the
+range of the dtype the BS sends views in).  The aggregate is a convex combination of the updates and zero, so
+the stepped adapter then stays within it too, and the next round's adapter view can still be encoded.
 """
 
 from __future__ import annotations
@@ -36,13 +33,18 @@ from __future__ import annotations
 import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
+from fedlora.lora import A_SUFFIX as _A
+from fedlora.lora import B_SUFFIX as _B
 from fedlora.lora import HEAD_PREFIX, AdapterState, GlobalAdapter, ModuleSpec, layer_index
 
-_A, _B = ".lora_A", ".lora_B"
 FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+
+
+Rule = Literal["eligible", "sent"]
 
 
 @dataclass
@@ -51,6 +53,15 @@ class ClientUpdate:
     delta: AdapterState  # trained - view, shapes as view(spec)
     weight: float  # e.g. number of local training examples
     kept: dict[str, torch.Tensor] | None = None  # module path -> bool (rank,) of components sent; no mask = all
+    capability: ModuleSpec | None = None  # the module the device is able to train (None: the whole adapter)
+
+
+@dataclass(frozen=True)
+class Absent:
+    """A device present for the round whose update is not in the aggregate: its weight and capability."""
+
+    weight: float
+    capability: ModuleSpec | None = None  # None: the whole adapter
 
 
 class UpdateError(ValueError):
@@ -102,28 +113,51 @@ def _view_of(full: torch.Tensor, key: str, rank: int) -> torch.Tensor:
     return full[:rank] if key.endswith(_A) else full[:, :rank] if key.endswith(_B) else full
 
 
-def aggregate(
-    global_adapter: GlobalAdapter, updates: Sequence[ClientUpdate], absent_weight: float = 0.0
-) -> AdapterState:
-    """Full-shape delta for ``global_adapter.apply`` (rule in the module docstring).
-
-    absent_weight: total weight of the devices present for the round whose update is not in ``updates``."""
-    if not 0 <= absent_weight < float("inf"):
-        raise ValueError(f"absent_weight must be a finite number >= 0, got {absent_weight!r}")
+def check_all(global_adapter: GlobalAdapter, updates: Sequence[ClientUpdate], absent: Sequence[Absent]) -> None:
+    """check_update on every update (the error names its index) and a finite weight >= 0 for every absent device."""
     for i, u in enumerate(updates):
         try:
             check_update(global_adapter, u)
         except UpdateError as e:
             raise UpdateError(f"device {i}: {e}") from None
+    for a in absent:
+        if not 0 <= a.weight < float("inf"):
+            raise ValueError(f"an absent device's weight must be a finite number >= 0, got {a.weight!r}")
+
+
+def eligible_counts(global_adapter: GlobalAdapter, capability: ModuleSpec | None) -> tuple[int, int]:
+    """(rank, first layer) of a capability: components [0, rank) of layers >= first layer are its to vote on."""
+    spec = capability or ModuleSpec(global_adapter.max_rank, global_adapter.num_layers)
+    return spec.rank, global_adapter.num_layers - spec.depth
+
+
+def aggregate(
+    global_adapter: GlobalAdapter,
+    updates: Sequence[ClientUpdate],
+    absent: Sequence[Absent] = (),
+    rule: Rule = "eligible",
+    scores: Sequence[float] | None = None,
+) -> AdapterState:
+    """Full-shape delta for ``global_adapter.apply`` by the rule in the module docstring.
+
+    absent: every device present for the round without an update in ``updates``. scores: a factor on each
+    update's weight (HetLoRA's norm weighting); its device's eligibility weight takes the same factor."""
+    check_all(global_adapter, updates, absent)
+    factors = [1.0] * len(updates) if scores is None else [float(x) for x in scores]
     R = global_adapter.max_rank
     # float64 accumulators: the result must match FedAvg to float32 precision
     num = {k: torch.zeros(v.shape, dtype=torch.float64) for k, v in global_adapter.state.items()}
-    den = {k: torch.full((R,), float(absent_weight), dtype=torch.float64) for k in num if layer_index(k) is not None}
-    head_w = float(absent_weight)
-    for u in updates:
-        w = float(u.weight)
+    den = {k: torch.zeros(R, dtype=torch.float64) for k in num if layer_index(k) is not None}
+    head_w = 0.0
+    for a in absent:
+        head_w += a.weight
+        _add_eligible(global_adapter, den, a.weight, a.capability, rule, everything=True)
+    for u, factor in zip(updates, factors):
+        w = float(u.weight) * factor
         r = u.spec.rank
         head_w += w
+        if rule == "eligible":
+            _add_eligible(global_adapter, den, w, u.capability, rule, everything=False, at_least=u.spec)
         for k, d in u.delta.items():
             d = d.to(torch.float64)
             if k.startswith(HEAD_PREFIX):
@@ -136,7 +170,8 @@ def aggregate(
                 num[k][:r] += w * mask[:, None] * d
             else:
                 num[k][:, :r] += w * d * mask[None, :]
-            den[k][:r] += w * mask
+            if rule == "sent":
+                den[k][:r] += w * mask
     out: AdapterState = {}
     for k, total in num.items():
         dtype = global_adapter.state[k].dtype
@@ -150,3 +185,33 @@ def aggregate(
         else:
             out[k] = (total * scale[None, :]).to(dtype)
     return out
+
+
+def _add_eligible(
+    global_adapter: GlobalAdapter,
+    den: dict[str, torch.Tensor],
+    weight: float,
+    capability: ModuleSpec | None,
+    rule: Rule,
+    *,
+    everything: bool,
+    at_least: ModuleSpec | None = None,
+) -> None:
+    """Add a device's weight to the denominators of what it is eligible for (the "sent" rule: an absent device's
+    weight joins every denominator; an update's own components are added where they are aggregated)."""
+    if rule == "sent":
+        if everything:
+            for v in den.values():
+                v += weight
+        return
+    regions = [eligible_counts(global_adapter, capability)]
+    if at_least is not None:  # an update beyond its stated capability still votes on what it carries
+        regions.append(eligible_counts(global_adapter, at_least))
+    R = global_adapter.max_rank
+    for k, v in den.items():
+        layer = layer_index(k)
+        covered = torch.zeros(R, dtype=torch.bool)
+        for rank, first in regions:
+            if layer is not None and layer >= first:
+                covered[:rank] = True
+        v += weight * covered.to(v.dtype)

@@ -31,7 +31,8 @@ from fedlora.models import ModelConfig, num_layers
 from proto.codec import AdapterState, ModuleSpec  # the wire's names for a state and a device's module
 
 HEAD_PREFIX = "head."
-_A, _B = ".lora_A", ".lora_B"
+A_SUFFIX, B_SUFFIX = ".lora_A", ".lora_B"  # of the LoRA factor keys: <module path><suffix>
+_A, _B = A_SUFFIX, B_SUFFIX
 _LAYER_RE = re.compile(r"(?:^|\.)(?:layer|layers|h|block|blocks)\.(\d+)\.")
 
 

@@ -32,7 +32,7 @@ class SweepSpec(ConfigModel):
     name: Label = "sweep"
     experiment: str | None = None  # experiment YAML (None: experiments/default.yaml), relative to the repo
     benches: Items[str] = Field(("hw_configs/sim.yaml",), min_length=1)  # bench YAMLs, relative to the repo
-    policies: Items[Policy] = Field(("fixed",), min_length=1)
+    policies: Items[Policy] | None = None  # a grid axis; None: the arms (or the experiment) set the policy
     aggregators: Items[str] = Field(("default",), min_length=1)  # round.aggregator values; "default": as configured
     arms: Mapping[Label, Overrides] = Field(default_factory=lambda: {"base": {}})  # named override sets
     seeds: Items[Annotated[int, Field(ge=0)]] = Field((0, 1, 2), min_length=1)
@@ -52,16 +52,22 @@ class SweepSpec(ConfigModel):
         return self
 
     def arm_list(self) -> list[Arm]:
+        """policy x aggregator x named overrides; an arm's own overrides win over the axes."""
         arms = []
-        for policy, aggregator, (name, overrides) in itertools.product(
-            self.policies, self.aggregators, self.arms.items()
-        ):
-            parts = [policy] + ([aggregator] if aggregator != "default" else []) + ([name] if name != "base" else [])
-            sets = {
-                "controller.policy": policy,
-                **({"round.aggregator": aggregator} if aggregator != "default" else {}),
-            }
-            arms.append(Arm("/".join(parts), policy, aggregator, name, {**sets, **overrides}))
+        policies: tuple[str | None, ...] = self.policies or (None,)
+        for policy, aggregator, (name, overrides) in itertools.product(policies, self.aggregators, self.arms.items()):
+            parts = [p for p in (policy, aggregator if aggregator != "default" else None) if p]
+            if name != "base" or not parts:
+                parts.append(name)
+            sets: dict[str, Any] = {}
+            if policy:
+                sets["controller.policy"] = policy
+            if aggregator != "default":
+                sets["round.aggregator"] = aggregator
+            merged = {**sets, **overrides}
+            arm_policy = str(merged.get("controller.policy", policy or "as configured"))
+            arm_aggregator = str(merged.get("round.aggregator", aggregator))
+            arms.append(Arm("/".join(parts), arm_policy, arm_aggregator, name, merged))
         return arms
 
     def baseline_label(self) -> str:

@@ -28,7 +28,10 @@ import numpy as np
 import torch
 
 from bs_node.global_model import receive_update
-from fedlora.aggregation import FLOAT32_MAX, ClientUpdate, UpdateError, aggregate
+from fedlora.aggregation import FLOAT32_MAX, Absent, ClientUpdate, UpdateError
+from fedlora.aggregators.base import Aggregator
+from fedlora.aggregators.fedavg import FedAvgAggregator
+from fedlora.aggregators.flexlora import FlexLoraAggregator
 from fedlora.lora import GlobalAdapter, ModuleSpec, layer_index
 from proto.codec import _HEADER, _HEADER_V2, FLAG_DEFLATE, KIND_ZERO, CodecError, component_axis, module_path
 from proto.codec_entries import encode_entry
@@ -283,11 +286,14 @@ def push(
     case: FuzzCase,
     *,
     others: Sequence[ClientUpdate] = (),
-    absent_weight: float = 0.0,
+    absent: Sequence[Absent] = (),
+    aggregator: Aggregator | None = None,
     max_abs: float = FLOAT32_MAX,
 ) -> Result:
-    """Decode and check `case` as the BS does, then aggregate it with `others`. A rejection is a Result; the
-    aggregate must step the adapter to finite values within max_abs (AssertionError otherwise)."""
+    """Decode and check `case` as the BS does, then aggregate it with `others` (by default the component-wise
+    rule). A rejection is a Result. An aggregator whose step is a convex combination of the updates' factors
+    (fedavg, hetlora) must step the adapter within max_abs (AssertionError otherwise); one that re-factors
+    (flexlora) may instead be refused, as the BS's guard refuses it (`GlobalModel.aggregate`)."""
     try:
         update = receive_update(
             adapter,
@@ -302,10 +308,15 @@ def push(
         return Result("codec", str(exc))
     except UpdateError as exc:
         return Result("check", str(exc))
-    delta = aggregate(adapter, [update, *others], absent_weight)
+    aggregator = aggregator or FedAvgAggregator()
+    delta = aggregator.aggregate(adapter, [update, *others], absent)
     for k, d in delta.items():
         stepped = adapter.state[k] + d
-        assert bool((stepped.abs() <= max_abs).all()), f"{case.mutations}: the aggregate takes {k} beyond {max_abs}"
+        if not bool((stepped.abs() <= max_abs).all()):
+            assert isinstance(aggregator, FlexLoraAggregator), (
+                f"{case.mutations}: the aggregate takes {k} beyond {max_abs}"
+            )
+            return Result("refused", f"the aggregate would take {k} beyond {max_abs:g}")
     return Result("aggregated")
 
 

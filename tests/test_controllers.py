@@ -214,15 +214,60 @@ def test_bad_controller_config_is_named(override, needle):
         make_controller(load_experiment(None, [override]), bench())
 
 
-def test_tsfa_pins_rank_power_and_modulation_and_chooses_sparsity_and_bandwidth_online():
-    b = bench()
-    ctrl = make_controller(load_experiment(None, ["controller.policy=tsfa", "controller.rank=4"]), b)
-    plans = [p for p in ctrl.decide(state(b, K=8)).values() if p.participate]
-    assert plans
-    assert {(p.rank, p.depth, p.tx_power_dbm, p.modulation) for p in plans} == {(4, 6, 10.0, "qpsk")}
-    assert sum(p.bandwidth_hz for p in plans) <= b.radio.total_bandwidth_hz * (1 + 1e-9)
+def tsfa(b, budget_s, policy="tsfa", *overrides):
+    exp = load_experiment(
+        None,
+        [f"controller.policy={policy}", "codec.sparsifier=soft", f"controller.latency_budget_s={budget_s}", *overrides],
+    )
+    return make_controller(exp, b)
+
+
+def test_tsfa_ranks_offline_from_the_long_run_channel_and_then_keeps_the_rank():
+    b = bench(distances=(10, 60, 150, 400))
+    ranks = {}
+    for budget_s in (20, 40, 240):
+        ctrl = tsfa(b, budget_s)
+        ctrl.decide(state(b))
+        ranks[budget_s] = [ctrl.offline_rank[k] for k in range(4)]
+        assert ranks[budget_s] == sorted(ranks[budget_s], reverse=True)  # farther never gets a larger rank
+        assert ctrl.capability(0, 8, 6) == (ranks[budget_s][0], 6)
+    assert ranks[20] == [2, 2, 2, 2]  # not even training fits: the smallest rank
+    assert ranks[40][0] == 8 and ranks[40][-1] == 2  # near devices get the full rank, far ones a small one
+    assert ranks[240] == [8, 8, 8, 8]
+    slow = load_bench(None, ["devices=[{distance_m: 10}, {distance_m: 10, compute_speed: 0.5}]"])
+    ctrl = tsfa(slow, 40)
+    ctrl.decide(state(slow, K=2))
+    assert ctrl.offline_rank == {0: 8, 1: 2}  # the same channel, half the compute speed
+
+
+def test_tsfa_online_stage_keeps_each_rank_and_chooses_sparsity_and_bandwidth_within_the_budget():
+    b = bench(distances=(10, 60, 150, 400))
+    ctrl = tsfa(b, 80)
+    plans = ctrl.decide(state(b))
+    on = [p for p in plans.values() if p.participate]
+    assert on and sum(p.bandwidth_hz for p in on) <= b.radio.total_bandwidth_hz * (1 + 1e-9)
+    for p in on:
+        assert (p.rank, p.depth, p.tx_power_dbm, p.modulation) == (ctrl.offline_rank[p.device_id], 6, 10.0, "qpsk")
+        assert p.keep_fraction in ctrl.cfg.keep_fractions
+    predicted = ctrl.explain()["predicted"]
+    assert all(v["latency_s"] <= 80 for v in predicted.values())  # the per-round latency budget
     ctrl.energy_queue[0] = 50.0  # TSFA has no energy constraint: queues must not matter
-    assert ctrl.decide(state(b, K=8))[0].participate == (0 in {p.device_id for p in plans})
+    assert ctrl.decide(state(b))[0].participate == plans[0].participate
+
+
+def test_hetlora_and_flexlora_plan_everyone_dense_at_their_rank_and_hetlora_prunes():
+    b = bench(distances=(10, 60, 150, 400))
+    for policy in ("hetlora", "flexlora"):
+        ctrl = tsfa(b, 40, policy)
+        plans = ctrl.decide(state(b))
+        assert all(p.participate and p.keep_fraction == 1.0 and p.depth == 6 for p in plans.values())
+        assert [plans[k].rank for k in range(4)] == [ctrl.offline_rank[k] for k in range(4)]
+    ctrl = tsfa(b, 40, "hetlora")
+    ctrl.decide(state(b))
+    record = RoundRecord(1, 0.7, 0.5, 1.0, "hetlora", 0, [row(k, snr_db=20.0) for k in range(4)])
+    record.aggregation = {"tail_share": {0: 0.02, 1: 0.3}}
+    ctrl.observe(record)
+    assert ctrl.decide(state(b))[0].rank == 4 and ctrl.decide(state(b))[1].rank == 8  # 0 pruned one step
 
 
 def test_greedy_takes_the_best_measured_channels():

@@ -150,7 +150,7 @@ def test_each_plan_tells_the_device_which_of_its_updates_were_aggregated(tmp_pat
     assert verdicts(2) == {0: [1], 1: [1], 2: [1]}
     assert verdicts(3) == {0: [1, 2], 1: [1], 2: [1]}  # the stale reuse of round 1 in round 2 adds nothing
 
-    def fails(updates, absent_weight):
+    def fails(updates, absent, capabilities):
         raise RuntimeError("no step")
 
     bs.model.aggregate = fails  # round 4 closes without a step: none of its updates counts as aggregated

@@ -4,14 +4,25 @@ from __future__ import annotations
 
 from bs_node.controllers.base import Controller, DevicePlan, DeviceState, RoundState
 from bs_node.controllers.fixed import FixedController
+from bs_node.controllers.flexlora import FlexLoraController
 from bs_node.controllers.greedy import GreedyController
+from bs_node.controllers.hetlora import HetLoraController
 from bs_node.controllers.lyapunov import LyapunovController
 from bs_node.controllers.random_policy import RandomController
 from bs_node.controllers.tsfa import TsfaController
 from config import BenchConfig, ConfigError, ExperimentConfig
 
 POLICIES: dict[str, type[Controller]] = {
-    cls.name: cls for cls in (FixedController, LyapunovController, TsfaController, GreedyController, RandomController)
+    cls.name: cls
+    for cls in (
+        FixedController,
+        LyapunovController,
+        TsfaController,
+        GreedyController,
+        RandomController,
+        HetLoraController,
+        FlexLoraController,
+    )
 }
 
 

@@ -83,6 +83,11 @@ class Controller(ABC):
     def decide(self, state: RoundState) -> dict[int, DevicePlan]:
         """Plan the round for every device in `state.devices` (a device left out does not take part)."""
 
+    def capability(self, device_id: int, max_rank: int, num_layers: int) -> tuple[int, int]:
+        """(rank, depth) of the largest module this policy may give the device: what the aggregation rule counts
+        its absence against (docs/aggregation.md). Default: the whole adapter."""
+        return max_rank, num_layers
+
     def observe(self, record: RoundRecord) -> None:
         """Learn from what the round measured (link SNR, losses, energy). Stateless policies ignore it."""
 

@@ -9,6 +9,10 @@ from bs_node.controllers.base import Controller, DevicePlan, RoundState
 class FixedController(Controller):
     name = "fixed"
 
+    def capability(self, device_id: int, max_rank: int, num_layers: int) -> tuple[int, int]:
+        cfg = self.experiment.controller
+        return min(cfg.rank or max_rank, max_rank), min(cfg.depth or num_layers, num_layers)
+
     def decide(self, state: RoundState) -> dict[int, DevicePlan]:
         if not state.devices:
             return {}

@@ -77,43 +77,18 @@ class LyapunovController(Controller):
         cfg, radio = self.cfg, self.bench.radio
         if state.model_shape is None:
             raise ValueError("the lyapunov controller needs the round's model_shape to predict update sizes")
-        if self._costs is None:
-            self._costs = CostModel(
-                self.bench,
-                self.per_curve,
-                state.model_shape,
-                state.max_rank,
-                cfg.loss_weights,
-                codec=self.experiment.codec,
-            )
+        self._costs = self.cost_model(state)
         L = self._num_layers = state.num_layers
         K = len(state.devices)
         grid = self._costs.grid(*self.choices(state), np.geomspace(1.0 / (4 * K), 1.0, cfg.share_levels))
         ids = [d.device_id for d in state.devices]
-        depths = grid.depth.astype(int)
-        cpu = np.array([[self.compute.cpu_s(k, state.local_steps, d, L) for d in range(L + 1)] for k in ids])
-        wall = np.array([[self.compute.wall_s(k, state.local_steps, d, L) for d in range(L + 1)] for k in ids])
-        pred = self._costs.predict(
-            grid,
-            gain_db=np.array(
-                [
-                    self.channel.planning_gain_db(d.device_id, d.profile.distance_m, cfg.snr_margin_sigmas)
-                    for d in state.devices
-                ]
-            ),
-            cpu_s=cpu[:, depths],
-            wall_s=wall[:, depths],
-            watts_per_core=np.array([d.profile.compute_watts_per_core for d in state.devices]),
-            fading_db=np.array(
-                [self.channel.spread_nodes_db(d.device_id, d.profile.distance_m) for d in state.devices]
-            ),
-        )
+        pred = self.predict(state, grid)
         weights = np.array([state.device_weights.get(k, 1.0) for k in ids])
         weights = weights * K / weights.sum()  # mean 1: V is the price of one average device's round
         budgets = np.array([self.bench.device(k).energy_budget_j or np.inf for k in ids])
         queues = np.array([self.energy_queue.get(k, 0.0) for k in ids]) if self.uses_energy_queues else np.zeros(K)
         allowance = self._allowance_j(ids, budgets)
-        feasible = self._energy_feasible(ids, grid, pred, allowance)
+        feasible = self._energy_feasible(ids, grid, pred, allowance) & self.option_mask(ids, grid, pred)
         choice, tau, objective, effective_updates = self._solve(grid, pred, weights, queues, budgets, feasible)
         plans: dict[int, DevicePlan] = {}
         for dev, c in zip(state.devices, choice):
@@ -160,6 +135,52 @@ class LyapunovController(Controller):
             },
         }
         return plans
+
+    def cost_model(self, state: RoundState) -> CostModel:
+        """The update-size, airtime and energy model, made once the model's shape is known."""
+        if self._costs is None:
+            if state.model_shape is None:
+                raise ValueError(f"the {self.name} controller needs the round's model_shape to predict update sizes")
+            self._costs = CostModel(
+                self.bench,
+                self.per_curve,
+                state.model_shape,
+                state.max_rank,
+                self.cfg.loss_weights,
+                codec=self.experiment.codec,
+            )
+        return self._costs
+
+    def predict(self, state: RoundState, grid: OptionGrid) -> Predictions:
+        """Energy, latency and delivery of every (device, option) from the current estimates."""
+        assert self._costs is not None
+        cfg, L = self.cfg, state.num_layers
+        ids = [d.device_id for d in state.devices]
+        depths = grid.depth.astype(int)
+        cpu = np.array([[self.compute.cpu_s(k, state.local_steps, d, L) for d in range(L + 1)] for k in ids])
+        wall = np.array([[self.compute.wall_s(k, state.local_steps, d, L) for d in range(L + 1)] for k in ids])
+        return self._costs.predict(
+            grid,
+            gain_db=np.array(
+                [
+                    self.channel.planning_gain_db(d.device_id, d.profile.distance_m, cfg.snr_margin_sigmas)
+                    for d in state.devices
+                ]
+            ),
+            cpu_s=cpu[:, depths],
+            wall_s=wall[:, depths],
+            watts_per_core=np.array([d.profile.compute_watts_per_core for d in state.devices]),
+            fading_db=np.array(
+                [self.channel.spread_nodes_db(d.device_id, d.profile.distance_m) for d in state.devices]
+            ),
+        )
+
+    def option_mask(self, ids: list[int], grid: OptionGrid, pred: Predictions) -> np.ndarray:
+        """(devices, options): the options a policy allows each device (all of them here)."""
+        return np.ones((len(ids), len(grid.rank)), dtype=bool)
+
+    def capability(self, device_id: int, max_rank: int, num_layers: int) -> tuple[int, int]:
+        return min(max(self.cfg.ranks), max_rank), min(max(self.cfg.depths), num_layers)
 
     def _allowance_j(self, ids: list[int], budgets: np.ndarray) -> np.ndarray:
         """Energy each device may still spend this round: Ē_k · (n_k + c·(N − n_k)/(N − 1)) − measured spend,

@@ -1,14 +1,16 @@
 """Closing a round: one record row per planned device, each complete update decoded and checked, the aggregate.
 
 A device's update counts whenever every frame arrived, whatever became of its report; a bad update marks that
-device `bad_update`, never the round. Devices present but without a fresh update are either averaged in with
-their latest update (at most `round.stale_rounds` old) or counted as zero updates (`round.absent_as_zero`).
+device `bad_update`, never the round. A device present but without a fresh update is averaged in with its latest
+update (at most `round.stale_rounds` old) or is absent: how absence weighs is the aggregator's rule
+(docs/aggregation.md), told each device's capability (the module its policy may give it).
 """
 
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from bs_node.live_view import LiveView
 from bs_node.measurements import DeviceRound, apply_report
@@ -27,8 +29,18 @@ log = logging.getLogger("bs")
 class RoundCloser:
     """Turns what a round collected into record rows and one aggregation step; remembers updates for reuse."""
 
-    def __init__(self, experiment: ExperimentConfig, model: RoundModel, reassembler: Reassembler, view: LiveView):
+    def __init__(
+        self,
+        experiment: ExperimentConfig,
+        model: RoundModel,
+        reassembler: Reassembler,
+        view: LiveView,
+        capability: Callable[[int], tuple[int, int]] | None = None,
+    ):
         self.exp = experiment
+        # device -> (rank, depth) it is able to train (its policy's largest module); None: the whole adapter
+        self.capability = capability or (lambda _device: (model.max_rank, model.num_layers))
+        self.last_aggregation: dict[str, Any] = {}  # what the last step's aggregator measured
         self.model = model
         self.reassembler = reassembler
         self.view = view
@@ -66,12 +78,11 @@ class RoundCloser:
             devices.append(row)
         self.reassembler.discard_round(r)
         stale = self._stale_updates(r, plans, fresh)
-        updates = list(fresh.values()) + [update for _, update in stale.values()]
+        updates = {**fresh, **{d: update for d, (_, update) in stale.items()}}
+        self.last_aggregation = {}
         if updates:
-            absent = [d for d in plans if d not in fresh and d not in stale]
-            absent_weight = sum(float(self.model.examples(d)) for d in absent) if self.exp.round.absent_as_zero else 0.0
-            used = {*fresh, *stale}
-            if not self._step(r, updates, absent_weight, [row for row in devices if row.device_id in used]):
+            absent = [d for d in plans if d not in updates]
+            if not self._step(r, updates, absent, [row for row in devices if row.device_id in updates]):
                 for d in stale:  # nor is a reused update tried again
                     del self.latest_updates[d]
                 return devices, {}
@@ -93,12 +104,13 @@ class RoundCloser:
         first = round_idx - AGGREGATED_WINDOW_ROUNDS
         return [x for x in self.aggregated.get(device_id, []) if first <= x < round_idx]
 
-    def _step(self, r: int, updates: list[ClientUpdate], absent_weight: float, rows: list[DeviceRound]) -> bool:
+    def _step(self, r: int, updates: dict[int, ClientUpdate], absent: list[int], rows: list[DeviceRound]) -> bool:
         """Aggregate and step the adapter. The last line of defence behind the per-update checks: if that still
         fails, the round closes without a step, the error goes to the log and the rows of the devices whose update
         was in it, and the run goes on; no update of the round is kept for reuse."""
         try:
-            self.model.aggregate(updates, absent_weight)
+            capabilities = {d: self.capability(d) for d in [*updates, *absent]}
+            self.last_aggregation = self.model.aggregate(updates, absent, capabilities)
         except Exception as exc:  # whatever it is, one round's step is not worth the run
             error = f"aggregation failed, the adapter did not step: {' '.join(str(exc).split())}"
             log.exception("round %d: %s", r, error)

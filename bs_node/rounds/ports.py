@@ -104,7 +104,13 @@ class RoundModel(Protocol):
         ValueError (CodecError, UpdateError) for a bad one, which then fails that device only."""
         ...
 
-    def aggregate(self, updates: Sequence[ClientUpdate], absent_weight: float) -> None: ...
+    def aggregate(
+        self, updates: Mapping[int, ClientUpdate], absent: Sequence[int], capabilities: Mapping[int, tuple[int, int]]
+    ) -> dict[str, Any]:
+        """Step the adapter by the aggregate of `updates` (device -> update, stale ones included); `absent`: the
+        devices present without one; `capabilities`: device -> (rank, depth) it is able to train. Returns what the
+        aggregator measured (for the round record); raises if the step cannot be taken (nothing changed)."""
+        ...
 
     def evaluate(self) -> dict[str, float]:
         """Accuracy and loss on the test set (reported only)."""

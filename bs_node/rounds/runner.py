@@ -54,7 +54,13 @@ class RoundRunner:
         self.recorder, self.view, self.clock, self.run_id = recorder, view, clock, run_id
         self.reassembler = Reassembler()
         self.acks = AckTimers(bench.arq.guard_s)
-        self.closer = RoundCloser(experiment, model, self.reassembler, view)
+        self.closer = RoundCloser(
+            experiment,
+            model,
+            self.reassembler,
+            view,
+            capability=lambda d: controller.capability(d, model.max_rank, model.num_layers),
+        )
         self.round_idx = 0  # the round frames and reports are accepted for (still the last one between rounds)
         self.pending: dict[int, Pending] = {}
         self.progress: dict[int, str] = {}  # device -> its last progress, for the status line
@@ -305,6 +311,7 @@ class RoundRunner:
             devices=devices,
             controller=self.controller.explain(),
             stale_updates=stale,
+            aggregation=self.closer.last_aggregation,
         )
         self.controller.observe(record)
         self.recorder.write_round(record)

@@ -47,10 +47,11 @@ from dataclasses import dataclass, field
 
 import torch
 
+from fedlora.lora import A_SUFFIX as _A
+from fedlora.lora import B_SUFFIX as _B
 from fedlora.lora import HEAD_PREFIX, AdapterState, ModuleSpec
 from fedlora.sparsify.feedback import ErrorFeedback
 
-_A, _B = ".lora_A", ".lora_B"
 DTYPES = ("fp16", "fp32")
 Regularizer = Callable[[torch.nn.Module], torch.Tensor]
 

@@ -25,11 +25,12 @@ from collections.abc import Iterable
 
 import torch
 
+from fedlora.lora import A_SUFFIX as _A
+from fedlora.lora import B_SUFFIX as _B
 from fedlora.lora import AdapterState
 
 log = logging.getLogger("fedlora.sparsify")
 
-_A, _B = ".lora_A", ".lora_B"
 MAX_PENDING_UPDATES = 4  # sent updates held for a verdict; each plan settles every earlier round, so 1 in practice
 
 
