@@ -1,9 +1,8 @@
 """The architecture's rules, checked on the source: dependencies point down, files stay small, docs stay inside.
 
 docs/DESIGN.md states the layering: proto at the bottom, config on it (for the modulation set), then the learning
-core (fedlora), then the PHY
-(phy) and the link layer (link), then the nodes (bs_node, edge_node), then the launcher, then the sweep on top. A package may import its
-own layer and the ones below, never one above.
+core (fedlora), then the PHY (phy) and the link layer (link), then the nodes (bs_node, edge_node), then the
+launcher, then the sweep on top. A package may import its own layer and the ones below, never one above.
 """
 
 from __future__ import annotations
