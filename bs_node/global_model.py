@@ -147,7 +147,7 @@ class GlobalModel:
         stats = dict(self.aggregator.last_stats)
         if "tail_shares" in stats:  # per update, in the order given: name the devices
             stats["tail_share"] = dict(zip(devices, stats.pop("tail_shares")))
-        return {"aggregator": self.aggregator.name, "rule": self.aggregator.rule, **stats}
+        return {"aggregator": self.aggregator.name, "rule": self.aggregator.rule_name, **stats}
 
     def evaluate(self) -> dict[str, float]:
         """Accuracy and loss of the global adapter on the held-out test set: reported, never chosen on."""

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -28,7 +29,9 @@ from sweep.plots import write_plots
 from sweep.report import write_report
 from sweep.results import failures, is_done, load_results, save_outcome, write_csv
 from sweep.spec import SweepSpec, Trial, load_sweep, repo_path
-from sweep.trial import TrialCommand, TrialOutcome, run_trial
+from sweep.trial import STOP_GRACE_S, TrialCommand, TrialOutcome, run_trial
+
+STATUS_EVERY_S = 120.0  # a status line at least this often while trials run
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -94,6 +97,10 @@ def _command(trial: Trial) -> TrialCommand:
     return TrialCommand(trial.trial_id, experiment, bench, sets, bench_sets, spec.cpus_per_trial, exp.devices.count)
 
 
+def _interrupt(signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def _run(pending: list[Trial], commands: dict[str, TrialCommand], out: Path, args: argparse.Namespace) -> bool:
     """Run the trials on Ray, saving each as it finishes; True if interrupted (the rest stays pending)."""
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -103,6 +110,7 @@ def _run(pending: list[Trial], commands: dict[str, TrialCommand], out: Path, arg
         ray.init(address=args.address, log_to_driver=False)
     else:
         ray.init(num_cpus=args.num_cpus or os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    signal.signal(signal.SIGTERM, _interrupt)  # a kill stops the sweep as Ctrl-C does: no experiment left running
     spec: SweepSpec = pending[0].spec
     remote = ray.remote(num_cpus=spec.cpus_per_trial, max_retries=0)(run_trial)
     futures: dict[Any, Trial] = {remote.remote(commands[t.trial_id]): t for t in pending}
@@ -114,7 +122,12 @@ def _run(pending: list[Trial], commands: dict[str, TrialCommand], out: Path, arg
     )
     try:
         while futures:
-            ready, _ = ray.wait(list(futures), num_returns=1)
+            ready, _ = ray.wait(list(futures), num_returns=1, timeout=STATUS_EVERY_S)
+            if not ready:  # nothing finished for a while: say that the sweep is alive and where it stands
+                print(
+                    f"[{done}/{len(pending)}] {time.monotonic() - t0:.0f} s in, {len(futures)} trials to go", flush=True
+                )
+                continue
             trial = futures.pop(ready[0])
             try:
                 outcome: TrialOutcome = ray.get(ready[0])
@@ -136,8 +149,9 @@ def _run(pending: list[Trial], commands: dict[str, TrialCommand], out: Path, arg
             )
     except KeyboardInterrupt:
         print(f"\ninterrupted: {len(futures)} trials left pending; run the sweep again to continue", flush=True)
-        for f in futures:
-            ray.cancel(f, force=True)
+        for f in futures:  # each task stops its experiment (sweep/trial.py) before the workers go with the shutdown
+            ray.cancel(f)
+        ray.wait(list(futures), num_returns=len(futures), timeout=2 * STOP_GRACE_S + 10)
         return True
     finally:
         ray.shutdown()

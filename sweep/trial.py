@@ -5,7 +5,9 @@ driver writes them under the sweep's folder whichever machine of a cluster ran t
 
 from __future__ import annotations
 
+import ctypes
 import os
+import signal
 import subprocess
 import tempfile
 import time
@@ -17,6 +19,8 @@ from launcher.main import entry_point
 # the run folder's files a sweep keeps: the records, the resolved configs and where the run came from
 KEPT_FILES = ("rounds.jsonl", "summary.json", "experiment.yaml", "bench.yaml", "provenance.json")
 LOG_TAIL_LINES = 40
+STOP_GRACE_S = 30.0  # after a first SIGTERM, how long fedlora-run may take to close the run before the second
+_PR_SET_PDEATHSIG = 1
 
 
 @dataclass
@@ -65,14 +69,51 @@ def run_trial(cmd: TrialCommand) -> TrialOutcome:
     with tempfile.TemporaryDirectory(prefix=f"fedlora-sweep-{cmd.trial_id}-") as scratch:
         run_dir = Path(scratch) / "run"
         env = {**os.environ, "OMP_NUM_THREADS": str(cmd.cpus), "MKL_NUM_THREADS": str(cmd.cpus)}
-        proc = subprocess.run(command_line(cmd, run_dir), env=env, capture_output=True, text=True, check=False)
+        with subprocess.Popen(
+            command_line(cmd, run_dir),
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,  # out of the worker's process group: a group kill must not orphan its children
+            preexec_fn=_stop_with_parent,
+        ) as proc:
+            try:
+                output, _ = proc.communicate()
+            except BaseException:  # cancelled (KeyboardInterrupt from Ray) or worse: leave no experiment running
+                _stop(proc)
+                raise
         wall_s = time.monotonic() - t0
         files = {name: (run_dir / name).read_text() for name in KEPT_FILES if (run_dir / name).exists()}
         if proc.returncode != 0 or set(files) != set(KEPT_FILES):
             logs = run_dir / "logs"
             bs_log = (logs / "bs.log").read_text() if (logs / "bs.log").exists() else ""
-            tail = "\n".join((proc.stdout + proc.stderr + bs_log).splitlines()[-LOG_TAIL_LINES:])
+            tail = "\n".join((output + bs_log).splitlines()[-LOG_TAIL_LINES:])
             missing = sorted(set(KEPT_FILES) - set(files))
             error = f"fedlora-run exited with {proc.returncode}" + (f", missing {missing}" if missing else "")
             return TrialOutcome(cmd.trial_id, False, files, f"{error}\n{tail}", wall_s, host)
         return TrialOutcome(cmd.trial_id, True, files, "", wall_s, host)
+
+
+def _stop_with_parent() -> None:
+    """In the child, before exec: SIGTERM when the worker that started it dies (even by SIGKILL, as a forced
+    Ray cancel does), so fedlora-run closes its BS, edges and air rather than running on as an orphan."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):  # not Linux: the cancel path in run_trial still stops it
+        pass
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """fedlora-run's own stop: one SIGTERM closes the run, a second kills every child; then make sure."""
+    for _ in range(2):
+        if proc.poll() is not None:
+            return
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=STOP_GRACE_S)
+        except subprocess.TimeoutExpired:
+            continue
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()

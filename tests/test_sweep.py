@@ -7,7 +7,9 @@ from __future__ import annotations
 import csv
 import json
 import math
+import signal
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -166,3 +168,43 @@ def test_a_failed_trial_is_kept_out_of_the_table_and_runs_again(tmp_path):
 
 def test_threads_share_the_trials_cpus():
     assert threads_for(1, 4) == (1, 1) and threads_for(8, 4) == (8, 2) and threads_for(2, 6) == (2, 1)
+
+
+def _experiment_pids() -> set[int]:
+    found = subprocess.run(["pgrep", "-f", "fedlora-(run|bs|edge|air)"], capture_output=True, text=True, check=False)
+    return {int(p) for p in found.stdout.split()}
+
+
+@pytest.mark.integration
+def test_a_stopped_sweep_leaves_no_experiment_running_and_keeps_its_trials_pending(tmp_path):
+    spec, out = tmp_path / "long.yaml", tmp_path / "out"
+    spec.write_text(yaml.safe_dump({**QUICK, "seeds": [0], "overrides": {**QUICK["overrides"], "round.rounds": 50}}))
+    before = _experiment_pids()
+    driver = subprocess.Popen(
+        [*entry_point("fedlora-sweep"), str(spec), "--out", str(out), "--num-cpus", "2"],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not any("fedlora-edge" in _cmdline(p) for p in _experiment_pids() - before):
+        time.sleep(0.5)
+    assert _experiment_pids() - before, "the trials' experiments never started"
+    driver.send_signal(signal.SIGTERM)  # as a kill or the end of a session would
+    output, _ = driver.communicate(timeout=180)
+    assert driver.returncode == 130, output
+    assert "interrupted: 2 trials left pending" in output
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and _experiment_pids() - before:
+        time.sleep(1)
+    assert not _experiment_pids() - before, [_cmdline(p) for p in _experiment_pids() - before]
+    assert not list((out / "trials").glob("*/row.json"))  # nothing half-run counts as done
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""

@@ -26,6 +26,11 @@ class Aggregator(ABC):
         self.rule: Rule = rule  # type: ignore[assignment]  # checked just above
         self.last_stats: dict[str, Any] = {}  # what the last step measured (for the round record)
 
+    @property
+    def rule_name(self) -> str:
+        """Who counts, for the record: fedavg's rule, or "participants" for the baselines that follow their papers."""
+        return self.rule
+
     @abstractmethod
     def aggregate(
         self, adapter: GlobalAdapter, updates: Sequence[ClientUpdate], absent: Sequence[Absent]

@@ -28,6 +28,7 @@ from fedlora.lora import HEAD_PREFIX, AdapterState, GlobalAdapter
 
 class FlexLoraAggregator(Aggregator):
     name = "flexlora"
+    rule_name = "participants"  # as published: the round's participants only
     keeps_coordinates = False
 
     def aggregate(

@@ -28,6 +28,7 @@ from fedlora.lora import HEAD_PREFIX, AdapterState, GlobalAdapter, layer_index
 
 class HetLoraAggregator(Aggregator):
     name = "hetlora"
+    rule_name = "participants"  # as published: the round's participants only
 
     def aggregate(
         self, adapter: GlobalAdapter, updates: Sequence[ClientUpdate], absent: Sequence[Absent]
