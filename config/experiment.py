@@ -11,7 +11,7 @@ from config.base import ConfigModel, Items, RuleError
 from proto.control import ModuleDepth, ModuleRank
 from proto.numerology import MODULATION_NAMES, Modulation
 
-Policy = Literal["fixed", "lyapunov", "tsfa", "greedy", "random", "hetlora", "flexlora"]
+Policy = Literal["fixed", "lyapunov", "tsfa", "greedy", "random", "hetlora", "flexlora", "budgeted"]
 Fraction = Annotated[float, Field(gt=0.0, le=1.0)]
 Weight = Annotated[float, Field(ge=0.0, le=1.0)]
 

@@ -270,6 +270,31 @@ def test_hetlora_and_flexlora_plan_everyone_dense_at_their_rank_and_hetlora_prun
     assert ctrl.decide(state(b))[0].rank == 4 and ctrl.decide(state(b))[1].rank == 8  # 0 pruned one step
 
 
+def test_budgeted_fixed_takes_part_only_when_its_measured_spend_fits_its_allowance():
+    b = bench(budget_j=100.0, distances=(10, 20))
+    ctrl = make_controller(load_experiment(None, ["controller.policy=budgeted"]), b)
+    first = ctrl.decide(state(b, K=2))
+    assert all(p.participate for p in first.values())  # nothing measured: everybody probes
+    assert first[0].bandwidth_hz == b.radio.total_bandwidth_hz / 2
+    costs = {0: 250.0, 1: 80.0}  # device 0's round costs 2.5 budgets, device 1's 0.8
+    took_part = {0: [], 1: []}
+    for r in range(1, 11):
+        plans = ctrl.decide(state(b, r=r, K=2)) if r > 1 else first
+        for k in (0, 1):
+            took_part[k].append(plans[k].participate)
+        record = RoundRecord(r, 0.7, 0.5, 1.0, "budgeted", 0, [])
+        record.devices = [
+            row(k, snr_db=20.0, energy=costs[k] if plans[k].participate else 0.0, participated=plans[k].participate)
+            for k in (0, 1)
+        ]
+        ctrl.observe(record)
+        for k in (0, 1):  # never past the allowance after the probe round
+            assert ctrl.spent_j[k] <= 100.0 * r + costs[k] + 1e-9
+        on = [p for p in plans.values() if p.participate]
+        assert sum(p.bandwidth_hz for p in on) == pytest.approx(b.radio.total_bandwidth_hz if on else 0.0)
+    assert all(took_part[1]) and 3 <= sum(took_part[0]) <= 5  # 10 budgets / 2.5 a round: about 4 rounds
+
+
 def test_greedy_takes_the_best_measured_channels():
     b = bench(budget_j=None, distances=(10, 10, 10, 10))
     ctrl = make_controller(load_experiment(None, ["controller.policy=greedy", "controller.greedy_top=2"]), b)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from bs_node.controllers.base import Controller, DevicePlan, DeviceState, RoundState
+from bs_node.controllers.budgeted import BudgetedController
 from bs_node.controllers.fixed import FixedController
 from bs_node.controllers.flexlora import FlexLoraController
 from bs_node.controllers.greedy import GreedyController
@@ -22,6 +23,7 @@ POLICIES: dict[str, type[Controller]] = {
         RandomController,
         HetLoraController,
         FlexLoraController,
+        BudgetedController,
     )
 }
 
