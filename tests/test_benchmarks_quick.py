@@ -87,3 +87,49 @@ def test_phy_calibration_quick_runs_end_to_end(tmp_path, capsys, monkeypatch):
         assert p["snr_db"] == 30.0 and p["per_gr"] == 0.0 and p["per_sim"] == 0.0
         assert abs(p["raw_err_mean_db"]) < 1.0 and abs(p["cal_err_mean_db"] - p["raw_err_mean_db"]) < 0.1
     assert set(doc["summary"]) == {"bpsk@1000", "qpsk@1000", "8psk@1000"}
+
+
+def test_centralized_ceiling_trains_the_federations_budget_in_one_process_and_selects_on_validation(
+    tmp_path, monkeypatch
+):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    spec = importlib.util.spec_from_file_location("centralized_ceiling", ROOT / "benchmarks" / "centralized_ceiling.py")
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, module)
+    spec.loader.exec_module(module)
+    out = tmp_path / "ceiling.json"
+    threads = torch.get_num_threads()
+    try:
+        module.main(
+            [
+                "--set",
+                "model.name_or_path=tiny",
+                "--set",
+                "task.test_size=40",
+                "--set",
+                "task.max_train=160",
+                "--set",
+                "training.local_steps=2",
+                "--set",
+                "round.rounds=3",
+                "--set",
+                "devices.count=2",
+                "--seeds",
+                "0",
+                "1",
+                "--threads",
+                "1",
+                "--out",
+                str(out),
+            ]
+        )
+    finally:
+        torch.set_num_threads(threads)
+    result = json.loads(out.read_text())
+    for seed in result["seeds"]:
+        assert seed["steps"] == 3 * 2 * 2 and len(seed["curve"]) == 3
+        val = [c["val_accuracy"] for c in seed["curve"]]
+        assert seed["selected_round"] == val.index(max(val)) + 1
+        assert seed["selected_accuracy"] == seed["curve"][seed["selected_round"] - 1]["accuracy"]
+        assert seed["train_examples"] < 160  # the held-out validation parts are not trained on
+    assert result["summary"]["selected_accuracy"]["n"] == 2
