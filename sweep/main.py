@@ -27,7 +27,7 @@ from config import REPO_ROOT, ConfigError, load_bench, load_experiment
 from config.loading import to_mapping
 from sweep.plots import write_plots
 from sweep.report import write_report
-from sweep.results import failures, is_done, load_results, save_outcome, write_csv
+from sweep.results import failures, is_done, is_stale, load_results, save_outcome, write_csv
 from sweep.spec import SweepSpec, Trial, load_sweep, repo_path
 from sweep.trial import STOP_GRACE_S, TrialCommand, TrialOutcome, run_trial
 
@@ -64,6 +64,9 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     (out / "sweep.yaml").write_text(yaml.safe_dump(to_mapping(spec), sort_keys=False))
     pending = [t for t in trials if not is_done(out, t)]
+    stale = [t.trial_id for t in trials if is_stale(out, t)]
+    if stale:
+        print(f"{len(stale)} finished trials were run with other settings and run again: {', '.join(stale)}")
     print(f"sweep {spec.name}: {len(trials)} trials, {len(trials) - len(pending)} already done, in {out}", flush=True)
     if args.max_trials is not None:
         pending = pending[: args.max_trials]

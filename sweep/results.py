@@ -35,7 +35,13 @@ def trial_dir(out: Path, trial: Trial) -> Path:
 
 
 def is_done(out: Path, trial: Trial) -> bool:
-    return (trial_dir(out, trial) / "row.json").exists()
+    """Finished, with the settings the spec asks for now (a row of other settings is stale: run again)."""
+    row = trial_dir(out, trial) / "row.json"
+    return row.exists() and json.loads(row.read_text()).get("fingerprint") == trial.fingerprint()
+
+
+def is_stale(out: Path, trial: Trial) -> bool:
+    return (trial_dir(out, trial) / "row.json").exists() and not is_done(out, trial)
 
 
 def save_outcome(out: Path, trial: Trial, outcome: TrialOutcome) -> dict[str, Any] | None:
@@ -45,10 +51,12 @@ def save_outcome(out: Path, trial: Trial, outcome: TrialOutcome) -> dict[str, An
     if not outcome.ok:
         (folder / "failed.txt").write_text(f"on {outcome.host} after {outcome.wall_s:.0f} s: {outcome.error}\n")
         return None
+    (folder / "row.json").unlink(missing_ok=True)  # a stale row must not outlive the records it described
     for name, text in outcome.files.items():
         (folder / name).write_text(text)
     row = {
         "trial": trial.trial_id,
+        "fingerprint": trial.fingerprint(),
         "bench": trial.bench_name,
         "arm": trial.arm.label,
         "policy": trial.arm.policy,
@@ -71,7 +79,7 @@ def load_results(out: Path, trials: list[Trial]) -> list[TrialResult]:
     results = []
     for trial in trials:
         folder = trial_dir(out, trial)
-        if not (folder / "row.json").exists():
+        if not is_done(out, trial):
             continue
         row = {
             k: (math.nan if v is None and k in METRICS else v)

@@ -8,6 +8,7 @@ is found again when the sweep is run a second time (finished trials are skipped)
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import re
@@ -114,6 +115,12 @@ class Trial:
 
     def bench_sets(self) -> list[str]:
         return [f"{key}={_yaml_value(value)}" for key, value in self.spec.bench_overrides.items()]
+
+    def fingerprint(self) -> str:
+        """What the trial runs (experiment, bench, every override): a finished trial counts as done only while
+        the spec still asks for exactly this, so editing an arm or a shared override re-runs what it changes."""
+        what = [self.spec.experiment, self.bench, self.experiment_sets(), self.bench_sets()]
+        return hashlib.sha256(json.dumps(what).encode()).hexdigest()[:16]
 
 
 def _yaml_value(value: Any) -> str:

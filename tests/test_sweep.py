@@ -18,7 +18,7 @@ from scipy import stats as scipy_stats
 
 from launcher.main import entry_point
 from sweep.metrics import curves, trial_row
-from sweep.results import failures, is_done, save_outcome
+from sweep.results import failures, is_done, is_stale, load_results, save_outcome
 from sweep.spec import load_sweep
 from sweep.stats import estimate, paired
 from sweep.trial import TrialOutcome, threads_for
@@ -164,6 +164,16 @@ def test_a_failed_trial_is_kept_out_of_the_table_and_runs_again(tmp_path):
     assert not is_done(tmp_path, trial) and "exited with 1" in failures(tmp_path, [trial])[trial.trial_id]
     row = save_outcome(tmp_path, trial, TrialOutcome(trial.trial_id, True, _files([0.6], [0.6], 2.0), host="h"))
     assert row is not None and is_done(tmp_path, trial) and failures(tmp_path, [trial]) == {}
+
+
+def test_a_finished_trial_whose_settings_changed_is_stale_and_runs_again(tmp_path):
+    trial = load_sweep(None, ["seeds=[0]", "overrides={training.lr: 0.005}"]).trials()[0]
+    save_outcome(tmp_path, trial, TrialOutcome(trial.trial_id, True, _files([0.6], [0.6], 2.0), host="h"))
+    assert is_done(tmp_path, trial) and not is_stale(tmp_path, trial)
+    changed = load_sweep(None, ["seeds=[0]", "overrides={training.lr: 0.01}"]).trials()[0]
+    assert changed.trial_id == trial.trial_id  # the same folder ...
+    assert not is_done(tmp_path, changed) and is_stale(tmp_path, changed)  # ... but not what the spec asks for now
+    assert load_results(tmp_path, [changed]) == []
 
 
 def test_threads_share_the_trials_cpus():
