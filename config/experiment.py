@@ -151,13 +151,27 @@ class ExperimentConfig(ConfigModel):
     codec: CodecConfig = Field(default_factory=CodecConfig)
 
     @model_validator(mode="after")
-    def _feedback_needs_stable_factors(self) -> ExperimentConfig:
-        if self.round.aggregator == "flexlora" and self.codec.error_feedback:
+    def _aggregator_fits_the_rest(self) -> ExperimentConfig:
+        agg = self.round.aggregator
+        if agg == "flexlora" and self.codec.error_feedback:
             raise RuleError(
                 "round.aggregator",
-                self.round.aggregator,
+                agg,
                 "re-factors the adapter every round, so error-feedback residuals would not carry over; "
                 "set codec.error_feedback=false with it",
+            )
+        if agg == "flexlora" and self.round.stale_rounds > 0:
+            raise RuleError(
+                "round.aggregator",
+                agg,
+                "re-factors the adapter every round, so a stale update's delta belongs to "
+                "an older basis; set round.stale_rounds=0 with it",
+            )
+        if agg != "fedavg" and self.round.aggregation_rule != "eligible":
+            raise RuleError(
+                "round.aggregation_rule",
+                self.round.aggregation_rule,
+                f"applies to the fedavg aggregator only; {agg} counts its round's participants, as published",
             )
         return self
 

@@ -136,14 +136,12 @@ def aggregate(
     updates: Sequence[ClientUpdate],
     absent: Sequence[Absent] = (),
     rule: Rule = "eligible",
-    scores: Sequence[float] | None = None,
 ) -> AdapterState:
     """Full-shape delta for ``global_adapter.apply`` by the rule in the module docstring.
 
-    absent: every device present for the round without an update in ``updates``. scores: a factor on each
-    update's weight (HetLoRA's norm weighting); its device's eligibility weight takes the same factor."""
+    absent: every device present for the round without an update in ``updates``. An update's components that
+    lie beyond its capability (it was planned more than its policy said it could do) count where it sent them."""
     check_all(global_adapter, updates, absent)
-    factors = [1.0] * len(updates) if scores is None else [float(x) for x in scores]
     R = global_adapter.max_rank
     # float64 accumulators: the result must match FedAvg to float32 precision
     num = {k: torch.zeros(v.shape, dtype=torch.float64) for k, v in global_adapter.state.items()}
@@ -152,8 +150,8 @@ def aggregate(
     for a in absent:
         head_w += a.weight
         _add_eligible(global_adapter, den, a.weight, a.capability, rule, everything=True)
-    for u, factor in zip(updates, factors):
-        w = float(u.weight) * factor
+    for u in updates:
+        w = float(u.weight)
         r = u.spec.rank
         head_w += w
         if rule == "eligible":

@@ -9,6 +9,7 @@ every child.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import importlib.util
 import os
 import shutil
@@ -27,6 +28,9 @@ from proto.control import MessageError
 from proto.control import decode_endpoints as decode_bs_endpoints
 
 T = TypeVar("T")
+
+STOP_WITH_PARENT_ENV = "FEDLORA_STOP_WITH_PARENT"  # set: stop (as on SIGTERM) when the parent process dies
+_PR_SET_PDEATHSIG = 1
 
 DEFAULT_BENCH = "hw_configs/zmq_iq.yaml"
 FALLBACK_BENCH = "hw_configs/sim.yaml"
@@ -139,6 +143,8 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
+    if os.environ.get(STOP_WITH_PARENT_ENV):
+        _stop_with_parent()
     try:
         endpoints = _wait_endpoints(run_dir / "endpoints.json", bs, decode_bs_endpoints)
         if endpoints is None:
@@ -200,6 +206,18 @@ def main(argv: list[str] | None = None) -> int:
             if p.poll() is None:
                 _signal(p, signal.SIGKILL)
         bs_log.close()
+
+
+def _stop_with_parent() -> None:
+    """SIGTERM to this process when its parent dies (Linux), even by SIGKILL: a sweep's worker that is killed
+    must not leave its experiment running. Set here, after exec, rather than between fork and exec."""
+    parent = os.getppid()
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):  # not Linux
+        return
+    if os.getppid() != parent:  # the parent died before the call took effect
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def _start_air(args: argparse.Namespace, run_dir: Path, env: dict) -> tuple[subprocess.Popen, AirEndpoints | None]:

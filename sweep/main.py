@@ -32,6 +32,7 @@ from sweep.spec import SweepSpec, Trial, load_sweep, repo_path
 from sweep.trial import STOP_GRACE_S, TrialCommand, TrialOutcome, run_trial
 
 STATUS_EVERY_S = 120.0  # a status line at least this often while trials run
+TRIAL_SLACK_S = 600.0  # a trial's time limit beyond its rounds' deadlines and the start-up timeout
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -50,17 +51,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", help="sweep folder (default: runs/sweep-<name>)")
     parser.add_argument("--address", help="Ray cluster address (default: start a local Ray)")
     parser.add_argument("--num-cpus", type=int, help="CPUs of the local Ray (default: this machine's)")
-    parser.add_argument("--max-trials", type=int, help="run at most this many of the pending trials")
+    parser.add_argument("--max-trials", type=_positive, help="run at most this many of the pending trials")
+    parser.add_argument("--arms", nargs="+", metavar="ARM", help="run only these arms now (the report shows all)")
     parser.add_argument("--report-only", action="store_true", help="only write the table, report and plots")
     args = parser.parse_args(argv)
     try:
         spec = load_sweep(args.spec, args.overrides)
         trials = spec.trials()
-        commands = {t.trial_id: _command(t) for t in trials}
+        out = Path(args.out or REPO_ROOT / "runs" / f"sweep-{spec.name}").resolve()
+        commands = {t.trial_id: _command(t, out) for t in trials}
     except ConfigError as exc:
         print(f"fedlora-sweep: configuration error: {exc}", file=sys.stderr)
         return 2
-    out = Path(args.out or REPO_ROOT / "runs" / f"sweep-{spec.name}")
     out.mkdir(parents=True, exist_ok=True)
     (out / "sweep.yaml").write_text(yaml.safe_dump(to_mapping(spec), sort_keys=False))
     pending = [t for t in trials if not is_done(out, t)]
@@ -68,6 +70,13 @@ def main(argv: list[str] | None = None) -> int:
     if stale:
         print(f"{len(stale)} finished trials were run with other settings and run again: {', '.join(stale)}")
     print(f"sweep {spec.name}: {len(trials)} trials, {len(trials) - len(pending)} already done, in {out}", flush=True)
+    if args.arms:
+        labels = {a.label for a in spec.arm_list()}
+        unknown = sorted(set(args.arms) - labels)
+        if unknown:
+            print(f"fedlora-sweep: --arms: unknown {unknown}; the spec's arms: {sorted(labels)}", file=sys.stderr)
+            return 2
+        pending = [t for t in pending if t.arm.label in args.arms]
     if args.max_trials is not None:
         pending = pending[: args.max_trials]
     interrupted = False
@@ -86,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     return 130 if interrupted else (1 if failed else 0)
 
 
-def _command(trial: Trial) -> TrialCommand:
+def _command(trial: Trial, out: Path) -> TrialCommand:
     """The trial's fedlora-run, its configs checked here first: a typo fails the sweep before anything runs."""
     spec = trial.spec
     experiment = repo_path(spec.experiment) if spec.experiment else None
@@ -97,7 +106,18 @@ def _command(trial: Trial) -> TrialCommand:
         load_bench(bench, bench_sets)
     except ConfigError as exc:
         raise ConfigError(f"trial {trial.trial_id}: {exc}") from None
-    return TrialCommand(trial.trial_id, experiment, bench, sets, bench_sets, spec.cpus_per_trial, exp.devices.count)
+    # past every round's deadline plus start-up and evaluation, something hangs: stop it, let the sweep go on
+    timeout_s = exp.round.rounds * exp.round.deadline_s + exp.round.startup_timeout_s + TRIAL_SLACK_S
+    return TrialCommand(
+        trial.trial_id, experiment, bench, sets, bench_sets, spec.cpus_per_trial, exp.devices.count, str(out), timeout_s
+    )
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a number >= 1, got {text}")
+    return value
 
 
 def _interrupt(signum: int, _frame: object) -> None:

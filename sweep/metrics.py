@@ -81,7 +81,8 @@ def trial_row(files: dict[str, str]) -> dict[str, Any]:
     bench = yaml.safe_load(files["bench.yaml"])
     c = curves(rounds, summary)
     val = [v if math.isfinite(v) else -math.inf for v in c.val_accuracy]
-    selected = max(range(len(val)), key=lambda i: (val[i], -i)) if val else None  # earliest best round
+    # the earliest round of best validation accuracy; none without validation data (nothing to choose on)
+    selected = max(range(len(val)), key=lambda i: (val[i], -i)) if any(math.isfinite(v) for v in val) else None
     budgets = [d.get("energy_budget_j") for d in bench.get("devices", [])]
     ratios = []
     for k in sorted({d["device_id"] for r in rounds for d in r["devices"]}):
@@ -94,7 +95,7 @@ def trial_row(files: dict[str, str]) -> dict[str, Any]:
         "initial_accuracy": c.initial_accuracy,
         "final_accuracy": c.accuracy[-1] if rounds else math.nan,
         "final_val_accuracy": c.val_accuracy[-1] if rounds else math.nan,
-        "selected_round": selected + 1 if selected is not None and math.isfinite(val[selected]) else None,
+        "selected_round": selected + 1 if selected is not None else None,
         "selected_accuracy": c.accuracy[selected] if selected is not None else math.nan,
         "total_energy_j": c.energy_j[-1] if rounds else 0.0,
         "uplink_bytes": c.uplink_bytes[-1] if rounds else 0.0,

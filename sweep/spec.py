@@ -8,6 +8,7 @@ is found again when the sweep is run a second time (finished trials are skipped)
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
 import json
@@ -19,10 +20,10 @@ from typing import Annotated, Any
 
 from pydantic import Field, model_validator
 
-from config import REPO_ROOT, ConfigError
+from config import REPO_ROOT, ConfigError, load_bench, load_experiment
 from config.base import ConfigModel, Items, RuleError
 from config.experiment import Policy
-from config.loading import read_yaml, validated
+from config.loading import read_yaml, to_mapping, validated
 
 Label = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$", max_length=40)]
 Scalar = str | int | float | bool | None
@@ -50,6 +51,15 @@ class SweepSpec(ConfigModel):
             raise RuleError("arms", labels, "arm labels must be distinct")
         if self.baseline is not None and self.baseline not in labels:
             raise RuleError("baseline", self.baseline, f"expected one of the arms {labels}")
+        seen: dict[str, str] = {}
+        for i, bench in enumerate(self.benches):
+            name = Path(bench).stem
+            if name in seen:
+                raise RuleError(f"benches[{i}]", bench, f"has the same file name as {seen[name]!r}: trials must differ")
+            seen[name] = bench
+        ids = [a.label.replace("/", "_") for a in self.arm_list()]
+        if len(set(ids)) != len(ids):
+            raise RuleError("arms", labels, "arm labels must stay distinct with '/' read as '_' (trial folders)")
         return self
 
     def arm_list(self) -> list[Arm]:
@@ -66,8 +76,9 @@ class SweepSpec(ConfigModel):
             if aggregator != "default":
                 sets["round.aggregator"] = aggregator
             merged = {**sets, **overrides}
-            arm_policy = str(merged.get("controller.policy", policy or "as configured"))
-            arm_aggregator = str(merged.get("round.aggregator", aggregator))
+            shared = {**self.overrides, **merged}
+            arm_policy = str(shared.get("controller.policy", "as configured"))
+            arm_aggregator = str(shared.get("round.aggregator", aggregator))
             arms.append(Arm("/".join(parts), arm_policy, arm_aggregator, name, merged))
         return arms
 
@@ -117,10 +128,22 @@ class Trial:
         return [f"{key}={_yaml_value(value)}" for key, value in self.spec.bench_overrides.items()]
 
     def fingerprint(self) -> str:
-        """What the trial runs (experiment, bench, every override): a finished trial counts as done only while
-        the spec still asks for exactly this, so editing an arm or a shared override re-runs what it changes."""
-        what = [self.spec.experiment, self.bench, self.experiment_sets(), self.bench_sets()]
-        return hashlib.sha256(json.dumps(what).encode()).hexdigest()[:16]
+        """What the trial runs: the resolved experiment and bench, every override applied. A finished trial
+        counts as done only while the spec still asks for exactly this, so editing an arm, a shared override or
+        the experiment or bench file itself re-runs the trials it changes. ConfigError if they do not load."""
+        return _fingerprint(
+            repo_path(self.spec.experiment) if self.spec.experiment else None,
+            repo_path(self.bench),
+            tuple(self.experiment_sets()),
+            tuple(self.bench_sets()),
+        )
+
+
+@functools.lru_cache(maxsize=1024)
+def _fingerprint(experiment: str | None, bench: str, sets: tuple[str, ...], bench_sets: tuple[str, ...]) -> str:
+    resolved = [to_mapping(load_experiment(experiment, sets)), to_mapping(load_bench(bench, bench_sets))]
+    text = json.dumps(resolved, sort_keys=True, default=str).replace(f"{REPO_ROOT}/", "")  # the same in any clone
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def _yaml_value(value: Any) -> str:

@@ -5,7 +5,6 @@ driver writes them under the sweep's folder whichever machine of a cluster ran t
 
 from __future__ import annotations
 
-import ctypes
 import os
 import signal
 import subprocess
@@ -14,13 +13,14 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from launcher.main import entry_point
+from launcher.main import STOP_WITH_PARENT_ENV, entry_point
 
 # the run folder's files a sweep keeps: the records, the resolved configs and where the run came from
 KEPT_FILES = ("rounds.jsonl", "summary.json", "experiment.yaml", "bench.yaml", "provenance.json")
 LOG_TAIL_LINES = 40
 STOP_GRACE_S = 30.0  # after a first SIGTERM, how long fedlora-run may take to close the run before the second
-_PR_SET_PDEATHSIG = 1
+WAIT_SLICE_S = 2.0
+SWEEP_DIR_ENV = "FEDLORA_SWEEP_DIR"
 
 
 @dataclass
@@ -34,6 +34,8 @@ class TrialCommand:
     bench_sets: list[str]
     cpus: int
     devices: int
+    sweep_dir: str  # the driver's sweep folder, for the trial's processes to carry in their environment
+    timeout_s: float  # the trial is stopped (and fails) past this
 
 
 @dataclass
@@ -68,7 +70,13 @@ def run_trial(cmd: TrialCommand) -> TrialOutcome:
     host = os.uname().nodename
     with tempfile.TemporaryDirectory(prefix=f"fedlora-sweep-{cmd.trial_id}-") as scratch:
         run_dir = Path(scratch) / "run"
-        env = {**os.environ, "OMP_NUM_THREADS": str(cmd.cpus), "MKL_NUM_THREADS": str(cmd.cpus)}
+        env = {
+            **os.environ,
+            "OMP_NUM_THREADS": str(cmd.cpus),
+            "MKL_NUM_THREADS": str(cmd.cpus),
+            STOP_WITH_PARENT_ENV: "1",  # fedlora-run stops when this worker dies (launcher/main.py)
+            SWEEP_DIR_ENV: cmd.sweep_dir,  # which sweep a process belongs to (tests find their own)
+        }
         with subprocess.Popen(
             command_line(cmd, run_dir),
             env=env,
@@ -76,15 +84,18 @@ def run_trial(cmd: TrialCommand) -> TrialOutcome:
             stderr=subprocess.STDOUT,
             text=True,
             start_new_session=True,  # out of the worker's process group: a group kill must not orphan its children
-            preexec_fn=_stop_with_parent,
         ) as proc:
             try:
-                output, _ = proc.communicate()
+                output, timed_out = _wait(proc, cmd.timeout_s)
             except BaseException:  # cancelled (KeyboardInterrupt from Ray) or worse: leave no experiment running
                 _stop(proc)
                 raise
         wall_s = time.monotonic() - t0
         files = {name: (run_dir / name).read_text() for name in KEPT_FILES if (run_dir / name).exists()}
+        if timed_out:
+            return TrialOutcome(
+                cmd.trial_id, False, files, f"stopped after the trial's {cmd.timeout_s:.0f} s limit", wall_s, host
+            )
         if proc.returncode != 0 or set(files) != set(KEPT_FILES):
             logs = run_dir / "logs"
             bs_log = (logs / "bs.log").read_text() if (logs / "bs.log").exists() else ""
@@ -95,13 +106,19 @@ def run_trial(cmd: TrialCommand) -> TrialOutcome:
         return TrialOutcome(cmd.trial_id, True, files, "", wall_s, host)
 
 
-def _stop_with_parent() -> None:
-    """In the child, before exec: SIGTERM when the worker that started it dies (even by SIGKILL, as a forced
-    Ray cancel does), so fedlora-run closes its BS, edges and air rather than running on as an orphan."""
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-    except (OSError, AttributeError):  # not Linux: the cancel path in run_trial still stops it
-        pass
+def _wait(proc: subprocess.Popen, timeout_s: float) -> tuple[str, bool]:
+    """The run's output, and whether it went past `timeout_s` (then it has been stopped). Waits in short slices
+    (communicate keeps what it read between them), so a cancel is taken at once."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            output, _ = proc.communicate(timeout=WAIT_SLICE_S)
+            return output or "", False
+        except subprocess.TimeoutExpired:
+            if time.monotonic() > deadline:
+                _stop(proc)
+                output, _ = proc.communicate()
+                return output or "", True
 
 
 def _stop(proc: subprocess.Popen) -> None:

@@ -126,3 +126,7 @@ def test_flexlora_refuses_error_feedback_whose_residuals_would_not_carry_over():
     with pytest.raises(ConfigError, match="round.aggregator = 'flexlora'.*codec.error_feedback=false"):
         load_experiment(None, ["round.aggregator=flexlora"])
     load_experiment(None, ["round.aggregator=flexlora", "codec.error_feedback=false"])
+    with pytest.raises(ConfigError, match="round.stale_rounds=0"):  # a stale delta belongs to an older basis
+        load_experiment(None, ["round.aggregator=flexlora", "codec.error_feedback=false", "round.stale_rounds=2"])
+    with pytest.raises(ConfigError, match="round.aggregation_rule = 'sent': applies to the fedavg aggregator only"):
+        load_experiment(None, ["round.aggregator=hetlora", "round.aggregation_rule=sent"])

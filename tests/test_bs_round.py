@@ -53,7 +53,8 @@ def test_round_uses_complete_updates_and_names_bad_ones(tmp_path):
         assert len(ack.received) == rows[k].frames_received
     assert [len(t.sent_to(k, ReportAck)) for k in range(4)] == [1, 0, 1, 1]
     # devices 0 and 1 sent the same delta; 2 and 3 were planned but sent nothing usable, so they count as zero
-    # updates (round.absent_as_zero): the step is that delta scaled by the share of the weight that arrived
+    # updates (the eligibility rule, docs/aggregation.md): the step is that delta scaled by the share of the weight
+    # that arrived
     w = {k: float(bs.model.examples(k)) for k in range(4)}
     share = (w[0] + w[1]) / sum(w.values())
     assert 0 < share < 1

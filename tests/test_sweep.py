@@ -21,7 +21,7 @@ from sweep.metrics import curves, trial_row
 from sweep.results import failures, is_done, is_stale, load_results, save_outcome
 from sweep.spec import load_sweep
 from sweep.stats import estimate, paired
-from sweep.trial import TrialOutcome, threads_for
+from sweep.trial import SWEEP_DIR_ENV, TrialOutcome, threads_for
 
 REPO = Path(__file__).resolve().parents[1]
 QUICK = {
@@ -155,6 +155,12 @@ def test_a_trials_row_selects_on_validation_and_reports_test():
     assert c.accuracy_at_energy(20.0) == 0.70 and c.accuracy_at_energy(5.0) == 0.5  # nothing within: initial
 
 
+def test_without_validation_data_nothing_is_selected():
+    files = _files([0.60, 0.70], [None, None], energy_per_round_j=8.0)
+    row = trial_row(files)
+    assert row["selected_round"] is None and math.isnan(row["selected_accuracy"])
+
+
 def test_a_failed_trial_is_kept_out_of_the_table_and_runs_again(tmp_path):
     trial = load_sweep(None, ["seeds=[0]"]).trials()[0]
     assert (
@@ -180,16 +186,24 @@ def test_threads_share_the_trials_cpus():
     assert threads_for(1, 4) == (1, 1) and threads_for(8, 4) == (8, 2) and threads_for(2, 6) == (2, 1)
 
 
-def _experiment_pids() -> set[int]:
-    found = subprocess.run(["pgrep", "-f", "fedlora-(run|bs|edge|air)"], capture_output=True, text=True, check=False)
-    return {int(p) for p in found.stdout.split()}
+def _sweep_pids(out: Path) -> set[int]:
+    """Processes that belong to the sweep in `out` (its trials carry FEDLORA_SWEEP_DIR in their environment)."""
+    marker = f"{SWEEP_DIR_ENV}={out.resolve()}".encode()
+    pids = set()
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                if marker in (proc / "environ").read_bytes().split(b"\0"):
+                    pids.add(int(proc.name))
+            except OSError:
+                pass
+    return pids
 
 
 @pytest.mark.integration
 def test_a_stopped_sweep_leaves_no_experiment_running_and_keeps_its_trials_pending(tmp_path):
     spec, out = tmp_path / "long.yaml", tmp_path / "out"
     spec.write_text(yaml.safe_dump({**QUICK, "seeds": [0], "overrides": {**QUICK["overrides"], "round.rounds": 50}}))
-    before = _experiment_pids()
     driver = subprocess.Popen(
         [*entry_point("fedlora-sweep"), str(spec), "--out", str(out), "--num-cpus", "2"],
         cwd=REPO,
@@ -199,17 +213,17 @@ def test_a_stopped_sweep_leaves_no_experiment_running_and_keeps_its_trials_pendi
         start_new_session=True,
     )
     deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and not any("fedlora-edge" in _cmdline(p) for p in _experiment_pids() - before):
+    while time.monotonic() < deadline and not any("fedlora-edge" in _cmdline(p) for p in _sweep_pids(out)):
         time.sleep(0.5)
-    assert _experiment_pids() - before, "the trials' experiments never started"
+    assert _sweep_pids(out), "the trials' experiments never started"
     driver.send_signal(signal.SIGTERM)  # as a kill or the end of a session would
     output, _ = driver.communicate(timeout=180)
     assert driver.returncode == 130, output
     assert "interrupted: 2 trials left pending" in output
     deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and _experiment_pids() - before:
+    while time.monotonic() < deadline and _sweep_pids(out):
         time.sleep(1)
-    assert not _experiment_pids() - before, [_cmdline(p) for p in _experiment_pids() - before]
+    assert not _sweep_pids(out), [_cmdline(p) for p in _sweep_pids(out)]
     assert not list((out / "trials").glob("*/row.json"))  # nothing half-run counts as done
 
 

@@ -82,7 +82,8 @@ class RoundCloser:
         self.last_aggregation = {}
         if updates:
             absent = [d for d in plans if d not in updates]
-            if not self._step(r, updates, absent, [row for row in devices if row.device_id in updates]):
+            rows = [row for row in devices if row.device_id in updates]
+            if not self._step(r, updates, absent, rows, set(fresh)):
                 for d in stale:  # nor is a reused update tried again
                     del self.latest_updates[d]
                 return devices, {}
@@ -104,13 +105,24 @@ class RoundCloser:
         first = round_idx - AGGREGATED_WINDOW_ROUNDS
         return [x for x in self.aggregated.get(device_id, []) if first <= x < round_idx]
 
-    def _step(self, r: int, updates: dict[int, ClientUpdate], absent: list[int], rows: list[DeviceRound]) -> bool:
+    def _step(
+        self,
+        r: int,
+        updates: dict[int, ClientUpdate],
+        absent: list[int],
+        rows: list[DeviceRound],
+        fresh_devices: set[int],
+    ) -> bool:
         """Aggregate and step the adapter. The last line of defence behind the per-update checks: if that still
         fails, the round closes without a step, the error goes to the log and the rows of the devices whose update
         was in it, and the run goes on; no update of the round is kept for reuse."""
         try:
             capabilities = {d: self.capability(d) for d in [*updates, *absent]}
             self.last_aggregation = self.model.aggregate(updates, absent, capabilities)
+            stale = set(updates) - fresh_devices
+            if stale and "tail_share" in self.last_aggregation:  # a reused update says nothing new about its rank
+                shares = self.last_aggregation["tail_share"]
+                self.last_aggregation["tail_share"] = {d: x for d, x in shares.items() if d not in stale}
         except Exception as exc:  # whatever it is, one round's step is not worth the run
             error = f"aggregation failed, the adapter did not step: {' '.join(str(exc).split())}"
             log.exception("round %d: %s", r, error)
