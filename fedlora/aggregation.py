@@ -125,6 +125,20 @@ def check_all(global_adapter: GlobalAdapter, updates: Sequence[ClientUpdate], ab
             raise ValueError(f"an absent device's weight must be a finite number >= 0, got {a.weight!r}")
 
 
+def head_average(global_adapter: GlobalAdapter, updates: Sequence[ClientUpdate]) -> AdapterState:
+    """The head's delta averaged over the updates by weight, as the baselines' aggregators count (participants
+    only); empty without updates."""
+    total_w = sum(float(u.weight) for u in updates)
+    out: AdapterState = {}
+    for k, v in global_adapter.state.items():
+        if k.startswith(HEAD_PREFIX) and total_w > 0:
+            total = torch.zeros(v.shape, dtype=torch.float64)
+            for u in updates:
+                total += float(u.weight) * u.delta[k].to(torch.float64)
+            out[k] = (total / total_w).to(v.dtype)
+    return out
+
+
 def eligible_counts(global_adapter: GlobalAdapter, capability: ModuleSpec | None) -> tuple[int, int]:
     """(rank, first layer) of a capability: components [0, rank) of layers >= first layer are its to vote on."""
     spec = capability or ModuleSpec(global_adapter.max_rank, global_adapter.num_layers)

@@ -19,11 +19,11 @@ from collections.abc import Sequence
 
 import torch
 
-from fedlora.aggregation import Absent, ClientUpdate, check_all
+from fedlora.aggregation import Absent, ClientUpdate, check_all, head_average
 from fedlora.aggregators.base import Aggregator
 from fedlora.lora import A_SUFFIX as _A
 from fedlora.lora import B_SUFFIX as _B
-from fedlora.lora import HEAD_PREFIX, AdapterState, GlobalAdapter, layer_index
+from fedlora.lora import AdapterState, GlobalAdapter, layer_index
 
 
 class HetLoraAggregator(Aggregator):
@@ -56,13 +56,7 @@ class HetLoraAggregator(Aggregator):
             if total > 0:
                 out[a_key] = (num_a / total - g_a).to(state[a_key].dtype)
                 out[b_key] = (num_b / total - g_b).to(state[b_key].dtype)
-        head_w = sum(float(u.weight) for u in updates)
-        for k in state:
-            if k.startswith(HEAD_PREFIX) and head_w > 0:
-                total_head = torch.zeros(state[k].shape, dtype=torch.float64)
-                for u in updates:
-                    total_head += float(u.weight) * u.delta[k].to(torch.float64)
-                out[k] = (total_head / head_w).to(state[k].dtype)
+        out.update(head_average(adapter, updates))
         for u in updates:
             tails.append(tail_share(adapter, u))
         self.last_stats = {"tail_shares": tails}
