@@ -75,7 +75,7 @@ def test_a_sweep_runs_on_ray_reports_cis_and_continues_where_it_stopped(tmp_path
     assert (out / "plots" / "sim_accuracy_vs_cost.png").stat().st_size > 0
     assert (out / "plots" / "sim_rounds.png").stat().st_size > 0
 
-    # a second run finds every trial done and starts no Ray; a new seed would be the only trial run
+    # a second run finds every trial done and starts no Ray
     again = sweep(str(spec), "--out", str(out))
     assert again.returncode == 0, again.stderr
     assert "4 trials, 4 already done" in again.stdout and "running" not in again.stdout
