@@ -1,6 +1,7 @@
 """The sim link over real zmq sockets on 127.0.0.1 (random ports)."""
 
 import logging
+import socket
 import time
 
 import numpy as np
@@ -173,9 +174,11 @@ def test_recv_timeout_empty_and_poll_socket(ctx, rx):
 
 
 def test_bs_gone_does_not_block_forever(ctx, caplog):
-    gone = SimUplinkReceiver(bind_address="tcp://127.0.0.1:*", context=ctx)
-    address = gone.address
-    gone.close()  # nothing listens there any more
+    # a port held by a socket that never listens: connections are refused, and no other process of the suite can
+    # bind it meanwhile (a closed receiver's port could be taken again, and then frames would be delivered)
+    held = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    held.bind(("127.0.0.1", 0))
+    address = f"tcp://127.0.0.1:{held.getsockname()[1]}"
     tx = make_tx(ctx, address, send_timeout_s=0.2, sndhwm=4)
     with caplog.at_level(logging.WARNING, logger="phy.sim"):
         report = tx.send(frames_bytes(50), HIGH, round_idx=0)
@@ -184,6 +187,7 @@ def test_bs_gone_does_not_block_forever(ctx, caplog):
     assert 0 < tx.last_frames_undeliverable <= 50
     assert any("send timeout" in r.getMessage() for r in caplog.records)
     tx.close()
+    held.close()
 
 
 def test_send_validation(ctx, rx):
