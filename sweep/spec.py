@@ -12,7 +12,6 @@ import functools
 import hashlib
 import itertools
 import json
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +22,7 @@ from pydantic import Field, model_validator
 from config import REPO_ROOT, ConfigError, load_bench, load_experiment
 from config.base import ConfigModel, Items, RuleError
 from config.experiment import Policy
-from config.loading import read_yaml, to_mapping, validated
+from config.loading import apply_overrides, read_yaml, to_mapping, validated
 
 Label = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$", max_length=40)]
 Scalar = str | int | float | bool | None
@@ -166,23 +165,11 @@ def load_sweep(path: str | Path | None, overrides: Sequence[str] = ()) -> SweepS
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"{where}: top level: expected a mapping")
         data = dict(loaded or {})
-    data.update(overrides_as_dict(overrides, where))
+    data = apply_overrides(data, overrides, where)  # config's own KEY=VALUE reading and its one-line errors
     spec = validated(SweepSpec, data, where)
     for i, bench in enumerate(spec.benches):
         if not Path(repo_path(bench)).is_file():
-            raise ConfigError(f"{where}: benches.{i} = {bench!r}: no such file")
+            raise ConfigError(f"{where}: benches[{i}] = {bench!r}: no such file")
     if spec.experiment is not None and not Path(repo_path(spec.experiment)).is_file():
         raise ConfigError(f"{where}: experiment = {spec.experiment!r}: no such file")
     return spec
-
-
-def overrides_as_dict(items: Sequence[str], where: str) -> dict[str, Any]:
-    from config.loading import parse_yaml
-
-    out: dict[str, Any] = {}
-    for item in items:
-        key, sep, raw = item.partition("=")
-        if not sep or not re.fullmatch(r"[a-z_]+", key):
-            raise ConfigError(f"{where}: {item!r}: expected KEY=VALUE with a top-level sweep key")
-        out[key] = parse_yaml(raw)
-    return out
