@@ -48,7 +48,7 @@ from fedlora.sparsify import SPARSIFIERS, make_sparsifier  # noqa: E402
 from fedlora.tasks import Example, load_task  # noqa: E402
 from fedlora.training import evaluate, train_local  # noqa: E402
 from proto.codec import decode_update, encode_update, expected_shapes  # noqa: E402
-from proto.framing import OVERHEAD_BYTES  # noqa: E402
+from proto.framing import frame_overhead_bytes  # noqa: E402
 
 COMPONENT_METHODS = ("soft", "topk", "randomk")
 DEFAULT_METHODS = "dense_fp32,dense_fp16,soft,topk,randomk,b_only"
@@ -145,7 +145,7 @@ def _clock(seconds: float) -> str:
 
 
 def on_air(update_bytes: int, frame_payload: int) -> int:
-    return update_bytes + OVERHEAD_BYTES * math.ceil(update_bytes / frame_payload)
+    return update_bytes + frame_overhead_bytes(sealed=True) * math.ceil(update_bytes / frame_payload)
 
 
 class Experiment:

@@ -27,6 +27,7 @@ class DeviceRound:
     frames_sent: int = 0
     frames_lost: int = 0  # transmissions the BS did not acknowledge
     frames_received: int = 0  # distinct frames the BS received
+    frames_rejected: int = 0  # frames claiming this device that the BS's gate refused (forged, replayed, ...)
     arq_attempts: int = 0
     snr_db: float | None = None  # mean per-frame SNR measured by the BS receiver
     snr_db_min: float | None = None
@@ -83,6 +84,7 @@ class RoundRecord:
     # are the test set's, which only reports. None when nothing is held out
     val_accuracy: float | None = None
     val_loss: float | None = None
+    frames_rejected: int = 0  # every frame the gate refused this round, whichever device it claimed
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -22,8 +22,10 @@ from bs_node.live_view import LiveView
 from bs_node.records import RunRecorder
 from bs_node.rounds import RoundRunner, StartupError
 from bs_node.transport import ZmqTransport
-from config import BenchConfig, ExperimentConfig, to_mapping
+from config import BenchConfig, ConfigError, ExperimentConfig, to_mapping
 from link.factory import open_uplink_receiver
+from trust.keys import KeyFileError, load_bs_key, load_roster, provision, run_keys_dir
+from trust.sealing import FrameKeyring
 
 __all__ = ["BaseStation", "StartupError"]
 
@@ -57,6 +59,7 @@ class BaseStation:
             seed=experiment.seed,
         )
         self.data_endpoint = uplink.address  # what edges send to
+        keyring = open_keyring(bench, run_dir, experiment.devices.count, self.run_id, self.view)
         self.transport = ZmqTransport(
             control_address=control_address or bench.addresses.control,
             uplink=uplink,
@@ -68,6 +71,7 @@ class BaseStation:
                 "data_address": self.data_endpoint,
             },
             view=self.view,
+            keyring=keyring,
             silence_timeout_s=silence_timeout_s,
             context=ctx,
         )
@@ -103,3 +107,28 @@ class BaseStation:
         self.stopping = True
         if self.runner is not None:
             self.runner.stop()
+
+
+def open_keyring(bench: BenchConfig, run_dir: Path, devices: int, run_id: str, view: LiveView) -> FrameKeyring | None:
+    """The frame keyring of a sealed bench (None: `security.mode: none`); ConfigError naming what is missing."""
+    if bench.security.mode == "none":
+        return None
+    key_dir = run_keys_dir(bench, run_dir)
+    try:
+        if bench.security.keys_dir is None and not (key_dir / "roster.json").exists():
+            provision(key_dir, devices)
+            view.line(
+                f"provisioned keys for {devices} devices in {key_dir} (edge k: --key <that>/device-k.secret.json)"
+            )
+        roster, bs_key = load_roster(key_dir), load_bs_key(key_dir)
+    except KeyFileError as exc:
+        raise ConfigError(f"security.keys_dir: {exc}") from None
+    if roster.bs != bs_key.public:
+        raise ConfigError(f"security.keys_dir: {key_dir}: roster.json's BS key is not bs.secret.json's")
+    missing = [k for k in range(devices) if k not in roster.devices]
+    if missing:
+        raise ConfigError(
+            f"security.keys_dir: {key_dir}/roster.json has no key for device(s) {missing[:10]} of the experiment's "
+            f"{devices} (provision them: fedlora-keys init DIR --devices {devices})"
+        )
+    return FrameKeyring(bs_key.secret_bytes, {k: roster.public_bytes(k) for k in range(devices)}, run_id)

@@ -33,6 +33,7 @@ from proto.control import (
     decode_control,
     encode,
 )
+from trust.sealing import FrameKeyring
 
 log = logging.getLogger("bs")
 
@@ -46,6 +47,8 @@ class Edge:
     host: str
     pid: int
     last_seen: float
+    frame_salt: bytes | None = None  # of its registration: a repeated register from the same process keeps it
+    frame_key: bytes | None = None
     state: str = "registered"  # then what its heartbeats say (ready, idle, training, ...); offline after bye
 
 
@@ -60,12 +63,14 @@ class ZmqTransport:
         device_count: int,
         welcome: Mapping[str, Any],
         view: LiveView,
+        keyring: FrameKeyring | None = None,
         silence_timeout_s: float = 30.0,
         clock: Clock = time.monotonic,
         context: zmq.Context | None = None,
     ):
         """welcome: the fields every welcome carries besides the device id (experiment, bench, run_id,
-        data_address)."""
+        data_address). keyring: issues each registration its frame key (None: frames are not sealed)."""
+        self.keyring = keyring
         self.uplink = uplink
         self.device_count = device_count
         self.welcome = dict(welcome)
@@ -138,15 +143,23 @@ class ZmqTransport:
         if not 0 <= device_id < self.device_count:
             self._send_raw(identity, Reject(reason=f"device id {device_id} is outside 0..{self.device_count - 1}"))
             return None
+        if self.keyring is not None and not self.keyring.knows(device_id):
+            self._send_raw(identity, Reject(reason=f"device id {device_id} has no key in this BS's roster"))
+            return None
         old = self.edges.get(device_id)
         replaced = old is not None and old.identity != identity
         if old is not None and replaced:
             self.view.line(f"edge {device_id} re-registered from {msg.host} pid {msg.pid} (was pid {old.pid})")
         elif old is None:
             self.view.line(f"edge {device_id} registered from {msg.host} pid {msg.pid}")
-        self.edges[device_id] = Edge(device_id, identity, msg.host, msg.pid, last_seen=self.clock())
-        self._send_raw(identity, Welcome(device_id=device_id, **self.welcome))
-        return Registered(device_id, replaced)
+        if old is not None and not replaced:  # the same process asked again (its welcome may be on the way)
+            salt, key = old.frame_salt, old.frame_key
+        else:
+            salt, key = self.keyring.issue(device_id) if self.keyring is not None else (None, None)
+        self.edges[device_id] = Edge(device_id, identity, msg.host, msg.pid, self.clock(), salt, key)
+        welcome = Welcome(device_id=device_id, frame_salt=None if salt is None else salt.hex(), **self.welcome)
+        self._send_raw(identity, welcome)
+        return Registered(device_id, replaced, frame_key=key)
 
     # ------------------------------------------------------------------------------------------ registry
     def ready_devices(self) -> list[EdgeInfo]:

@@ -151,6 +151,16 @@ class RfConfig(ConfigModel):
         return self
 
 
+class SecurityConfig(ConfigModel):
+    """docs/security.md. sealed: every uplink frame is sealed (AEAD) under a per-device key derived from the
+    devices' provisioned keys; none: frames in the clear, to measure a bare PHY (the records say which)."""
+
+    mode: Literal["sealed", "none"] = "sealed"
+    # the key directory made by `fedlora-keys init` (a relative path is taken from the bench file's folder);
+    # None: the BS provisions fresh keys for the run in <run dir>/keys
+    keys_dir: str | None = None
+
+
 class BenchConfig(ConfigModel):
     name: str = "sim"
     phy: Literal["sim", "gr-loopback", "gr-zmq-iq", "rf"] = "sim"
@@ -166,6 +176,7 @@ class BenchConfig(ConfigModel):
     addresses: AddressConfig = Field(default_factory=AddressConfig)
     air: AirConfig = Field(default_factory=AirConfig)  # gr-zmq-iq only
     rf: RfConfig = Field(default_factory=RfConfig)  # rf only
+    security: SecurityConfig = Field(default_factory=SecurityConfig)
     devices: Items[DeviceProfile] = Field(
         tuple(DeviceProfile(distance_m=d) for d in (10.0, 20.0, 35.0, 50.0)), min_length=1
     )

@@ -271,6 +271,16 @@ def _with_per_curve_table(data: Any, source: Path) -> Any:
     return data
 
 
+def _with_keys_dir(data: Any, source: Path) -> Any:
+    """security.keys_dir, relative to the bench file's folder, resolved (the BS reads it; edges never do)."""
+    security = data.get("security") if isinstance(data, Mapping) else None
+    if isinstance(security, Mapping) and isinstance(security.get("keys_dir"), str):
+        path = Path(security["keys_dir"]).expanduser()
+        path = (path if path.is_absolute() else source.parent / path).resolve()
+        data = {**data, "security": {**security, "keys_dir": str(path)}}
+    return data
+
+
 def load_experiment(path: str | Path | None = None, overrides: Sequence[str] = ()) -> ExperimentConfig:
     source = Path(path) if path else DEFAULT_EXPERIMENT
     data = apply_overrides(read_yaml(source), overrides, str(source))
@@ -280,4 +290,5 @@ def load_experiment(path: str | Path | None = None, overrides: Sequence[str] = (
 def load_bench(path: str | Path | None = None, overrides: Sequence[str] = ()) -> BenchConfig:
     source = Path(path) if path else DEFAULT_BENCH
     data = _with_per_curve_table(apply_overrides(read_yaml(source), overrides, str(source)), source)
+    data = _with_keys_dir(data, source)
     return validated(BenchConfig, data, str(source), _override_paths(overrides))

@@ -16,6 +16,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bs", required=True, help="BS control address, e.g. tcp://10.0.0.1:5755")
     parser.add_argument("--device-id", type=int, required=True)
     parser.add_argument("--threads", type=int, default=1, help="torch threads for local training")
+    parser.add_argument("--key", help="this device's key file (fedlora-keys init); needed when the BS seals frames")
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
     logging.basicConfig(
@@ -23,8 +24,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     from config import ConfigError
     from edge_node.node import EdgeNode, install_signal_handlers
+    from trust.keys import KeyFileError, load_key
 
-    node = EdgeNode(args.bs, args.device_id, threads=args.threads)
+    try:
+        key = None if args.key is None else load_key(args.key, role="device", device_id=args.device_id)
+    except KeyFileError as exc:
+        print(f"fedlora-edge: key error: {exc}", file=sys.stderr)
+        return 2
+    node = EdgeNode(args.bs, args.device_id, threads=args.threads, key=key)
     install_signal_handlers(node)
     try:
         return node.run()

@@ -13,21 +13,26 @@ import signal
 import time
 from typing import Any
 
-from config import BenchConfig, ExperimentConfig, validated
+from config import BenchConfig, ConfigError, ExperimentConfig, validated
 from edge_node.client import BsClient
 from edge_node.round import EdgeRounds
+from link.arq import FrameEncoder, plain_encoder
 from link.factory import open_uplink_transmitter, reachable_address
 from phy.uplink import UplinkTransmitter
 from proto.control import Ack, Plan, Reject, ReportAck, Shutdown, Welcome
+from trust.keys import KeyPair
+from trust.sealing import FrameSealer, frame_key
 
 log = logging.getLogger("edge")
 
 
 class EdgeNode:
-    def __init__(self, bs_address: str, device_id: int, *, threads: int = 1):
+    def __init__(self, bs_address: str, device_id: int, *, threads: int = 1, key: KeyPair | None = None):
+        """key: this device's provisioned key pair (`--key`), needed when the BS seals frames."""
         self.bs_address = bs_address
         self.device_id = device_id
         self.threads = threads
+        self.key = key
         self.stopping = False
         self.client = BsClient(bs_address, device_id, stopping=lambda: self.stopping)
         self.run_id: str | None = None
@@ -54,12 +59,14 @@ class EdgeNode:
     def _setup(self, welcome: Welcome) -> None:
         """A new run: its configuration, this device's data and model, the uplink. The same run again (after a
         re-registration): nothing to load."""
-        if welcome.run_id == self.run_id:
+        if welcome.run_id == self.run_id and self.rounds is not None:
+            self.rounds.encode = self._frame_encoder(welcome, self.rounds.bench)  # a new registration: a new key
             self.client.heartbeat("ready")
             return
         where = f"welcome from BS {self.bs_address}"
         exp = validated(ExperimentConfig, welcome.experiment, f"{where}: experiment")
         bench = validated(BenchConfig, welcome.bench, f"{where}: bench")
+        encode = self._frame_encoder(welcome, bench)
         t0 = time.perf_counter()
         data_address = reachable_address(welcome.data_address, self.bs_address)
         if self.tx is not None:
@@ -68,6 +75,7 @@ class EdgeNode:
         self.rounds = EdgeRounds(
             exp, bench, self.device_id, self.tx, link=self.client, stopping=lambda: self.stopping, threads=self.threads
         )
+        self.rounds.encode = encode
         self.run_id = welcome.run_id
         labels = [ex.label for ex in self.rounds.examples]
         log.info(
@@ -80,6 +88,27 @@ class EdgeNode:
             data_address,
         )
         self.client.heartbeat("ready")
+
+    def _frame_encoder(self, welcome: Welcome, bench: BenchConfig) -> FrameEncoder:
+        """How this registration's frames go on the air: sealed under the key agreed with the BS (trust.sealing),
+        or in the clear on a bench with `security.mode: none`."""
+        if bench.security.mode == "none":
+            return plain_encoder
+        if self.key is None:
+            raise ConfigError(
+                f"the BS at {self.bs_address} seals frames (security.mode: sealed): start this edge with "
+                f"--key FILE, device {self.device_id}'s key file (fedlora-keys init, or the BS run folder's keys/)"
+            )
+        if welcome.frame_salt is None:
+            raise ConfigError(f"the BS at {self.bs_address} seals frames but its welcome carries no frame_salt")
+        key = frame_key(
+            self.key.secret_bytes,
+            self.key.bs_public_bytes,
+            device_id=self.device_id,
+            run_id=welcome.run_id,
+            salt=bytes.fromhex(welcome.frame_salt),
+        )
+        return FrameSealer(key, self.device_id).seal
 
     def _serve(self) -> str:
         """Handle the BS's messages until it ends the run ("shutdown"), forgets us ("reregister"), or we stop."""

@@ -24,7 +24,7 @@ from fedlora.partition import device_splits
 from fedlora.sparsify import sparsifier_from_config
 from fedlora.tasks import load_task
 from fedlora.training import train_local
-from link.arq import send_with_arq
+from link.arq import FrameEncoder, plain_encoder, send_with_arq
 from phy.channel import TxSetting
 from phy.uplink import UplinkTransmitter
 from proto.codec import CodecError, decode_update, encode_update
@@ -72,6 +72,7 @@ class EdgeRounds:
     ):
         exp = self.exp = experiment
         self.bench, self.device_id, self.tx, self.link, self.stopping = bench, device_id, tx, link, stopping
+        self.encode: FrameEncoder = plain_encoder  # set per registration by the node (sealed under its frame key)
         torch.set_num_threads(threads)
         task = load_task(
             exp.task.name, exp.task.path, test_size=exp.task.test_size, seed=exp.seed, max_train=exp.task.max_train
@@ -191,6 +192,7 @@ class EdgeRounds:
             ),
             max_attempts=self.bench.arq.max_attempts,
             airtime_budget_s=self.bench.arq.airtime_budget_s,
+            encode=self.encode,
         )
         transmit_j = self.meter.transmit_energy_j(setting.tx_power_dbm, arq.airtime_s)
         true_snr_db = getattr(self.tx, "last_true_snr_db", None)  # sim PHYs only: ground truth for the records

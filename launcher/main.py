@@ -21,11 +21,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
-from config import REPO_ROOT, ConfigError, load_bench, load_experiment
+from config import REPO_ROOT, BenchConfig, ConfigError, load_bench, load_experiment
 from proto.air import AirEndpoints, AirMessageError
 from proto.air import decode_endpoints as decode_air_endpoints
 from proto.control import MessageError
 from proto.control import decode_endpoints as decode_bs_endpoints
+from trust.keys import device_secret_file, run_keys_dir
 
 T = TypeVar("T")
 
@@ -162,6 +163,7 @@ def main(argv: list[str] | None = None) -> int:
                         str(k),
                         "--threads",
                         str(args.edge_threads),
+                        *_key_args(bench, run_dir, k),
                     ],
                     env=env,
                     stdout=log,
@@ -206,6 +208,13 @@ def main(argv: list[str] | None = None) -> int:
             if p.poll() is None:
                 _signal(p, signal.SIGKILL)
         bs_log.close()
+
+
+def _key_args(bench: BenchConfig, run_dir: Path, device_id: int) -> list[str]:
+    """`--key FILE` for edge k when the bench seals frames (the BS provisioned or found the keys before binding)."""
+    if bench.security.mode == "none":
+        return []
+    return ["--key", str(run_keys_dir(bench, run_dir) / device_secret_file(device_id))]
 
 
 def _stop_with_parent() -> None:

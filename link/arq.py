@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from phy.channel import TxSetting
 from phy.uplink import UplinkTransmitter
@@ -25,6 +25,13 @@ log = logging.getLogger(__name__)
 AckFn = Callable[[int, list[int]], set[int] | None]
 # received(device_id, round_idx) -> seqs the BS holds of that device's update
 ReceivedFn = Callable[[int, int], set[int]]
+# encode(frame, attempt) -> the bytes put on the air (trust.sealing.FrameSealer.seal seals them)
+FrameEncoder = Callable[[Frame, int], bytes]
+
+
+def plain_encoder(frame: Frame, attempt: int) -> bytes:
+    """A bench with `security.mode: none`: the attempt in the header, the fragment in the clear."""
+    return replace(frame, attempt=attempt).to_bytes()
 
 
 @dataclass
@@ -47,33 +54,35 @@ def send_with_arq(
     request_ack: AckFn,
     max_attempts: int,
     airtime_budget_s: float | None,
+    encode: FrameEncoder = plain_encoder,
 ) -> ArqResult:
     """Send frames, then resend only the unacknowledged ones.
 
     Attempt 1 always sends everything (the budget only gates retransmissions).
     Stops when all seqs are acked, after max_attempts, when request_ack returns
     None, or when the next attempt's estimated airtime would push the total
-    past airtime_budget_s. The estimate is tx.estimate_airtime_s() when the
+    past airtime_budget_s. Each attempt's frames are encoded anew by `encode(frame, attempt)` (the attempt is in
+    the header; a sealer seals each attempt under its own nonce). The estimate is tx.estimate_airtime_s() when the
     PHY knows it, else the mean airtime per frame so far times the frames left.
     """
     if max_attempts < 1:
         raise ValueError(f"max_attempts must be >= 1, got {max_attempts}")
     if airtime_budget_s is not None and airtime_budget_s < 0:
         raise ValueError(f"airtime_budget_s must be >= 0 or None, got {airtime_budget_s}")
-    encoded: dict[int, bytes] = {}
+    by_seq: dict[int, Frame] = {}
     for f in frames:
         if f.round_idx != round_idx:
             raise ValueError(f"frame seq {f.seq} has round_idx {f.round_idx}, sending for round {round_idx}")
-        if f.seq in encoded:
+        if f.seq in by_seq:
             raise ValueError(f"duplicate seq {f.seq} in frames")
-        encoded[f.seq] = f.to_bytes()
+        by_seq[f.seq] = f
     result = ArqResult(delivered=False, attempts=0, frames_sent=0, frames_lost=0, bytes_sent=0, airtime_s=0.0)
-    missing = list(encoded)  # keeps the caller's order
+    missing = list(by_seq)  # keeps the caller's order
     while missing:
         if result.attempts >= max_attempts:
             result.stop_reason = "max_attempts"
             break
-        payload = [encoded[s] for s in missing]
+        payload = [encode(by_seq[s], result.attempts + 1) for s in missing]
         if result.attempts > 0 and airtime_budget_s is not None:
             estimate_s = tx.estimate_airtime_s([len(p) for p in payload], setting)
             if estimate_s is None:
@@ -103,9 +112,9 @@ def send_with_arq(
             break
         acked = set(acked)
         result.frames_lost += sum(1 for s in seqs if s not in acked)
-        missing = [s for s in encoded if s not in acked]
+        missing = [s for s in by_seq if s not in acked]
         log.debug(
-            "ARQ round %d attempt %d: %d/%d frames missing", round_idx, result.attempts, len(missing), len(encoded)
+            "ARQ round %d attempt %d: %d/%d frames missing", round_idx, result.attempts, len(missing), len(by_seq)
         )
     result.delivered = not missing
     if result.delivered:

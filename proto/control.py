@@ -130,6 +130,9 @@ class Welcome(_Message):
     bench: dict[str, Any]
     run_id: str
     data_address: str
+    # this registration's frame-key salt (hex): the edge derives its frame key from it (trust.sealing); None when
+    # the bench does not seal frames
+    frame_salt: Annotated[str, Field(pattern=r"^[0-9a-f]{32}$")] | None = None
 
 
 class Plan(_Message):

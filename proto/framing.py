@@ -4,10 +4,15 @@ One frame = one PHY packet. The format is fixed-size big-endian so it is the
 same bytes on the sim link and on the GNU Radio link (whose packet limit is
 4091 bytes, so header + MAX_FRAME_PAYLOAD + CRC must stay below it).
 
-Layout::
+Layout (version 2)::
 
     magic(2) version(1) flags(1) device_id u16  round_idx u32
-    seq u16  total u16  payload_len u16  | payload | CRC32(header+payload)
+    seq u16  total u16  attempt u16  payload_len u16  | payload | CRC32(header+payload)
+
+`attempt` is the ARQ attempt that sent the frame (1, 2, ...; 0 for a frame not sent through ARQ). Flag bit 0
+says the payload is sealed: an AEAD ciphertext of the fragment followed by its SEAL_TAG_BYTES tag, with the header
+as associated data (`trust.sealing`). payload_len stays the header's last field: the GNU Radio receiver reads it
+there to trim the modem's padding. The CRC catches noise; only the seal tells a genuine frame from a forged one.
 """
 
 from __future__ import annotations
@@ -18,15 +23,23 @@ import zlib
 from dataclasses import dataclass
 
 MAGIC = b"FL"
-VERSION = 1
-_HEADER = struct.Struct(">2sBBHIHHH")
+VERSION = 2
+_HEADER = struct.Struct(">2sBBHIHHHH")
 _CRC = struct.Struct(">I")
-HEADER_BYTES = _HEADER.size  # 16
+HEADER_BYTES = _HEADER.size  # 18
 CRC_BYTES = _CRC.size  # 4
 OVERHEAD_BYTES = HEADER_BYTES + CRC_BYTES
-MAX_FRAME_PAYLOAD = 4000
-MAX_FRAME_BYTES = OVERHEAD_BYTES + MAX_FRAME_PAYLOAD  # 4020 <= 4091 (GNU Radio limit)
+SEAL_TAG_BYTES = 16  # the AEAD's tag (ChaCha20-Poly1305), carried after the sealed fragment
+FLAG_SEALED = 0x01
+MAX_FRAME_PAYLOAD = 4000  # fragment bytes (before sealing)
+MAX_FRAME_BYTES = OVERHEAD_BYTES + MAX_FRAME_PAYLOAD + SEAL_TAG_BYTES  # 4038 <= 4091 (GNU Radio limit)
 MAX_FRAMES_PER_MESSAGE = 0xFFFF
+
+
+def frame_overhead_bytes(sealed: bool) -> int:
+    """Bytes a frame adds to its fragment on the air: header, CRC and, when sealed, the tag."""
+    return OVERHEAD_BYTES + (SEAL_TAG_BYTES if sealed else 0)
+
 
 _U16 = 0xFFFF
 _U32 = 0xFFFFFFFF
@@ -38,13 +51,15 @@ class FrameError(ValueError):
 
 @dataclass(frozen=True)
 class Frame:
-    """One fragment of a device's uplink message for one round."""
+    """One fragment of a device's uplink message for one round (its payload sealed or in the clear)."""
 
     device_id: int
     round_idx: int
     seq: int
     total: int
     payload: bytes
+    attempt: int = 0
+    sealed: bool = False
 
     def __post_init__(self) -> None:
         # Accept bytearray/memoryview but store immutable bytes (frame is hashable).
@@ -54,18 +69,26 @@ class Frame:
         _check_range("round_idx", self.round_idx, _U32)
         _check_range("seq", self.seq, _U16)
         _check_range("total", self.total, _U16)
+        _check_range("attempt", self.attempt, _U16)
         if self.total < 1:
             raise FrameError(f"total must be >= 1, got {self.total}")
         if self.seq >= self.total:
             raise FrameError(f"seq {self.seq} out of range for total {self.total}")
-        if len(self.payload) > MAX_FRAME_PAYLOAD:
-            raise FrameError(f"payload of {len(self.payload)} bytes exceeds MAX_FRAME_PAYLOAD={MAX_FRAME_PAYLOAD}")
+        limit = MAX_FRAME_PAYLOAD + (SEAL_TAG_BYTES if self.sealed else 0)
+        if len(self.payload) > limit:
+            raise FrameError(f"payload of {len(self.payload)} bytes exceeds the limit of {limit}")
+        if self.sealed and len(self.payload) < SEAL_TAG_BYTES:
+            raise FrameError(f"a sealed payload of {len(self.payload)} bytes is shorter than its tag")
+
+    def header_bytes(self) -> bytes:
+        """The header as sent: what a seal authenticates as associated data."""
+        flags = FLAG_SEALED if self.sealed else 0
+        return _HEADER.pack(
+            MAGIC, VERSION, flags, self.device_id, self.round_idx, self.seq, self.total, self.attempt, len(self.payload)
+        )
 
     def to_bytes(self) -> bytes:
-        header = _HEADER.pack(
-            MAGIC, VERSION, 0, self.device_id, self.round_idx, self.seq, self.total, len(self.payload)
-        )
-        body = header + self.payload
+        body = self.header_bytes() + self.payload
         return body + _CRC.pack(zlib.crc32(body))
 
     @classmethod
@@ -77,7 +100,7 @@ class Frame:
             raise FrameError(f"frame data is not bytes-like: {type(data).__name__}") from exc
         if len(data) < OVERHEAD_BYTES:
             raise FrameError(f"frame too short: {len(data)} bytes < {OVERHEAD_BYTES} (header+CRC)")
-        magic, version, flags, device_id, round_idx, seq, total, payload_len = _HEADER.unpack_from(data)
+        magic, version, flags, device_id, round_idx, seq, total, attempt, payload_len = _HEADER.unpack_from(data)
         if magic != MAGIC:
             raise FrameError(f"bad magic {magic!r}, expected {MAGIC!r}")
         if version != VERSION:
@@ -94,13 +117,12 @@ class Frame:
         if crc_rx != crc_calc:
             raise FrameError(f"CRC mismatch: received {crc_rx:#010x}, computed {crc_calc:#010x}")
         # CRC-valid from here on: remaining checks catch a buggy/foreign sender, not noise.
-        if flags != 0:
-            raise FrameError(f"unsupported flags {flags:#04x} (reserved, must be 0)")
-        if payload_len > MAX_FRAME_PAYLOAD:
-            raise FrameError(f"payload_len {payload_len} exceeds MAX_FRAME_PAYLOAD={MAX_FRAME_PAYLOAD}")
+        if flags & ~FLAG_SEALED:
+            raise FrameError(f"unsupported flags {flags:#04x} (only bit 0, sealed, is defined)")
+        sealed = bool(flags & FLAG_SEALED)
         if total < 1 or seq >= total:
             raise FrameError(f"bad seq/total: seq={seq} total={total}")
-        return cls(device_id, round_idx, seq, total, body[HEADER_BYTES:])
+        return cls(device_id, round_idx, seq, total, body[HEADER_BYTES:], attempt=attempt, sealed=sealed)
 
 
 def _check_range(name: str, value: int, upper: int) -> None:
@@ -171,6 +193,8 @@ class Reassembler:
 
     def add(self, frame: Frame) -> bool:
         """Store a frame; True if it was new, False for a duplicate."""
+        if frame.sealed:
+            raise FrameError(f"device {frame.device_id} frame {frame.seq}: a sealed frame reached reassembly unopened")
         key = (frame.device_id, frame.round_idx)
         if key in self._popped:
             return False

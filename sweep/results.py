@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from sweep.metrics import METRICS, Curves, curves, parse_rounds, trial_row
-from sweep.spec import Trial
+from sweep.spec import Trial, recorded_fingerprint
 from sweep.trial import TrialOutcome
 
 META = ("trial", "bench", "arm", "policy", "aggregator", "variant", "seed", "host", "trial_wall_s")
@@ -35,9 +35,25 @@ def trial_dir(out: Path, trial: Trial) -> Path:
 
 
 def is_done(out: Path, trial: Trial) -> bool:
-    """Finished, with the settings the spec asks for now (a row of other settings is stale: run again)."""
-    row = trial_dir(out, trial) / "row.json"
-    return row.exists() and json.loads(row.read_text()).get("fingerprint") == trial.fingerprint()
+    """Finished, with the settings the spec asks for now (a row of other settings is stale: run again).
+
+    The row's fingerprint is a cache: when it differs (it was made by older code), the configuration the run
+    recorded is read by this code and compared; if it is what the spec asks for, the row is kept and re-stamped."""
+    folder = trial_dir(out, trial)
+    row_path = folder / "row.json"
+    if not row_path.exists():
+        return False
+    row = json.loads(row_path.read_text())
+    wanted = trial.fingerprint()
+    if row.get("fingerprint") == wanted:
+        return True
+    if recorded_fingerprint(folder) != wanted:
+        return False
+    row["fingerprint"] = wanted
+    tmp = row_path.with_name("row.json.tmp")
+    tmp.write_text(json.dumps(row, indent=1) + "\n")
+    tmp.replace(row_path)
+    return True
 
 
 def is_stale(out: Path, trial: Trial) -> bool:

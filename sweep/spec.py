@@ -21,7 +21,8 @@ from pydantic import Field, model_validator
 
 from config import REPO_ROOT, ConfigError, load_bench, load_experiment
 from config.base import ConfigModel, Items, RuleError
-from config.experiment import Policy
+from config.bench import BenchConfig
+from config.experiment import ExperimentConfig, Policy
 from config.loading import apply_overrides, read_yaml, to_mapping, validated
 
 Label = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$", max_length=40)]
@@ -140,9 +141,35 @@ class Trial:
 
 @functools.lru_cache(maxsize=1024)
 def _fingerprint(experiment: str | None, bench: str, sets: tuple[str, ...], bench_sets: tuple[str, ...]) -> str:
-    resolved = [to_mapping(load_experiment(experiment, sets)), to_mapping(load_bench(bench, bench_sets))]
-    text = json.dumps(resolved, sort_keys=True, default=str).replace(f"{REPO_ROOT}/", "")  # the same in any clone
+    return config_fingerprint(load_experiment(experiment, sets), load_bench(bench, bench_sets))
+
+
+# Where a file is does not change what a trial runs (the curves' content is in their *_table fields), and a path
+# differs from clone to clone.
+_PATH_KEYS = (("per_curve",), ("channel", "true_per_curve"), ("security", "keys_dir"))
+
+
+def config_fingerprint(experiment: ExperimentConfig, bench: BenchConfig) -> str:
+    """A short hash of what a trial runs: the resolved experiment and bench, paths left out."""
+    bench_map = to_mapping(bench)
+    for path in _PATH_KEYS:
+        parent = functools.reduce(lambda m, k: m.get(k, {}) if isinstance(m, dict) else {}, path[:-1], bench_map)
+        if isinstance(parent, dict):
+            parent.pop(path[-1], None)
+    text = json.dumps([to_mapping(experiment), bench_map], sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def recorded_fingerprint(run_dir: Path) -> str | None:
+    """The fingerprint of the configuration a finished run recorded (experiment.yaml, bench.yaml), read by this
+    code: fields added since then take their defaults, so a trial is re-run only if what it ran differs from what
+    is asked now. None if the run folder's configuration is missing or no longer valid."""
+    try:
+        experiment = validated(ExperimentConfig, read_yaml(run_dir / "experiment.yaml"), str(run_dir))
+        bench = validated(BenchConfig, read_yaml(run_dir / "bench.yaml"), str(run_dir))
+    except (ConfigError, OSError):
+        return None
+    return config_fingerprint(experiment, bench)
 
 
 def _yaml_value(value: Any) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import heapq
 import io
 from collections.abc import Callable, Mapping, Sequence
@@ -19,6 +20,7 @@ from config import BenchConfig, ExperimentConfig, load_bench, load_experiment
 from proto.codec import decode_update, encode_update
 from proto.control import BsMessage, BurstEnd, Bye, Heartbeat, Measurements, Plan, Report, ReportStatus
 from proto.framing import fragment
+from trust.sealing import FrameSealer
 
 
 class FakeClock:
@@ -65,7 +67,7 @@ class MemoryTransport:
 
     def join(self, device_id: int, behaviour: PlanHandler | None = None, *, after_s: float = 0.0) -> None:
         """A device registers and says it is ready; `behaviour` is what it does with each plan."""
-        self.deliver(Registered(device_id, replaced=False), after_s)
+        self.deliver(Registered(device_id, replaced=False, frame_key=frame_key_of(device_id)), after_s)
         self.deliver(FromEdge(device_id, Heartbeat(device_id=device_id, state="ready")), after_s)
         if behaviour is not None:
             self.behaviours[device_id] = behaviour
@@ -136,6 +138,11 @@ class MemoryTransport:
 
 
 # ---------------------------------------------------------------------------------------------- scripted edges
+def frame_key_of(device_id: int) -> bytes:
+    """The frame key a scripted device registers with (the real ones come from trust.sealing.FrameKeyring)."""
+    return hashlib.sha256(b"test frame key %d" % device_id).digest()
+
+
 def update_frames(
     plan: Plan, attachment: bytes | None, device_id: int, value: float, *, wrong_shape: bool = False
 ) -> list[bytes]:
@@ -147,7 +154,8 @@ def update_frames(
     if wrong_shape:
         delta = {k: v[..., :1] if k.endswith("lora_B") else v for k, v in delta.items()}
     payload = encode_update(delta, spec=view.spec, round_idx=plan.round, device_id=device_id)
-    return [f.to_bytes() for f in fragment(payload, device_id, plan.round, 500)]
+    sealer = FrameSealer(frame_key_of(device_id), device_id)
+    return [sealer.seal(f, 1) for f in fragment(payload, device_id, plan.round, 500)]
 
 
 def sends_update(

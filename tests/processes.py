@@ -32,6 +32,7 @@ class Procs:
     def __init__(self, tmp: Path):
         self.tmp = tmp
         self.procs: list[subprocess.Popen] = []
+        self.keys_dir: Path | None = None  # the last BS's provisioned keys (<run dir>/keys): what edges start with
 
     def start(self, name: str, args: list[str]) -> subprocess.Popen:
         """Start the console script args[0] (an entry point of this installation) with the rest as arguments."""
@@ -66,10 +67,15 @@ class Procs:
             assert p.poll() is None, self.output("bs")
             assert time.monotonic() < deadline, "BS did not bind"
             time.sleep(0.1)
+        self.keys_dir = run_dir / "keys"
         return p, decode_endpoints(endpoints.read_bytes()).model_dump()  # written whole, then renamed
 
-    def edge(self, control: str, device_id: int, name: str | None = None) -> subprocess.Popen:
-        return self.start(name or f"edge{device_id}", ["fedlora-edge", "--bs", control, "--device-id", str(device_id)])
+    def edge(self, control: str, device_id: int, name: str | None = None, key: Path | None = None) -> subprocess.Popen:
+        """Edge device_id; its key file is the last BS's (when that BS provisioned keys) unless `key` is given."""
+        if key is None and self.keys_dir is not None and (self.keys_dir / f"device-{device_id}.secret.json").exists():
+            key = self.keys_dir / f"device-{device_id}.secret.json"
+        args = ["fedlora-edge", "--bs", control, "--device-id", str(device_id)]
+        return self.start(name or f"edge{device_id}", [*args, *(["--key", str(key)] if key is not None else [])])
 
     def output(self, name: str) -> str:
         return (self.tmp / f"{name}.out").read_text()

@@ -20,6 +20,7 @@ LAYER = {
     "proto": 0,
     "config": 1,
     "fedlora": 2,
+    "trust": 2,
     "phy": 3,
     "link": 4,
     "bs_node": 5,

@@ -10,6 +10,7 @@ from proto.framing import (
     MAX_FRAME_BYTES,
     MAX_FRAME_PAYLOAD,
     OVERHEAD_BYTES,
+    SEAL_TAG_BYTES,
     Frame,
     FrameError,
     Reassembler,
@@ -40,17 +41,21 @@ def test_round_trip(frame):
 
 
 def test_layout_is_big_endian_struct():
-    f = Frame(device_id=0x0102, round_idx=0x03040506, seq=7, total=9, payload=b"xyz")
+    f = Frame(device_id=0x0102, round_idx=0x03040506, seq=7, total=9, payload=b"xyz", attempt=2)
     data = f.to_bytes()
-    assert data[:2] == b"FL" and data[2] == 1 and data[3] == 0
-    assert struct.unpack(">HIHHH", data[4:16]) == (0x0102, 0x03040506, 7, 9, 3)
-    assert data[16:19] == b"xyz"
+    assert data[:2] == b"FL" and data[2] == 2 and data[3] == 0
+    assert struct.unpack(">HIHHHH", data[4:18]) == (0x0102, 0x03040506, 7, 9, 2, 3)
+    assert data[18:21] == b"xyz"
+    assert Frame.from_bytes(data) == f
     assert struct.unpack(">I", data[-4:])[0] == zlib.crc32(data[:-4])
 
 
 def test_max_frame_fits_gnuradio_packet():
-    f = Frame(1, 1, 0, 1, bytes(MAX_FRAME_PAYLOAD))
-    assert len(f.to_bytes()) == MAX_FRAME_BYTES <= 4091
+    sealed = Frame(1, 1, 0, 1, bytes(MAX_FRAME_PAYLOAD + SEAL_TAG_BYTES), sealed=True)
+    assert len(sealed.to_bytes()) == MAX_FRAME_BYTES <= 4091
+    assert len(Frame(1, 1, 0, 1, bytes(MAX_FRAME_PAYLOAD)).to_bytes()) == MAX_FRAME_BYTES - SEAL_TAG_BYTES
+    with pytest.raises(FrameError, match="limit"):
+        Frame(1, 1, 0, 1, bytes(MAX_FRAME_PAYLOAD + 1))
 
 
 def test_crc_catches_every_single_bit_flip():
@@ -84,16 +89,16 @@ def _with_crc(body: bytes) -> bytes:
 
 
 def test_crc_valid_but_inconsistent_fields_rejected():
-    bad_seq = _with_crc(struct.pack(">2sBBHIHHH", b"FL", 1, 0, 1, 1, 5, 5, 0))
+    bad_seq = _with_crc(struct.pack(">2sBBHIHHHH", b"FL", 2, 0, 1, 1, 5, 5, 1, 0))
     with pytest.raises(FrameError, match="seq"):
         Frame.from_bytes(bad_seq)
-    zero_total = _with_crc(struct.pack(">2sBBHIHHH", b"FL", 1, 0, 1, 1, 0, 0, 0))
+    zero_total = _with_crc(struct.pack(">2sBBHIHHHH", b"FL", 2, 0, 1, 1, 0, 0, 1, 0))
     with pytest.raises(FrameError):
         Frame.from_bytes(zero_total)
-    too_long = _with_crc(struct.pack(">2sBBHIHHH", b"FL", 1, 0, 1, 1, 0, 1, 4001) + bytes(4001))
-    with pytest.raises(FrameError, match="MAX_FRAME_PAYLOAD"):
+    too_long = _with_crc(struct.pack(">2sBBHIHHHH", b"FL", 2, 0, 1, 1, 0, 1, 1, 4001) + bytes(4001))
+    with pytest.raises(FrameError, match="limit"):
         Frame.from_bytes(too_long)
-    flags = _with_crc(struct.pack(">2sBBHIHHH", b"FL", 1, 4, 1, 1, 0, 1, 0))
+    flags = _with_crc(struct.pack(">2sBBHIHHHH", b"FL", 2, 4, 1, 1, 0, 1, 1, 0))
     with pytest.raises(FrameError, match="flags"):
         Frame.from_bytes(flags)
 

@@ -23,7 +23,8 @@ from phy.gr_loopback import LoopbackModem, measure_back_to_back_loss  # noqa: E4
 from phy.ofdm_demod import decode_payload  # noqa: E402
 from phy.ofdm_tx import OfdmTransmitter, make_pdu, modulate  # noqa: E402
 from proto import numerology  # noqa: E402
-from proto.framing import MAX_FRAME_BYTES, Frame, fragment  # noqa: E402
+from proto.framing import MAX_FRAME_BYTES, MAX_FRAME_PAYLOAD, Frame, fragment  # noqa: E402
+from trust.sealing import FrameSealer  # noqa: E402
 
 MODS = ("bpsk", "qpsk", "8psk", "16qam")
 
@@ -208,7 +209,7 @@ def modem():
 @pytest.mark.gnuradio
 def test_qpsk_2000_frames_of_1000_bytes_no_loss_at_30_db(modem):
     frames = [
-        Frame(7, 3, i, 2000, bytes(np.random.default_rng(i).integers(0, 256, 980, dtype=np.uint8))).to_bytes()
+        Frame(7, 3, i, 2000, bytes(np.random.default_rng(i).integers(0, 256, 978, dtype=np.uint8))).to_bytes()
         for i in range(2000)
     ]
     assert {len(f) for f in frames} == {1000}
@@ -253,8 +254,9 @@ def test_many_small_packets_keep_their_order_and_index(modem):
 def test_largest_packets_fit_the_buffers(modem):
     """docs/pitfalls.md §2: a whole BPSK packet of the maximum size must fit every tagged-stream buffer."""
     frames = [bytes(np.random.default_rng(9).integers(0, 256, ofdm.MAX_PACKET_BYTES, dtype=np.uint8))] * 3
-    frames += fragment(bytes(9000), 1, 0, MAX_FRAME_BYTES - 20)  # real data-plane frames of 4020 bytes
-    frames = [f if isinstance(f, bytes) else f.to_bytes() for f in frames]
+    sealer = FrameSealer(bytes(32), 1)
+    frames += [sealer.seal(f, 1) for f in fragment(bytes(9000), 1, 0, MAX_FRAME_PAYLOAD)]  # sealed, 4038 bytes
+    assert max(len(f) for f in frames[3:]) == MAX_FRAME_BYTES
     got = modem.run_packets(frames, "bpsk", 30.0)
     assert _intact(frames, got) == set(range(len(frames)))
     with pytest.raises(ValueError, match="exceeds"):

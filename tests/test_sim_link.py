@@ -66,7 +66,7 @@ def collect_until_sentinel(rx, timeout_s=20.0):
     raise AssertionError(f"sentinel not received; got {len(got)} frames")
 
 
-def frames_bytes(n, payload_bytes=980, round_idx=0):
+def frames_bytes(n, payload_bytes=978, round_idx=0):
     return [f.to_bytes() for f in fragment(bytes(n * payload_bytes), 1, round_idx, payload_bytes)]
 
 

@@ -19,7 +19,7 @@ from fedlora.sparsify import BOnlySparsifier, n_keep, sparsifier_from_config
 from fedlora.sparsify.base import ComponentSparsifier
 from phy.channel import PerCurve
 from proto.codec import component_axis, encoded_size
-from proto.framing import OVERHEAD_BYTES
+from proto.framing import frame_overhead_bytes
 from proto.numerology import MODULATION_NAMES, packet_airtime_s
 
 
@@ -125,7 +125,7 @@ class CostModel:
         self.encoding = UpdateEncoding.from_codec(codec)
         self.loss_weights = loss_weights
         self.frame_payload = bench.radio.frame_payload_bytes
-        self.frame_bytes = self.frame_payload + OVERHEAD_BYTES
+        self.frame_bytes = self.frame_payload + frame_overhead_bytes(bench.security.mode == "sealed")
         ch = bench.channel
         self.noise_psd_dbm_hz = ch.noise_psd_dbm_hz + ch.noise_figure_db
         self._per_tables = {m: np.array(per_curve.points(m)).T for m in per_curve.modulations if m in MODULATION_NAMES}

@@ -21,10 +21,12 @@ Clock = Callable[[], float]  # monotonic seconds
 
 @dataclass(frozen=True)
 class Registered:
-    """A device registered (and was welcomed); `replaced`: a new process took over a known device id."""
+    """A device registered (and was welcomed); `replaced`: a new process took over a known device id.
+    `frame_key`: the key its frames are sealed under from now on (None when the bench does not seal frames)."""
 
     device_id: int
     replaced: bool
+    frame_key: bytes | None = None
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections import Counter
 from typing import Any
 
 from bs_node.controllers import Controller, DeviceState, RoundState
@@ -25,6 +26,7 @@ from config import BenchConfig, ExperimentConfig
 from link.arq import AckTimers
 from proto.control import Ack, BurstEnd, Bye, Heartbeat, Plan, Report, ReportAck, Shutdown
 from proto.framing import Frame, FrameError, Reassembler
+from trust.sealing import FrameGate, FrameRejected
 
 log = logging.getLogger("bs")
 
@@ -64,7 +66,9 @@ class RoundRunner:
         self.round_idx = 0  # the round frames and reports are accepted for (still the last one between rounds)
         self.pending: dict[int, Pending] = {}
         self.progress: dict[int, str] = {}  # device -> its last progress, for the status line
-        self.bad_frames = 0
+        self.bad_frames = 0  # frames the PHY passed that do not parse (CRC, header)
+        self.gate = FrameGate(sealed=bench.security.mode == "sealed")
+        self.rejected: Counter[int] = Counter()  # claimed device -> frames the gate refused, this round
         self.stopping = False
 
     def stop(self) -> None:
@@ -103,6 +107,9 @@ class RoundRunner:
                 total_uplink_bytes=sum(r.uplink_bytes for r in self.recorder.records),
                 total_energy_j=sum(r.energy_j for r in self.recorder.records),
                 bad_frames=self.bad_frames,
+                security=self.bench.security.mode,
+                frames_rejected=sum(self.gate.rejected.values()),
+                frames_rejected_by_reason=dict(self.gate.reasons),
             )
             self.recorder.write_summary(summary)
             self.transport.broadcast(Shutdown(reason="stopped" if self.stopping else "run complete"))
@@ -139,6 +146,7 @@ class RoundRunner:
         """Plan, collect until every participant settled or the deadline, close; returns the round's record."""
         exp = self.exp
         self.round_idx = r
+        self.rejected.clear()
         t0 = self.clock()
         self.poll(0.0)  # registrations and heartbeats that came in while the last round was evaluated
         if not self.transport.ready_devices():
@@ -226,6 +234,8 @@ class RoundRunner:
             self._on_frame(event)
         elif isinstance(event, Registered):
             self.progress[event.device_id] = ""
+            if event.frame_key is not None:
+                self.gate.admit(event.device_id, event.frame_key)
             p = self.pending.get(event.device_id)
             if event.replaced and p is not None and p.report is None:
                 p.dropped = "restarted during the round"
@@ -259,6 +269,18 @@ class RoundRunner:
         except FrameError as exc:
             self.bad_frames += 1
             log.warning("uplink: dropped a bad frame (%d so far): %s", self.bad_frames, exc)
+            return
+        try:
+            frame = self.gate.open(frame)
+        except FrameRejected as exc:
+            self.rejected[frame.device_id] += 1
+            if self.rejected[frame.device_id] == 1:  # once per claimed device and round; the records count them all
+                log.warning(
+                    "uplink: frames claiming device %d rejected (%s: %s); more this round are only counted",
+                    frame.device_id,
+                    exc.reason,
+                    exc,
+                )
             return
         p = self.pending.get(frame.device_id)
         if frame.round_idx != self.round_idx or p is None:
@@ -297,6 +319,8 @@ class RoundRunner:
     # ------------------------------------------------------------------------------------------ close
     def _close(self, r: int, plans: dict[int, Plan], downlink_bytes: int, t0: float) -> RoundRecord:
         devices, stale = self.closer.close(r, plans, self.pending)
+        for row in devices:
+            row.frames_rejected = self.rejected.get(row.device_id, 0)
         self.acks.discard_round(r)
         result, val = self.model.evaluate(), self.model.validate()
         record = RoundRecord(
@@ -312,6 +336,7 @@ class RoundRunner:
             controller=self.controller.explain(),
             stale_updates=stale,
             aggregation=self.closer.last_aggregation,
+            frames_rejected=sum(self.rejected.values()),
         )
         self.controller.observe(record)
         self.recorder.write_round(record)
