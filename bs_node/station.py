@@ -24,7 +24,8 @@ from bs_node.rounds import RoundRunner, StartupError
 from bs_node.transport import ZmqTransport
 from config import BenchConfig, ConfigError, ExperimentConfig, to_mapping
 from link.factory import open_uplink_receiver
-from trust.keys import KeyFileError, load_bs_key, load_roster, provision, run_keys_dir
+from trust.curve import RosterAuthenticator
+from trust.keys import KeyFileError, RunKeys, open_run_keys
 from trust.sealing import FrameKeyring
 
 __all__ = ["BaseStation", "StartupError"]
@@ -59,7 +60,12 @@ class BaseStation:
             seed=experiment.seed,
         )
         self.data_endpoint = uplink.address  # what edges send to
-        keyring = open_keyring(bench, run_dir, experiment.devices.count, self.run_id, self.view)
+        keys = open_keys(bench, run_dir, experiment.devices.count, self.view)
+        keyring = None
+        self.authenticator: RosterAuthenticator | None = None
+        if keys is not None:  # CURVE on the control plane, sealed frames on the uplink (docs/security.md)
+            keyring = FrameKeyring(keys.bs.secret_bytes, keys.device_public(experiment.devices.count), self.run_id)
+            self.authenticator = RosterAuthenticator(ctx, keys.roster)
         self.transport = ZmqTransport(
             control_address=control_address or bench.addresses.control,
             uplink=uplink,
@@ -72,6 +78,7 @@ class BaseStation:
             },
             view=self.view,
             keyring=keyring,
+            curve_key=None if keys is None else keys.bs,
             silence_timeout_s=silence_timeout_s,
             context=ctx,
         )
@@ -101,6 +108,8 @@ class BaseStation:
             return self.runner.run()
         finally:
             self.transport.close()
+            if self.authenticator is not None:
+                self.authenticator.stop()
 
     def stop(self, *_: Any) -> None:
         """Signal handler: the run closes the round in progress, writes what it has and tells the edges to leave."""
@@ -109,26 +118,14 @@ class BaseStation:
             self.runner.stop()
 
 
-def open_keyring(bench: BenchConfig, run_dir: Path, devices: int, run_id: str, view: LiveView) -> FrameKeyring | None:
-    """The frame keyring of a sealed bench (None: `security.mode: none`); ConfigError naming what is missing."""
+def open_keys(bench: BenchConfig, run_dir: Path, devices: int, view: LiveView) -> RunKeys | None:
+    """The run's keys on a sealed bench (None: `security.mode: none`); ConfigError naming what is wrong."""
     if bench.security.mode == "none":
         return None
-    key_dir = run_keys_dir(bench, run_dir)
     try:
-        if bench.security.keys_dir is None and not (key_dir / "roster.json").exists():
-            provision(key_dir, devices)
-            view.line(
-                f"provisioned keys for {devices} devices in {key_dir} (edge k: --key <that>/device-k.secret.json)"
-            )
-        roster, bs_key = load_roster(key_dir), load_bs_key(key_dir)
+        keys = open_run_keys(bench, run_dir, devices)
     except KeyFileError as exc:
         raise ConfigError(f"security.keys_dir: {exc}") from None
-    if roster.bs != bs_key.public:
-        raise ConfigError(f"security.keys_dir: {key_dir}: roster.json's BS key is not bs.secret.json's")
-    missing = [k for k in range(devices) if k not in roster.devices]
-    if missing:
-        raise ConfigError(
-            f"security.keys_dir: {key_dir}/roster.json has no key for device(s) {missing[:10]} of the experiment's "
-            f"{devices} (provision them: fedlora-keys init DIR --devices {devices})"
-        )
-    return FrameKeyring(bs_key.secret_bytes, {k: roster.public_bytes(k) for k in range(devices)}, run_id)
+    if keys.provisioned:
+        view.line(f"provisioned keys for {devices} devices in {keys.key_dir} (edge k: --key DIR/device-k.secret.json)")
+    return keys

@@ -33,6 +33,8 @@ from proto.control import (
     decode_control,
     encode,
 )
+from trust.curve import make_server, sender_of, user_device
+from trust.keys import KeyPair
 from trust.sealing import FrameKeyring
 
 log = logging.getLogger("bs")
@@ -64,13 +66,18 @@ class ZmqTransport:
         welcome: Mapping[str, Any],
         view: LiveView,
         keyring: FrameKeyring | None = None,
+        curve_key: KeyPair | None = None,
         silence_timeout_s: float = 30.0,
         clock: Clock = time.monotonic,
         context: zmq.Context | None = None,
     ):
         """welcome: the fields every welcome carries besides the device id (experiment, bench, run_id,
-        data_address). keyring: issues each registration its frame key (None: frames are not sealed)."""
+        data_address). keyring: issues each registration its frame key (None: frames are not sealed).
+        curve_key: the BS's key pair; with it the control plane is CURVE, and the process's authenticator
+        (trust.curve) admits only roster keys, so every message names the device whose key sent it."""
         self.keyring = keyring
+        self.curve = curve_key is not None
+        self._impostors: set[tuple[int | None, object]] = set()  # (key's device, claimed id) pairs logged once
         self.uplink = uplink
         self.device_count = device_count
         self.welcome = dict(welcome)
@@ -81,6 +88,8 @@ class ZmqTransport:
         self.control = self.ctx.socket(zmq.ROUTER)
         self.control.setsockopt(zmq.LINGER, 500)
         self.control.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a send to a vanished edge raises instead of vanishing
+        if curve_key is not None:
+            make_server(self.control, curve_key)
         self.control.bind(control_address)
         self.control_endpoint: str = self.control.getsockopt_string(zmq.LAST_ENDPOINT)
         self.poller = zmq.Poller()
@@ -96,10 +105,11 @@ class ZmqTransport:
         if self.control in ready:
             for _ in range(1000):  # drain what is there, bounded so data frames are not starved
                 try:
-                    parts = self.control.recv_multipart(zmq.NOBLOCK)
+                    frames = self.control.recv_multipart(zmq.NOBLOCK, copy=False)
                 except zmq.Again:
                     break
-                event = self._on_control(parts)
+                sender = sender_of(frames[-1]) if self.curve else None
+                event = self._on_control([f.bytes for f in frames], sender)
                 if event is not None:
                     events.append(event)
         if self.uplink.poll_socket is None or self.uplink.poll_socket in ready:
@@ -109,7 +119,7 @@ class ZmqTransport:
     def drain_frames(self, quiet_s: float, max_wait_s: float) -> list[FrameReceived]:
         return [FrameReceived(rx.data, rx.snr_db) for rx in self.uplink.drain_until_quiet(quiet_s, max_wait_s)]
 
-    def _on_control(self, parts: list[bytes]) -> Event | None:
+    def _on_control(self, parts: list[bytes], sender: str | None) -> Event | None:
         identity = parts[0]
         try:
             if len(parts) not in (2, 3):
@@ -117,6 +127,17 @@ class ZmqTransport:
             msg = decode_control(parts[1])
         except MessageError as exc:
             log.warning("control: ignored bad message from peer %r: %s", identity, exc)
+            return None
+        claimed = getattr(msg, "device_id", None)
+        if self.curve and user_device(sender) != claimed:  # a key speaks only for its own device
+            key_device = user_device(sender)
+            if (key_device, claimed) not in self._impostors and len(self._impostors) < 1024:
+                self._impostors.add((key_device, claimed))
+                log.warning(
+                    "control: the key of device %s sent a %s as device %s: refused", key_device, msg.type, claimed
+                )
+            if isinstance(msg, Register):
+                self._send_raw(identity, Reject(reason=f"this key belongs to device {key_device}, not {claimed}"))
             return None
         if isinstance(msg, Register):
             return self._on_register(identity, msg)

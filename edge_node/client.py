@@ -31,6 +31,8 @@ from proto.control import (
     decode_control,
     encode,
 )
+from trust.curve import make_client
+from trust.keys import KeyPair
 
 log = logging.getLogger("edge")
 Received = tuple[ControlMessage, bytes | None]  # a message and its attachment
@@ -44,14 +46,20 @@ class BsClient:
         *,
         stopping: Callable[[], bool] = lambda: False,
         context: zmq.Context | None = None,
+        key: KeyPair | None = None,
     ):
-        """stopping: polled while waiting, so a stop request ends every wait promptly."""
+        """stopping: polled while waiting, so a stop request ends every wait promptly. key: this device's key
+        pair; with it the socket speaks CURVE to the BS whose public key the key file names (docs/security.md)."""
+        self.key = key
         self.bs_address = bs_address
         self.device_id = device_id
         self.stopping = stopping
         self.sock = (context or zmq.Context.instance()).socket(zmq.DEALER)
         self.sock.setsockopt(zmq.IDENTITY, f"edge-{device_id}-{os.getpid()}".encode())
         self.sock.setsockopt(zmq.LINGER, 500)
+        if key is not None:
+            assert key.bs_public is not None  # load_key checks a device key file carries it
+            make_client(self.sock, key, key.bs_public)
         self.sock.connect(bs_address)
         self._queued: list[Received] = []  # what arrived while waiting for an ack: handled next
 
@@ -80,7 +88,18 @@ class BsClient:
     # ------------------------------------------------------------------------------------------ messages
     def register(self) -> Welcome | None:
         """Register until welcomed; None if the BS rejects this device, ends the run, or we are stopped."""
+        tries = 0
         while not self.stopping():
+            tries += 1
+            if tries == 7:  # ~30 s: a CURVE handshake that fails is silent, so say what to check
+                log.warning(
+                    "edge %d: no welcome from %s after 30 s. Is the BS up at that address? %s",
+                    self.device_id,
+                    self.bs_address,
+                    "Does this key file belong to that BS's roster?"
+                    if self.key is not None
+                    else "If its bench seals frames (security.mode: sealed), start this edge with --key FILE.",
+                )
             self.send(Register(device_id=self.device_id, host=socket.gethostname(), pid=os.getpid()))
             got = self.recv(5.0)
             while got is not None:

@@ -34,7 +34,7 @@ class EdgeNode:
         self.threads = threads
         self.key = key
         self.stopping = False
-        self.client = BsClient(bs_address, device_id, stopping=lambda: self.stopping)
+        self.client = BsClient(bs_address, device_id, stopping=lambda: self.stopping, key=key)
         self.run_id: str | None = None
         self.rounds: EdgeRounds | None = None
         self.tx: UplinkTransmitter | None = None

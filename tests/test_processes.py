@@ -17,6 +17,8 @@ import zmq
 
 from proto.air import FrameSidecar
 from tests.processes import ENV, REPO, TINY, Procs, read_rounds, wait_for
+from trust.curve import make_client
+from trust.keys import load_key, load_roster
 
 pytestmark = pytest.mark.integration
 
@@ -122,8 +124,11 @@ def test_garbage_on_both_sockets_is_logged_and_ignored(procs, tmp_path):
         run_dir, "--set", "devices.count=2", "--set", "round.rounds=2", "--set", "training.local_steps=20"
     )
     ctx = zmq.Context.instance()
-    rogue = ctx.socket(zmq.DEALER)
+    rogue = ctx.socket(zmq.DEALER)  # holds a provisioned key (strangers are refused before they can say anything)
     rogue.setsockopt(zmq.IDENTITY, b"rogue")
+    make_client(
+        rogue, load_key(run_dir / "keys" / "device-1.secret.json", role="device"), load_roster(run_dir / "keys").bs
+    )
     rogue.connect(ep["control"])
     data = ctx.socket(zmq.PUSH)
     data.connect(ep["data"])
@@ -133,7 +138,7 @@ def test_garbage_on_both_sockets_is_logged_and_ignored(procs, tmp_path):
         [b"a", b"b", b"c", b"d"],
         [
             json.dumps(
-                {"v": 2, "type": "report", "device_id": 0, "round": 1, "status": "ok", "measurements": {}}
+                {"v": 2, "type": "report", "device_id": 1, "round": 1, "status": "ok", "measurements": {}}
             ).encode()
         ],
     ):

@@ -18,13 +18,17 @@ import zmq
 
 from bs_node.rounds import FrameReceived
 from proto.air import FrameSidecar
+from proto.control import Register
 from proto.framing import Frame, fragment
 from tests.bs_fakes import frame_key_of, make_station, sends_update, update_frames
-from tests.processes import ENV, REPO, Procs, read_rounds
+from tests.processes import ENV, REPO, Procs, read_rounds, wait_for
+from trust.curve import make_client
 from trust.keys import (
     KeyFileError,
+    KeyPair,
     Roster,
     device_secret_file,
+    generate_pair,
     load_bs_key,
     load_key,
     load_roster,
@@ -194,10 +198,12 @@ def test_a_fresh_salt_each_time():
 
 
 @pytest.mark.integration
-def test_a_rogue_on_the_data_port_cannot_inject_or_displace_frames(tmp_path):
-    """Real BS and edges (sim PHY, keys the BS provisions for the run) while a rogue pushes unsealed frames and
-    frames sealed under keys of its own, for both devices and both rounds, with a conflicting total: every round
-    aggregates both devices, and each rogue frame is counted against the device it claimed."""
+def test_strangers_impostors_and_rogue_frames_are_refused_by_a_real_bs(tmp_path):
+    """Real BS and edges (sim PHY, keys the BS provisions for the run). On the control plane a peer without CURVE
+    and one with a key outside the roster get no answer (the refusal is logged once), and device 1's key cannot
+    register as device 0. Meanwhile a rogue pushes unsealed frames and frames sealed under keys of its own, for
+    both devices and both rounds, with a conflicting total: every round aggregates both devices, and each rogue
+    frame is counted against the device it claimed."""
     procs = Procs(tmp_path)
     stop = threading.Event()
     rogue = zmq.Context.instance().socket(zmq.PUSH)
@@ -207,10 +213,30 @@ def test_a_rogue_on_the_data_port_cannot_inject_or_displace_frames(tmp_path):
         bs, ep = procs.bs(
             run_dir, "--set", "devices.count=2", "--set", "round.rounds=2", "--set", "training.local_steps=10"
         )
-        keyless = procs.start("keyless", ["fedlora-edge", "--bs", ep["control"], "--device-id", "0"])
-        assert keyless.wait(timeout=120) == 2
-        assert "start this edge with --key FILE" in procs.output("keyless")
-        assert stat.S_IMODE((run_dir / "keys" / device_secret_file(1)).stat().st_mode) == 0o600
+        keys = run_dir / "keys"
+        assert stat.S_IMODE((keys / device_secret_file(1)).stat().st_mode) == 0o600
+        roster = load_roster(keys)
+        ctx = zmq.Context.instance()
+
+        def ask(key: KeyPair | None, claim: int) -> bytes | None:
+            """Register as device `claim` over a socket holding `key` (None: no CURVE); the answer, if any."""
+            sock = ctx.socket(zmq.DEALER)
+            sock.setsockopt(zmq.LINGER, 0)
+            if key is not None:
+                make_client(sock, key, roster.bs)
+            sock.connect(ep["control"])
+            sock.send(Register(device_id=claim, host="test", pid=1).model_dump_json().encode())
+            answer = sock.recv() if sock.poll(3000) else None
+            sock.close(0)
+            return answer
+
+        public, secret = generate_pair()
+        stranger = KeyPair(role="device", device_id=0, public=public, secret=secret, bs_public=roster.bs)
+        assert ask(None, 0) is None and ask(stranger, 0) is None and ask(stranger, 0) is None  # no handshake
+        device1 = load_key(keys / device_secret_file(1), role="device")
+        assert b"this key belongs to device 1, not 0" in ask(device1, 0)  # a key speaks only for its device
+        wait_for(lambda: "unknown key" in procs.output("bs"), 30, "the refusal in the BS log")
+        assert procs.output("bs").count("unknown key") == 1  # once per key, however often it knocks
         rogue.connect(ep["data"])
         sidecar = FrameSidecar(snr_db=20.0).encode()
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Final, Literal, TypeVar
 
@@ -125,6 +126,39 @@ class KeyPair(_Model):
 def run_keys_dir(bench: BenchConfig, run_dir: Path) -> Path:
     """Where a run's keys are: the bench's key directory, else the run's own (the BS provisions it at start-up)."""
     return Path(bench.security.keys_dir) if bench.security.keys_dir else Path(run_dir) / "keys"
+
+
+@dataclass(frozen=True)
+class RunKeys:
+    """What a BS (or the air beside it) holds of a run's identities."""
+
+    key_dir: Path
+    roster: Roster
+    bs: KeyPair
+    provisioned: bool  # made for this run, just now
+
+    def device_public(self, devices: int) -> dict[int, bytes]:
+        return {k: self.roster.public_bytes(k) for k in range(devices)}
+
+
+def open_run_keys(bench: BenchConfig, run_dir: Path, devices: int) -> RunKeys:
+    """The bench's key directory, or the run's own, provisioned for `devices` if it has no roster yet; checked:
+    the roster's BS key is the BS key file's, and it names every device of the experiment."""
+    key_dir = run_keys_dir(bench, run_dir)
+    provisioned = False
+    if bench.security.keys_dir is None and not (key_dir / ROSTER_FILE).exists():
+        provision(key_dir, devices)
+        provisioned = True
+    roster, bs = load_roster(key_dir), load_bs_key(key_dir)
+    if roster.bs != bs.public:
+        raise KeyFileError(f"{key_dir}: {ROSTER_FILE}'s BS key is not {BS_SECRET_FILE}'s")
+    missing = [k for k in range(devices) if k not in roster.devices]
+    if missing:
+        raise KeyFileError(
+            f"{key_dir}/{ROSTER_FILE} has no key for device(s) {missing[:10]} of the experiment's {devices} "
+            f"(provision them: fedlora-keys init DIR --devices {devices})"
+        )
+    return RunKeys(key_dir, roster, bs, provisioned)
 
 
 def generate_pair() -> tuple[str, str]:

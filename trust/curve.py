@@ -1,0 +1,97 @@
+"""ZeroMQ CURVE on our sockets: a server admits only the roster's keys, and each message says whose key sent it.
+
+One `RosterAuthenticator` per process (ZeroMQ allows one ZAP handler per context) runs pyzmq's
+`ThreadAuthenticator` with a callback that admits a key only if the roster names it, and gives each admitted
+connection a User-Id, "device:<k>" or "bs", that every message received on it carries. A socket that reads
+messages asks `sender_of(frame)` and compares it with the device id the message claims: a peer holding device
+1's key cannot speak as device 2. An unknown key is refused and logged once (at most `MAX_LOGGED_KEYS` are
+remembered, so a flood of fresh keys costs bounded memory and one line each up to that bound).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+import zmq
+from zmq.auth.thread import ThreadAuthenticator
+from zmq.utils import z85
+
+from trust.keys import KeyPair, Roster
+
+ZAP_DOMAIN = "fedlora"
+BS_USER = "bs"
+MAX_LOGGED_KEYS = 1024
+
+log = logging.getLogger("trust")
+
+
+def device_user(device_id: int) -> str:
+    return f"device:{device_id}"
+
+
+def user_device(user: str | None) -> int | None:
+    """The device id of a User-Id ("device:3" -> 3), None for the BS or no User-Id."""
+    if user is None or not user.startswith("device:"):
+        return None
+    return int(user.split(":", 1)[1])
+
+
+class RosterAuthenticator:
+    """The process's ZAP handler: admits the roster's device keys (and, if asked, the BS's key)."""
+
+    def __init__(self, context: zmq.Context, roster: Roster, *, admit_devices: bool = True, admit_bs: bool = False):
+        self._users: dict[str, str] = {}
+        if admit_devices:
+            self._users.update({key: device_user(k) for k, key in roster.devices.items()})
+        if admit_bs:
+            self._users[roster.bs] = BS_USER
+        self._logged: set[str] = set()
+        self._lock = threading.Lock()
+        self._auth = ThreadAuthenticator(context, log=logging.getLogger("trust.zap"))
+        self._auth.curve_user_id = self._user_id  # type: ignore[method-assign]
+        self._auth.start()
+        self._auth.configure_curve_callback(ZAP_DOMAIN, credentials_provider=self)
+        self.refused = 0
+
+    def callback(self, domain: str, key: bytes) -> bool:
+        """pyzmq's credentials provider: key is the client's Z85 public key."""
+        text = key.decode() if isinstance(key, bytes) else str(key)
+        if text in self._users:
+            return True
+        with self._lock:
+            self.refused += 1
+            if text not in self._logged and len(self._logged) < MAX_LOGGED_KEYS:
+                self._logged.add(text)
+                log.warning("CURVE: refused a peer with an unknown key %s (logged once per key)", text)
+        return False
+
+    def _user_id(self, client_public_key: bytes) -> str:
+        return self._users.get(z85.encode(client_public_key).decode(), "unknown")
+
+    def stop(self) -> None:
+        self._auth.stop()
+
+
+def make_server(sock: zmq.Socket, own: KeyPair) -> None:
+    """Before bind: this socket accepts only CURVE clients that the process's authenticator admits."""
+    sock.curve_server = True
+    sock.curve_secretkey = own.secret.encode()
+    sock.curve_publickey = own.public.encode()
+    sock.zap_domain = ZAP_DOMAIN.encode()
+
+
+def make_client(sock: zmq.Socket, own: KeyPair, server_public: str) -> None:
+    """Before connect: this socket talks CURVE to the server whose public key is server_public (Z85)."""
+    sock.curve_secretkey = own.secret.encode()
+    sock.curve_publickey = own.public.encode()
+    sock.curve_serverkey = server_public.encode()
+
+
+def sender_of(frame: zmq.Frame) -> str | None:
+    """The User-Id the authenticator gave the connection a received frame came on (None without CURVE)."""
+    try:
+        value = frame.get("User-Id")
+    except zmq.ZMQError:
+        return None
+    return value if isinstance(value, str) else None
