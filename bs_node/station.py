@@ -52,20 +52,21 @@ class BaseStation:
         self.runner: RoundRunner | None = None
         torch.set_num_threads(threads)
         ctx: zmq.Context = zmq.Context.instance()
-        uplink = open_uplink_receiver(
-            bench,
-            bind_address=data_address or bench.addresses.data,
-            context=ctx,
-            device_count=experiment.devices.count,
-            seed=experiment.seed,
-        )
-        self.data_endpoint = uplink.address  # what edges send to
         keys = open_keys(bench, run_dir, experiment.devices.count, self.view)
         keyring = None
         self.authenticator: RosterAuthenticator | None = None
         if keys is not None:  # CURVE on the control plane, sealed frames on the uplink (docs/security.md)
             keyring = FrameKeyring(keys.bs.secret_bytes, keys.device_public(experiment.devices.count), self.run_id)
             self.authenticator = RosterAuthenticator(ctx, keys.roster)
+        uplink = open_uplink_receiver(
+            bench,
+            bind_address=data_address or bench.addresses.data,
+            context=ctx,
+            device_count=experiment.devices.count,
+            seed=experiment.seed,
+            key=None if keys is None else keys.bs,
+        )
+        self.data_endpoint = uplink.address  # what edges send to
         self.transport = ZmqTransport(
             control_address=control_address or bench.addresses.control,
             uplink=uplink,

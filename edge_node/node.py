@@ -71,7 +71,8 @@ class EdgeNode:
         data_address = reachable_address(welcome.data_address, self.bs_address)
         if self.tx is not None:
             self.tx.close()
-        self.tx = open_uplink_transmitter(bench, self.device_id, data_address=data_address, seed=exp.seed)
+        key = self.key if bench.security.mode == "sealed" else None
+        self.tx = open_uplink_transmitter(bench, self.device_id, data_address=data_address, seed=exp.seed, key=key)
         self.rounds = EdgeRounds(
             exp, bench, self.device_id, self.tx, link=self.client, stopping=lambda: self.stopping, threads=self.threads
         )

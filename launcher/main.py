@@ -21,12 +21,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
-from config import REPO_ROOT, BenchConfig, ConfigError, load_bench, load_experiment
+from config import REPO_ROOT, ConfigError, load_bench, load_experiment
 from proto.air import AirEndpoints, AirMessageError
 from proto.air import decode_endpoints as decode_air_endpoints
 from proto.control import MessageError
 from proto.control import decode_endpoints as decode_bs_endpoints
-from trust.keys import device_secret_file, run_keys_dir
+from trust.keys import KeyFileError, device_secret_file, open_run_keys
 
 T = TypeVar("T")
 
@@ -90,6 +90,13 @@ def main(argv: list[str] | None = None) -> int:
     run_dir = Path(args.run_dir or Path(args.runs_dir) / f"{time.strftime('%Y%m%d-%H%M%S')}-{experiment.name}")
     (run_dir / "logs").mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
+    key_dir: Path | None = None
+    if bench.security.mode == "sealed":  # before the air and the BS start: both serve under the BS's key
+        try:
+            key_dir = open_run_keys(bench, run_dir, experiment.devices.count).key_dir
+        except KeyFileError as exc:
+            print(f"fedlora-run: configuration error: security.keys_dir: {exc}", file=sys.stderr)
+            return 2
 
     passthrough = []
     for flag, value in (("--experiment", args.experiment), ("--bench", args.bench)):
@@ -99,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     passthrough += [x for o in args.bench_overrides for x in ("--bench-set", o)]
     air: subprocess.Popen | None = None
     if bench.phy == "gr-zmq-iq":
-        air, air_endpoints = _start_air(args, run_dir, env)
+        air, air_endpoints = _start_air(args, run_dir, env, key_dir)
         if air_endpoints is None:
             print(f"fedlora-run: the air process did not start (see {run_dir / 'logs' / 'air.log'})", file=sys.stderr)
             _stop(air)
@@ -163,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
                         str(k),
                         "--threads",
                         str(args.edge_threads),
-                        *_key_args(bench, run_dir, k),
+                        *_key_args(key_dir, k),
                     ],
                     env=env,
                     stdout=log,
@@ -210,11 +217,9 @@ def main(argv: list[str] | None = None) -> int:
         bs_log.close()
 
 
-def _key_args(bench: BenchConfig, run_dir: Path, device_id: int) -> list[str]:
-    """`--key FILE` for edge k when the bench seals frames (the BS provisioned or found the keys before binding)."""
-    if bench.security.mode == "none":
-        return []
-    return ["--key", str(run_keys_dir(bench, run_dir) / device_secret_file(device_id))]
+def _key_args(key_dir: Path | None, device_id: int) -> list[str]:
+    """`--key FILE` for edge k when the bench seals (the launcher provisioned or found the keys at start)."""
+    return [] if key_dir is None else ["--key", str(key_dir / device_secret_file(device_id))]
 
 
 def _stop_with_parent() -> None:
@@ -229,7 +234,9 @@ def _stop_with_parent() -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
-def _start_air(args: argparse.Namespace, run_dir: Path, env: dict) -> tuple[subprocess.Popen, AirEndpoints | None]:
+def _start_air(
+    args: argparse.Namespace, run_dir: Path, env: dict, key_dir: Path | None
+) -> tuple[subprocess.Popen, AirEndpoints | None]:
     """The gr-zmq-iq air on free loopback ports; returns it and its bound addresses (None if it failed)."""
     endpoints = run_dir / "air.json"
     endpoints.unlink(missing_ok=True)
@@ -245,6 +252,7 @@ def _start_air(args: argparse.Namespace, run_dir: Path, env: dict) -> tuple[subp
     if args.bench:
         cmd += ["--bench", args.bench]
     cmd += [x for o in args.bench_overrides for x in ("--bench-set", o)]
+    cmd += ["--keys", str(key_dir)] if key_dir is not None else []
     with open(run_dir / "logs" / "air.log", "w") as log:
         air = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:

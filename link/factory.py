@@ -11,11 +11,19 @@ from config import BenchConfig, ConfigError
 from phy.channel import DeviceGeometry, PerCurve, SimChannel
 from phy.sim import SimUplinkReceiver, SimUplinkTransmitter
 from phy.uplink import UplinkReceiver, UplinkTransmitter
+from trust.keys import KeyPair
 
 
 def open_uplink_transmitter(
-    bench: BenchConfig, device_id: int, *, data_address: str, seed: int, context: zmq.Context[Any] | None = None
+    bench: BenchConfig,
+    device_id: int,
+    *,
+    data_address: str,
+    seed: int,
+    context: zmq.Context[Any] | None = None,
+    key: KeyPair | None = None,
 ) -> UplinkTransmitter:
+    """key: the device's key pair on a sealed bench (the air's CURVE; the sim links carry sealed frames only)."""
     geometry = DeviceGeometry(device_id=device_id, distance_m=bench.device(device_id).distance_m)
     if bench.phy in ("sim", "gr-loopback"):
         # gr-loopback's edge is the sim's (the BS runs the modem), with the modulation beside each frame
@@ -38,6 +46,7 @@ def open_uplink_transmitter(
             geometry=geometry,
             context=context,
             clock_speed=bench.air.clock_speed,
+            key=key,
         )
     if bench.phy == "rf":
         from phy.rf import RfUplinkTransmitter
@@ -53,8 +62,10 @@ def open_uplink_receiver(
     context: zmq.Context[Any] | None = None,
     device_count: int | None = None,
     seed: int = 0,
+    key: KeyPair | None = None,
 ) -> UplinkReceiver:
-    """device_count / seed: the experiment's (gr-zmq-iq: one subband receiver per device; the air's channel draws)."""
+    """device_count / seed: the experiment's (gr-zmq-iq: one subband receiver per device; the air's channel draws).
+    key: the BS's key pair on a sealed bench (gr-zmq-iq: the air serves CURVE under it)."""
     if bench.phy == "sim":
         return SimUplinkReceiver(bind_address=bind_address, context=context)
     if bench.phy == "gr-loopback":
@@ -80,6 +91,7 @@ def open_uplink_receiver(
             hangover_s=air.hangover_s,
             attenuation_db=air.filter_attenuation_db,
             context=context,
+            key=key,
         )
     if bench.phy == "rf":
         from phy.rf import RfUplinkReceiver

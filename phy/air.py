@@ -30,6 +30,7 @@ from pathlib import Path
 from config import ConfigError, load_bench
 from phy.air_server import Air
 from proto.air import AirEndpoints
+from trust.keys import KeyFileError, load_run_keys
 
 log = logging.getLogger("air")
 
@@ -55,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--medium", help="bind address of the medium to the BS (default: the bench's air.medium)")
     parser.add_argument("--endpoints-file", help="write the bound addresses here as JSON (proto.air.AirEndpoints)")
     parser.add_argument("--noise-seed", type=int, default=0)
+    parser.add_argument("--keys", help="the run's key directory (needed when the bench seals: docs/security.md)")
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
     try:
@@ -63,10 +65,21 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fedlora-air: configuration error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
     logging.basicConfig(level=args.log_level, stream=sys.stderr, format="%(asctime)s air %(levelname)s %(message)s")
+    keys = None
+    if bench.security.mode == "sealed":
+        if not args.keys:
+            print("fedlora-air: the bench seals (security.mode: sealed): pass --keys DIR, the BS's", file=sys.stderr)
+            return 2
+        try:
+            keys = load_run_keys(Path(args.keys))
+        except KeyFileError as exc:
+            print(f"fedlora-air: key error: {exc}", file=sys.stderr)
+            return 2
     air = Air(
         address=args.address or bench.air.address,
         medium_address=args.medium or bench.air.medium,
         noise_seed=args.noise_seed,
+        keys=keys,
     )
     if args.endpoints_file:
         write_endpoints(args.endpoints_file, air)

@@ -7,6 +7,10 @@
 * ``medium_address`` (PUSH, bound): the summed medium as [``MediumChunk`` {index}, complex64 IQ], ~10 ms a chunk.
 
 A message the air cannot use is logged with its peer and answered with ``error``; it never stops the air.
+
+With the run's keys (a sealed bench, docs/security.md) both sockets are CURVE servers under the BS's key pair: the
+request socket admits the roster's keys, and takes a plan only from the BS's key and a burst only from the key of
+the device it claims to be; the medium admits the BS's key alone.
 """
 
 from __future__ import annotations
@@ -37,6 +41,8 @@ from proto.air import (
     RoundPlan,
     decode_request,
 )
+from trust.curve import BS_ONLY_DOMAIN, BS_USER, RosterAuthenticator, make_server, sender_of, user_device
+from trust.keys import RunKeys
 
 log = logging.getLogger("air")
 
@@ -95,17 +101,30 @@ class Air:
     """The air process's server: sockets, the BS's plan, bursts onto the medium. ``run()`` until ``stop()``."""
 
     def __init__(
-        self, *, address: str, medium_address: str, noise_seed: int = 0, context: zmq.Context | None = None
+        self,
+        *,
+        address: str,
+        medium_address: str,
+        noise_seed: int = 0,
+        context: zmq.Context | None = None,
+        keys: RunKeys | None = None,
     ) -> None:
+        """keys: the run's (None: a bench with security.mode none; any peer may send)."""
         ctx = context or zmq.Context.instance()
+        self.secure = keys is not None
+        self.authenticator = RosterAuthenticator(ctx, keys.roster) if keys is not None else None
         self.router = ctx.socket(zmq.ROUTER)
         self.router.setsockopt(zmq.LINGER, 0)
         self.router.setsockopt(zmq.MAXMSGSIZE, MAX_BURST_SAMPLES * IQ_SAMPLE_BYTES + MAX_HEADER_BYTES)
+        if keys is not None:
+            make_server(self.router, keys.bs)
         self.router.bind(bindable(address))
         self.address = self.router.getsockopt_string(zmq.LAST_ENDPOINT)
         self.medium_push = ctx.socket(zmq.PUSH)
         self.medium_push.setsockopt(zmq.LINGER, 0)
         self.medium_push.setsockopt(zmq.SNDHWM, MEDIUM_QUEUE_CHUNKS)
+        if keys is not None:
+            make_server(self.medium_push, keys.bs, BS_ONLY_DOMAIN)
         self.medium_push.bind(bindable(medium_address))
         self.medium_address = self.medium_push.getsockopt_string(zmq.LAST_ENDPOINT)
         self.medium = Medium(noise_seed)
@@ -119,6 +138,8 @@ class Air:
     def close(self) -> None:
         self.router.close(linger=0)
         self.medium_push.close(linger=0)
+        if self.authenticator is not None:
+            self.authenticator.stop()
 
     def run(self) -> None:
         poller = zmq.Poller()
@@ -128,10 +149,10 @@ class Air:
             if dict(poller.poll(timeout_ms)).get(self.router):
                 for _ in range(100):
                     try:
-                        parts = self.router.recv_multipart(zmq.NOBLOCK, copy=True)
+                        frames = self.router.recv_multipart(zmq.NOBLOCK, copy=False)
                     except zmq.Again:
                         break
-                    self.on_message(parts)
+                    self.on_message([f.bytes for f in frames], sender_of(frames[-1]) if self.secure else None)
             self.medium.advance(self._send_chunk, self._on_burst_end)
         log.info(
             "air stopped: %s, medium_samples %d, busy_s %.2f",
@@ -141,16 +162,21 @@ class Air:
         )
 
     # ----------------------------------------------------------------------------------------- requests
-    def on_message(self, parts: list[bytes]) -> None:
-        """One message as the ROUTER received it: [peer identity, header, (IQ)]."""
+    def on_message(self, parts: list[bytes], sender: str | None = None) -> None:
+        """One message as the ROUTER received it: [peer identity, header, (IQ)]; sender: the User-Id of the key
+        it came with (trust.curve; None without CURVE)."""
         identity, kind = parts[0], ""
         try:
             request = decode_request(parts[1:])
             if isinstance(request, RoundPlan):
                 kind = request.type
+                if self.secure and sender != BS_USER:
+                    raise AirError(f"plan: only the BS's key may send plans (this one is {sender})")
                 self._on_plan(identity, request)
             else:
                 kind = request.header.type
+                if self.secure and user_device(sender) != request.header.device_id:
+                    raise AirError(f"burst: the key of {sender} cannot send as device {request.header.device_id}")
                 self._on_burst(identity, request)
         except (AirMessageError, AirError) as exc:
             if isinstance(exc, AirMessageError):

@@ -53,6 +53,8 @@ from proto.air import (
     decode_medium,
     decode_reply,
 )
+from trust.curve import make_client
+from trust.keys import KeyPair
 
 log = logging.getLogger(__name__)
 
@@ -129,9 +131,11 @@ class ZmqIqReceiver(UplinkReceiver):
         hangover_s: float = 0.02,
         attenuation_db: float = fdma.DEFAULT_ATTENUATION_DB,
         context: zmq.Context | None = None,
+        key: KeyPair | None = None,
     ) -> None:
         """distances_m, channel, seed, max_cfo_hz, clock_speed, hangover_s: what the air applies (announced
-        with every plan: the air has no configuration of its own beyond its addresses)."""
+        with every plan: the air has no configuration of its own beyond its addresses). key: the BS's key pair
+        on a sealed bench (the air serves CURVE under it: docs/security.md)."""
         if device_count < 1:
             raise ValueError(f"device_count must be >= 1, got {device_count}")
         self.total_bandwidth_hz = float(total_bandwidth_hz)
@@ -150,11 +154,15 @@ class ZmqIqReceiver(UplinkReceiver):
         ctx = context or zmq.Context.instance()
         self._air = ctx.socket(zmq.DEALER)
         self._air.setsockopt(zmq.LINGER, 0)
+        if key is not None:
+            make_client(self._air, key, key.public)
         self._air.connect(air_address)
         self._medium = ctx.socket(zmq.PULL)
         self._medium.setsockopt(zmq.LINGER, 0)
         self._medium.setsockopt(zmq.RCVHWM, MEDIUM_QUEUE_CHUNKS)
         self._medium.setsockopt(zmq.MAXMSGSIZE, MAX_MEDIUM_SAMPLES * IQ_SAMPLE_BYTES)
+        if key is not None:
+            make_client(self._medium, key, key.public)
         self._medium.connect(medium_address)
         self.inbox = FrameInbox()
         self.burst_ends: dict[int, int] = {}  # device -> medium index where its last reported burst ended

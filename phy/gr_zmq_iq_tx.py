@@ -18,6 +18,8 @@ from phy.channel import DeviceGeometry, TxSetting
 from phy.uplink import TxReport, UplinkTransmitter, checked_frames
 from proto import numerology
 from proto.air import AirMessageError, AirRefusal, BurstDone, BurstHeader, decode_reply
+from trust.curve import make_client
+from trust.keys import KeyPair
 
 log = logging.getLogger("phy.gr_zmq_iq")
 
@@ -33,7 +35,9 @@ class ZmqIqTransmitter(UplinkTransmitter):
         context: zmq.Context | None = None,
         clock_speed: float = 1.0,
         reply_slack_s: float = 30.0,
+        key: KeyPair | None = None,
     ) -> None:
+        """key: this device's key pair on a sealed bench (the air admits only roster keys: docs/security.md)."""
         self.geometry = geometry
         self.air_address = air_address
         self.clock_speed = clock_speed
@@ -42,6 +46,9 @@ class ZmqIqTransmitter(UplinkTransmitter):
         self._sock = ctx.socket(zmq.DEALER)
         self._sock.setsockopt(zmq.LINGER, 0)
         self._sock.setsockopt(zmq.SNDTIMEO, 5000)  # a missing air must not block the edge forever
+        if key is not None:
+            assert key.bs_public is not None  # a device key file carries it (trust.keys.load_key)
+            make_client(self._sock, key, key.bs_public)
         self._sock.connect(air_address)
         self._burst_ids = itertools.count(1)
         self._closed = False

@@ -268,3 +268,37 @@ def test_strangers_impostors_and_rogue_frames_are_refused_by_a_real_bs(tmp_path)
             thread.join(5)  # a zmq socket is not thread-safe: no close while the rogue may still be sending
         rogue.close(0)
         procs.cleanup()
+
+
+def test_the_air_takes_plans_only_from_the_bs_and_bursts_only_from_their_device(tmp_path):
+    """The air under the run's keys: a device's key cannot send a plan, and cannot send a burst as another device;
+    the BS's plan and the device's own burst are taken."""
+    pytest.importorskip("scipy")
+    import numpy as np
+
+    from phy.air_server import Air
+    from tests.test_zmq_iq import GOOD_BURST, GOOD_PLAN
+    from trust.keys import load_run_keys
+
+    provision(tmp_path / "keys", 2)
+    ctx = zmq.Context()
+    air = Air(
+        address="tcp://127.0.0.1:0",
+        medium_address="tcp://127.0.0.1:0",
+        context=ctx,
+        keys=load_run_keys(tmp_path / "keys"),
+    )
+    try:
+        iq = np.full(1000, 0.1, dtype=np.complex64).tobytes()
+        plan, burst = GOOD_PLAN.encode(), GOOD_BURST.encode()  # a plan for device 0; a burst of device 0
+        air.on_message([b"peer", plan], "device:0")
+        assert air.stats["refused"] == 1 and air.bs.physics is None
+        air.on_message([b"bs", plan], "bs")
+        assert air.bs.physics is not None
+        air.on_message([b"peer", burst, iq], "device:1")
+        assert air.stats["refused"] == 2 and air.stats["bursts"] == 0
+        air.on_message([b"peer", burst, iq], "device:0")
+        assert air.stats["refused"] == 2 and air.stats["bursts"] == 1
+    finally:
+        air.close()
+        ctx.term()

@@ -11,6 +11,7 @@ import math
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -284,7 +285,8 @@ def test_the_air_reports_a_bad_bench_in_one_line_and_exits_2():
 gnuradio = pytest.mark.gnuradio
 
 
-def _start_air(tmp_path, *bench_set: str) -> tuple[subprocess.Popen, dict]:
+def _start_air(tmp_path, *bench_set: str, keys: Path | None = None) -> tuple[subprocess.Popen, dict]:
+    """The air on free ports; with `keys` (a key directory) it serves CURVE, else the bench is insecure."""
     endpoints = tmp_path / "air.json"
     cmd = [
         sys.executable,
@@ -300,6 +302,7 @@ def _start_air(tmp_path, *bench_set: str) -> tuple[subprocess.Popen, dict]:
         str(endpoints),
     ]
     cmd += [x for o in bench_set for x in ("--bench-set", o)]
+    cmd += ["--keys", str(keys)] if keys is not None else ["--bench-set", "security.mode=none"]
     log = open(tmp_path / "air.log", "w")
     air = subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=log, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 120
@@ -316,11 +319,20 @@ def _start_air(tmp_path, *bench_set: str) -> tuple[subprocess.Popen, dict]:
         raise
 
 
-def _edges(air_address: str, jobs: list[tuple[int, int, int, float, float]]) -> list[dict]:
-    """Edge transmitters as processes: (device, round, frames, power dBm, bandwidth Hz) each; their reports."""
+def _edges(air_address: str, jobs: list[tuple[int, int, int, float, float]], keys: Path | None = None) -> list[dict]:
+    """Edge transmitters as processes: (device, round, frames, power dBm, bandwidth Hz[, key of device]) each, with
+    that device's key file from `keys` (a job's sixth entry: another device's key); their reports."""
     procs = [
         subprocess.Popen(
-            [sys.executable, "-m", "tests.test_zmq_iq", "edge", air_address, *map(str, job)],
+            [
+                sys.executable,
+                "-m",
+                "tests.test_zmq_iq",
+                "edge",
+                air_address,
+                *map(str, job[:5]),
+                *([str(keys / f"device-{job[5] if len(job) > 5 else job[0]}.secret.json")] if keys else []),
+            ],
             cwd=REPO,
             env=ENV,
             stdout=subprocess.PIPE,
@@ -352,18 +364,23 @@ def _by_device(frames) -> dict[int, list[float]]:
 def test_air_link_delivers_by_subband_with_snr_following_distance(tmp_path):
     pytest.importorskip("gnuradio")
     from link.factory import open_uplink_receiver
+    from trust.keys import load_bs_key, provision
 
-    # devices 0 and 3 of zmq_iq.yaml: 10 m and 50 m; no fading, so the order is the path loss's
-    air, ep = _start_air(tmp_path)
+    # devices 0 and 3 of zmq_iq.yaml: 10 m and 50 m; no fading, so the order is the path loss's. The air serves
+    # CURVE under the run's keys: the BS and each edge connect with their own key pair
+    keys = tmp_path / "keys"
+    provision(keys, 4)
+    air, ep = _start_air(tmp_path, keys=keys)
     rx = open_uplink_receiver(
         load_bench(ZMQ_IQ, ["channel.fading=none", f"air.address={ep['address']}", f"air.medium={ep['medium']}"]),
         bind_address="",
         seed=0,
+        key=load_bs_key(keys),
     )
     try:
         # round 1: equal shares, full power: nothing lost, the near device is measured higher
         rx.start_round(1, {k: 250e3 for k in range(4)})
-        reports = _edges(ep["address"], [(0, 1, 20, 10.0, 250e3), (3, 1, 20, 10.0, 250e3)])
+        reports = _edges(ep["address"], [(0, 1, 20, 10.0, 250e3), (3, 1, 20, 10.0, 250e3)], keys)
         got = _by_device(rx.drain_until_quiet(0.2, 30.0))
         assert all(r["error"] is None for r in reports), reports
         assert reports[0]["airtime_s"] == pytest.approx(reports[0]["samples"] / 250e3)
@@ -376,15 +393,18 @@ def test_air_link_delivers_by_subband_with_snr_following_distance(tmp_path):
 
         # round 2: unequal shares (both ends retune; 5/3 and 5/2 rate ratios), device 3 far too weak to decode
         rx.start_round(2, {0: 600e3, 3: 400e3})
-        reports = _edges(ep["address"], [(0, 2, 10, 10.0, 600e3), (3, 2, 10, -40.0, 400e3)])
+        reports = _edges(ep["address"], [(0, 2, 10, 10.0, 600e3), (3, 2, 10, -40.0, 400e3)], keys)
         got = _by_device(rx.drain_until_quiet(0.2, 30.0))
         assert len(got.get(0, [])) == 10, {k: len(v) for k, v in got.items()}
         assert len(got.get(3, [])) == 0  # -40 dBm at 50 m: SNR ~ -30 dB
         assert np.mean(got[0]) > 35
 
         # a burst whose width is not the device's subband is refused, and reported as an error
-        reports = _edges(ep["address"], [(0, 2, 2, 10.0, 250e3)])
+        reports = _edges(ep["address"], [(0, 2, 2, 10.0, 250e3)], keys)
         assert "subband" in reports[0]["error"]
+        # device 3's key cannot put a burst on the air as device 0
+        reports = _edges(ep["address"], [(0, 2, 2, 10.0, 600e3, 3)], keys)
+        assert "the key of device:3 cannot send as device 0" in reports[0]["error"]
     finally:
         rx.close()
         air.terminate()
@@ -500,13 +520,15 @@ def test_fedlora_run_over_the_air(tmp_path):
 def _edge_main(argv: list[str]) -> int:
     from phy.gr_zmq_iq_tx import ZmqIqTransmitter
     from proto.framing import fragment
+    from trust.keys import load_key
 
-    air, device, round_idx, n_frames, power, bandwidth = argv
+    air, device, round_idx, n_frames, power, bandwidth, *key_file = argv
     device, round_idx, n_frames = int(device), int(round_idx), int(n_frames)
+    key = load_key(Path(key_file[0]), role="device") if key_file else None
     rng = np.random.default_rng(device)
     payload = rng.integers(0, 256, n_frames * 990, dtype=np.uint8).tobytes()
-    frames = [f.to_bytes() for f in fragment(payload, device, round_idx, 1000)][:n_frames]
-    tx = ZmqIqTransmitter(air_address=air, geometry=DeviceGeometry(device, 10.0))
+    frames = [f.to_bytes() for f in fragment(payload, device, round_idx, 978)][:n_frames]
+    tx = ZmqIqTransmitter(air_address=air, geometry=DeviceGeometry(device, 10.0), key=key)
     report = tx.send(frames, TxSetting(float(power), float(bandwidth), "qpsk"), round_idx=round_idx)
     samples = round(report.airtime_s * float(bandwidth))
     print(

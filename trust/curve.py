@@ -19,7 +19,8 @@ from zmq.utils import z85
 
 from trust.keys import KeyPair, Roster
 
-ZAP_DOMAIN = "fedlora"
+ZAP_DOMAIN = "fedlora"  # devices and the BS (the BS's control socket, the air's request socket)
+BS_ONLY_DOMAIN = "fedlora-bs"  # the BS alone (the air's medium)
 BS_USER = "bs"
 MAX_LOGGED_KEYS = 1024
 
@@ -37,33 +38,40 @@ def user_device(user: str | None) -> int | None:
     return int(user.split(":", 1)[1])
 
 
-class RosterAuthenticator:
-    """The process's ZAP handler: admits the roster's device keys (and, if asked, the BS's key)."""
+class _Domain:
+    """pyzmq's credentials provider for one ZAP domain: which of the roster's keys it admits."""
 
-    def __init__(self, context: zmq.Context, roster: Roster, *, admit_devices: bool = True, admit_bs: bool = False):
-        self._users: dict[str, str] = {}
-        if admit_devices:
-            self._users.update({key: device_user(k) for k, key in roster.devices.items()})
-        if admit_bs:
-            self._users[roster.bs] = BS_USER
+    def __init__(self, owner: RosterAuthenticator, keys: set[str]):
+        self.owner, self.keys = owner, keys
+
+    def callback(self, domain: str, key: bytes) -> bool:
+        text = key.decode() if isinstance(key, bytes) else str(key)
+        return text in self.keys or self.owner.refuse(text, domain)
+
+
+class RosterAuthenticator:
+    """The process's ZAP handler. Domain ZAP_DOMAIN admits the roster's device keys and the BS's key,
+    BS_ONLY_DOMAIN the BS's key alone; `make_server(..., domain=...)` says which a socket uses."""
+
+    def __init__(self, context: zmq.Context, roster: Roster):
+        self._users = {key: device_user(k) for k, key in roster.devices.items()} | {roster.bs: BS_USER}
         self._logged: set[str] = set()
         self._lock = threading.Lock()
         self._auth = ThreadAuthenticator(context, log=logging.getLogger("trust.zap"))
         self._auth.curve_user_id = self._user_id  # type: ignore[method-assign]
         self._auth.start()
-        self._auth.configure_curve_callback(ZAP_DOMAIN, credentials_provider=self)
+        self._auth.configure_curve_callback(ZAP_DOMAIN, credentials_provider=_Domain(self, set(self._users)))
+        self._auth.configure_curve_callback(BS_ONLY_DOMAIN, credentials_provider=_Domain(self, {roster.bs}))
         self.refused = 0
 
-    def callback(self, domain: str, key: bytes) -> bool:
-        """pyzmq's credentials provider: key is the client's Z85 public key."""
-        text = key.decode() if isinstance(key, bytes) else str(key)
-        if text in self._users:
-            return True
+    def refuse(self, text: str, domain: str) -> bool:
+        """Count and log (once per key) a refused key; always False."""
         with self._lock:
             self.refused += 1
             if text not in self._logged and len(self._logged) < MAX_LOGGED_KEYS:
                 self._logged.add(text)
-                log.warning("CURVE: refused a peer with an unknown key %s (logged once per key)", text)
+                known = "an unknown key" if text not in self._users else f"the key of {self._users[text]}"
+                log.warning("CURVE: refused a peer with %s %s on %s (logged once per key)", known, text, domain)
         return False
 
     def _user_id(self, client_public_key: bytes) -> str:
@@ -73,12 +81,12 @@ class RosterAuthenticator:
         self._auth.stop()
 
 
-def make_server(sock: zmq.Socket, own: KeyPair) -> None:
-    """Before bind: this socket accepts only CURVE clients that the process's authenticator admits."""
+def make_server(sock: zmq.Socket, own: KeyPair, domain: str = ZAP_DOMAIN) -> None:
+    """Before bind: this socket accepts only CURVE clients that the process's authenticator admits in domain."""
     sock.curve_server = True
     sock.curve_secretkey = own.secret.encode()
     sock.curve_publickey = own.public.encode()
-    sock.zap_domain = ZAP_DOMAIN.encode()
+    sock.zap_domain = domain.encode()
 
 
 def make_client(sock: zmq.Socket, own: KeyPair, server_public: str) -> None:

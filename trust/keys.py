@@ -149,16 +149,24 @@ def open_run_keys(bench: BenchConfig, run_dir: Path, devices: int) -> RunKeys:
     if bench.security.keys_dir is None and not (key_dir / ROSTER_FILE).exists():
         provision(key_dir, devices)
         provisioned = True
-    roster, bs = load_roster(key_dir), load_bs_key(key_dir)
-    if roster.bs != bs.public:
-        raise KeyFileError(f"{key_dir}: {ROSTER_FILE}'s BS key is not {BS_SECRET_FILE}'s")
+    keys = load_run_keys(key_dir)
+    roster = keys.roster
     missing = [k for k in range(devices) if k not in roster.devices]
     if missing:
         raise KeyFileError(
             f"{key_dir}/{ROSTER_FILE} has no key for device(s) {missing[:10]} of the experiment's {devices} "
             f"(provision them: fedlora-keys init DIR --devices {devices})"
         )
-    return RunKeys(key_dir, roster, bs, provisioned)
+    return RunKeys(key_dir, roster, keys.bs, provisioned)
+
+
+def load_run_keys(key_dir: Path) -> RunKeys:
+    """A key directory's roster and BS key pair, checked to belong together."""
+    key_dir = Path(key_dir)
+    roster, bs = load_roster(key_dir), load_bs_key(key_dir)
+    if roster.bs != bs.public:
+        raise KeyFileError(f"{key_dir}: {ROSTER_FILE}'s BS key is not {BS_SECRET_FILE}'s")
+    return RunKeys(key_dir, roster, bs, provisioned=False)
 
 
 def generate_pair() -> tuple[str, str]:
