@@ -12,6 +12,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
+import torch
+
 from bs_node.controllers.costs import ModelShape
 from config import ExperimentConfig
 from fedlora.aggregation import FLOAT32_MAX, Absent, ClientUpdate, check_update
@@ -21,7 +23,7 @@ from fedlora.models import build_backbone, load_tokenizer, num_layers
 from fedlora.partition import device_splits, validation_union
 from fedlora.tasks import Example, load_task
 from fedlora.training import evaluate
-from proto.codec import CodecError, decode_update, encode_update, expected_shapes, largest_value
+from proto.codec import CodecError, decode_update, encode_update, encoded_size, expected_shapes, largest_value
 
 log = logging.getLogger("bs")
 BS_DEVICE_ID = 0xFFFF  # sender id written into the downlink adapter view
@@ -164,3 +166,19 @@ class GlobalModel:
 
     def adapter_state(self) -> dict[str, Any]:
         return self.adapter.state
+
+    def max_update_bytes(self, rank: int, depth: int) -> int:
+        """The largest encoding of an update of this module the codec accepts (fp32, every component with a
+        mask): what reassembly holds at most for a device planned to train it (docs/security.md)."""
+        shapes = expected_shapes(self.adapter.view(ModuleSpec(rank, depth)))
+        return max(encoded_size(shapes, dtype="fp32"), encoded_size(shapes, dtype="fp32", kept=rank))
+
+    def load_adapter_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Continue from a checkpoint's adapter: the same keys and shapes, or ValueError naming the first misfit."""
+        own = self.adapter.state
+        if set(state) != set(own):
+            raise ValueError(f"adapter keys differ: {sorted(set(state) ^ set(own))[:4]}")
+        for key, value in state.items():
+            if tuple(value.shape) != tuple(own[key].shape):
+                raise ValueError(f"adapter {key}: shape {tuple(value.shape)}, this model has {tuple(own[key].shape)}")
+            own[key].copy_(value)

@@ -30,6 +30,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--bench-set", dest="bench_overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--run-dir", help="run folder (default: runs/<time>-<name>)")
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="go on with the run in --run-dir from its checkpoint (same configuration, same addresses)",
+    )
     parser.add_argument("--control", help="control-plane bind address (default: the bench's)")
     parser.add_argument("--data", help="data-plane bind address (default: the bench's)")
     parser.add_argument(
@@ -51,9 +56,19 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:  # one line: file, key, value, what is allowed
         print(f"fedlora-bs: configuration error: {exc}", file=sys.stderr)
         return 2
+    from bs_node.checkpoint import CheckpointError
+    from bs_node.checkpoint import load as load_checkpoint
     from bs_node.station import BaseStation, StartupError
 
+    if args.resume and not args.run_dir:
+        print("fedlora-bs: --resume needs --run-dir, the folder of the run to go on with", file=sys.stderr)
+        return 2
     run_dir = Path(args.run_dir or Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{experiment.name}")
+    try:
+        resume = load_checkpoint(run_dir, experiment, bench) if args.resume else None
+    except CheckpointError as exc:
+        print(f"fedlora-bs: cannot resume: {exc}", file=sys.stderr)
+        return 2
     try:
         bs = BaseStation(
             experiment,
@@ -63,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
             data_address=args.data,
             silence_timeout_s=args.silence_timeout,
             threads=args.threads,
+            resume=resume,
         )
     except ConfigError as exc:  # what only the bench and the experiment together can tell
         print(f"fedlora-bs: configuration error: {exc}", file=sys.stderr)

@@ -89,6 +89,13 @@ class RoundRecord:
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RoundRecord:
+        """A record as rounds.jsonl holds it (a resumed run reads its earlier rounds back)."""
+        rows = [DeviceRound(**row) for row in data.get("devices", [])]
+        stale = {int(k): v for k, v in data.get("stale_updates", {}).items()}
+        return cls(**{**data, "devices": rows, "stale_updates": stale})
+
     @property
     def uplink_bytes(self) -> int:
         return sum(d.uplink_bytes for d in self.devices)

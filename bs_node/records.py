@@ -25,11 +25,25 @@ class RunRecorder:
         self.records: list[RoundRecord] = []
         self.initial_accuracy: float | None = None  # before fine-tuning: round 0 of the plot
 
-    def snapshot_config(self, experiment: dict, bench: dict, provenance: dict[str, Any]) -> None:
-        """What the run is (the resolved configs) and where it came from (code, packages, host, radios)."""
+    def snapshot_config(
+        self, experiment: dict, bench: dict, provenance: dict[str, Any], *, resumed_at: int | None = None
+    ) -> None:
+        """What the run is (the resolved configs) and where it came from (code, packages, host, radios). A resumed
+        run keeps the first provenance and adds its own, `provenance.resumed-at-<round>.json`."""
         (self.run_dir / "experiment.yaml").write_text(yaml.safe_dump(experiment, sort_keys=False))
         (self.run_dir / "bench.yaml").write_text(yaml.safe_dump(bench, sort_keys=False))
-        (self.run_dir / "provenance.json").write_text(json.dumps(provenance, indent=1) + "\n")
+        name = "provenance.json" if resumed_at is None else f"provenance.resumed-at-{resumed_at}.json"
+        (self.run_dir / name).write_text(json.dumps(provenance, indent=1) + "\n")
+
+    def resume(self, next_round: int) -> None:
+        """Keep the records of rounds before next_round (a crash may have left the record of a round that the
+        checkpoint does not hold: that round runs again), rewriting rounds.jsonl atomically."""
+        lines = self.rounds_path.read_text().splitlines() if self.rounds_path.exists() else []
+        kept = [line for line in lines if line.strip() and json.loads(line)["round"] < next_round]
+        tmp = self.rounds_path.with_name("rounds.jsonl.tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        tmp.replace(self.rounds_path)
+        self.records = [RoundRecord.from_dict(json.loads(line)) for line in kept]
 
     def write_round(self, record: RoundRecord) -> None:
         self.records.append(record)

@@ -16,6 +16,7 @@ import torch
 import zmq
 
 from bs_node import provenance
+from bs_node.checkpoint import Checkpoint
 from bs_node.controllers import make_controller
 from bs_node.global_model import GlobalModel
 from bs_node.live_view import LiveView
@@ -43,11 +44,18 @@ class BaseStation:
         view: LiveView | None = None,
         silence_timeout_s: float = 30.0,
         threads: int = 2,
+        resume: Checkpoint | None = None,
     ):
+        """resume: go on from this checkpoint of the run in run_dir (same run id, so surviving edges keep their
+        state; its endpoints unless addresses are given)."""
         self.exp, self.bench = experiment, bench
         self.view = view or LiveView()
         self.recorder = RunRecorder(run_dir)
-        self.run_id = uuid.uuid4().hex[:12]
+        self.resume = resume
+        self.run_id = resume.run_id if resume is not None else uuid.uuid4().hex[:12]
+        if resume is not None:  # the addresses the edges know, unless others are named (port 0 names none)
+            control_address = _stable(control_address, resume.endpoints.get("control"))
+            data_address = _stable(data_address, resume.endpoints.get("data"))
         self.stopping = False
         self.runner: RoundRunner | None = None
         torch.set_num_threads(threads)
@@ -88,7 +96,12 @@ class BaseStation:
     def run(self) -> dict[str, Any]:
         """The whole run; the sockets are closed when it ends, however it ends."""
         try:
-            self.recorder.snapshot_config(to_mapping(self.exp), to_mapping(self.bench), provenance.collect(self.bench))
+            self.recorder.snapshot_config(
+                to_mapping(self.exp),
+                to_mapping(self.bench),
+                provenance.collect(self.bench),
+                resumed_at=None if self.resume is None else self.resume.next_round,
+            )
             self.view.line(
                 f"BS {self.run_id}: control {self.control_endpoint}, data {self.data_endpoint}, "
                 f"PHY {self.bench.phy}, policy {self.exp.controller.policy}, run folder {self.recorder.run_dir}"
@@ -103,6 +116,8 @@ class BaseStation:
                 view=self.view,
                 clock=time.monotonic,
                 run_id=self.run_id,
+                resume=self.resume,
+                endpoints={"control": self.control_endpoint, "data": self.data_endpoint},
             )
             if self.stopping:
                 self.runner.stop()
@@ -117,6 +132,10 @@ class BaseStation:
         self.stopping = True
         if self.runner is not None:
             self.runner.stop()
+
+
+def _stable(given: str | None, before: str | None) -> str | None:
+    return before if before and (given is None or given.endswith(":0")) else given
 
 
 def open_keys(bench: BenchConfig, run_dir: Path, devices: int, view: LiveView) -> RunKeys | None:

@@ -78,6 +78,7 @@ class ZmqTransport:
         self.keyring = keyring
         self.curve = curve_key is not None
         self._impostors: set[tuple[int | None, object]] = set()  # (key's device, claimed id) pairs logged once
+        self._unregistered_logged: set[bytes] = set()
         self.uplink = uplink
         self.device_count = device_count
         self.welcome = dict(welcome)
@@ -144,9 +145,13 @@ class ZmqTransport:
         device_id = getattr(msg, "device_id", None)
         edge = self.edges.get(device_id) if isinstance(device_id, int) else None
         if edge is None or edge.identity != identity:
-            log.warning("control: %s from unregistered peer %r (device %s) ignored", msg.type, identity, device_id)
+            if identity not in self._unregistered_logged and len(self._unregistered_logged) < 1024:
+                self._unregistered_logged.add(identity)  # once per peer: a reconnecting edge flushes its queue
+                log.warning("control: %s from unregistered peer %r (device %s) ignored", msg.type, identity, device_id)
             if not isinstance(msg, Bye):  # e.g. an edge that outlived a BS restart: tell it to register again
-                self._send_raw(identity, Reject(reason="not registered with this BS run: register first"))
+                self._send_raw(
+                    identity, Reject(reason="not registered with this BS run: register first", kind="register_first")
+                )
             return None
         edge.last_seen = self.clock()
         if isinstance(msg, Heartbeat):

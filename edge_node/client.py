@@ -57,6 +57,7 @@ class BsClient:
         self.sock = (context or zmq.Context.instance()).socket(zmq.DEALER)
         self.sock.setsockopt(zmq.IDENTITY, f"edge-{device_id}-{os.getpid()}".encode())
         self.sock.setsockopt(zmq.LINGER, 500)
+        self.sock.setsockopt(zmq.RECONNECT_IVL_MAX, 5000)  # a vanished BS is retried with back-off up to 5 s
         if key is not None:
             assert key.bs_public is not None  # load_key checks a device key file carries it
             make_client(self.sock, key, key.bs_public)
@@ -106,6 +107,9 @@ class BsClient:
                 msg, _ = got
                 if isinstance(msg, Welcome) and msg.device_id == self.device_id:
                     return msg
+                if isinstance(msg, Reject) and msg.kind == "register_first":
+                    got = self.recv(0.5)  # answers a message sent before this registration: wait on
+                    continue
                 if isinstance(msg, Reject):
                     log.error("edge %d: BS rejected registration: %s", self.device_id, msg.reason)
                     return None

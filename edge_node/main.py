@@ -6,6 +6,7 @@ import argparse
 import logging
 import os
 import sys
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -17,6 +18,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device-id", type=int, required=True)
     parser.add_argument("--threads", type=int, default=1, help="torch threads for local training")
     parser.add_argument("--key", help="this device's key file (fedlora-keys init); needed when the BS seals frames")
+    parser.add_argument("--state-dir", help="keep this edge's error feedback here, to survive a crash (edge-<k>.pt)")
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
     logging.basicConfig(
@@ -31,7 +33,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyFileError as exc:
         print(f"fedlora-edge: key error: {exc}", file=sys.stderr)
         return 2
-    node = EdgeNode(args.bs, args.device_id, threads=args.threads, key=key)
+    state_dir = Path(args.state_dir) if args.state_dir else None
+    node = EdgeNode(args.bs, args.device_id, threads=args.threads, key=key, state_dir=state_dir)
     install_signal_handlers(node)
     try:
         return node.run()

@@ -11,11 +11,13 @@ from __future__ import annotations
 import logging
 import signal
 import time
+from pathlib import Path
 from typing import Any
 
 from config import BenchConfig, ConfigError, ExperimentConfig, validated
 from edge_node.client import BsClient
 from edge_node.round import EdgeRounds
+from edge_node.state import load_state, save_state, state_path
 from link.arq import FrameEncoder, plain_encoder
 from link.factory import open_uplink_transmitter, reachable_address
 from phy.uplink import UplinkTransmitter
@@ -27,8 +29,18 @@ log = logging.getLogger("edge")
 
 
 class EdgeNode:
-    def __init__(self, bs_address: str, device_id: int, *, threads: int = 1, key: KeyPair | None = None):
-        """key: this device's provisioned key pair (`--key`), needed when the BS seals frames."""
+    def __init__(
+        self,
+        bs_address: str,
+        device_id: int,
+        *,
+        threads: int = 1,
+        key: KeyPair | None = None,
+        state_dir: Path | None = None,
+    ):
+        """key: this device's provisioned key pair (`--key`), needed when the BS seals frames. state_dir: where the
+        edge keeps its error feedback across a crash (edge_node.state); None: nowhere."""
+        self.state_file = state_path(state_dir, device_id) if state_dir is not None else None
         self.bs_address = bs_address
         self.device_id = device_id
         self.threads = threads
@@ -77,6 +89,8 @@ class EdgeNode:
             exp, bench, self.device_id, self.tx, link=self.client, stopping=lambda: self.stopping, threads=self.threads
         )
         self.rounds.encode = encode
+        self._restore(welcome.run_id)
+        self.rounds.on_held = lambda round_idx: self._save(welcome.run_id, round_idx)
         self.run_id = welcome.run_id
         labels = [ex.label for ex in self.rounds.examples]
         log.info(
@@ -89,6 +103,32 @@ class EdgeNode:
             data_address,
         )
         self.client.heartbeat("ready")
+
+    def _restore(self, run_id: str) -> None:
+        """An edge started anew in a run it was part of: its error feedback as it was when it last sent."""
+        if self.state_file is None or self.rounds is None:
+            return
+        saved = load_state(self.state_file, run_id=run_id, device_id=self.device_id)
+        if saved is not None:
+            self.rounds.sparsifier.load_state_dict(saved["sparsifier"])
+            fb = self.rounds.sparsifier.feedback
+            log.info(
+                "edge %d: restored error feedback of round %d: residual norm %.6g, %d update(s) awaiting a verdict",
+                self.device_id,
+                saved["round"],
+                fb.norm(),
+                len(fb.pending),
+            )
+
+    def _save(self, run_id: str, round_idx: int) -> None:
+        if self.state_file is not None and self.rounds is not None:
+            save_state(
+                self.state_file,
+                run_id=run_id,
+                device_id=self.device_id,
+                round_idx=round_idx,
+                sparsifier=self.rounds.sparsifier.state_dict(),
+            )
 
     def _frame_encoder(self, welcome: Welcome, bench: BenchConfig) -> FrameEncoder:
         """How this registration's frames go on the air: sealed under the key agreed with the BS (trust.sealing),

@@ -73,6 +73,7 @@ class EdgeRounds:
         exp = self.exp = experiment
         self.bench, self.device_id, self.tx, self.link, self.stopping = bench, device_id, tx, link, stopping
         self.encode: FrameEncoder = plain_encoder  # set per registration by the node (sealed under its frame key)
+        self.on_held: Callable[[int], None] = lambda _round: None  # the node checkpoints here (before sending)
         torch.set_num_threads(threads)
         task = load_task(
             exp.task.name, exp.task.path, test_size=exp.task.test_size, seed=exp.seed, max_train=exp.task.max_train
@@ -115,6 +116,17 @@ class EdgeRounds:
         if plan.aggregated_rounds is None:
             return
         aggregated = set(plan.aggregated_rounds)
+        # a plan for a round this device already sent in comes from a BS resumed from a checkpoint before that
+        # round closed: what was sent then was never aggregated
+        replayed = [r for r in self.sparsifier.feedback.pending if r >= plan.round]
+        if replayed:
+            log.info(
+                "edge %d: the BS goes on at round %d: round(s) %s were never closed",
+                self.device_id,
+                plan.round,
+                replayed,
+            )
+            self.sparsifier.settle(delivered=[], lost=replayed)
         earlier = [r for r in self.sparsifier.feedback.pending if r < plan.round]
         first = plan.round - AGGREGATED_WINDOW_ROUNDS
         lost = [r for r in earlier if r not in aggregated and r >= first]
@@ -170,6 +182,7 @@ class EdgeRounds:
             trained = self.local.state()
             delta = {k: trained[k] - view.state[k] for k in view.state}
             update = self.sparsifier.sparsify(delta, trained, spec, plan.keep_fraction, round_idx=round_idx)
+        self.on_held(round_idx)  # the residual and what goes out are saved before any of it is on the air
         compute = window.result
         assert compute is not None  # set when the window closed
         speed = self.bench.device(self.device_id).compute_speed

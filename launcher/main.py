@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import importlib.util
+import json
 import os
 import shutil
 import signal
@@ -70,7 +71,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--edge-threads", type=int, default=1, help="torch threads per edge")
     parser.add_argument("--bs-threads", type=int, default=2, help="torch threads of the BS (evaluation)")
     parser.add_argument("--silence-timeout", type=float, default=30.0)
+    parser.add_argument(
+        "--resume",
+        metavar="RUN_DIR",
+        help="go on with a run that stopped (a crash, Ctrl-C) from its last closed round; with no configuration "
+        "flags, the run's own (launch.json)",
+    )
     args = parser.parse_args(argv)
+    if args.resume:
+        problem = _resume_arguments(args)
+        if problem:
+            print(f"fedlora-run: cannot resume: {problem}", file=sys.stderr)
+            return 2
     bench_defaulted = args.bench is None
     if args.bench is None:
         args.bench = default_bench()
@@ -89,6 +101,10 @@ def main(argv: list[str] | None = None) -> int:
         )
     run_dir = Path(args.run_dir or Path(args.runs_dir) / f"{time.strftime('%Y%m%d-%H%M%S')}-{experiment.name}")
     (run_dir / "logs").mkdir(parents=True, exist_ok=True)
+    if not args.resume:  # what a later --resume runs with when it is given no configuration
+        launch = {k: getattr(args, k) for k in LAUNCH_KEYS}
+        (run_dir / LAUNCH_FILE).write_text(json.dumps(launch, indent=1) + "\n")
+    (run_dir / "endpoints.json").unlink(missing_ok=True)  # the BS writes it anew once it is bound
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
     key_dir: Path | None = None
     if bench.security.mode == "sealed":  # before the air and the BS start: both serve under the BS's key
@@ -125,9 +141,10 @@ def main(argv: list[str] | None = None) -> int:
             "--run-dir",
             str(run_dir),
             "--control",
-            "tcp://127.0.0.1:0",
+            "tcp://127.0.0.1:0",  # a resumed BS binds its checkpoint's ports again
             "--data",
             "tcp://127.0.0.1:0",
+            *(["--resume"] if args.resume else []),
             "--silence-timeout",
             str(args.silence_timeout),
             "--threads",
@@ -171,6 +188,8 @@ def main(argv: list[str] | None = None) -> int:
                         "--threads",
                         str(args.edge_threads),
                         *_key_args(key_dir, k),
+                        "--state-dir",
+                        str(run_dir / "edge-state"),
                     ],
                     env=env,
                     stdout=log,
@@ -215,6 +234,28 @@ def main(argv: list[str] | None = None) -> int:
             if p.poll() is None:
                 _signal(p, signal.SIGKILL)
         bs_log.close()
+
+
+LAUNCH_FILE = "launch.json"
+LAUNCH_KEYS = ("experiment", "bench", "overrides", "bench_overrides")
+
+
+def _resume_arguments(args: argparse.Namespace) -> str | None:
+    """Point args at the run to resume and, if it gives no configuration, the run's own; a problem, or None."""
+    run_dir = Path(args.resume)
+    if not (run_dir / "checkpoint.pt").exists():
+        return f"{run_dir} has no checkpoint.pt (no round of it was closed)"
+    if args.run_dir and Path(args.run_dir).resolve() != run_dir.resolve():
+        return "--run-dir and --resume name different folders"
+    args.run_dir = str(run_dir)
+    if not any(getattr(args, k) for k in LAUNCH_KEYS):
+        try:
+            launch = json.loads((run_dir / LAUNCH_FILE).read_text())
+        except (OSError, ValueError) as exc:
+            return f"{run_dir / LAUNCH_FILE}: {exc}; give the run's --experiment/--bench/--set flags"
+        for k in LAUNCH_KEYS:
+            setattr(args, k, launch.get(k) or ([] if k.endswith("overrides") else None))
+    return None
 
 
 def _key_args(key_dir: Path | None, device_id: int) -> list[str]:

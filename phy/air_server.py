@@ -97,6 +97,10 @@ class _BsState:
     plan: dict[int, fdma.Subband] = field(default_factory=dict)
 
 
+MAX_QUEUED_BURSTS = 2  # per device, waiting for the medium (the one on the air included)
+MAX_MEDIUM_BURST_SAMPLES = 1 << 25  # 32 Mi samples, 256 MiB of complex64: one burst at the medium rate
+
+
 class Air:
     """The air process's server: sockets, the BS's plan, bursts onto the medium. ``run()`` until ``stop()``."""
 
@@ -116,6 +120,7 @@ class Air:
         self.router = ctx.socket(zmq.ROUTER)
         self.router.setsockopt(zmq.LINGER, 0)
         self.router.setsockopt(zmq.MAXMSGSIZE, MAX_BURST_SAMPLES * IQ_SAMPLE_BYTES + MAX_HEADER_BYTES)
+        self.router.setsockopt(zmq.RCVHWM, MAX_QUEUED_BURSTS + 2)  # per peer: its bursts, a plan, a spare
         if keys is not None:
             make_server(self.router, keys.bs)
         self.router.bind(bindable(address))
@@ -235,6 +240,15 @@ class Air:
             raise AirError(
                 f"burst: device {meta.device_id} sends {meta.bandwidth_hz:.0f} Hz wide, its subband in round "
                 f"{self.bs.round_idx} is {subband.bandwidth_hz:.0f} Hz"
+            )
+        queued = len(self.medium.queues.get(meta.device_id, ()))
+        if queued >= MAX_QUEUED_BURSTS:  # an edge waits for each burst's `done`: more is a misbehaving peer
+            raise AirError(f"burst: device {meta.device_id} has {queued} bursts waiting for the air already")
+        medium_samples = len(iq) * physics.total_bandwidth_hz / meta.bandwidth_hz
+        if medium_samples > MAX_MEDIUM_BURST_SAMPLES:  # resampled to the medium rate, a burst grows by that ratio
+            raise AirError(
+                f"burst: {len(iq)} samples at {meta.bandwidth_hz:.0f} Hz are {medium_samples:.0f} on the medium, "
+                f"more than {MAX_MEDIUM_BURST_SAMPLES} (send the frames in several bursts)"
             )
         try:
             # the channel's SNR does not depend on the modulation; 16qam (no plan uses it) is costed as qpsk

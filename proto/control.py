@@ -189,10 +189,13 @@ class ReportAck(_Message):
 
 
 class Reject(_Message):
-    """A bad device id, or a message from an edge this BS run does not know (it registers again)."""
+    """A registration refused (`refused`: a bad device id, a key of another device), or a message from an edge this
+    BS run does not know (`register_first`: it registers again; an answer to a message sent before it did, so a
+    registering edge waits on for its welcome)."""
 
     type: Literal["reject"] = "reject"
     reason: str
+    kind: Literal["refused", "register_first"] = "refused"
 
 
 class Shutdown(_Message):

@@ -184,12 +184,17 @@ class Reassembler:
         self.max_message_bytes = max_message_bytes
         self.max_total_bytes = max_total_bytes
         self._partials: dict[tuple[int, int], _Partial] = {}
+        self._limits: dict[tuple[int, int], int] = {}  # (device, round) -> its plan's largest update
         self._popped: dict[tuple[int, int], int] = {}  # key -> total, for messages already delivered
         self._buffered_bytes = 0
 
     @property
     def buffered_bytes(self) -> int:
         return self._buffered_bytes
+
+    def expect(self, device_id: int, round_idx: int, max_bytes: int) -> None:
+        """A device's plan: its message of this round is at most max_bytes (else max_message_bytes applies)."""
+        self._limits[(device_id, round_idx)] = min(max_bytes, self.max_message_bytes)
 
     def add(self, frame: Frame) -> bool:
         """Store a frame; True if it was new, False for a duplicate."""
@@ -200,12 +205,14 @@ class Reassembler:
             return False
         n = len(frame.payload)
         is_last = frame.seq == frame.total - 1
+        limit = self._limits.get(key, self.max_message_bytes)
+        allows = "its plan allows" if key in self._limits else "max_message_bytes allows"
         # Non-last frames are all full-size, the last one is no larger: lower bound on the message size.
         min_message_bytes = frame.total * n if is_last else (frame.total - 1) * n
-        if min_message_bytes > self.max_message_bytes:
+        if min_message_bytes > limit:
             raise FrameError(
                 f"device {frame.device_id} round {frame.round_idx}: total={frame.total} frames of "
-                f"{n} bytes implies >= {min_message_bytes} bytes > max_message_bytes={self.max_message_bytes}"
+                f"{n} bytes implies >= {min_message_bytes} bytes > the {limit} {allows}"
             )
         part = self._partials.get(key)
         if part is not None:
@@ -229,10 +236,9 @@ class Reassembler:
                 f"device {frame.device_id} round {frame.round_idx}: last frame ({n} bytes) larger "
                 f"than fragment size {part.frag_bytes}"
             )
-        if part.nbytes + n > self.max_message_bytes:
+        if part.nbytes + n > limit:
             raise FrameError(
-                f"device {frame.device_id} round {frame.round_idx}: message exceeds "
-                f"max_message_bytes={self.max_message_bytes}"
+                f"device {frame.device_id} round {frame.round_idx}: message exceeds the {limit} bytes {allows}"
             )
         if self.max_total_bytes is not None and self._buffered_bytes + n > self.max_total_bytes:
             raise FrameError(f"reassembly buffer full ({self._buffered_bytes} bytes buffered)")
@@ -281,3 +287,5 @@ class Reassembler:
             self._buffered_bytes -= self._partials.pop(key).nbytes
         for key in [k for k in self._popped if k[1] == round_idx]:
             del self._popped[key]
+        for key in [k for k in self._limits if k[1] == round_idx]:
+            del self._limits[key]

@@ -18,8 +18,9 @@ from bs_node.rounds import FrameReceived, FromEdge
 from proto.codec import DecodedUpdate, decode_update, encode_update
 from proto.control import BurstEnd, Measurements, Plan, Report
 from proto.framing import fragment
-from tests.bs_fakes import MemoryTransport, Station, make_station, sends_update
+from tests.bs_fakes import MemoryTransport, Station, frame_key_of, make_station, sends_update
 from tests.fuzz_updates import hostile_update
+from trust.sealing import FrameSealer
 
 MakePayload = Callable[[Plan, DecodedUpdate], bytes]
 HEAD_BIAS = "head.classifier.bias"
@@ -45,8 +46,9 @@ def sends_payload(
             return
         assert attachment is not None
         frames = fragment(make(plan, decode_update(attachment)), device_id, plan.round, 500)
+        sealer = FrameSealer(frame_key_of(device_id), device_id)  # as a registered edge seals them
         for frame in frames:
-            transport.deliver(FrameReceived(frame.to_bytes(), 20.0), 1.0)
+            transport.deliver(FrameReceived(sealer.seal(frame, 1), 20.0), 1.0)
         seqs = list(range(len(frames)))
         burst = BurstEnd(device_id=device_id, round=plan.round, attempt=1, seqs=seqs, total=len(frames))
         transport.deliver(FromEdge(device_id, burst), 1.0)

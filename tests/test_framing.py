@@ -258,3 +258,14 @@ def test_discard_round_only_that_round():
     r.discard_round(1)
     assert r.received_seqs(1, 1) == set()
     assert r.received_seqs(1, 2) == {0}
+
+
+def test_a_planned_device_may_not_buffer_more_than_its_plan_allows():
+    r = Reassembler(max_message_bytes=1_000_000)
+    r.expect(1, 1, 2_500)
+    with pytest.raises(FrameError, match="its plan allows"):
+        r.add(Frame(1, 1, 0, 30, bytes(100)))  # claims >= 2,900 bytes
+    r.add(Frame(1, 1, 0, 25, bytes(100)))  # 2,500 bytes fit
+    r.add(Frame(2, 1, 0, 30, bytes(100)))  # another device, no plan: the general limit
+    r.discard_round(1)
+    r.add(Frame(1, 1, 0, 30, bytes(100)))  # the plan was of round 1 only

@@ -17,7 +17,8 @@ from phy.uplink import TxReport, UplinkTransmitter
 from proto.codec import decode_update
 from proto.control import AGGREGATED_WINDOW_ROUNDS, MessageError, Plan, decode_control, encode
 from proto.framing import Frame, Reassembler
-from tests.bs_fakes import MemoryTransport, make_station, sends_update
+from tests.bs_fakes import MemoryTransport, frame_key_of, make_station, sends_update
+from trust.sealing import FrameGate, FrameSealer
 
 LOST_ROUND = 1  # device 0's frames never reach the BS in this round
 
@@ -67,6 +68,7 @@ def test_a_lost_update_goes_out_with_the_next_one_and_an_aggregated_one_never_ag
     exp, bench = bs.runner.exp, bs.runner.bench
     tx, twin_tx = AirTx(t), AirTx(None)
     edge = EdgeRounds(exp, bench, 0, tx, link=AckLink(lossy=True))
+    edge.encode = FrameSealer(frame_key_of(0), 0).seal  # as the node sets it from its registration
     twin = EdgeRounds(exp, bench, 0, twin_tx, link=AckLink(lossy=False))  # never told anything: today's edge
     went: dict[int, tuple[AdapterState, AdapterState]] = {}
     twin_went: dict[int, tuple[AdapterState, AdapterState]] = {}
@@ -97,9 +99,10 @@ def test_a_lost_update_goes_out_with_the_next_one_and_an_aggregated_one_never_ag
     if codec == DENSE:  # nothing withheld: the lost update rides whole on the next one
         for k in sent2:
             torch.testing.assert_close(sent2[k], twin_sent2[k] + sent1[k], rtol=0, atol=1e-6)
-    on_air = Reassembler()  # and it is what the BS aggregated
+    on_air, gate = Reassembler(), FrameGate(sealed=True)  # and it is what the BS aggregated
+    gate.admit(0, frame_key_of(0))
     for data in tx.sent[2]:
-        on_air.add(Frame.from_bytes(data))
+        on_air.add(gate.open(Frame.from_bytes(data)))
     received = decode_update(on_air.pop(0, 2)).state
     for k in sent2:
         torch.testing.assert_close(received[k], sent2[k], rtol=2e-3, atol=1e-5)  # fp16 on the air

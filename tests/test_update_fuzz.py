@@ -4,7 +4,6 @@ never takes the adapter out of range (a re-factoring one may be refused instead,
 
 from __future__ import annotations
 
-import time
 from collections import Counter
 
 import pytest
@@ -41,7 +40,6 @@ def adapter() -> GlobalAdapter:
 
 def test_every_fuzzed_update_is_aggregated_or_rejected_cleanly(adapter):
     others = [dense_update(adapter, ModuleSpec(8, 2), seed=1, weight=3.0)]
-    t0 = time.perf_counter()
     outcomes: Counter[str] = Counter()
     by_mutation: dict[str, Counter[str]] = {}
     for i, case in enumerate(UpdateFuzzer(adapter, seed=12).cases(CASES)):
@@ -57,9 +55,7 @@ def test_every_fuzzed_update_is_aggregated_or_rejected_cleanly(adapter):
         if not case.mutations:
             assert result.outcome in ("aggregated", "refused"), result
         assert "\n" not in result.error
-    elapsed_s = time.perf_counter() - t0
     assert sum(outcomes.values()) == CASES
     assert min(outcomes[o] for o in ("aggregated", "codec", "check")) > 50, outcomes  # every path is exercised
     assert by_mutation["extreme"]["aggregated"] and by_mutation["extreme"]["check"], by_mutation["extreme"]
     assert set(by_mutation) >= MUST_BE_DECODE_ERRORS | {"extreme", "none"}, sorted(by_mutation)
-    assert elapsed_s < 30, f"{CASES} cases took {elapsed_s:.1f} s"

@@ -7,8 +7,10 @@ sockets or radios, so the same policy runs on every PHY.
 
 from __future__ import annotations
 
+import copy
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from typing import Any
 
 from bs_node.controllers.costs import ModelShape
 from bs_node.measurements import RoundRecord
@@ -94,3 +96,15 @@ class Controller(ABC):
     def explain(self) -> dict:
         """The controller's inputs and internal state (estimates, queues), written into the round record."""
         return {}
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything the policy learned (queues, estimates, its random generator), for the BS's checkpoint:
+        its attributes, deep-copied. A policy whose state is not plain Python, numpy or torch overrides both."""
+        return copy.deepcopy(vars(self))
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from `state_dict()` of a controller of the same policy and configuration."""
+        missing = set(vars(self)) - set(state)
+        if missing:
+            raise ValueError(f"controller state of {self.name}: missing {sorted(missing)}")
+        vars(self).update(copy.deepcopy(state))

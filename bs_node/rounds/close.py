@@ -50,6 +50,19 @@ class RoundCloser:
         # the device, for its error feedback (proto.control.Plan.aggregated_rounds)
         self.aggregated: dict[int, list[int]] = {}
 
+    def state_dict(self) -> dict[str, Any]:
+        """What a resumed run needs: cached updates for stale reuse, counters, the verdicts plans carry."""
+        return {
+            "latest_updates": dict(self.latest_updates),
+            "rounds_participated": dict(self.rounds_participated),
+            "aggregated": {d: list(rounds) for d, rounds in self.aggregated.items()},
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.latest_updates = dict(state["latest_updates"])
+        self.rounds_participated = dict(state["rounds_participated"])
+        self.aggregated = {d: list(rounds) for d, rounds in state["aggregated"].items()}
+
     def close(
         self, r: int, plans: dict[int, Plan], pending: dict[int, Pending]
     ) -> tuple[list[DeviceRound], dict[int, int]]:

@@ -101,6 +101,10 @@ class RoundModel(Protocol):
 
     def adapter_view(self, rank: int, depth: int, round_idx: int) -> bytes: ...
 
+    def max_update_bytes(self, rank: int, depth: int) -> int:
+        """The largest update of this module the codec accepts: the bound of what reassembly holds for it."""
+        ...
+
     def decode_update(self, payload: bytes, *, rank: int, depth: int, round_idx: int, device_id: int) -> ClientUpdate:
         """The device's update, checked against its plan and against what aggregation relies on; raises
         ValueError (CodecError, UpdateError) for a bad one, which then fails that device only."""
@@ -123,3 +127,7 @@ class RoundModel(Protocol):
         ...
 
     def adapter_state(self) -> dict[str, Any]: ...
+
+    def load_adapter_state(self, state: dict[str, Any]) -> None:
+        """Continue from a checkpoint's adapter (ValueError if it is not this model's)."""
+        ...

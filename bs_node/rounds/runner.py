@@ -15,6 +15,8 @@ import time
 from collections import Counter
 from typing import Any
 
+from bs_node.checkpoint import Checkpoint, capture, restore_rng
+from bs_node.checkpoint import save as save_checkpoint
 from bs_node.controllers import Controller, DeviceState, RoundState
 from bs_node.live_view import LiveView, percent
 from bs_node.measurements import RoundRecord
@@ -50,7 +52,11 @@ class RoundRunner:
         view: LiveView,
         clock: Clock = time.monotonic,
         run_id: str = "",
+        resume: Checkpoint | None = None,
+        endpoints: dict[str, str] | None = None,
     ) -> None:
+        """resume: a checkpoint to continue from (its run id, round, adapter, controller and counters);
+        endpoints: the bound addresses, kept in every checkpoint so a resume binds them again."""
         self.exp, self.bench = experiment, bench
         self.transport, self.model, self.controller = transport, model, controller
         self.recorder, self.view, self.clock, self.run_id = recorder, view, clock, run_id
@@ -70,6 +76,9 @@ class RoundRunner:
         self.gate = FrameGate(sealed=bench.security.mode == "sealed")
         self.rejected: Counter[int] = Counter()  # claimed device -> frames the gate refused, this round
         self.stopping = False
+        self.resume_from = resume
+        self.endpoints = dict(endpoints or {})
+        self.initial: dict[str, float | None] = {}
 
     def stop(self) -> None:
         """Finish after the current step: the round in progress closes with what it has."""
@@ -79,23 +88,21 @@ class RoundRunner:
     def run(self) -> dict[str, Any]:
         """Evaluate the initial adapter, wait for the edges, run every round; the summary is written even when
         the run stops early or fails, and the edges are told to leave."""
-        initial, initial_val = self.model.evaluate(), self.model.validate()
-        self.recorder.initial_accuracy = initial["accuracy"]
-        val_accuracy = _finite_or_none(initial_val["accuracy"])
-        self.view.line(
-            f"round   0 | accuracy {percent(initial['accuracy'])} | validation {percent(val_accuracy)} "
-            "before fine-tuning"
-        )
+        first = self._restore(self.resume_from) if self.resume_from is not None else self._start()
         summary: dict[str, Any] = {
             "run_id": self.run_id,
-            "initial_accuracy": initial["accuracy"],
-            "initial_val_accuracy": val_accuracy,
-            "rounds": 0,
+            "initial_accuracy": self.initial.get("accuracy"),
+            "initial_val_accuracy": self.initial.get("val_accuracy"),
+            "rounds": first - 1,
+            **({"resumed_at_round": first} if self.resume_from is not None else {}),
         }
+        if self.recorder.records:
+            last = self.recorder.records[-1]
+            summary.update(final_accuracy=last.accuracy, final_val_accuracy=last.val_accuracy)
         t_start = self.clock()
         try:
             self.wait_for_devices()
-            for r in range(1, self.exp.round.rounds + 1):
+            for r in range(first, self.exp.round.rounds + 1):
                 if self.stopping:
                     break
                 record = self.run_round(r)
@@ -119,6 +126,39 @@ class RoundRunner:
             f"(validation {percent(summary.get('final_val_accuracy'))}); records in {self.recorder.run_dir}"
         )
         return summary
+
+    def _start(self) -> int:
+        """A new run: the accuracy before fine-tuning; the first round is 1."""
+        initial, initial_val = self.model.evaluate(), self.model.validate()
+        self.initial = {"accuracy": initial["accuracy"], "val_accuracy": _finite_or_none(initial_val["accuracy"])}
+        self.recorder.initial_accuracy = initial["accuracy"]
+        self.view.line(
+            f"round   0 | accuracy {percent(initial['accuracy'])} | validation "
+            f"{percent(self.initial['val_accuracy'])} before fine-tuning"
+        )
+        return 1
+
+    def _restore(self, checkpoint: Checkpoint) -> int:
+        """A resumed run: the adapter, the controller, the counters and generators as the checkpoint left them,
+        the records of the rounds it holds; returns the round to go on with."""
+        self.model.load_adapter_state(checkpoint.adapter)
+        self.controller.load_state_dict(checkpoint.controller)
+        self.closer.load_state_dict(checkpoint.closer)
+        restore_rng(checkpoint.rng)
+        self.initial = dict(checkpoint.initial)
+        self.recorder.initial_accuracy = self.initial.get("accuracy")
+        self.recorder.resume(checkpoint.next_round)
+        self.view.line(
+            f"resumed run {self.run_id} at round {checkpoint.next_round} "
+            f"({len(self.recorder.records)} rounds recorded before it)"
+        )
+        return checkpoint.next_round
+
+    def _checkpoint(self, r: int) -> None:
+        """After round r is recorded: the state to go on with at round r + 1."""
+        state = {"controller": self.controller.state_dict(), "closer": self.closer.state_dict()}
+        checkpoint = capture(self.run_id, r + 1, self.exp, self.bench, self.model.adapter_state(), **state)
+        save_checkpoint(self.recorder.run_dir, checkpoint, initial=self.initial, endpoints=self.endpoints)
 
     def wait_for_devices(self) -> None:
         """Until every device is ready, or the start-up timeout with at least `round.min_devices` ready."""
@@ -200,6 +240,7 @@ class RoundRunner:
             delivered = self.transport.send(device_id, plan, attachment)
             if plan.participate:
                 self.pending[device_id] = Pending(plan, dropped=None if delivered else "disconnected")
+                self.reassembler.expect(device_id, r, self.model.max_update_bytes(plan.rank, plan.depth))
                 downlink_bytes += len(attachment) if delivered and attachment is not None else 0
         return plans, downlink_bytes
 
@@ -341,6 +382,7 @@ class RoundRunner:
         self.controller.observe(record)
         self.recorder.write_round(record)
         self.recorder.save_adapter(self.model.adapter_state())
+        self._checkpoint(r)
         self.view.round_table(record)
         return record
 

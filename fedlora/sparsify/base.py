@@ -44,6 +44,7 @@ import numbers
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -179,6 +180,22 @@ class Sparsifier(ABC):
         round_idx: int,
     ) -> SparseUpdate:
         """The method itself: what goes out of ``delta`` (+ residual), the residual updated."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """The device's error feedback (residual, pending sent updates) and call count, for its checkpoint."""
+        fb = self.feedback
+        return {
+            "residual": {k: v.clone() for k, v in fb.residual.items()},
+            "pending": {r: {k: v.clone() for k, v in sent.items()} for r, sent in fb.pending.items()},
+            "calls": self._calls,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.feedback.residual = {k: v.float().clone() for k, v in state["residual"].items()}
+        self.feedback.pending = {
+            int(r): {k: v.float().clone() for k, v in sent.items()} for r, sent in state["pending"].items()
+        }
+        self._calls = int(state["calls"])
 
     def settle(self, delivered: Iterable[int], lost: Iterable[int]) -> list[int]:
         """The BS's verdict on earlier rounds: ``delivered`` were aggregated, ``lost`` closed without this
