@@ -309,7 +309,8 @@ class RoundRunner:
             frame = Frame.from_bytes(rx.data)
         except FrameError as exc:
             self.bad_frames += 1
-            log.warning("uplink: dropped a bad frame (%d so far): %s", self.bad_frames, exc)
+            if self.bad_frames <= 10 or self.bad_frames % 1000 == 0:  # a flood is counted, not logged line by line
+                log.warning("uplink: dropped a bad frame (%d so far): %s", self.bad_frames, exc)
             return
         try:
             frame = self.gate.open(frame)
