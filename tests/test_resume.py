@@ -125,3 +125,83 @@ def test_edges_that_survive_a_bs_crash_rejoin_the_resumed_run(tmp_path):
         assert all(d["status"] == "ok" for r in read_rounds(run_dir)[2:] for d in r["devices"])
     finally:
         procs.cleanup()
+
+
+def _bench_sets_for_frame_loss(per_target: float) -> list[str]:
+    """Bench overrides that make the sim link lose about per_target of the 1,000-byte frames of devices at 20 m
+    (no fading, full power) when three share the band equally (with two, each share is wider, its noise 1.8 dB
+    higher: about 75 % are lost); the path loss is moved until the true curve says so."""
+    from config import load_bench
+    from phy.channel import DeviceGeometry, PerCurve, SimChannel, TxSetting
+
+    sets = ["channel.fading=none", "devices=[{distance_m: 20}, {distance_m: 20}, {distance_m: 20}]"]
+    bench = load_bench(REPO / "hw_configs" / "sim.yaml", sets)
+    setting = TxSetting(bench.radio.max_tx_power_dbm, bench.radio.total_bandwidth_hz / 3, "qpsk")
+    snr_db = SimChannel(bench.channel, seed=0).snr_db(DeviceGeometry(0, 20.0), 1, setting)
+    curve = PerCurve.for_sim_link(bench)
+    target = next(s / 10 for s in range(400, -100, -1) if curve.per(s / 10, "qpsk", 1038) >= per_target)
+    # 8 attempts: a frame is still missing after them with probability 0.3^8, so every update gets through
+    return [*sets, f"channel.ref_loss_db={bench.channel.ref_loss_db + snr_db - target:.2f}", "arq.max_attempts=8"]
+
+
+def test_a_lossy_link_and_an_edge_killed_mid_run_lose_no_finished_round(tmp_path):
+    """30 % of the frames lost on the air (ARQ resends them), and one edge SIGKILLed while the run goes on and
+    started anew with its state folder: every round closes, the others' updates are aggregated every round, the
+    losses are in the records, and the restarted edge takes part again with the residual it had saved."""
+    procs = Procs(tmp_path)
+    run_dir = tmp_path / "run"
+    bench_sets = [x for s in _bench_sets_for_frame_loss(0.3) for x in ("--bench-set", s)]
+    sets = ["--set", "devices.count=3", "--set", "round.rounds=8", "--set", "training.local_steps=300"]
+    sets += ["--set", "round.deadline_s=60", "--set", "codec.sparsifier=topk", "--set", "controller.keep_fraction=0.5"]
+    try:
+        bs, ep = procs.bs(run_dir, "--bench", str(REPO / "hw_configs" / "sim.yaml"), *bench_sets, *sets)
+        state = ["--state-dir", str(tmp_path / "edge-state")]
+        edges = [
+            procs.start(
+                f"edge{k}",
+                [
+                    "fedlora-edge",
+                    "--bs",
+                    ep["control"],
+                    "--device-id",
+                    str(k),
+                    "--key",
+                    str(run_dir / "keys" / f"device-{k}.secret.json"),
+                    *state,
+                ],
+            )
+            for k in range(3)
+        ]
+        wait_for(lambda: len(read_rounds(run_dir)) >= 2, 300, "round 2 recorded")
+        edges[2].kill()
+        edges[2].wait()
+        procs.start(
+            "edge2-again",
+            [
+                "fedlora-edge",
+                "--bs",
+                ep["control"],
+                "--device-id",
+                "2",
+                "--key",
+                str(run_dir / "keys" / "device-2.secret.json"),
+                *state,
+            ],
+        )
+        assert bs.wait(timeout=400) == 0, procs.output("bs")
+    finally:
+        procs.cleanup()
+    rounds = read_rounds(run_dir)
+    assert [r["round"] for r in rounds] == list(range(1, 9))
+    full = [r for r in rounds if len(r["devices"]) == 3 and all(d["participated"] for d in r["devices"])]
+    assert len(full) >= 4, [len(r["devices"]) for r in rounds]
+    for r in rounds:  # a round with the third device away is harder (wider shares): its updates may not get through
+        rows = {d["device_id"]: d for d in r["devices"]}
+        assert {rows[0]["status"], rows[1]["status"]} <= ({"ok"} if r in full else {"ok", "undelivered"}), rows
+    sent = sum(d["frames_sent"] for r in full for d in r["devices"])
+    lost = sum(d["frames_lost"] for r in full for d in r["devices"])
+    assert 0.15 < lost / sent < 0.45, (lost, sent)  # about 30 % lost on the air, recovered by ARQ
+    assert any(d["arq_attempts"] > 1 for r in rounds for d in r["devices"])
+    assert {d["device_id"]: d["status"] for d in rounds[-1]["devices"]}.get(2) == "ok"  # the restarted edge is back
+    again = procs.output("edge2-again")
+    assert "restored error feedback" in again, again[-2000:]
