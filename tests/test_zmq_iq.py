@@ -405,11 +405,28 @@ def test_air_link_delivers_by_subband_with_snr_following_distance(tmp_path):
         # device 3's key cannot put a burst on the air as device 0
         reports = _edges(ep["address"], [(0, 2, 2, 10.0, 600e3, 3)], keys)
         assert "the key of device:3 cannot send as device 0" in reports[0]["error"]
+        # a stranger's key gets no answer at all, to a plan or a burst, and is logged once
+        import zmq
+
+        from trust.curve import make_client
+        from trust.keys import KeyPair, generate_pair, load_roster
+
+        public, secret = generate_pair()
+        stranger = zmq.Context.instance().socket(zmq.DEALER)
+        stranger.setsockopt(zmq.LINGER, 0)
+        make_client(stranger, KeyPair(role="bs", public=public, secret=secret), load_roster(keys).bs)
+        stranger.connect(ep["address"])
+        stranger.send(GOOD_PLAN.encode())
+        stranger.send_multipart([GOOD_BURST.encode(), np.zeros(100, np.complex64).tobytes()])
+        assert not stranger.poll(2000)
+        stranger.close(0)
     finally:
         rx.close()
         air.terminate()
         assert air.wait(timeout=20) == 0
-    assert "air stopped" in (tmp_path / "air.log").read_text()
+    air_log = (tmp_path / "air.log").read_text()
+    assert "air stopped" in air_log
+    assert air_log.count("refused a peer with an unknown key") == 1
 
 
 def test_air_survives_garbage_from_peers():
