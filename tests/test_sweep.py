@@ -182,6 +182,28 @@ def test_a_finished_trial_whose_settings_changed_is_stale_and_runs_again(tmp_pat
     assert load_results(tmp_path, [changed]) == []
 
 
+def test_a_trial_of_older_code_counts_as_done_when_what_it_ran_is_what_is_asked(tmp_path):
+    """Its row's fingerprint is stale (older code hashed other fields), but the configuration it recorded, read by
+    today's code (fields added since at their defaults), is the spec's: kept and re-stamped. One that ran with
+    another value is not."""
+    from config import load_bench, load_experiment, to_mapping
+
+    trial = load_sweep(None, ["seeds=[0]", "overrides={training.lr: 0.005}"]).trials()[0]
+    experiment = to_mapping(load_experiment(None, trial.experiment_sets()))
+    bench = to_mapping(load_bench(trial.bench, trial.bench_sets()))
+    bench.pop("security")  # a field this code added: the older run did not record it
+    files = {**_files([0.6], [0.6], 2.0), "experiment.yaml": yaml.safe_dump(experiment)}
+    save_outcome(tmp_path, trial, TrialOutcome(trial.trial_id, True, {**files, "bench.yaml": yaml.safe_dump(bench)}))
+    row_path = tmp_path / "trials" / trial.trial_id / "row.json"
+    row = json.loads(row_path.read_text())
+    row_path.write_text(json.dumps({**row, "fingerprint": "made-by-old-code"}))
+    assert is_done(tmp_path, trial)
+    assert json.loads(row_path.read_text())["fingerprint"] == trial.fingerprint()  # re-stamped
+    other = load_sweep(None, ["seeds=[0]", "overrides={training.lr: 0.01}"]).trials()[0]
+    row_path.write_text(json.dumps({**row, "fingerprint": "made-by-old-code"}))
+    assert not is_done(tmp_path, other) and is_stale(tmp_path, other)
+
+
 def test_threads_share_the_trials_cpus():
     assert threads_for(1, 4) == (1, 1) and threads_for(8, 4) == (8, 2) and threads_for(2, 6) == (2, 1)
 
