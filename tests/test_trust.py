@@ -129,6 +129,8 @@ def test_the_gate_opens_genuine_frames_and_rejects_everything_else():
         return exc.value.reason
 
     assert rejected(wire) == "replayed"  # the same (seq, attempt) again
+    gate.admit(0, key0)  # the same process registering again: its window stays
+    assert rejected(wire) == "replayed"
     assert gate.open(Frame.from_bytes(seal0(_frame(), 2))).attempt == 2  # a retransmission is a new nonce
     assert rejected(_frame(seq=1).to_bytes()) == "unsealed"
     assert rejected(FrameSealer(key1, 0).seal(_frame(seq=1), 1)) == "forged"  # device 1's key, claiming device 0
@@ -141,7 +143,7 @@ def test_the_gate_opens_genuine_frames_and_rejects_everything_else():
     assert rejected(replace(genuine, payload=bytes(flipped))) == "forged"
     assert gate.open(genuine).payload == b"fragment bytes"  # none of that displaced the genuine frame
     assert rejected(seal0(replace(_frame(), round_idx=4), 1)) == "stale_round"
-    assert gate.rejected == {0: 9, 1: 1, 2: 1}  # counted against the device each frame claimed
+    assert gate.rejected == {0: 10, 1: 1, 2: 1}  # counted against the device each frame claimed
     plain = FrameGate(sealed=False)
     assert plain.open(_frame()) == _frame()
     with pytest.raises(FrameRejected, match="does not seal"):

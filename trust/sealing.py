@@ -97,18 +97,18 @@ class FrameGate:
         self.sealed = sealed
         self.direction = direction
         self.max_window = max_window
-        self._keys: dict[int, ChaCha20Poly1305] = {}
+        self._keys: dict[int, tuple[bytes, ChaCha20Poly1305]] = {}
         self._windows: dict[int, _Window] = {}
         self.rejected: Counter[int] = Counter()  # claimed device id -> frames rejected, over the run
         self.reasons: Counter[str] = Counter()
 
     def admit(self, device_id: int, key: bytes) -> None:
-        """Device (re-)registered: from now on only frames under this key are its."""
-        self._keys[device_id] = ChaCha20Poly1305(key)
-        self._windows.pop(device_id, None)
-
-    def forget(self, device_id: int) -> None:
-        self._keys.pop(device_id, None)
+        """Device (re-)registered: from now on only frames under this key are its (the same key again, from a
+        repeated registration of the same process, keeps its replay window)."""
+        known = self._keys.get(device_id)
+        if known is not None and known[0] == key:
+            return
+        self._keys[device_id] = (key, ChaCha20Poly1305(key))
         self._windows.pop(device_id, None)
 
     def open(self, frame: Frame) -> Frame:
@@ -127,11 +127,11 @@ class FrameGate:
             return frame
         if not frame.sealed:
             raise FrameRejected("unsealed", "an unsealed frame: this run seals every frame")
-        aead = self._keys.get(frame.device_id)
-        if aead is None:
+        known = self._keys.get(frame.device_id)
+        if known is None:
             raise FrameRejected("no_key", f"no key for device {frame.device_id}: it is not registered")
         try:
-            fragment = aead.decrypt(_nonce(frame, self.direction), frame.payload, frame.header_bytes())
+            fragment = known[1].decrypt(_nonce(frame, self.direction), frame.payload, frame.header_bytes())
         except InvalidTag:
             raise FrameRejected("forged", "the seal does not verify (forged, corrupted or under another key)") from None
         window = self._windows.get(frame.device_id)
