@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError,
 
 from proto.numerology import Modulation
 
-PROTOCOL_VERSION: Final = 2
+PROTOCOL_VERSION: Final = 3  # 3: welcome.frame_salt, reject.kind (sealed frames, resume)
 MAX_MESSAGE_BYTES: Final = 1 << 20  # the JSON part; attachments are checked by their own codec
 # a plan's verdict on the device's earlier updates covers the rounds [round - this, round): see Plan
 AGGREGATED_WINDOW_ROUNDS: Final = 16
@@ -42,7 +42,7 @@ class _Strict(BaseModel):
 
 
 class _Message(_Strict):
-    v: Literal[2] = PROTOCOL_VERSION
+    v: Literal[3] = PROTOCOL_VERSION
 
 
 # ---------------------------------------------------------------------------------------------- edge -> BS
@@ -292,7 +292,7 @@ def _describe(kind: str, exc: ValidationError) -> str:
 class BsEndpoints(_Strict):
     """What the BS bound (``tcp://host:0`` picks free ports), written to ``<run>/endpoints.json`` for its starter."""
 
-    v: Literal[2] = PROTOCOL_VERSION
+    v: Literal[3] = PROTOCOL_VERSION
     control: str  # the control plane's ROUTER
     data: str  # the uplink receiver's address (its meaning depends on the PHY)
 
