@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from config import BenchConfig, ExperimentConfig, to_mapping
+from config.loading import drop_keys
 
 FORMAT = "fedlora-checkpoint/1"
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -64,13 +65,7 @@ class Checkpoint:
 def run_configuration(experiment: ExperimentConfig, bench: BenchConfig) -> dict[str, Any]:
     """The resolved configuration as a checkpoint compares it."""
     config: dict[str, Any] = {"experiment": to_mapping(experiment), "bench": to_mapping(bench)}
-    for path in _NOT_CONFIGURATION:
-        parent: Any = config
-        for key in path[:-1]:
-            parent = parent.get(key, {}) if isinstance(parent, dict) else {}
-        if isinstance(parent, dict):
-            parent.pop(path[-1], None)
-    return config
+    return drop_keys(config, _NOT_CONFIGURATION)
 
 
 def differences(saved: Any, now: Any, prefix: str = "") -> list[str]:

@@ -224,6 +224,18 @@ def to_mapping(cfg: ConfigModel) -> dict[str, Any]:
     return cfg.model_dump(mode="json")
 
 
+def drop_keys(mapping: dict[str, Any], paths: Sequence[tuple[str, ...]]) -> dict[str, Any]:
+    """The mapping without the keys at these dotted paths (in place; missing ones are fine): what a comparison of
+    configurations leaves out because it does not change what runs (file paths, addresses)."""
+    for path in paths:
+        parent: Any = mapping
+        for key in path[:-1]:
+            parent = parent.get(key, {}) if isinstance(parent, dict) else {}
+        if isinstance(parent, dict):
+            parent.pop(path[-1], None)
+    return mapping
+
+
 # ----------------------------------------------------------------------------------------------- files
 def read_per_curve(path: str | Path) -> PerCurveTable:
     """A PER-curve file (YAML, or JSON by its suffix): the one reader of that format."""

@@ -23,7 +23,7 @@ from config import REPO_ROOT, ConfigError, load_bench, load_experiment
 from config.base import ConfigModel, Items, RuleError
 from config.bench import BenchConfig
 from config.experiment import ExperimentConfig, Policy
-from config.loading import apply_overrides, read_yaml, to_mapping, validated
+from config.loading import apply_overrides, drop_keys, read_yaml, to_mapping, validated
 
 Label = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$", max_length=40)]
 Scalar = str | int | float | bool | None
@@ -151,11 +151,7 @@ _PATH_KEYS = (("per_curve",), ("channel", "true_per_curve"), ("security", "keys_
 
 def config_fingerprint(experiment: ExperimentConfig, bench: BenchConfig) -> str:
     """A short hash of what a trial runs: the resolved experiment and bench, paths left out."""
-    bench_map = to_mapping(bench)
-    for path in _PATH_KEYS:
-        parent = functools.reduce(lambda m, k: m.get(k, {}) if isinstance(m, dict) else {}, path[:-1], bench_map)
-        if isinstance(parent, dict):
-            parent.pop(path[-1], None)
+    bench_map = drop_keys(to_mapping(bench), _PATH_KEYS)
     text = json.dumps([to_mapping(experiment), bench_map], sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 

@@ -62,12 +62,10 @@ class RosterAuthenticator:
         self._auth.start()
         self._auth.configure_curve_callback(ZAP_DOMAIN, credentials_provider=_Domain(self, set(self._users)))
         self._auth.configure_curve_callback(BS_ONLY_DOMAIN, credentials_provider=_Domain(self, {roster.bs}))
-        self.refused = 0
 
     def refuse(self, text: str, domain: str) -> bool:
         """Count and log (once per key) a refused key; always False."""
         with self._lock:
-            self.refused += 1
             if text not in self._logged and len(self._logged) < MAX_LOGGED_KEYS:
                 self._logged.add(text)
                 known = "an unknown key" if text not in self._users else f"the key of {self._users[text]}"

@@ -90,12 +90,6 @@ class Roster(_Model):
     def public_bytes(self, device_id: int) -> bytes:
         return z85.decode(self.devices[device_id])
 
-    def device_for_key(self, public_z85: str) -> int | None:
-        for device_id, key in self.devices.items():
-            if key == public_z85:
-                return device_id
-        return None
-
 
 class KeyPair(_Model):
     """One party's key pair; a device's file also carries the BS's public key, so it needs nothing else."""
