@@ -43,7 +43,7 @@ class Result:
     wall_s: float
 
 
-def _cpu_s() -> float:
+def process_cpu_s() -> float:
     t = os.times()
     return t.user + t.system
 
@@ -62,9 +62,9 @@ def run_ours(frames: Sequence[bytes], modulation: str, snr_db: float) -> Result:
 
     with LoopbackModem(snr_db) as modem:
         modem.run_packets(frames[:5], modulation)  # warm-up (flowgraph threads, numpy caches)
-        t0, c0 = time.monotonic(), _cpu_s()
+        t0, c0 = time.monotonic(), process_cpu_s()
         got = modem.run_packets(frames, modulation, quiet_s=0.2)
-        wall, cpu = time.monotonic() - t0, _cpu_s() - c0
+        wall, cpu = time.monotonic() - t0, process_cpu_s() - c0
     ok = {p.index for p in got if p.crc_ok and 0 <= p.index < len(frames) and p.data == frames[p.index]}
     payload = sum(len(frames[i]) for i in ok)
     return Result(payload / wall, cpu / max(payload / 1e6, 1e-9), len(frames) - len(ok), len(frames), wall)
@@ -132,7 +132,7 @@ def run_stock(frames: Sequence[bytes], modulation: str, snr_db: float, window_pa
         with lock:
             received.clear()
         base = counter.nitems_read(0)
-        t0, c0 = time.monotonic(), _cpu_s()
+        t0, c0 = time.monotonic(), process_cpu_s()
         sent = 0
         posted = 0
         window = window_packets * max(samples_per)
@@ -154,7 +154,7 @@ def run_stock(frames: Sequence[bytes], modulation: str, snr_db: float, window_pa
                 last, last_t = n_rx, time.monotonic()
             elif time.monotonic() - last_t > 0.3:
                 break
-        t_end, c_end = last_t, _cpu_s()
+        t_end, c_end = last_t, process_cpu_s()
     finally:
         tb.stop()
         tb.wait()
@@ -171,7 +171,7 @@ def run_stock(frames: Sequence[bytes], modulation: str, snr_db: float, window_pa
     return Result(payload / wall, cpu / max(payload / 1e6, 1e-9), len(frames) - len(ok), len(frames), wall)
 
 
-def _median(results: Sequence[Result]) -> Result:
+def median_result(results: Sequence[Result]) -> Result:
     """Per-field median over repeated runs (the box is shared; single runs swing by tens of percent)."""
     med = lambda xs: float(np.median(xs))  # noqa: E731
     return Result(
@@ -238,7 +238,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for _ in range(max(1, args.repeat)):  # alternate, so both see the same background load on average
             for impl in ("ours", "stock"):
                 runs[impl].append(_worker(impl, mod, args.frames, args.frame_bytes, args.snr_db))
-        ours, stock = _median(runs["ours"]), _median(runs["stock"])
+        ours, stock = median_result(runs["ours"]), median_result(runs["stock"])
         rows.append((mod, ours, stock))
         print(
             f"{mod}: ours {ours.goodput_bytes_s / 1e3:.0f} kB/s, stock {stock.goodput_bytes_s / 1e3:.0f} kB/s",

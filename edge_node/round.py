@@ -193,6 +193,16 @@ class EdgeRounds:
         )
         frames = fragment(payload, self.device_id, round_idx, self.bench.radio.frame_payload_bytes)
         setting = TxSetting(tx_power_dbm=plan.tx_power_dbm, bandwidth_hz=plan.bandwidth_hz, modulation=plan.modulation)
+        log.info(
+            "edge %d: round %d: sending %d bytes in %d frames (%s, %.1f dBm, %.0f Hz)",
+            self.device_id,
+            round_idx,
+            len(payload),
+            len(frames),
+            setting.modulation,
+            setting.tx_power_dbm,
+            setting.bandwidth_hz,
+        )
         self.link.heartbeat("sending", round_idx=round_idx)
         ack_timeout_s = self.bench.arq.ack_timeout_s
         arq = send_with_arq(

@@ -81,16 +81,18 @@ def test_launcher_runs_a_whole_experiment(tmp_path):
         assert "BS ends the run" in (run_dir / "logs" / f"edge-{k}.log").read_text()
 
 
-def test_killed_edge_is_dropped_at_the_deadline_and_can_rejoin(procs, tmp_path):
+def test_killed_edge_is_dropped_at_the_deadline_then_offline(procs, tmp_path):
+    """An edge SIGKILLed while training: its round waits for the deadline and closes with the others, and the next
+    plan finds it gone (a restarted edge rejoining is tests/test_resume.py's lossy-link test)."""
     run_dir = tmp_path / "run"
     bs, ep = procs.bs(
         run_dir,
         "--set",
         "devices.count=3",
         "--set",
-        "round.rounds=10",
+        "round.rounds=3",
         "--set",
-        "round.deadline_s=40",
+        "round.deadline_s=20",
         "--set",
         "training.local_steps=100",
         "--silence-timeout",
@@ -100,22 +102,18 @@ def test_killed_edge_is_dropped_at_the_deadline_and_can_rejoin(procs, tmp_path):
     wait_for(lambda: "round 2: training" in procs.output("edge1"), 240, "edge 1 training in round 2")
     edges[1].send_signal(signal.SIGKILL)  # edge 1 dies while training
     edges[1].wait()
-    wait_for(lambda: len(read_rounds(run_dir)) >= 2, 120, "round 2")
-    procs.edge(ep["control"], 1, name="edge1-again")
     assert bs.wait(timeout=400) == 0, procs.output("bs")
     rounds = read_rounds(run_dir)
-    assert len(rounds) == 10
+    assert len(rounds) == 3
     r2 = {d["device_id"]: d for d in rounds[1]["devices"]}
     assert r2[1]["status"] == "timeout", r2[1]
     assert "deadline" in r2[1]["error"]
     assert r2[0]["status"] == "ok" and r2[2]["status"] == "ok"
-    assert rounds[1]["wall_s"] >= 40 * 0.95  # the round waited for its deadline, then closed with the others
-    # the dead edge is marked offline when the next plan cannot reach it; the restarted one rejoins later
-    statuses = [{d["device_id"]: d["status"] for d in r["devices"]} for r in rounds[2:]]
-    assert all(s.get(1) in (None, "offline", "ok") for s in statuses), statuses
-    assert statuses[-1].get(1) == "ok", f"the restarted edge did not rejoin: {statuses}"
+    assert rounds[1]["wall_s"] >= 20 * 0.95  # the round waited for its deadline, then closed with the others
+    # the dead edge is marked offline when the next plan cannot reach it (or is no longer planned)
+    r3 = {d["device_id"]: d["status"] for d in rounds[2]["devices"]}
+    assert r3.get(1) in (None, "offline") and r3[0] == "ok" and r3[2] == "ok", r3
     assert "edge 1 timeout" in procs.output("bs")
-    assert "re-registered" in procs.output("bs")
 
 
 def test_garbage_on_both_sockets_is_logged_and_ignored(procs, tmp_path):

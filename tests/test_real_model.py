@@ -33,6 +33,8 @@ def test_one_round_of_real_federated_lora(tmp_path):
             "--set",
             "task.max_train=null",
             "--set",
+            "task.max_validation=100",
+            "--set",
             "training.lr=0.005",
         )
         for k in range(2):

@@ -151,7 +151,7 @@ def test_a_lossy_link_and_an_edge_killed_mid_run_lose_no_finished_round(tmp_path
     procs = Procs(tmp_path)
     run_dir = tmp_path / "run"
     bench_sets = [x for s in _bench_sets_for_frame_loss(0.3) for x in ("--bench-set", s)]
-    sets = ["--set", "devices.count=3", "--set", "round.rounds=8", "--set", "training.local_steps=300"]
+    sets = ["--set", "devices.count=3", "--set", "round.rounds=8", "--set", "training.local_steps=100"]
     sets += ["--set", "round.deadline_s=60", "--set", "codec.sparsifier=topk", "--set", "controller.keep_fraction=0.5"]
     try:
         bs, ep = procs.bs(run_dir, "--bench", str(REPO / "hw_configs" / "sim.yaml"), *bench_sets, *sets)
@@ -172,9 +172,11 @@ def test_a_lossy_link_and_an_edge_killed_mid_run_lose_no_finished_round(tmp_path
             )
             for k in range(3)
         ]
-        wait_for(lambda: len(read_rounds(run_dir)) >= 2, 300, "round 2 recorded")
-        edges[2].kill()
+        sending = re.compile(r"edge 2: round ([2-9]): sending")
+        in_uplink = wait_for(lambda: sending.search(procs.output("edge2")), 300, "edge 2 sending in round 2 or later")
+        edges[2].kill()  # SIGKILL, as soon as its log says the frames are going out
         edges[2].wait()
+        print("edge 2 killed while sending in round", in_uplink.group(1))
         procs.start(
             "edge2-again",
             [
@@ -203,5 +205,6 @@ def test_a_lossy_link_and_an_edge_killed_mid_run_lose_no_finished_round(tmp_path
     assert 0.15 < lost / sent < 0.45, (lost, sent)  # about 30 % lost on the air, recovered by ARQ
     assert any(d["arq_attempts"] > 1 for r in rounds for d in r["devices"])
     assert {d["device_id"]: d["status"] for d in rounds[-1]["devices"]}.get(2) == "ok"  # the restarted edge is back
+    assert "edge 2 re-registered" in procs.output("bs")
     again = procs.output("edge2-again")
     assert "restored error feedback" in again, again[-2000:]

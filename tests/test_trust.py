@@ -186,6 +186,32 @@ def test_forged_replayed_and_miskeyed_frames_do_not_displace_an_update(tmp_path)
     assert bs.runner.gate.reasons == {"forged": 2, "unsealed": 1, "replayed": 2}
 
 
+def test_frames_replayed_from_the_previous_round_are_stale_and_displace_nothing(tmp_path):
+    """An attacker records device 0's round-1 frames off the air and plays them back, all of them, before device 0's
+    round-2 frames: every one is rejected as stale before reassembly, and round 2 aggregates the genuine update."""
+    bs = make_station(tmp_path / "run", ["devices.count=2"])
+    t = bs.transport
+    recorded: dict[int, list[bytes]] = {}
+
+    def device0(plan, attachment):
+        if plan.round == 2:
+            for data in recorded[1]:
+                t.deliver(FrameReceived(data, 20.0), 0.5)
+        recorded[plan.round] = update_frames(plan, attachment, 0, 0.01)
+        sends_update(t, 0, 0.01)(plan, attachment)
+
+    t.join(0, device0)
+    t.join(1, sends_update(t, 1, 0.02))
+    bs.runner.wait_for_devices()
+    assert bs.runner.run_round(1).frames_rejected == 0
+    second = bs.runner.run_round(2)
+    rows = {d.device_id: d for d in second.devices}
+    assert rows[0].status == "ok" and rows[1].status == "ok"
+    assert rows[0].frames_received == len(recorded[2])
+    assert rows[0].frames_rejected == len(recorded[1]) > 1
+    assert bs.runner.gate.reasons == {"stale_round": len(recorded[1])}
+
+
 def test_fragments_seal_within_the_phy_packet_limit():
     payload = os.urandom(9000)
     sealer = FrameSealer(os.urandom(32), 3)

@@ -99,6 +99,7 @@ class FrameGate:
         self.max_window = max_window
         self._keys: dict[int, tuple[bytes, ChaCha20Poly1305]] = {}
         self._windows: dict[int, _Window] = {}
+        self.round_idx = 0  # frames of an earlier round are stale, whatever the device's window has seen
         self.rejected: Counter[int] = Counter()  # claimed device id -> frames rejected, over the run
         self.reasons: Counter[str] = Counter()
 
@@ -110,6 +111,11 @@ class FrameGate:
             return
         self._keys[device_id] = (key, ChaCha20Poly1305(key))
         self._windows.pop(device_id, None)
+
+    def begin_round(self, round_idx: int) -> None:
+        """The BS opened round `round_idx`: a frame of an earlier round, recorded off the air and played back, is
+        stale even when it is one the device's window never saw (lost on the air in its own round)."""
+        self.round_idx = round_idx
 
     def open(self, frame: Frame) -> Frame:
         """The frame with its fragment in the clear, or FrameRejected (counted against the claimed device)."""
@@ -134,6 +140,8 @@ class FrameGate:
             fragment = known[1].decrypt(_nonce(frame, self.direction), frame.payload, frame.header_bytes())
         except InvalidTag:
             raise FrameRejected("forged", "the seal does not verify (forged, corrupted or under another key)") from None
+        if frame.round_idx < self.round_idx:
+            raise FrameRejected("stale_round", f"a frame of round {frame.round_idx} in round {self.round_idx}")
         window = self._windows.get(frame.device_id)
         if window is None or window.round_idx != frame.round_idx:
             if window is not None and frame.round_idx < window.round_idx:

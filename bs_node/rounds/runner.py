@@ -186,6 +186,7 @@ class RoundRunner:
         """Plan, collect until every participant settled or the deadline, close; returns the round's record."""
         exp = self.exp
         self.round_idx = r
+        self.gate.begin_round(r)
         self.rejected.clear()
         t0 = self.clock()
         self.poll(0.0)  # registrations and heartbeats that came in while the last round was evaluated
