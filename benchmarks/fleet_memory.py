@@ -31,7 +31,7 @@ from launcher.main import entry_point  # noqa: E402
 TINY = ["--set", "model.name_or_path=tiny", "--set", "task.test_size=200", "--set", "task.max_train=4000"]
 
 
-def _run(run_dir: Path, edges: int, rounds: int, extra: list[str] = ()) -> subprocess.Popen:
+def _run(run_dir: Path, edges: int, rounds: int, extra: tuple[str, ...] = ()) -> subprocess.Popen:
     cmd = [*entry_point("fedlora-run"), "--bench", str(REPO / "hw_configs" / "sim.yaml"), "--run-dir", str(run_dir)]
     cmd += [*TINY, "--set", f"devices.count={edges}", "--set", f"round.rounds={rounds}"]
     cmd += ["--set", "training.local_steps=4", "--set", "round.startup_timeout_s=600", *extra]
@@ -78,6 +78,7 @@ def fleet(out: Path, edges: int, rounds: int) -> dict:
     records = _rounds(run_dir)
     closed = len(records)
     update_bytes = max((d["update_bytes"] for r in records for d in r["devices"]), default=0)
+    bound = reassembly_bound_bytes(run_dir, records)
     return {
         "edges": edges,
         "exit": code,
@@ -85,8 +86,26 @@ def fleet(out: Path, edges: int, rounds: int) -> dict:
         "wall_s": round(time.monotonic() - t0, 1),
         "bs_peak_rss_mb": round(peak[0] / 2**20, 1),
         "largest_update_bytes": update_bytes,
+        "reassembly_bound_mb": round(bound / 2**20, 3),
         "statuses": sorted({d["status"] for r in records for d in r["devices"]}),
     }
+
+
+def reassembly_bound_bytes(run_dir: Path, records: list[dict]) -> int:
+    """docs/security.md: sum over the largest round's planned devices of (U_k + one sealed fragment), U_k the
+    largest encoding of the planned module the codec accepts."""
+    from bs_node.global_model import GlobalModel
+    from config import load_experiment
+    from proto.framing import MAX_FRAME_PAYLOAD, SEAL_TAG_BYTES
+
+    model = GlobalModel(load_experiment(run_dir / "experiment.yaml"))
+    return max(
+        (
+            sum(model.max_update_bytes(d["rank"], d["depth"]) + MAX_FRAME_PAYLOAD + SEAL_TAG_BYTES for d in planned)
+            for planned in ([d for d in r["devices"] if d["participated"]] for r in records)
+        ),
+        default=0,
+    )
 
 
 def resume_gap(out: Path, edges: int) -> dict:
