@@ -23,7 +23,7 @@ def open_uplink_transmitter(
     context: zmq.Context[Any] | None = None,
     key: KeyPair | None = None,
 ) -> UplinkTransmitter:
-    """key: the device's key pair on a sealed bench (the air's CURVE; the sim links carry sealed frames only)."""
+    """key: the device's key pair on a sealed bench (CURVE to the air, or to the sim links' data port)."""
     geometry = DeviceGeometry(device_id=device_id, distance_m=bench.device(device_id).distance_m)
     if bench.phy in ("sim", "gr-loopback"):
         # gr-loopback's edge is the sim's (the BS runs the modem), with the modulation beside each frame
@@ -37,6 +37,7 @@ def open_uplink_transmitter(
             per_curve=PerCurve.for_sim_link(bench),  # the sim's true loss model (the controller's: for_bench)
             seed=seed,
             context=context,
+            key=key,
         )
     if bench.phy == "gr-zmq-iq":
         from phy.gr_zmq_iq_tx import ZmqIqTransmitter  # the edge modulates: GNU Radio on the edge
@@ -65,13 +66,16 @@ def open_uplink_receiver(
     key: KeyPair | None = None,
 ) -> UplinkReceiver:
     """device_count / seed: the experiment's (gr-zmq-iq: one subband receiver per device; the air's channel draws).
-    key: the BS's key pair on a sealed bench (gr-zmq-iq: the air serves CURVE under it)."""
+    key: the BS's key pair on a sealed bench (sim, gr-loopback: its data port serves CURVE under it; gr-zmq-iq: the
+    air does)."""
     if bench.phy == "sim":
-        return SimUplinkReceiver(bind_address=bind_address, context=context)
+        return SimUplinkReceiver(bind_address=bind_address, context=context, key=key)
     if bench.phy == "gr-loopback":
         from phy.gr_link import GrLoopbackReceiver  # GNU Radio is imported only when this PHY runs
 
-        return GrLoopbackReceiver(bind_address=bind_address, snr_offset_db=bench.snr_offset_db, context=context)
+        return GrLoopbackReceiver(
+            bind_address=bind_address, snr_offset_db=bench.snr_offset_db, context=context, key=key
+        )
     if bench.phy == "gr-zmq-iq":
         from phy.gr_zmq_iq import ZmqIqReceiver
 

@@ -22,6 +22,7 @@ from phy.sim import SimUplinkReceiver, SimUplinkTransmitter
 from phy.uplink import RxFrame
 from proto.air import FrameSidecar, decode_sidecar
 from proto.numerology import MAX_PACKET_BYTES, check_modulation
+from trust.keys import KeyPair
 
 log = logging.getLogger(__name__)
 
@@ -44,11 +45,17 @@ class GrLoopbackReceiver(SimUplinkReceiver):
     """BS side: frames arrive with their channel; the OFDM modem turns them into what a receiver decodes."""
 
     def __init__(
-        self, *, bind_address: str, snr_offset_db: float = 0.0, context: zmq.Context | None = None, noise_seed: int = 0
+        self,
+        *,
+        bind_address: str,
+        snr_offset_db: float = 0.0,
+        context: zmq.Context | None = None,
+        noise_seed: int = 0,
+        key: KeyPair | None = None,
     ):
         from phy.gr_loopback import LoopbackModem  # GNU Radio only where the modem runs: the BS
 
-        super().__init__(bind_address=bind_address, context=context)
+        super().__init__(bind_address=bind_address, context=context, key=key)
         self.modem = LoopbackModem(snr_offset_db=snr_offset_db, noise_seed=noise_seed)
         self.packets_in = 0
         self.packets_decoded = 0

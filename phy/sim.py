@@ -20,7 +20,15 @@ import zmq
 from phy.channel import DeviceGeometry, PerCurve, SimChannel, TxSetting
 from phy.uplink import RxFrame, TxReport, UplinkReceiver, UplinkTransmitter, checked_frames
 from proto.air import AirMessageError, FrameSidecar, decode_sidecar
+from proto.framing import MAX_FRAME_BYTES
 from proto.numerology import burst_airtime_s
+from trust.curve import make_client, make_server
+from trust.keys import KeyPair
+
+# The data port's bound on what a connected peer can make the BS queue: RCVHWM messages of at most MAX_PART_BYTES
+# per part (a sidecar and a frame); a bigger part disconnects the peer (docs/security.md, "Bounded memory").
+DATA_RCVHWM = 10_000
+MAX_PART_BYTES = 2 * MAX_FRAME_BYTES  # a frame (<= 4,038 bytes) or a sidecar (a short JSON), with room
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +49,9 @@ class SimUplinkTransmitter(UplinkTransmitter):
         context: zmq.Context | None = None,
         send_timeout_s: float = 5.0,
         sndhwm: int = 10_000,
+        key: KeyPair | None = None,
     ) -> None:
+        """key: the device's key pair on a sealed bench: the data port then takes only CURVE peers of the roster."""
         if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
             raise ValueError(f"seed must be a non-negative int, got {seed!r}")
         self.geometry = geometry
@@ -59,6 +69,9 @@ class SimUplinkTransmitter(UplinkTransmitter):
         self._sock.setsockopt(zmq.SNDHWM, sndhwm)
         self._sock.setsockopt(zmq.SNDTIMEO, timeout_ms)  # a gone BS must not block the edge forever
         self._sock.setsockopt(zmq.LINGER, timeout_ms)  # flush queued frames on close, but bounded
+        if key is not None:
+            assert key.bs_public is not None  # load_key checks a device key file carries it
+            make_client(self._sock, key, key.bs_public)
         self._sock.connect(bs_data_address)
         self._closed = False
 
@@ -129,21 +142,27 @@ class SimUplinkTransmitter(UplinkTransmitter):
 
 
 class SimUplinkReceiver(UplinkReceiver):
-    """BS side of the sim link: a bound PULL socket. Not thread-safe."""
+    """BS side of the sim link: a bound PULL socket. Not thread-safe.
+
+    key: the BS's key pair on a sealed bench: only the roster's devices can connect (CURVE, the process's
+    RosterAuthenticator), so the data port's queues are bounded by the roster, not by who reaches the port."""
 
     def __init__(
         self,
         *,
         bind_address: str,
         context: zmq.Context | None = None,
-        rcvhwm: int = 100_000,
+        rcvhwm: int = DATA_RCVHWM,
         max_batch: int = 10_000,
+        key: KeyPair | None = None,
     ) -> None:
         ctx = context or zmq.Context.instance()
         self._sock = ctx.socket(zmq.PULL)
         self._sock.setsockopt(zmq.RCVHWM, rcvhwm)
         self._sock.setsockopt(zmq.LINGER, 0)
-        self._sock.setsockopt(zmq.MAXMSGSIZE, 1 << 20)  # a peer sending huge garbage is disconnected
+        self._sock.setsockopt(zmq.MAXMSGSIZE, MAX_PART_BYTES)  # a peer sending a bigger part is disconnected
+        if key is not None:
+            make_server(self._sock, key)
         if bind_address.startswith("tcp://") and bind_address.endswith(":0"):
             bind_address = bind_address[:-2] + ":*"
         self._sock.bind(bind_address)

@@ -124,11 +124,11 @@ def test_garbage_on_both_sockets_is_logged_and_ignored(procs, tmp_path):
     ctx = zmq.Context.instance()
     rogue = ctx.socket(zmq.DEALER)  # holds a provisioned key (strangers are refused before they can say anything)
     rogue.setsockopt(zmq.IDENTITY, b"rogue")
-    make_client(
-        rogue, load_key(run_dir / "keys" / "device-1.secret.json", role="device"), load_roster(run_dir / "keys").bs
-    )
+    insider = load_key(run_dir / "keys" / "device-1.secret.json", role="device")
+    make_client(rogue, insider, load_roster(run_dir / "keys").bs)
     rogue.connect(ep["control"])
-    data = ctx.socket(zmq.PUSH)
+    data = ctx.socket(zmq.PUSH)  # the data port, too, takes only the roster's keys
+    make_client(data, insider, load_roster(run_dir / "keys").bs)
     data.connect(ep["data"])
     for payload in (
         [b"\x00\xff garbage"],

@@ -229,9 +229,9 @@ def test_a_fresh_salt_each_time():
 def test_strangers_impostors_and_rogue_frames_are_refused_by_a_real_bs(tmp_path):
     """Real BS and edges (sim PHY, keys the BS provisions for the run). On the control plane a peer without CURVE
     and one with a key outside the roster get no answer (the refusal is logged once), and device 1's key cannot
-    register as device 0. Meanwhile a rogue pushes unsealed frames and frames sealed under keys of its own, for
-    both devices and both rounds, with a conflicting total: every round aggregates both devices, and each rogue
-    frame is counted against the device it claimed."""
+    register as device 0. On the data port a stranger cannot connect, and a rogue holding device 1's key pushes
+    unsealed frames and frames sealed under keys of its own, for both devices and both rounds, with a conflicting
+    total: every round aggregates both devices, and each rogue frame is counted against the device it claimed."""
     procs = Procs(tmp_path)
     stop = threading.Event()
     rogue = zmq.Context.instance().socket(zmq.PUSH)
@@ -265,8 +265,17 @@ def test_strangers_impostors_and_rogue_frames_are_refused_by_a_real_bs(tmp_path)
         assert b"this key belongs to device 1, not 0" in ask(device1, 0)  # a key speaks only for its device
         wait_for(lambda: "unknown key" in procs.output("bs"), 30, "the refusal in the BS log")
         assert procs.output("bs").count("unknown key") == 1  # once per key, however often it knocks
+        make_client(rogue, device1, roster.bs)
         rogue.connect(ep["data"])
         sidecar = FrameSidecar(snr_db=20.0).encode()
+        outsider = ctx.socket(zmq.PUSH)  # no CURVE: the handshake fails, nothing it sends reaches the BS
+        outsider.setsockopt(zmq.LINGER, 0)
+        outsider.setsockopt(zmq.SNDTIMEO, 200)
+        outsider.setsockopt(zmq.IMMEDIATE, 1)  # queue only on a connection that completed its handshake
+        outsider.connect(ep["data"])
+        with pytest.raises(zmq.Again):  # nowhere to queue: no connection ever completes
+            outsider.send_multipart([sidecar, Frame(0, 1, 0, 1, b"x").to_bytes()])
+        outsider.close(0)
 
         def spam() -> None:
             while not stop.is_set():
