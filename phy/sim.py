@@ -27,7 +27,7 @@ from trust.keys import KeyPair
 
 # The data port's bound on what a connected peer can make the BS queue: RCVHWM messages of at most MAX_PART_BYTES
 # per part (a sidecar and a frame); a bigger part disconnects the peer (docs/security.md, "Bounded memory").
-DATA_RCVHWM = 10_000
+DATA_RCVHWM = 4096
 MAX_PART_BYTES = 2 * MAX_FRAME_BYTES  # a frame (<= 4,038 bytes) or a sidecar (a short JSON), with room
 
 log = logging.getLogger(__name__)
@@ -153,7 +153,7 @@ class SimUplinkReceiver(UplinkReceiver):
         bind_address: str,
         context: zmq.Context | None = None,
         rcvhwm: int = DATA_RCVHWM,
-        max_batch: int = 10_000,
+        max_batch: int = 1000,
         key: KeyPair | None = None,
     ) -> None:
         ctx = context or zmq.Context.instance()
