@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -117,8 +117,8 @@ class ZmqTransport:
             events.extend(FrameReceived(rx.data, rx.snr_db) for rx in self.uplink.recv(0.0))
         return events
 
-    def drain_frames(self, quiet_s: float, max_wait_s: float) -> list[FrameReceived]:
-        return [FrameReceived(rx.data, rx.snr_db) for rx in self.uplink.drain_until_quiet(quiet_s, max_wait_s)]
+    def drain_frames(self, quiet_s: float, max_wait_s: float) -> Iterator[FrameReceived]:
+        return (FrameReceived(rx.data, rx.snr_db) for rx in self.uplink.drain_until_quiet(quiet_s, max_wait_s))
 
     def _on_control(self, parts: list[bytes], sender: str | None) -> Event | None:
         identity = parts[0]

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -225,21 +225,21 @@ class ZmqIqReceiver(UplinkReceiver):
         self._read_air()
         return self.inbox.take(timeout_s)
 
-    def drain_until_quiet(self, quiet_s: float, max_wait_s: float) -> list[RxFrame]:
-        """Frames up to every burst end the air has reported, then until none came for quiet_s."""
+    def drain_until_quiet(self, quiet_s: float, max_wait_s: float) -> Iterator[RxFrame]:
+        """Frames up to every burst end the air has reported, then until none came for quiet_s (a generator, one
+        batch at a time, as UplinkReceiver's)."""
         deadline = time.monotonic() + max_wait_s
         self._read_air()
         target = max(self.burst_ends.values(), default=0)
         while time.monotonic() < deadline and not self._consumed(target):
             time.sleep(0.01)
             self._read_air()
-        out: list[RxFrame] = []
         while True:
             remaining = deadline - time.monotonic()
             got = self.recv(min(quiet_s, max(0.0, remaining)))
-            out += got
+            yield from got
             if not got or remaining <= 0:
-                return out
+                return
 
     def _consumed(self, medium_index: int) -> bool:
         """Has every receiver taken in the medium up to medium_index (plus the receiver's flush margin)?"""

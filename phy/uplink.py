@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -88,23 +88,23 @@ class UplinkReceiver(ABC):
         (the GNU Radio receivers' pipe); None: the caller polls recv() itself."""
         return None
 
-    def drain_until_quiet(self, quiet_s: float, max_wait_s: float) -> list[RxFrame]:
-        """Collect frames until none arrived for quiet_s (or max_wait_s passed).
+    def drain_until_quiet(self, quiet_s: float, max_wait_s: float) -> Iterator[RxFrame]:
+        """Frames until none arrived for quiet_s (or max_wait_s passed).
 
         Data and control travel on different paths, so an ARQ ack request can
         overtake the tail of a burst; the BS calls this before answering it.
+        A generator, one recv() batch at a time: the caller handles each batch before the next is taken, so a
+        peer that never goes quiet costs time (at most max_wait_s), not memory.
         """
         deadline = time.monotonic() + max_wait_s
-        out: list[RxFrame] = []
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                break
+                return
             got = self.recv(min(quiet_s, remaining))
             if not got:
-                break
-            out.extend(got)
-        return out
+                return
+            yield from got
 
     def close(self) -> None:
         """Release resources; idempotent."""

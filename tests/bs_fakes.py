@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import heapq
 import io
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -99,8 +99,8 @@ class MemoryTransport:
             elif isinstance(event.message, Bye):
                 edge.state = "offline"
 
-    def drain_frames(self, quiet_s: float, max_wait_s: float) -> list[FrameReceived]:
-        return []
+    def drain_frames(self, quiet_s: float, max_wait_s: float) -> Iterator[FrameReceived]:
+        return iter(())
 
     def ready_devices(self) -> list[EdgeInfo]:
         return [

@@ -173,6 +173,25 @@ def test_recv_timeout_empty_and_poll_socket(ctx, rx):
     tx.close()
 
 
+def test_drain_takes_a_batch_at_a_time_so_a_flood_does_not_pile_up(ctx, rx):
+    # the BS handles each drained frame before more come off the socket: a peer that never goes quiet costs the
+    # drain's time, not memory (a list-returning drain held 500 MB of a flood's frames at once)
+    rx.max_batch = 10
+    push = ctx.socket(zmq.PUSH)
+    push.connect(rx.address)
+    frame = Frame(1, 1, 0, 1, b"x" * 100).to_bytes()
+    for _ in range(100):
+        push.send_multipart([FrameSidecar(snr_db=20.0).encode(), frame])
+    push.send_multipart([FrameSidecar().encode(), SENTINEL])
+    time.sleep(0.5)  # all 101 queued at the receiver
+    drain = rx.drain_until_quiet(quiet_s=1.0, max_wait_s=20.0)
+    assert next(drain).data == frame
+    assert len(rx.recv(0)) == 10  # the next batch is still on the socket, not in the drain's hands
+    rest = list(drain)
+    assert len(rest) == 101 - 1 - 10 and rest[-1].data == SENTINEL
+    push.close()
+
+
 def test_bs_gone_does_not_block_forever(ctx, caplog):
     # a port held by a socket that never listens: connections are refused, and no other process of the suite can
     # bind it meanwhile (a closed receiver's port could be taken again, and then frames would be delivered)

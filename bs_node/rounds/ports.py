@@ -6,7 +6,7 @@ in an in-memory transport on a fake clock. Nothing here knows about sockets.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -61,8 +61,9 @@ class RoundTransport(Protocol):
         """What arrived within timeout_s: control messages first, then uplink frames."""
         ...
 
-    def drain_frames(self, quiet_s: float, max_wait_s: float) -> list[FrameReceived]:
-        """Uplink frames until none came for quiet_s (at most max_wait_s): the PHY may lag the control plane."""
+    def drain_frames(self, quiet_s: float, max_wait_s: float) -> Iterator[FrameReceived]:
+        """Uplink frames until none came for quiet_s (at most max_wait_s): the PHY may lag the control plane.
+        Lazy: the caller handles each frame before more are taken off the PHY (a flood must not pile up)."""
         ...
 
     def ready_devices(self) -> list[EdgeInfo]:
