@@ -117,6 +117,9 @@ def test_centralized_ceiling_trains_the_federations_budget_in_one_process_and_se
                 "--seeds",
                 "0",
                 "1",
+                "--lrs",
+                "5e-3",
+                "1e-3",
                 "--threads",
                 "1",
                 "--out",
@@ -127,9 +130,13 @@ def test_centralized_ceiling_trains_the_federations_budget_in_one_process_and_se
         torch.set_num_threads(threads)
     result = json.loads(out.read_text())
     for seed in result["seeds"]:
-        assert seed["steps"] == 3 * 2 * 2 and len(seed["curve"]) == 3
-        val = [c["val_accuracy"] for c in seed["curve"]]
+        assert seed["steps"] == 3 * 2 * 2 and [run["lr"] for run in seed["runs"]] == [5e-3, 1e-3]
+        best = {run["lr"]: max(c["val_accuracy"] for c in run["curve"]) for run in seed["runs"]}
+        assert all(len(run["curve"]) == 3 for run in seed["runs"])
+        assert best[seed["chosen_lr"]] == max(best.values())  # the lr is chosen on validation, not on test
+        chosen = next(run for run in seed["runs"] if run["lr"] == seed["chosen_lr"])
+        val = [c["val_accuracy"] for c in chosen["curve"]]
         assert seed["selected_round"] == val.index(max(val)) + 1
-        assert seed["selected_accuracy"] == seed["curve"][seed["selected_round"] - 1]["accuracy"]
+        assert seed["selected_accuracy"] == chosen["selected_accuracy"]
         assert seed["train_examples"] < 160  # the held-out validation parts are not trained on
     assert result["summary"]["selected_accuracy"]["n"] == 2
