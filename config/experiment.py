@@ -38,6 +38,9 @@ class ModelConfig(ConfigModel):
     max_rank: ModuleRank = 8  # R: rank of the global adapter
     lora_alpha: float = Field(16.0, gt=0.0)  # scaling s = lora_alpha / max_rank, the same s for every device rank
     max_length: int = Field(64, gt=0)
+    # what the classifier reads: "cls" = the model's own pooler (BERT: first token, dense, tanh); "mean" = the
+    # attention-masked mean of the last hidden states, as sentence encoders like all-MiniLM-L6-v2 were trained
+    pooling: Literal["cls", "mean"] = "cls"
 
     @property
     def scaling(self) -> float:

@@ -17,6 +17,7 @@ import transformers
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, BertConfig, BertForSequenceClassification
 
 from config import ModelConfig
+from fedlora.pooling import use_mean_pooling
 
 EMBEDDED = "embedded"
 TINY = "tiny"
@@ -76,6 +77,8 @@ def build_backbone(cfg: ModelConfig, num_labels: int, seed: int) -> transformers
         else:
             with _quiet_transformers():
                 model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels)
+    if cfg.pooling == "mean":
+        use_mean_pooling(model)
     model.eval()
     return model
 
