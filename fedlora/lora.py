@@ -27,6 +27,7 @@ from typing import Any, cast
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 
+from fedlora.architectures import projection_features, stores_weight_transposed, target_names
 from fedlora.models import ModelConfig, num_layers
 from proto.codec import AdapterState, ModuleSpec  # the wire's names for a state and a device's module
 
@@ -65,14 +66,19 @@ def module_keys(state: AdapterState) -> list[str]:
 
 
 def _target_modules(backbone: torch.nn.Module, cfg: ModelConfig) -> dict[str, tuple[int, int]]:
-    """Base-model paths of the LoRA targets -> (in_features, out_features)."""
+    """Base-model paths of the LoRA targets -> (in_features, out_features), read from the real modules (so
+    grouped-query attention's narrower k/v projections get their own widths)."""
+    names = target_names(backbone, cfg)
     found: dict[str, tuple[int, int]] = {}
     for path, mod in backbone.named_modules():
-        if path.rsplit(".", 1)[-1] in cfg.target_modules and isinstance(mod, torch.nn.Linear):
+        features = projection_features(mod)
+        if path.rsplit(".", 1)[-1] in names and features is not None:
             layer_index(path)  # raises if the module is not inside a numbered layer
-            found[path] = (mod.in_features, mod.out_features)
+            found[path] = features
     if not found:
-        raise ValueError(f"no nn.Linear named {cfg.target_modules} in {type(backbone).__name__}")
+        raise ValueError(
+            f"no nn.Linear or Conv1D named {list(names)} in {type(backbone).__name__} (model.target_modules)"
+        )
     return found
 
 
@@ -168,6 +174,8 @@ class LocalModel:
         self.num_layers = num_layers(backbone)
         self._backbone = backbone
         self._modules = _target_modules(backbone, cfg)
+        self._names = target_names(backbone, cfg)
+        self._transposed = stores_weight_transposed(backbone, self._names)
         self._heads = _head_modules(backbone)
         self._cache: OrderedDict[ModuleSpec, torch.nn.Module] = OrderedDict()
         self._cache_size = cache_size
@@ -189,7 +197,8 @@ class LocalModel:
         config = LoraConfig(
             r=spec.rank,
             lora_alpha=self.scaling * spec.rank,  # type: ignore[arg-type]  # peft takes a float alpha; scales by alpha / r
-            target_modules=list(self.cfg.target_modules),
+            target_modules=list(self._names),
+            fan_in_fan_out=self._transposed,  # GPT-2's Conv1D
             layers_to_transform=list(range(first, self.num_layers)),
             lora_dropout=0.0,
             bias="none",

@@ -11,16 +11,28 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+from typing import Any
 
 import torch
 import transformers
-from transformers import AutoModelForSequenceClassification, AutoTokenizer, BertConfig, BertForSequenceClassification
+from transformers import (
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    BertConfig,
+    BertForSequenceClassification,
+    GPT2Config,
+    GPT2ForSequenceClassification,
+    LlamaConfig,
+    LlamaForSequenceClassification,
+)
 
 from config import ModelConfig
 from fedlora.pooling import use_mean_pooling
 
 EMBEDDED = "embedded"
 TINY = "tiny"
+TINY_GPT2, TINY_LLAMA = "tiny-gpt2", "tiny-llama"
+TINY_MODELS = (TINY, TINY_GPT2, TINY_LLAMA)  # random, a few layers of width 32, the MiniLM vocabulary: for tests
 
 
 def embedded_model_path() -> str:
@@ -33,11 +45,12 @@ def embedded_model_path() -> str:
 
 
 def _resolve_path(name_or_path: str) -> str:
-    if name_or_path in (EMBEDDED, TINY):
+    if name_or_path == EMBEDDED or name_or_path in TINY_MODELS:
         return embedded_model_path()
     if not os.path.isdir(name_or_path) or not os.path.isfile(os.path.join(name_or_path, "config.json")):
         raise ValueError(
-            f"model {name_or_path!r}: not 'embedded', 'tiny' or a Hugging Face model folder with config.json"
+            f"model {name_or_path!r}: not 'embedded', one of {', '.join(TINY_MODELS)} or a Hugging Face model folder "
+            "with config.json"
         )
     return name_or_path
 
@@ -63,24 +76,62 @@ def build_backbone(cfg: ModelConfig, num_labels: int, seed: int) -> transformers
     path = _resolve_path(cfg.name_or_path)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        if cfg.name_or_path == TINY:
-            config = BertConfig(  # type: ignore[call-arg]  # num_labels goes through PretrainedConfig **kwargs
-                vocab_size=len(_tokenizer_at(path)),
-                hidden_size=32,
-                num_hidden_layers=2,
-                num_attention_heads=2,
-                intermediate_size=64,
-                max_position_embeddings=max(cfg.max_length, 128),
-                num_labels=num_labels,
-            )
-            model = BertForSequenceClassification(config)
+        if cfg.name_or_path in TINY_MODELS:
+            model = _tiny_model(cfg, num_labels, _tokenizer_at(path))
         else:
             with _quiet_transformers():
                 model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels)
+            if model.config.pad_token_id is None:  # decoders: the classifier reads the last token before padding
+                model.config.pad_token_id = pad_token_id(_tokenizer_at(path))
     if cfg.pooling == "mean":
         use_mean_pooling(model)
     model.eval()
     return model
+
+
+def pad_token_id(tokenizer) -> int:
+    """The id batches are padded with; a decoder's tokenizer without a pad token pads with its end-of-sequence
+    token (set on the cached tokenizer, so encoding and the model agree)."""
+    if tokenizer.pad_token_id is None:
+        if tokenizer.eos_token is None:
+            raise ValueError(f"tokenizer {type(tokenizer).__name__} has neither a pad nor an end-of-sequence token")
+        tokenizer.pad_token = tokenizer.eos_token
+    return int(tokenizer.pad_token_id)
+
+
+def _tiny_model(cfg: ModelConfig, num_labels: int, tokenizer) -> transformers.PreTrainedModel:
+    """A tiny random model of the named family, for tests: 2 layers, width 32, the MiniLM vocabulary."""
+    common: dict[str, Any] = {
+        "vocab_size": len(tokenizer),
+        "num_labels": num_labels,
+        "pad_token_id": pad_token_id(tokenizer),
+    }
+    positions = max(cfg.max_length, 128)
+    if cfg.name_or_path == TINY_GPT2:
+        return GPT2ForSequenceClassification(
+            GPT2Config(n_embd=32, n_layer=2, n_head=2, n_positions=positions, **common)
+        )
+    if cfg.name_or_path == TINY_LLAMA:  # grouped-query attention: k/v are half as wide as q
+        config = LlamaConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=positions,
+            **common,
+        )
+        return LlamaForSequenceClassification(config)
+    return BertForSequenceClassification(
+        BertConfig(
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=64,
+            max_position_embeddings=positions,
+            **common,
+        )
+    )
 
 
 @contextlib.contextmanager

@@ -76,6 +76,9 @@ def label_log_prior(examples: Sequence[Example], num_labels: int) -> torch.Tenso
 
 
 def _logits(model: torch.nn.Module, enc: dict[str, torch.Tensor]) -> torch.Tensor:
+    if "token_type_ids" in enc and not getattr(getattr(model, "config", None), "type_vocab_size", 0):
+        # only BERT-family models have segment embeddings; GPT-2 would add its token embedding of id 0 instead
+        enc = {k: v for k, v in enc.items() if k != "token_type_ids"}
     out = model(**enc)
     return out.logits if hasattr(out, "logits") else out[0]
 

@@ -23,7 +23,7 @@ from config import REPO_ROOT, ConfigError, load_bench, load_experiment
 from config.base import ConfigModel, Items, RuleError
 from config.bench import BenchConfig
 from config.experiment import ExperimentConfig, Policy
-from config.loading import apply_overrides, drop_keys, read_yaml, to_mapping, validated
+from config.loading import BENCH_WIRING_KEYS, apply_overrides, drop_keys, read_yaml, to_mapping, validated
 
 Label = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$", max_length=40)]
 Scalar = str | int | float | bool | None
@@ -146,12 +146,9 @@ def _fingerprint(experiment: str | None, bench: str, sets: tuple[str, ...], benc
 
 # Where a file is does not change what a trial runs (the curves' content is in their *_table fields), and a path
 # differs from clone to clone.
-_PATH_KEYS = (("per_curve",), ("channel", "true_per_curve"), ("security", "keys_dir"))
-
-
 def config_fingerprint(experiment: ExperimentConfig, bench: BenchConfig) -> str:
-    """A short hash of what a trial runs: the resolved experiment and bench, paths left out."""
-    bench_map = drop_keys(to_mapping(bench), _PATH_KEYS)
+    """A short hash of what a trial runs: the resolved experiment and bench, paths and addresses left out."""
+    bench_map = drop_keys(to_mapping(bench), BENCH_WIRING_KEYS)
     text = json.dumps([to_mapping(experiment), bench_map], sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
