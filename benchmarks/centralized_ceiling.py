@@ -48,7 +48,7 @@ def one_seed(args: argparse.Namespace, seed: int) -> dict:
     steps_per_round = exp.devices.count * exp.training.local_steps
     runs = []
     for lr in args.lrs or [exp.training.lr]:
-        backbone = build_backbone(exp.model, task.num_labels, seed)
+        backbone = build_backbone(exp.model, task.num_labels, seed, task=task.name)
         adapter = GlobalAdapter(backbone, exp.model, seed)
         local = LocalModel(backbone, exp.model)
         spec = ModuleSpec(adapter.max_rank, num_layers(backbone))

@@ -152,7 +152,7 @@ def measure_step_seconds(steps: int = 3) -> float:
 
     cfg = ModelConfig()
     task = load_task("rotten_tomatoes", test_size=100, seed=0, max_train=2000)
-    backbone = build_backbone(cfg, task.num_labels, 0)
+    backbone = build_backbone(cfg, task.num_labels, 0, task=task.name)
     local = LocalModel(backbone, cfg, cache_size=1)
     local.load(SPEC, GlobalAdapter(backbone, cfg, 0).view(SPEC))
     tokenizer = load_tokenizer(cfg)

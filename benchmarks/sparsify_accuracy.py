@@ -158,7 +158,7 @@ class Experiment:
         parts = dirichlet_split([e.label for e in task.train], s.devices, s.alpha, s.seed)
         self.shards: list[list[Example]] = [[task.train[i] for i in p] for p in parts]
         self.cfg = ModelConfig(name_or_path=s.model, max_rank=s.rank)
-        self.backbone = build_backbone(self.cfg, task.num_labels, s.seed)
+        self.backbone = build_backbone(self.cfg, task.num_labels, s.seed, task=task.name)
         self.tokenizer = load_tokenizer(self.cfg)
         self.spec = ModuleSpec(s.rank, num_layers(self.backbone))
         self.initial_accuracy: float | None = None

@@ -69,7 +69,7 @@ class GlobalModel:
             exp.task.name, exp.task.path, test_size=exp.task.test_size, seed=exp.seed, max_train=exp.task.max_train
         )
         self.tokenizer = load_tokenizer(exp.model)
-        backbone = build_backbone(exp.model, self.task.num_labels, exp.seed)
+        backbone = build_backbone(exp.model, self.task.num_labels, exp.seed, task=self.task.name)
         self.num_layers: int = num_layers(backbone)
         self.adapter = GlobalAdapter(backbone, exp.model, exp.seed)
         self.max_rank: int = self.adapter.max_rank

@@ -43,6 +43,9 @@ class ModelConfig(ConfigModel):
     # what the classifier reads: "cls" = the model's own pooler (BERT: first token, dense, tanh); "mean" = the
     # attention-masked mean of the last hidden states, as sentence encoders like all-MiniLM-L6-v2 were trained
     pooling: Literal["cls", "mean"] = "cls"
+    # "classifier": a sequence-classification head, trained and sent with LoRA; "lm": a decoder kept the causal LM
+    # it is, the task in prompt form scored by its label words (fedlora/prompting.py); only LoRA is sent
+    head: Literal["classifier", "lm"] = "classifier"
 
     @property
     def scaling(self) -> float:
@@ -178,6 +181,18 @@ class ExperimentConfig(ConfigModel):
                 self.round.aggregation_rule,
                 f"applies to the fedavg aggregator only; {agg} counts its round's participants, as published",
             )
+        return self
+
+    @model_validator(mode="after")
+    def _lm_head_fits_the_rest(self) -> ExperimentConfig:
+        if self.model.head == "lm" and self.training.logit_adjustment > 0:
+            raise RuleError(
+                "training.logit_adjustment",
+                self.training.logit_adjustment,
+                "corrects a classifier head's label prior; with model.head=lm set it to 0",
+            )
+        if self.model.head == "lm" and self.model.pooling != "cls":
+            raise RuleError("model.pooling", self.model.pooling, "applies to a classifier head; model.head=lm has none")
         return self
 
     @model_validator(mode="after")

@@ -84,7 +84,7 @@ class EdgeRounds:
             raise SystemExit(f"edge {device_id}: the experiment has only {len(splits)} devices")
         self.examples = [task.train[i] for i in splits[device_id].train]
         self.tokenizer = load_tokenizer(exp.model)
-        self.local = LocalModel(build_backbone(exp.model, task.num_labels, exp.seed), exp.model)
+        self.local = LocalModel(build_backbone(exp.model, task.num_labels, exp.seed, task=task.name), exp.model)
         # one per run: it carries this device's error-feedback residual from round to round
         self.sparsifier = sparsifier_from_config(exp.codec, seed=exp.seed, device_id=device_id)
         profile = bench.device(device_id)

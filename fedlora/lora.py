@@ -112,7 +112,7 @@ class GlobalAdapter:
         self.num_layers = num_layers(backbone)
         self.scaling = cfg.lora_alpha / cfg.max_rank
         self.modules = _target_modules(backbone, cfg)
-        self.head_modules = _head_modules(backbone)
+        self.head_modules = [] if cfg.head == "lm" else _head_modules(backbone)  # a causal LM sends LoRA only
         gen = torch.Generator().manual_seed(seed)
         self.state: AdapterState = {}
         for path, (fan_in, fan_out) in self.modules.items():
@@ -176,7 +176,7 @@ class LocalModel:
         self._modules = _target_modules(backbone, cfg)
         self._names = target_names(backbone, cfg)
         self._transposed = stores_weight_transposed(backbone, self._names)
-        self._heads = _head_modules(backbone)
+        self._heads = [] if cfg.head == "lm" else _head_modules(backbone)
         self._cache: OrderedDict[ModuleSpec, torch.nn.Module] = OrderedDict()
         self._cache_size = cache_size
         self._spec: ModuleSpec | None = None
@@ -202,7 +202,7 @@ class LocalModel:
             layers_to_transform=list(range(first, self.num_layers)),
             lora_dropout=0.0,
             bias="none",
-            modules_to_save=list(self._heads),
+            modules_to_save=list(self._heads) or None,
         )
         # peft's random LoRA init (overwritten by load) must not consume the caller's RNG;
         # peft 0.21 also calls a transformers-5-deprecated gradient-checkpointing helper.

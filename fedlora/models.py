@@ -16,18 +16,22 @@ from typing import Any
 import torch
 import transformers
 from transformers import (
+    AutoModelForCausalLM,
     AutoModelForSequenceClassification,
     AutoTokenizer,
     BertConfig,
     BertForSequenceClassification,
     GPT2Config,
     GPT2ForSequenceClassification,
+    GPT2LMHeadModel,
     LlamaConfig,
+    LlamaForCausalLM,
     LlamaForSequenceClassification,
 )
 
 from config import ModelConfig
 from fedlora.pooling import use_mean_pooling
+from fedlora.prompting import PromptFormat, attach, prompt_format
 
 EMBEDDED = "embedded"
 TINY = "tiny"
@@ -66,14 +70,21 @@ def load_tokenizer(cfg: ModelConfig):
     return _tokenizer_at(_resolve_path(cfg.name_or_path))
 
 
-def build_backbone(cfg: ModelConfig, num_labels: int, seed: int) -> transformers.PreTrainedModel:
-    """Sequence-classification model, identical in every process for the same args.
+def build_backbone(
+    cfg: ModelConfig, num_labels: int, seed: int, *, task: str | None = None
+) -> transformers.PreTrainedModel:
+    """The model, identical in every process for the same args: a sequence classifier, or with ``model.head: lm``
+    a causal LM that classifies ``task`` in prompt form (fedlora.prompting).
 
     The global torch RNG is forked so seeding here does not disturb the caller.
     """
     if num_labels < 1:
         raise ValueError(f"num_labels must be >= 1, got {num_labels}")
     path = _resolve_path(cfg.name_or_path)
+    if cfg.head == "lm":
+        if task is None:
+            raise ValueError("model.head=lm needs the task, for its prompt format")
+        return _causal_lm(cfg, path, seed, prompt_format(task, num_labels))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         if cfg.name_or_path in TINY_MODELS:
@@ -85,6 +96,45 @@ def build_backbone(cfg: ModelConfig, num_labels: int, seed: int) -> transformers
                 model.config.pad_token_id = pad_token_id(_tokenizer_at(path))
     if cfg.pooling == "mean":
         use_mean_pooling(model)
+    model.eval()
+    return model
+
+
+def _causal_lm(cfg: ModelConfig, path: str, seed: int, fmt: PromptFormat) -> transformers.PreTrainedModel:
+    tokenizer = _tokenizer_at(path)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        if cfg.name_or_path == TINY:
+            raise ValueError("model.head=lm needs a decoder: 'tiny' is BERT (use tiny-llama or tiny-gpt2)")
+        if cfg.name_or_path in TINY_MODELS:
+            common: dict[str, Any] = {
+                "vocab_size": len(tokenizer),
+                "pad_token_id": pad_token_id(tokenizer),
+                "bos_token_id": tokenizer.cls_token_id,  # the MiniLM vocabulary's sequence markers
+                "eos_token_id": tokenizer.sep_token_id,
+            }
+            positions = max(cfg.max_length, 128)
+            if cfg.name_or_path == TINY_GPT2:
+                model: transformers.PreTrainedModel = GPT2LMHeadModel(
+                    GPT2Config(n_embd=32, n_layer=2, n_head=2, n_positions=positions, **common)
+                )
+            else:
+                model = LlamaForCausalLM(
+                    LlamaConfig(
+                        hidden_size=32,
+                        intermediate_size=64,
+                        num_hidden_layers=2,
+                        num_attention_heads=4,
+                        num_key_value_heads=2,
+                        max_position_embeddings=positions,
+                        **common,
+                    )
+                )
+        else:
+            with _quiet_transformers():
+                model = AutoModelForCausalLM.from_pretrained(path)
+            pad_token_id(tokenizer)  # the prompts are padded
+    attach(model, fmt)
     model.eval()
     return model
 
@@ -105,6 +155,8 @@ def _tiny_model(cfg: ModelConfig, num_labels: int, tokenizer) -> transformers.Pr
         "vocab_size": len(tokenizer),
         "num_labels": num_labels,
         "pad_token_id": pad_token_id(tokenizer),
+        "bos_token_id": tokenizer.cls_token_id,  # the MiniLM vocabulary's sequence markers
+        "eos_token_id": tokenizer.sep_token_id,
     }
     positions = max(cfg.max_length, 128)
     if cfg.name_or_path == TINY_GPT2:

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from config import TrainConfig
+from fedlora.prompting import answer_log_likelihood, format_of, label_scores
 from fedlora.tasks import Example
 
 
@@ -120,19 +121,26 @@ def train_local(
     cpu0, wall0 = time.process_time(), time.perf_counter()
     losses: list[float] = []
     shift: torch.Tensor | None = None  # tau * log prior, made once the number of labels is known
+    fmt = format_of(model)  # a causal LM classifying in prompt form (fedlora.prompting)
+    if fmt is not None and cfg.logit_adjustment > 0:
+        raise ValueError("logit_adjustment corrects a classifier head's label prior; a causal LM has none")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         for step in range(1, cfg.local_steps + 1):
             idx = next(batches)
             batch = [examples[i] for i in idx]
-            enc = encode(tokenizer, batch, cfg.max_length)
-            labels = torch.tensor([e.label for e in batch])
-            logits = _logits(model, enc)
-            if cfg.logit_adjustment > 0:
-                if shift is None:
-                    shift = cfg.logit_adjustment * label_log_prior(examples, logits.shape[-1])
-                logits = logits + shift
-            loss = F.cross_entropy(logits, labels)
+            if fmt is not None:  # the answer tokens' negative log-likelihood; the prompt carries no loss
+                labels_of = [e.label for e in batch]
+                loss = -answer_log_likelihood(model, tokenizer, batch, fmt, labels_of, cfg.max_length).mean()
+            else:
+                enc = encode(tokenizer, batch, cfg.max_length)
+                labels = torch.tensor([e.label for e in batch])
+                logits = _logits(model, enc)
+                if cfg.logit_adjustment > 0:
+                    if shift is None:
+                        shift = cfg.logit_adjustment * label_log_prior(examples, logits.shape[-1])
+                    logits = logits + shift
+                loss = F.cross_entropy(logits, labels)
             if regularizer is not None:
                 loss = loss + regularizer(model)
             opt.zero_grad(set_to_none=True)
@@ -159,18 +167,25 @@ def evaluate(
     batch_size: int = 64,
     max_length: int = 64,
 ) -> dict:
-    """Accuracy and mean cross-entropy over ``examples`` (eval mode, no grad)."""
+    """Accuracy and mean loss over ``examples`` (eval mode, no grad): a classifier's cross-entropy, or for a causal
+    LM the true answer's negative log-likelihood, with the label words' likelihoods deciding the prediction."""
     if not examples:
         return {"accuracy": float("nan"), "loss": float("nan"), "n": 0}
     was_training = model.training
     model.eval()
     correct, loss_sum = 0, 0.0
+    fmt = format_of(model)
     try:
         with torch.no_grad():
             for start in range(0, len(examples), batch_size):
                 batch = examples[start : start + batch_size]
-                enc = encode(tokenizer, batch, max_length)
                 labels = torch.tensor([e.label for e in batch])
+                if fmt is not None:
+                    scores = label_scores(model, tokenizer, batch, fmt, max_length)
+                    loss_sum -= float(scores.gather(1, labels[:, None]).sum())
+                    correct += int((scores.argmax(-1) == labels).sum())
+                    continue
+                enc = encode(tokenizer, batch, max_length)
                 logits = _logits(model, enc)
                 loss_sum += float(F.cross_entropy(logits, labels, reduction="sum"))
                 correct += int((logits.argmax(-1) == labels).sum())

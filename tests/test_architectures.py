@@ -113,3 +113,67 @@ def test_an_unknown_family_needs_explicit_targets_and_names_the_setting(tmp_path
     assert all(path.endswith(".key") for path in GlobalAdapter(model, explicit, seed=0).modules)
     with pytest.raises(ValueError, match=r"no nn.Linear or Conv1D named \['nothing'\].*model.target_modules"):
         GlobalAdapter(model, ModelConfig(name_or_path="tiny", max_rank=4, target_modules=("nothing",)), seed=0)
+
+
+LM = ModelConfig(name_or_path="tiny-llama", max_rank=4, head="lm")
+
+
+def _lm(cfg: ModelConfig = LM):
+    backbone = build_backbone(cfg, 2, seed=0, task="rotten_tomatoes")
+    adapter = GlobalAdapter(backbone, cfg, seed=0)
+    local = LocalModel(backbone, cfg)
+    spec = ModuleSpec(4, 2)
+    local.load(spec, adapter.view(spec))
+    return backbone, adapter, local
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-gpt2"])
+def test_a_causal_lm_learns_the_task_in_prompt_form_and_sends_only_lora(name):
+    cfg = ModelConfig(name_or_path=name, max_rank=4, head="lm")
+    backbone, adapter, local = _lm(cfg)
+    assert not any(k.startswith("head.") for k in adapter.state)  # embeddings and lm_head: frozen, never sent
+    trainable = sum(p.numel() for p in local.model.parameters() if p.requires_grad)
+    assert trainable == sum(v.numel() for v in local.state().values())
+    assert trainable == sum(v.numel() for v in adapter.state.values())
+    tok = load_tokenizer(cfg)
+    before = evaluate(local.model, tok, TOY, max_length=32)
+    train_local(local.model, tok, TOY, TrainConfig(local_steps=30, batch_size=6, lr=5e-2, max_length=32, seed=0))
+    after = evaluate(local.model, tok, TOY, max_length=32)
+    # a random width-32 LM with a frozen lm_head over 30k words moves its answers' NLL only a little (~0.6 nats
+    # here), but the choice between the two label words is learnt
+    assert after["loss"] < before["loss"] - 0.3 and after["accuracy"] > max(before["accuracy"], 0.6)
+
+
+def test_the_loss_is_on_the_answer_tokens_and_the_prediction_compares_label_words():
+    from fedlora.prompting import SENTIMENT, answer_log_likelihood, label_scores
+
+    backbone, _, _ = _lm()
+    tok = load_tokenizer(LM)
+    batch = TOY[:3]
+    with torch.no_grad():
+        scores = label_scores(backbone, tok, batch, SENTIMENT, max_length=32)
+        for i, example in enumerate(batch):
+            for label, word in enumerate(SENTIMENT.label_words):  # by hand: the answer's tokens after the prompt
+                prompt = tok(SENTIMENT.prompt(example), add_special_tokens=False)["input_ids"]
+                answer = tok(word, add_special_tokens=False)["input_ids"]
+                ids = torch.tensor([prompt + answer])
+                logp = torch.log_softmax(backbone(input_ids=ids).logits[0, :-1], -1)
+                want = sum(float(logp[len(prompt) - 1 + j, t]) for j, t in enumerate(answer))
+                assert float(scores[i, label]) == pytest.approx(want, abs=1e-4)
+        # padding the batch changes nothing, and a long prompt is cut from its start, keeping the answer
+        alone = answer_log_likelihood(backbone, tok, batch[:1], SENTIMENT, [1], max_length=32)
+        assert float(alone[0]) == pytest.approx(float(scores[0, 1]), abs=1e-4)
+        cut = answer_log_likelihood(backbone, tok, batch[:1], SENTIMENT, [1], max_length=6)
+        assert torch.isfinite(cut).all()
+
+
+def test_a_causal_lm_is_refused_where_it_cannot_work():
+    from config.base import ConfigError
+    from config.loading import load_experiment
+
+    with pytest.raises(ValueError, match="needs a decoder"):
+        build_backbone(ModelConfig(name_or_path="tiny", head="lm"), 2, seed=0, task="rotten_tomatoes")
+    with pytest.raises(ValueError, match="needs the task"):
+        build_backbone(LM, 2, seed=0)
+    with pytest.raises(ConfigError, match="training.logit_adjustment"):
+        load_experiment(None, ["model.head=lm", "model.name_or_path=tiny-llama", "training.logit_adjustment=1.0"])
