@@ -1,10 +1,10 @@
 """Where a result came from: code version, packages, host and radios, written beside every run's records.
 
 A number in a paper must be traceable to the code and the machine that made it. The BS writes
-`provenance.json` into the run folder when the run starts: the git commit of the testbed (and whether the work
-tree had uncommitted changes), the versions of the packages that shape the numbers, the host, and for radio
-benches the radios' device arguments (serials where the bench names them) and gains. Nothing here may stop a run:
-what cannot be read is recorded as null.
+`provenance.json` into the run folder when the run starts: the model's weights, the git commit of the testbed
+(and whether the work tree had uncommitted changes), the versions of the packages that shape the numbers, the
+host, and for radio benches the radios' device arguments (serials where the bench names them) and gains. Nothing
+here may stop a run: what cannot be read is recorded as null.
 """
 
 from __future__ import annotations
@@ -18,16 +18,18 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from config import REPO_ROOT, BenchConfig
+from config import REPO_ROOT, BenchConfig, ModelConfig
+from fedlora import embedded_llm
 
-PYTHON_PACKAGES = ("torch", "transformers", "peft", "numpy", "scipy", "pyzmq", "pydantic")
+PYTHON_PACKAGES = ("torch", "transformers", "peft", "numpy", "scipy", "pyzmq", "pydantic", "gguf")
 DEBIAN_PACKAGES = ("gnuradio", "libuhd*", "uhd-host", "soapysdr*", "libsoapysdr*")
 
 
-def collect(bench: BenchConfig, repo: Path = REPO_ROOT) -> dict[str, Any]:
+def collect(bench: BenchConfig, repo: Path = REPO_ROOT, model: ModelConfig | None = None) -> dict[str, Any]:
     """Everything `provenance.json` holds (see the module docstring)."""
     commit, dirty = _git(repo)
     return {
+        "model": None if model is None else _model(model),
         "code": {"commit": commit, "dirty": dirty, "path": str(repo)},
         "python": {"version": platform.python_version(), "executable": sys.executable},
         "packages": {name: _version(name) for name in PYTHON_PACKAGES},
@@ -40,6 +42,14 @@ def collect(bench: BenchConfig, repo: Path = REPO_ROOT) -> dict[str, Any]:
             "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
         },
         "radios": _radios(bench),
+    }
+
+
+def _model(model: ModelConfig) -> dict[str, Any]:
+    """Which weights the run fine-tuned; the embedded LLM says that they are a 4-bit quantisation's."""
+    return {
+        "name_or_path": model.name_or_path,
+        "source": embedded_llm.source() if model.name_or_path == embedded_llm.NAME else None,
     }
 
 

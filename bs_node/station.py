@@ -99,7 +99,7 @@ class BaseStation:
             self.recorder.snapshot_config(
                 to_mapping(self.exp),
                 to_mapping(self.bench),
-                provenance.collect(self.bench),
+                provenance.collect(self.bench, model=self.exp.model),
                 resumed_at=None if self.resume is None else self.resume.next_round,
             )
             self.view.line(

@@ -30,6 +30,7 @@ from transformers import (
 )
 
 from config import ModelConfig
+from fedlora import embedded_llm
 from fedlora.pooling import use_mean_pooling
 from fedlora.prompting import PromptFormat, attach, prompt_format
 
@@ -51,10 +52,12 @@ def embedded_model_path() -> str:
 def _resolve_path(name_or_path: str) -> str:
     if name_or_path == EMBEDDED or name_or_path in TINY_MODELS:
         return embedded_model_path()
+    if name_or_path == embedded_llm.NAME:
+        return embedded_llm.model_path()
     if not os.path.isdir(name_or_path) or not os.path.isfile(os.path.join(name_or_path, "config.json")):
         raise ValueError(
-            f"model {name_or_path!r}: not 'embedded', one of {', '.join(TINY_MODELS)} or a Hugging Face model folder "
-            "with config.json"
+            f"model {name_or_path!r}: not 'embedded', {embedded_llm.NAME!r}, one of {', '.join(TINY_MODELS)} or a "
+            "Hugging Face model folder with config.json"
         )
     return name_or_path
 

@@ -111,7 +111,18 @@ def answer_log_likelihood(
 def label_scores(
     model: torch.nn.Module, tokenizer, batch: Sequence[Example], fmt: PromptFormat, max_length: int
 ) -> torch.Tensor:
-    """(B, labels): each label word's log-likelihood after the prompt; the prediction is the argmax."""
+    """(B, labels): each label word's log-likelihood after the prompt; the prediction is the argmax.
+
+    When every label word is one token (SmolLM2's " positive" / " negative", " yes" / " no"), one pass over the
+    prompts gives them all: the distribution at the answer's position is the same whichever answer follows, as
+    the model is causal. Otherwise one pass per label."""
+    answers = [tokenizer(word, add_special_tokens=False)["input_ids"] for word in fmt.label_words]
+    if all(len(ids) == 1 for ids in answers):
+        ids, attention, answer_mask = _sequences(tokenizer, batch, fmt, [0] * len(batch), max_length)
+        logits = model(input_ids=ids, attention_mask=attention).logits[:, :-1]
+        at_answer = answer_mask[:, 1:].float().argmax(dim=1)  # the position that predicts the answer token
+        logp = F.log_softmax(logits[torch.arange(len(batch)), at_answer].float(), dim=-1)
+        return logp[:, [ids_[0] for ids_ in answers]]
     scores = [
         answer_log_likelihood(model, tokenizer, batch, fmt, [label] * len(batch), max_length)
         for label in range(len(fmt.label_words))

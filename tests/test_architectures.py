@@ -177,3 +177,18 @@ def test_a_causal_lm_is_refused_where_it_cannot_work():
         build_backbone(LM, 2, seed=0)
     with pytest.raises(ConfigError, match="training.logit_adjustment"):
         load_experiment(None, ["model.head=lm", "model.name_or_path=tiny-llama", "training.logit_adjustment=1.0"])
+
+
+def test_single_token_label_words_are_scored_in_one_pass_with_the_same_result():
+    from fedlora.prompting import PromptFormat, answer_log_likelihood, label_scores
+
+    backbone, _, _ = _lm()
+    tok = load_tokenizer(LM)
+    one_token = PromptFormat("Review: {text}\nSentiment:", (" bad", " good"))  # one token each in MiniLM's vocabulary
+    assert all(len(tok(w, add_special_tokens=False)["input_ids"]) == 1 for w in one_token.label_words)
+    with torch.no_grad():
+        fast = label_scores(backbone, tok, TOY[:5], one_token, max_length=12)  # some prompts cut at the front
+        slow = torch.stack(
+            [answer_log_likelihood(backbone, tok, TOY[:5], one_token, [y] * 5, max_length=12) for y in (0, 1)], 1
+        )
+    assert torch.allclose(fast, slow, atol=1e-5)
