@@ -16,6 +16,7 @@ import torch
 
 from bs_node.controllers.costs import ModelShape
 from config import ExperimentConfig
+from fedlora.accelerator import resolve_device
 from fedlora.aggregation import FLOAT32_MAX, Absent, ClientUpdate, check_update
 from fedlora.aggregators import make_aggregator
 from fedlora.lora import GlobalAdapter, LocalModel, ModuleSpec
@@ -75,7 +76,7 @@ class GlobalModel:
         self.max_rank: int = self.adapter.max_rank
         self.full_spec = ModuleSpec(self.max_rank, self.num_layers)
         self.max_abs = largest_value(exp.codec.downlink_dtype)  # what the adapter may reach: views must encode
-        self.evaluator = LocalModel(backbone, exp.model)
+        self.evaluator = LocalModel(backbone, exp.model, device=resolve_device(exp.model.device))  # evaluates there
         # The same deterministic split the edges make: the BS weights updates by each training part, so a complete
         # update whose report never came is still aggregated correctly; the held-out parts are its validation set.
         splits = device_splits([ex.label for ex in self.task.train], exp.devices, exp.seed)

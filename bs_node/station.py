@@ -106,11 +106,15 @@ class BaseStation:
                 f"BS {self.run_id}: control {self.control_endpoint}, data {self.data_endpoint}, "
                 f"PHY {self.bench.phy}, policy {self.exp.controller.policy}, run folder {self.recorder.run_dir}"
             )
+            try:
+                model = GlobalModel(self.exp)
+            except ValueError as exc:  # the model cannot be had here (targets, device, a missing wheel): one line
+                raise StartupError(f"cannot set up the task and model {self.exp.model.name_or_path!r}: {exc}") from exc
             self.runner = RoundRunner(
                 self.exp,
                 self.bench,
                 transport=self.transport,
-                model=GlobalModel(self.exp),
+                model=model,
                 controller=make_controller(self.exp, self.bench),
                 recorder=self.recorder,
                 view=self.view,

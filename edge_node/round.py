@@ -17,6 +17,7 @@ from typing import Protocol
 import torch
 
 from config import BenchConfig, ExperimentConfig
+from fedlora.accelerator import GpuEnergy, resolve_device
 from fedlora.energy import EnergyMeter
 from fedlora.lora import LocalModel, ModuleSpec
 from fedlora.models import build_backbone, load_tokenizer
@@ -84,12 +85,17 @@ class EdgeRounds:
             raise SystemExit(f"edge {device_id}: the experiment has only {len(splits)} devices")
         self.examples = [task.train[i] for i in splits[device_id].train]
         self.tokenizer = load_tokenizer(exp.model)
-        self.local = LocalModel(build_backbone(exp.model, task.num_labels, exp.seed, task=task.name), exp.model)
+        device = resolve_device(exp.model.device)  # a clear error where the named GPU is not here
+        backbone = build_backbone(exp.model, task.num_labels, exp.seed, task=task.name)
+        self.local = LocalModel(backbone, exp.model, device=device)
         # one per run: it carries this device's error-feedback residual from round to round
         self.sparsifier = sparsifier_from_config(exp.codec, seed=exp.seed, device_id=device_id)
         profile = bench.device(device_id)
         self.meter = EnergyMeter(
-            profile.compute_watts_per_core, bench.radio.pa_efficiency, bench.radio.radio_on_power_w
+            profile.compute_watts_per_core,
+            bench.radio.pa_efficiency,
+            bench.radio.radio_on_power_w,
+            gpu=GpuEnergy(device.index or 0) if device.type == "cuda" else None,
         )
 
     def run(self, plan: Plan, attachment: bytes | None) -> Report | None:

@@ -3,6 +3,8 @@
 Compute: this process's CPU-seconds x the calibrated watts of one busy core. Where the RAPL package counter
 is readable, the measured package energy of the window is used instead, attributed to this process by its
 share of the machine's busy CPU time (several edges may share one host).
+On a GPU, the GPU's own energy is added from NVML's counter (fedlora.accelerator.GpuEnergy); `source` says
+which figures were measured and which were modelled.
 Transmit: RF power / PA efficiency x airtime, plus the radio's on-power x airtime.
 """
 
@@ -12,6 +14,8 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from fedlora.accelerator import GpuEnergy
 
 RAPL_ENERGY = Path("/sys/class/powercap/intel-rapl:0/energy_uj")
 RAPL_RANGE = Path("/sys/class/powercap/intel-rapl:0/max_energy_range_uj")
@@ -26,14 +30,15 @@ class ComputeEnergy:
     cpu_s: float
     wall_s: float
     energy_j: float
-    source: str  # "rapl" or "cpu_model"
+    source: str  # "rapl" or "cpu_model", then "+nvml" (GPU measured) or "+gpu_unmeasured" on a GPU
 
 
 class ComputeWindow:
     """Measures one stretch of local work: `with meter.compute() as w: ...; w.result`."""
 
-    def __init__(self, watts_per_core: float):
+    def __init__(self, watts_per_core: float, gpu: GpuEnergy | None = None):
         self.watts_per_core = watts_per_core
+        self.gpu = gpu
         self.result: ComputeEnergy | None = None
 
     def __enter__(self) -> ComputeWindow:
@@ -41,6 +46,8 @@ class ComputeWindow:
         self._wall0 = time.perf_counter()
         self._rapl0 = _read_rapl_uj()
         self._busy0 = _machine_busy_s()
+        if self.gpu is not None:
+            self.gpu.start()
         return self
 
     def __exit__(self, *exc) -> None:
@@ -56,6 +63,12 @@ class ComputeWindow:
             if delta_uj > 0 and machine_busy_s > 0:
                 share = min(1.0, cpu_s / machine_busy_s)
                 energy_j, source = delta_uj * 1e-6 * share, "rapl"
+        if self.gpu is not None:
+            gpu_j = self.gpu.stop()
+            if gpu_j is None:
+                source += "+gpu_unmeasured"
+            else:
+                energy_j, source = energy_j + gpu_j, source + "+nvml"
         self.result = ComputeEnergy(cpu_s=cpu_s, wall_s=wall_s, energy_j=energy_j, source=source)
 
 
@@ -64,9 +77,10 @@ class EnergyMeter:
     watts_per_core: float
     pa_efficiency: float
     radio_on_power_w: float
+    gpu: GpuEnergy | None = None  # the GPU this edge trains on, if any
 
     def compute(self) -> ComputeWindow:
-        return ComputeWindow(self.watts_per_core)
+        return ComputeWindow(self.watts_per_core, self.gpu)
 
     def transmit_energy_j(self, tx_power_dbm: float, airtime_s: float) -> float:
         return (dbm_to_w(tx_power_dbm) / self.pa_efficiency + self.radio_on_power_w) * airtime_s

@@ -166,7 +166,9 @@ class LocalModel:
     backbone; the last ``cache_size`` are kept (a MiniLM copy is ~90 MB).
     """
 
-    def __init__(self, backbone: torch.nn.Module, cfg: ModelConfig, cache_size: int = 4):
+    def __init__(
+        self, backbone: torch.nn.Module, cfg: ModelConfig, cache_size: int = 4, device: torch.device | None = None
+    ):
         if cache_size < 1:
             raise ValueError(f"cache_size must be >= 1, got {cache_size}")
         self.cfg = cfg
@@ -180,6 +182,7 @@ class LocalModel:
         self._cache: OrderedDict[ModuleSpec, torch.nn.Module] = OrderedDict()
         self._cache_size = cache_size
         self._spec: ModuleSpec | None = None
+        self.device = device or torch.device("cpu")  # where the peft copies train; views and states stay on the CPU
 
     @property
     def spec(self) -> ModuleSpec | None:
@@ -208,7 +211,7 @@ class LocalModel:
         # peft 0.21 also calls a transformers-5-deprecated gradient-checkpointing helper.
         with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
-            model = get_peft_model(copy.deepcopy(self._backbone), config)
+            model = get_peft_model(copy.deepcopy(self._backbone), config).to(self.device)
         got = {p for p in self._modules if hasattr(model.get_base_model().get_submodule(p), "lora_A")}
         want = {p for p in self._modules if _in_view(p, first)}
         if got != want:
@@ -262,4 +265,4 @@ class LocalModel:
         """Current (trained) values, same keys and shapes as ``view(spec)``."""
         if self._spec is None:
             raise RuntimeError("LocalModel.load() has not been called")
-        return {k: p.detach().clone() for k, p in self._params(self._spec).items()}
+        return {k: p.detach().to("cpu", copy=True) for k, p in self._params(self._spec).items()}

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from fedlora.accelerator import model_device
 from fedlora.tasks import Example
 
 CONFIG_ATTR = "fedlora_prompt"
@@ -93,6 +94,11 @@ def _sequences(
     return ids, attention, answer_mask
 
 
+def _on_model(model: torch.nn.Module, tensors: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    device = model_device(model)
+    return tuple(t.to(device) for t in tensors)
+
+
 def answer_log_likelihood(
     model: torch.nn.Module,
     tokenizer,
@@ -102,7 +108,7 @@ def answer_log_likelihood(
     max_length: int,
 ) -> torch.Tensor:
     """(B,) sum of log p(answer tokens of ``labels[i]`` | prompt i): the answer tokens only."""
-    ids, attention, answer_mask = _sequences(tokenizer, batch, fmt, labels, max_length)
+    ids, attention, answer_mask = _on_model(model, _sequences(tokenizer, batch, fmt, labels, max_length))
     logits = model(input_ids=ids, attention_mask=attention).logits[:, :-1]  # position t predicts token t + 1
     token_logp = torch.gather(F.log_softmax(logits.float(), dim=-1), 2, ids[:, 1:, None])[..., 0]
     return (token_logp * answer_mask[:, 1:]).sum(dim=1)
@@ -118,10 +124,10 @@ def label_scores(
     the model is causal. Otherwise one pass per label."""
     answers = [tokenizer(word, add_special_tokens=False)["input_ids"] for word in fmt.label_words]
     if all(len(ids) == 1 for ids in answers):
-        ids, attention, answer_mask = _sequences(tokenizer, batch, fmt, [0] * len(batch), max_length)
+        ids, attention, answer_mask = _on_model(model, _sequences(tokenizer, batch, fmt, [0] * len(batch), max_length))
         logits = model(input_ids=ids, attention_mask=attention).logits[:, :-1]
         at_answer = answer_mask[:, 1:].float().argmax(dim=1)  # the position that predicts the answer token
-        logp = F.log_softmax(logits[torch.arange(len(batch)), at_answer].float(), dim=-1)
+        logp = F.log_softmax(logits[torch.arange(len(batch), device=ids.device), at_answer].float(), dim=-1)
         return logp[:, [ids_[0] for ids_ in answers]]
     scores = [
         answer_log_likelihood(model, tokenizer, batch, fmt, [label] * len(batch), max_length)

@@ -25,7 +25,8 @@ import torch
 import torch.nn.functional as F
 
 from config import TrainConfig
-from fedlora.prompting import answer_log_likelihood, format_of, label_scores
+from fedlora.accelerator import autocast, grad_scaler, model_device
+from fedlora.prompting import PromptFormat, answer_log_likelihood, format_of, label_scores
 from fedlora.tasks import Example
 
 
@@ -80,7 +81,8 @@ def _logits(model: torch.nn.Module, enc: dict[str, torch.Tensor]) -> torch.Tenso
     if "token_type_ids" in enc and not getattr(getattr(model, "config", None), "type_vocab_size", 0):
         # only BERT-family models have segment embeddings; GPT-2 would add its token embedding of id 0 instead
         enc = {k: v for k, v in enc.items() if k != "token_type_ids"}
-    out = model(**enc)
+    device = model_device(model)
+    out = model(**{k: v.to(device) for k, v in enc.items()})
     return out.logits if hasattr(out, "logits") else out[0]
 
 
@@ -120,32 +122,28 @@ def train_local(
     model.train()
     cpu0, wall0 = time.process_time(), time.perf_counter()
     losses: list[float] = []
-    shift: torch.Tensor | None = None  # tau * log prior, made once the number of labels is known
     fmt = format_of(model)  # a causal LM classifying in prompt form (fedlora.prompting)
     if fmt is not None and cfg.logit_adjustment > 0:
         raise ValueError("logit_adjustment corrects a classifier head's label prior; a causal LM has none")
+    device = model_device(model)
+    scaler = grad_scaler(device)  # fp16 autocast on a GPU without bf16
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         for step in range(1, cfg.local_steps + 1):
             idx = next(batches)
             batch = [examples[i] for i in idx]
-            if fmt is not None:  # the answer tokens' negative log-likelihood; the prompt carries no loss
-                labels_of = [e.label for e in batch]
-                loss = -answer_log_likelihood(model, tokenizer, batch, fmt, labels_of, cfg.max_length).mean()
-            else:
-                enc = encode(tokenizer, batch, cfg.max_length)
-                labels = torch.tensor([e.label for e in batch])
-                logits = _logits(model, enc)
-                if cfg.logit_adjustment > 0:
-                    if shift is None:
-                        shift = cfg.logit_adjustment * label_log_prior(examples, logits.shape[-1])
-                    logits = logits + shift
-                loss = F.cross_entropy(logits, labels)
+            with autocast(device):
+                loss = _batch_loss(model, tokenizer, examples, batch, cfg, fmt)
             if regularizer is not None:
                 loss = loss + regularizer(model)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                scaler.step(opt)
+                scaler.update()
+            else:
+                loss.backward()
+                opt.step()
             losses.append(float(loss.detach()))
             if progress is not None:
                 progress(step, losses[-1])
@@ -158,6 +156,27 @@ def train_local(
         cpu_s=time.process_time() - cpu0,
         wall_s=time.perf_counter() - wall0,
     )
+
+
+def _batch_loss(
+    model: torch.nn.Module,
+    tokenizer,
+    examples: Sequence[Example],
+    batch: Sequence[Example],
+    cfg: TrainConfig,
+    fmt: PromptFormat | None,
+) -> torch.Tensor:
+    """One batch's training loss: a classifier's (logit-adjusted) cross-entropy, or a causal LM's answer NLL."""
+    if fmt is not None:  # the answer tokens' negative log-likelihood; the prompt carries no loss
+        labels_of = [e.label for e in batch]
+        return -answer_log_likelihood(model, tokenizer, batch, fmt, labels_of, cfg.max_length).mean()
+    enc = encode(tokenizer, batch, cfg.max_length)
+    logits = _logits(model, enc)
+    labels = torch.tensor([e.label for e in batch], device=logits.device)
+    if cfg.logit_adjustment > 0:
+        shift = cfg.logit_adjustment * label_log_prior(examples, logits.shape[-1])
+        logits = logits + shift.to(logits.device)
+    return F.cross_entropy(logits.float(), labels)
 
 
 def evaluate(
@@ -175,18 +194,19 @@ def evaluate(
     model.eval()
     correct, loss_sum = 0, 0.0
     fmt = format_of(model)
+    device = model_device(model)
     try:
         with torch.no_grad():
             for start in range(0, len(examples), batch_size):
                 batch = examples[start : start + batch_size]
                 labels = torch.tensor([e.label for e in batch])
-                if fmt is not None:
-                    scores = label_scores(model, tokenizer, batch, fmt, max_length)
-                    loss_sum -= float(scores.gather(1, labels[:, None]).sum())
-                    correct += int((scores.argmax(-1) == labels).sum())
-                    continue
-                enc = encode(tokenizer, batch, max_length)
-                logits = _logits(model, enc)
+                with autocast(device):
+                    if fmt is not None:
+                        scores = label_scores(model, tokenizer, batch, fmt, max_length).float().cpu()
+                        loss_sum -= float(scores.gather(1, labels[:, None]).sum())
+                        correct += int((scores.argmax(-1) == labels).sum())
+                        continue
+                    logits = _logits(model, encode(tokenizer, batch, max_length)).float().cpu()
                 loss_sum += float(F.cross_entropy(logits, labels, reduction="sum"))
                 correct += int((logits.argmax(-1) == labels).sum())
     finally:
