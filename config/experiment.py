@@ -46,6 +46,8 @@ class ModelConfig(ConfigModel):
     # "classifier": a sequence-classification head, trained and sent with LoRA; "lm": a decoder kept the causal LM
     # it is, the task in prompt form scored by its label words (fedlora/prompting.py); only LoRA is sent
     head: Literal["classifier", "lm"] = "classifier"
+    # where the model trains and evaluates: auto (CUDA when torch sees it, else the CPU), cpu, cuda or cuda:N
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
 
     @property
     def scaling(self) -> float:
