@@ -95,3 +95,15 @@ def test_the_bs_reports_a_model_it_cannot_have_in_one_line(tmp_path):
 
 def test_the_accelerator_module_is_what_training_uses():
     assert accelerator.model_device(torch.nn.Linear(2, 2)) == torch.device("cpu")
+
+
+def test_the_gpu_check_script_says_there_is_no_gpu_here(capsys):
+    import importlib.util
+
+    from tests.processes import REPO
+
+    spec = importlib.util.spec_from_file_location("check_gpu", REPO / "scripts" / "check_gpu.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.main(["--device", "cuda:0"]) == 2
+    assert "no GPU to check" in capsys.readouterr().err
