@@ -85,9 +85,18 @@ class EdgeNode:
             self.tx.close()
         key = self.key if bench.security.mode == "sealed" else None
         self.tx = open_uplink_transmitter(bench, self.device_id, data_address=data_address, seed=exp.seed, key=key)
-        self.rounds = EdgeRounds(
-            exp, bench, self.device_id, self.tx, link=self.client, stopping=lambda: self.stopping, threads=self.threads
-        )
+        try:
+            self.rounds = EdgeRounds(
+                exp,
+                bench,
+                self.device_id,
+                self.tx,
+                link=self.client,
+                stopping=lambda: self.stopping,
+                threads=self.threads,
+            )
+        except ValueError as exc:  # the model or task cannot be had here (targets, device, a missing wheel)
+            raise ConfigError(f"cannot set up the task and model {exp.model.name_or_path!r}: {exc}") from exc
         self.rounds.encode = encode
         self._restore(welcome.run_id)
         self.rounds.on_held = lambda round_idx: self._save(welcome.run_id, round_idx)
