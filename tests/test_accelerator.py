@@ -82,15 +82,15 @@ def test_without_nvml_the_gpu_is_unmeasured_and_the_round_goes_on(monkeypatch):
 def test_the_bs_reports_a_model_it_cannot_have_in_one_line(tmp_path):
     import subprocess
 
+    from launcher.main import entry_point
     from tests.processes import ENV, REPO, TINY
 
-    cmd = [sys.executable, "-m", "launcher.main", "--run-dir", str(tmp_path / "run"), "--bench", "hw_configs/sim.yaml"]
-    cmd += [*TINY, "--set", "model.device=cuda:0", "--set", "devices.count=1"]
+    cmd = [*entry_point("fedlora-bs"), "--run-dir", str(tmp_path / "run"), "--bench", "hw_configs/sim.yaml"]
+    cmd += ["--control", "tcp://127.0.0.1:0", "--data", "tcp://127.0.0.1:0", *TINY, "--set", "model.device=cuda:0"]
     out = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=120)
-    bs_log = (tmp_path / "run" / "logs" / "bs.log").read_text()
-    assert out.returncode != 0
-    assert "cannot set up the task and model 'tiny': model.device = 'cuda:0'" in bs_log
-    assert "Traceback" not in bs_log
+    assert out.returncode == 1
+    assert "cannot set up the task and model 'tiny': model.device = 'cuda:0'" in out.stderr
+    assert "Traceback" not in out.stderr
 
 
 def test_the_accelerator_module_is_what_training_uses():
