@@ -110,29 +110,10 @@ def _causal_lm(cfg: ModelConfig, path: str, seed: int, fmt: PromptFormat) -> tra
         if cfg.name_or_path == TINY:
             raise ValueError("model.head=lm needs a decoder: 'tiny' is BERT (use tiny-llama or tiny-gpt2)")
         if cfg.name_or_path in TINY_MODELS:
-            common: dict[str, Any] = {
-                "vocab_size": len(tokenizer),
-                "pad_token_id": pad_token_id(tokenizer),
-                "bos_token_id": tokenizer.cls_token_id,  # the MiniLM vocabulary's sequence markers
-                "eos_token_id": tokenizer.sep_token_id,
-            }
-            positions = max(cfg.max_length, 128)
-            if cfg.name_or_path == TINY_GPT2:
-                model: transformers.PreTrainedModel = GPT2LMHeadModel(
-                    GPT2Config(n_embd=32, n_layer=2, n_head=2, n_positions=positions, **common)
-                )
-            else:
-                model = LlamaForCausalLM(
-                    LlamaConfig(
-                        hidden_size=32,
-                        intermediate_size=64,
-                        num_hidden_layers=2,
-                        num_attention_heads=4,
-                        num_key_value_heads=2,
-                        max_position_embeddings=positions,
-                        **common,
-                    )
-                )
+            config = _tiny_config(cfg, tokenizer)
+            model: transformers.PreTrainedModel = (
+                GPT2LMHeadModel(config) if cfg.name_or_path == TINY_GPT2 else LlamaForCausalLM(config)
+            )
         else:
             with _quiet_transformers():
                 model = AutoModelForCausalLM.from_pretrained(path)
@@ -152,41 +133,41 @@ def pad_token_id(tokenizer) -> int:
     return int(tokenizer.pad_token_id)
 
 
-def _tiny_model(cfg: ModelConfig, num_labels: int, tokenizer) -> transformers.PreTrainedModel:
-    """A tiny random model of the named family, for tests: 2 layers, width 32, the MiniLM vocabulary."""
+def _tiny_config(cfg: ModelConfig, tokenizer, **extra: Any) -> Any:  # a BertConfig, GPT2Config or LlamaConfig
+    """The config of a tiny random model of the named family, for tests: 2 layers, width 32, the MiniLM
+    vocabulary (its [CLS]/[SEP] as the sequence markers). The tiny Llama has grouped-query attention: k/v are half
+    as wide as q."""
     common: dict[str, Any] = {
         "vocab_size": len(tokenizer),
-        "num_labels": num_labels,
         "pad_token_id": pad_token_id(tokenizer),
-        "bos_token_id": tokenizer.cls_token_id,  # the MiniLM vocabulary's sequence markers
+        "bos_token_id": tokenizer.cls_token_id,
         "eos_token_id": tokenizer.sep_token_id,
+        "max_position_embeddings": max(cfg.max_length, 128),
+        **extra,
     }
-    positions = max(cfg.max_length, 128)
     if cfg.name_or_path == TINY_GPT2:
-        return GPT2ForSequenceClassification(
-            GPT2Config(n_embd=32, n_layer=2, n_head=2, n_positions=positions, **common)
-        )
-    if cfg.name_or_path == TINY_LLAMA:  # grouped-query attention: k/v are half as wide as q
-        config = LlamaConfig(
+        common["n_positions"] = common.pop("max_position_embeddings")
+        return GPT2Config(n_embd=32, n_layer=2, n_head=2, **common)
+    if cfg.name_or_path == TINY_LLAMA:
+        return LlamaConfig(
             hidden_size=32,
             intermediate_size=64,
             num_hidden_layers=2,
             num_attention_heads=4,
             num_key_value_heads=2,
-            max_position_embeddings=positions,
             **common,
         )
+    return BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, **common)
+
+
+def _tiny_model(cfg: ModelConfig, num_labels: int, tokenizer) -> transformers.PreTrainedModel:
+    """A tiny random sequence classifier of the named family (``_tiny_config``)."""
+    config = _tiny_config(cfg, tokenizer, num_labels=num_labels)
+    if cfg.name_or_path == TINY_GPT2:
+        return GPT2ForSequenceClassification(config)
+    if cfg.name_or_path == TINY_LLAMA:
         return LlamaForSequenceClassification(config)
-    return BertForSequenceClassification(
-        BertConfig(
-            hidden_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            intermediate_size=64,
-            max_position_embeddings=positions,
-            **common,
-        )
-    )
+    return BertForSequenceClassification(config)
 
 
 @contextlib.contextmanager
