@@ -159,7 +159,9 @@ class ZmqTransport:
         elif isinstance(msg, Bye):
             edge.state = "offline"
             self.view.line(f"edge {edge.device_id} left: {msg.reason or ''}")
-        elif not isinstance(msg, (BurstEnd, Report)):
+        elif isinstance(msg, Report):
+            msg = self.uplink.recorded_report(msg)
+        elif not isinstance(msg, BurstEnd):
             log.warning("control: unexpected %s from device %d ignored", msg.type, edge.device_id)
             return None
         return FromEdge(edge.device_id, msg)

@@ -161,9 +161,17 @@ class SecurityConfig(ConfigModel):
     keys_dir: str | None = None
 
 
+class ReplayConfig(ConfigModel):
+    """replay: a recorded run's link trace (its <run dir>/link_trace.jsonl) drives the link (phy/replay.py).
+    load_bench resolves a relative path from the bench file's folder; only the BS opens it."""
+
+    trace: str | None = None
+    seed: int = Field(0, ge=0)  # the loss draws of frames the trace does not hold
+
+
 class BenchConfig(ConfigModel):
     name: str = "sim"
-    phy: Literal["sim", "gr-loopback", "gr-zmq-iq", "rf"] = "sim"
+    phy: Literal["sim", "gr-loopback", "gr-zmq-iq", "rf", "replay"] = "sim"
     radio: RadioConfig = Field(default_factory=RadioConfig)
     arq: ArqConfig = Field(default_factory=ArqConfig)
     channel: ChannelConfig = Field(default_factory=ChannelConfig)  # sim PHY only
@@ -177,6 +185,7 @@ class BenchConfig(ConfigModel):
     air: AirConfig = Field(default_factory=AirConfig)  # gr-zmq-iq only
     rf: RfConfig = Field(default_factory=RfConfig)  # rf only
     security: SecurityConfig = Field(default_factory=SecurityConfig)
+    replay: ReplayConfig = Field(default_factory=ReplayConfig)  # replay only
     devices: Items[DeviceProfile] = Field(
         tuple(DeviceProfile(distance_m=d) for d in (10.0, 20.0, 35.0, 50.0)), min_length=1
     )
@@ -191,6 +200,8 @@ class BenchConfig(ConfigModel):
             raise RuleError("per_curve", self.per_curve, "its table is missing (load_bench reads the file into it)")
         if self.phy == "gr-zmq-iq":
             self._check_air()
+        if self.phy == "replay" and self.replay.trace is None:
+            raise RuleError("replay.trace", None, "phy replay needs a recorded link trace (<run dir>/link_trace.jsonl)")
         if self.phy == "rf" and self.rf.sample_rate_hz < self.radio.total_bandwidth_hz:
             raise RuleError(
                 "rf.sample_rate_hz",

@@ -295,13 +295,17 @@ def _with_per_curve_table(data: Any, source: Path) -> Any:
     return data
 
 
-def _with_keys_dir(data: Any, source: Path) -> Any:
-    """security.keys_dir, relative to the bench file's folder, resolved (the BS reads it; edges never do)."""
-    security = data.get("security") if isinstance(data, Mapping) else None
-    if isinstance(security, Mapping) and isinstance(security.get("keys_dir"), str):
-        path = Path(security["keys_dir"]).expanduser()
-        path = (path if path.is_absolute() else source.parent / path).resolve()
-        data = {**data, "security": {**security, "keys_dir": str(path)}}
+def _with_bs_paths(data: Any, source: Path) -> Any:
+    """security.keys_dir and replay.trace, relative to the bench file's folder, resolved (the BS reads them; edges
+    never do); a trace that is not there is named now, not when the run starts."""
+    for section, key in (("security", "keys_dir"), ("replay", "trace")):
+        part = data.get(section) if isinstance(data, Mapping) else None
+        if isinstance(part, Mapping) and isinstance(part.get(key), str):
+            path = Path(part[key]).expanduser()
+            path = (path if path.is_absolute() else source.parent / path).resolve()
+            if key == "trace" and not path.is_file():
+                raise ConfigError(f"{source}: replay.trace = {part[key]!r}: no such file ({path})")
+            data = {**data, section: {**part, key: str(path)}}
     return data
 
 
@@ -314,5 +318,5 @@ def load_experiment(path: str | Path | None = None, overrides: Sequence[str] = (
 def load_bench(path: str | Path | None = None, overrides: Sequence[str] = ()) -> BenchConfig:
     source = Path(path) if path else DEFAULT_BENCH
     data = _with_per_curve_table(apply_overrides(read_yaml(source), overrides, str(source)), source)
-    data = _with_keys_dir(data, source)
+    data = _with_bs_paths(data, source)
     return validated(BenchConfig, data, str(source), _override_paths(overrides))

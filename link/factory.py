@@ -9,8 +9,10 @@ import zmq
 
 from config import BenchConfig, ConfigError
 from phy.channel import DeviceGeometry, PerCurve, SimChannel
+from phy.replay import ReplayTrace, ReplayUplinkReceiver, ReplayUplinkTransmitter
 from phy.sim import SimUplinkReceiver, SimUplinkTransmitter
 from phy.uplink import UplinkReceiver, UplinkTransmitter
+from proto.link_trace import TraceError
 from trust.keys import KeyPair
 
 
@@ -25,11 +27,13 @@ def open_uplink_transmitter(
 ) -> UplinkTransmitter:
     """key: the device's key pair on a sealed bench (CURVE to the air, or to the sim links' data port)."""
     geometry = DeviceGeometry(device_id=device_id, distance_m=bench.device(device_id).distance_m)
-    if bench.phy in ("sim", "gr-loopback"):
-        # gr-loopback's edge is the sim's (the BS runs the modem), with the modulation beside each frame
+    if bench.phy in ("sim", "gr-loopback", "replay"):
+        # gr-loopback's and replay's edges are the sim's (the BS runs the modem / holds the trace), with the
+        # setting beside each frame
         from phy.gr_link import GrLoopbackTransmitter  # needs no GNU Radio on the edge
 
-        sender = SimUplinkTransmitter if bench.phy == "sim" else GrLoopbackTransmitter
+        senders = {"sim": SimUplinkTransmitter, "gr-loopback": GrLoopbackTransmitter, "replay": ReplayUplinkTransmitter}
+        sender = senders[bench.phy]
         return sender(
             bs_data_address=data_address,
             geometry=geometry,
@@ -75,6 +79,20 @@ def open_uplink_receiver(
 
         return GrLoopbackReceiver(
             bind_address=bind_address, snr_offset_db=bench.snr_offset_db, context=context, key=key
+        )
+    if bench.phy == "replay":
+        assert bench.replay.trace is not None  # BenchConfig's rule
+        try:
+            trace = ReplayTrace.load(bench.replay.trace)
+        except TraceError as exc:
+            raise ConfigError(f"bench {bench.name}: {exc}") from None
+        return ReplayUplinkReceiver(
+            bind_address=bind_address,
+            trace=trace,
+            per_curve=PerCurve.for_bench(bench),
+            seed=bench.replay.seed,
+            context=context,
+            key=key,
         )
     if bench.phy == "gr-zmq-iq":
         from phy.gr_zmq_iq import ZmqIqReceiver

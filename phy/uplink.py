@@ -18,6 +18,8 @@ from proto.numerology import MAX_PACKET_BYTES, burst_airtime_s
 if TYPE_CHECKING:  # pragma: no cover
     import zmq
 
+    from proto.control import Report
+
 
 @dataclass
 class TxReport:
@@ -87,6 +89,11 @@ class UplinkReceiver(ABC):
         """What becomes readable when frames are waiting, for zmq.Poller: a zmq socket or a file descriptor
         (the GNU Radio receivers' pipe); None: the caller polls recv() itself."""
         return None
+
+    def recorded_report(self, report: Report) -> Report:
+        """An edge's report as the BS records it: unchanged, except on a link that replays a recording's devices
+        along with its channel (phy.replay)."""
+        return report
 
     def drain_until_quiet(self, quiet_s: float, max_wait_s: float) -> Iterator[RxFrame]:
         """Frames until none arrived for quiet_s (or max_wait_s passed).

@@ -237,11 +237,15 @@ class FrameSidecar(_Message):
 
     sim: ``snr_db`` is the receiver's SNR estimate of the frame (None: no estimate), no modulation.
     gr-loopback: ``snr_db`` is the channel's SNR that the BS's modem applies, with the payload's modulation.
+    replay: no SNR (the BS's trace has it); the modulation, power and bandwidth the frame was sent at.
     """
 
     KIND: ClassVar[str] = "sidecar"
     snr_db: Annotated[float, Field(ge=-100.0, le=200.0)] | None = None  # dB: anything outside is not a channel
     modulation: Modulation | None = None
+    # replay: the setting the frame went out at, which the trace's channel is moved by (phy.replay)
+    tx_power_dbm: Annotated[float, Field(ge=-100.0, le=100.0)] | None = None
+    bandwidth_hz: Annotated[float, Field(gt=0.0, le=1e10)] | None = None
 
 
 _SIDECAR: TypeAdapter[FrameSidecar] = TypeAdapter(FrameSidecar)

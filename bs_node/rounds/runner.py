@@ -22,6 +22,7 @@ from bs_node.live_view import LiveView, percent
 from bs_node.measurements import RoundRecord
 from bs_node.records import RunRecorder
 from bs_node.rounds.close import RoundCloser
+from bs_node.rounds.link_trace import LinkTracer
 from bs_node.rounds.ports import Clock, Event, FrameReceived, FromEdge, Registered, RoundModel, RoundTransport
 from bs_node.rounds.state import Pending
 from config import BenchConfig, ExperimentConfig
@@ -75,6 +76,7 @@ class RoundRunner:
         self.bad_frames = 0  # frames the PHY passed that do not parse (CRC, header)
         self.gate = FrameGate(sealed=bench.security.mode == "sealed")
         self.rejected: Counter[int] = Counter()  # claimed device -> frames the gate refused, this round
+        self.trace = LinkTracer(recorder.run_dir)  # every uplink transmission and its fate (proto.link_trace)
         self.stopping = False
         self.resume_from = resume
         self.endpoints = dict(endpoints or {})
@@ -148,6 +150,7 @@ class RoundRunner:
         self.initial = dict(checkpoint.initial)
         self.recorder.initial_accuracy = self.initial.get("accuracy")
         self.recorder.resume(checkpoint.next_round)
+        self.trace.resume(checkpoint.next_round)
         self.view.line(
             f"resumed run {self.run_id} at round {checkpoint.next_round} "
             f"({len(self.recorder.records)} rounds recorded before it)"
@@ -293,6 +296,7 @@ class RoundRunner:
         elif isinstance(msg, BurstEnd):
             if msg.round == self.round_idx and p is not None:
                 self.acks.burst_ended(device_id, msg.round, msg.attempt, msg.seqs, self.clock())
+                self.trace.burst_ended(device_id, msg.round, msg.attempt, msg.seqs, msg.total)
                 self.progress[device_id] = f"sending#{msg.attempt}"
         elif isinstance(msg, Report):
             if msg.round != self.round_idx or p is None:
@@ -317,6 +321,7 @@ class RoundRunner:
             frame = self.gate.open(frame)
         except FrameRejected as exc:
             self.rejected[frame.device_id] += 1
+            self.trace.frame(frame, len(rx.data), rx.snr_db, f"rejected:{exc.reason}")
             if self.rejected[frame.device_id] == 1:  # once per claimed device and round; the records count them all
                 log.warning(
                     "uplink: frames claiming device %d rejected (%s: %s); more this round are only counted",
@@ -333,12 +338,16 @@ class RoundRunner:
                 frame.round_idx,
                 self.round_idx,
             )
+            self.trace.frame(frame, len(rx.data), rx.snr_db, "unexpected")
             return
         try:
-            if self.reassembler.add(frame) and rx.snr_db is not None:
+            new = self.reassembler.add(frame)
+            self.trace.frame(frame, len(rx.data), rx.snr_db, "ok" if new else "duplicate")
+            if new and rx.snr_db is not None:
                 p.snr_db.append(rx.snr_db)
         except FrameError as exc:
             self.bad_frames += 1
+            self.trace.frame(frame, len(rx.data), rx.snr_db, "rejected:malformed")
             log.warning("uplink: device %d frame %d rejected: %s", frame.device_id, frame.seq, exc)
 
     def _fire_acks(self) -> None:
@@ -365,6 +374,7 @@ class RoundRunner:
         for row in devices:
             row.frames_rejected = self.rejected.get(row.device_id, 0)
         self.acks.discard_round(r)
+        self.trace.close_round(r, plans, self.pending)
         result, val = self.model.evaluate(), self.model.validate()
         record = RoundRecord(
             round=r,
