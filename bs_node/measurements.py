@@ -46,6 +46,9 @@ class DeviceRound:
     total_components: int = 0
     residual_norm: float = 0.0  # error-feedback residual the device keeps for later rounds
     error: str | None = None
+    # rf PHY only (phy.rf take_radio_counts; None on other PHYs or where the radio block does not report them):
+    radio_underruns: int | None = None  # the edge's TX radio this round
+    radio_overruns: int | None = None  # the BS's RX radio this round (the same in every row of the round)
 
 
 # Measurements that may be negative (dB); every other number an edge reports is a count, a duration or an energy.

@@ -1,19 +1,20 @@
 """rf link: the gr-zmq-iq flowgraphs on radios: gr-uhd (USRP B210) or gr-soapy (HackRF One and others).
 
     edge: frames --> OfdmTransmitter (rate b) --> to the radio rate, into its subband --> level --> radio sink
-    BS:   radio source --+--> SubbandChannelizer(dev 0) --> OfdmReceiver --> frames
-                         +--> SubbandChannelizer(dev 1) --> OfdmReceiver --> frames ...   (fdma)
-          radio source --> SubbandChannelizer(whole band) --> OfdmReceiver --> frames      (tdma)
+    BS:   radio source --> OverrunCounter --+--> SubbandChannelizer(dev 0) --> OfdmReceiver --> frames
+                                           +--> SubbandChannelizer(dev 1) --> OfdmReceiver --> frames ... (fdma)
+          radio source --> OverrunCounter --> SubbandChannelizer(whole band) --> OfdmReceiver --> frames    (tdma)
 
 What the air process does in gr-zmq-iq, the radios and the room do here: path loss, fading, noise, carrier
 offsets are real, and the SNR the BS records is what its receivers measured.
 
 Access (bench ``rf.access``):
 
-* ``fdma`` (USRP B210: full duplex, 12-bit, 61 dB of dynamic range or more): device k's subband is centred in
-  slot k of an equal grid over the band (``rf_subbands``), width = its planned bandwidth_hz, at most the slot
-  (B / K). A radio cannot be told another centre mid-run without a control message the plan does not carry,
-  so the centres are fixed per device and only the widths follow the controller.
+* ``fdma`` (USRP B210: full duplex, 12-bit, 61 dB of dynamic range or more): width = the device's planned
+  bandwidth_hz. Centre: where phy.fdma lays the round's shares out side by side, as in the air, when the BS
+  gives each edge its carrier (``plan_center_freqs_hz``; ``RfUplinkTransmitter.set_center_freq_hz``,
+  ``RfUplinkReceiver.start_round(..., center_freqs_hz)``); without one, slot k of an equal grid over the band
+  (``rf_subbands``), the width capped at the slot (B / K).
 * ``tdma`` (HackRF One: half duplex, docs/pitfalls.md §10; 8-bit, 2-20 Msps): every device uses the whole band,
   in turn: device k transmits only in slot k of a cycle of K slots of ``slot_s`` (``next_slot_start``), a burst
   longer than a slot is sent over several cycles, ``guard_s`` of each slot stays silent. Same-band bursts at once
@@ -25,8 +26,10 @@ Access (bench ``rf.access``):
 Transmit power: the planned tx_power_dbm sets the radio's gain, ``rf.tx_gain_db`` at radio.max_tx_power_dbm
 and dB for dB below it; the gain-to-dBm relation of a radio needs a bench measurement (see the bench files).
 
+Underruns and overruns of the radio blocks are counted per round (``take_radio_counts``; phy.rf_counters).
+
 ``python -m phy.rf --bench hw_configs/usrp_b210.yaml --dry-run`` prints both flowgraphs (blocks and
-connections) and the settings without opening a radio.
+connections) and the settings without opening a radio; ``fedlora-radio-check`` (phy.bringup) checks the radios.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ import argparse
 import math
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -43,6 +46,7 @@ import numpy as np
 from phy import fdma
 from phy.air_medium import to_medium
 from phy.channel import DeviceGeometry, TxSetting
+from phy.rf_counters import ASYNC_MSGS_PORT, has_out_port, overrun_counter, underrun_counter
 from phy.rf_radio import RadioSpec, Wiring, open_radio, tx_gain_db
 from phy.subband_inbox import FrameInbox, frame_collector
 from phy.uplink import RxFrame, TxReport, UplinkReceiver, UplinkTransmitter
@@ -61,6 +65,16 @@ def rf_subbands(
         width = min(float(widths_hz.get(k, slot_hz)), slot_hz)
         out[k] = fdma.Subband(k, -total_bandwidth_hz / 2 + (k + 0.5) * slot_hz, width)
     return out
+
+
+def plan_center_freqs_hz(bench: Any, widths_hz: Mapping[int, float]) -> dict[int, float]:
+    """Each planned device's carrier this round (Hz; for its Plan): fdma: rf.center_freq_hz + its subband's centre
+    in phy.fdma's layout of the shares (as in the air); tdma: the band's centre (every device uses all of it)."""
+    rf = bench.rf
+    if rf.access == "tdma":
+        return {k: float(rf.center_freq_hz) for k in widths_hz}
+    plan = fdma.plan_subbands(bench.radio.total_bandwidth_hz, dict(widths_hz))
+    return {k: rf.center_freq_hz + sb.center_hz for k, sb in plan.items()}
 
 
 def next_slot_start(now_s: float, device_id: int, device_count: int, slot_s: float) -> float:
@@ -117,6 +131,9 @@ class RfReceiverFlowgraph:
         self.wiring = Wiring(self.tb)
         self.inbox = FrameInbox()
         self.source = self.wiring.label(source, source_label)
+        # in series: whatever the receivers decoded has passed the count (a round's count is complete)
+        self.overruns = self.wiring.label(overrun_counter(), "OverrunCounter(rx_rate re-tags)")
+        self.wiring.chain(self.source, self.overruns)
         self.channelizers, self.receivers, self.collectors = {}, {}, {}
         for k, subband in subbands.items():
             channelizer = self.wiring.label(
@@ -126,7 +143,7 @@ class RfReceiverFlowgraph:
             )
             receiver = self.wiring.label(OfdmReceiver(snr_offset_db), f"OfdmReceiver(dev {k})")
             collector = self.wiring.label(frame_collector(k, self.inbox), f"FrameCollector(dev {k})")
-            self.wiring.chain(self.source, channelizer, receiver)
+            self.wiring.chain(self.overruns, channelizer, receiver)
             self.wiring.msg(receiver, "out", collector, "in")
             self.channelizers[k], self.receivers[k], self.collectors[k] = channelizer, receiver, collector
 
@@ -160,8 +177,23 @@ class RfUplinkReceiver(UplinkReceiver):
     def _subbands(self, widths_hz: dict[int, float] | None) -> dict[int, fdma.Subband]:
         return bs_subbands(self.bench, self.device_count, widths_hz)
 
-    def start_round(self, round_idx: int, widths_hz: dict[int, float]) -> None:
-        self.flowgraph.retune(self._subbands(dict(widths_hz)))
+    def start_round(
+        self, round_idx: int, widths_hz: Mapping[int, float], center_freqs_hz: Mapping[int, float] | None = None
+    ) -> None:
+        """Listen where the round's plans put the devices: at the carriers they were given (fdma), else the slots."""
+        if center_freqs_hz is None or self.bench.rf.access == "tdma":
+            self.flowgraph.inbox.active = None  # fixed slots never overlap
+            self.flowgraph.retune(self._subbands(dict(widths_hz)))
+            return
+        centre_hz = self.bench.rf.center_freq_hz
+        self.flowgraph.retune(
+            {k: fdma.Subband(k, center_freqs_hz[k] - centre_hz, float(w)) for k, w in widths_hz.items()}
+        )
+        self.flowgraph.inbox.active = set(widths_hz)  # an idle receiver's old subband may overlap a new one
+
+    def take_radio_counts(self) -> dict[str, int | None]:
+        """The BS radio's overruns since the last call (a receiver has no underruns: None)."""
+        return {"underruns": None, "overruns": self.flowgraph.overruns.take()}
 
     @property
     def poll_socket(self) -> int:
@@ -194,7 +226,7 @@ def edge_burst(
 class RfTransmitterFlowgraph:
     """Edge: burst (vector source, one packet_len tag: one UHD burst) --> radio sink, run once per burst."""
 
-    def __init__(self, burst: np.ndarray, sink: Any, sink_label: str) -> None:
+    def __init__(self, burst: np.ndarray, sink: Any, sink_label: str, underruns: Any | None = None) -> None:
         import pmt
         from gnuradio import blocks, gr
 
@@ -207,6 +239,8 @@ class RfTransmitterFlowgraph:
             "burst (OfdmTransmitter -> resample to the radio rate -> shift into the subband -> level)",
         )
         self.wiring.chain(source, self.wiring.label(sink, sink_label))
+        if underruns is not None:
+            self.wiring.msg(sink, ASYNC_MSGS_PORT, self.wiring.label(underruns, "UnderrunCounter"), "in")
 
 
 class RfUplinkTransmitter(UplinkTransmitter):
@@ -218,7 +252,18 @@ class RfUplinkTransmitter(UplinkTransmitter):
         self.device_args = rf.edge_device_args[geometry.device_id % len(rf.edge_device_args)]
         self._sink_factory = sink_factory or open_radio
         self._sink = None
+        self._underruns: Any | None = None  # gr-uhd sinks only (phy.rf_counters)
+        self.center_freq_hz: float | None = None
         self.last_error: str | None = None
+
+    def set_center_freq_hz(self, center_freq_hz: float | None) -> None:
+        """The carrier of this device's subband from its round's Plan (fdma); None: its fixed slot."""
+        self.center_freq_hz = None if center_freq_hz is None else float(center_freq_hz)
+
+    def take_radio_counts(self) -> dict[str, int | None]:
+        """The radio's underruns since the last call (None: its block does not report them; no overruns: TX).
+        UHD reports an underflow within ~0.1 s, so one at the very end of a burst may count in the next call."""
+        return {"underruns": None if self._underruns is None else self._underruns.take(), "overruns": None}
 
     def _rate_hz(self, setting: TxSetting) -> float:
         return self.bench.radio.total_bandwidth_hz if self.bench.rf.access == "tdma" else setting.bandwidth_hz
@@ -226,6 +271,13 @@ class RfUplinkTransmitter(UplinkTransmitter):
     def _subband(self, setting: TxSetting) -> fdma.Subband:
         if self.bench.rf.access == "tdma":
             return fdma.Subband(self.geometry.device_id, 0.0, self.bench.radio.total_bandwidth_hz)
+        if self.center_freq_hz is not None:
+            sb = fdma.Subband(
+                self.geometry.device_id, self.center_freq_hz - self.bench.rf.center_freq_hz, setting.bandwidth_hz
+            )
+            if max(-sb.low_hz, sb.high_hz) > self.bench.radio.total_bandwidth_hz / 2 * (1 + 1e-9):
+                raise ValueError(f"device {sb.device_id}: its subband {sb} leaves the band (rf.center_freq_hz +- B/2)")
+            return sb
         return rf_subbands(
             self.bench.radio.total_bandwidth_hz, self.device_count, {self.geometry.device_id: setting.bandwidth_hz}
         )[self.geometry.device_id]
@@ -254,6 +306,7 @@ class RfUplinkTransmitter(UplinkTransmitter):
         spec = self.spec(setting)
         if self._sink is None:
             self._sink = self._sink_factory(spec)
+            self._underruns = underrun_counter() if has_out_port(self._sink, ASYNC_MSGS_PORT) else None
         elif hasattr(self._sink, "set_gain"):
             self._sink.set_gain(spec.gain_db, 0) if rf.driver == "uhd" else self._sink.set_gain(0, spec.gain_db)
         if rf.access == "tdma":
@@ -273,7 +326,7 @@ class RfUplinkTransmitter(UplinkTransmitter):
             if rf.access == "tdma":
                 start = next_slot_start(time.time(), self.geometry.device_id, self.device_count, rf.slot_s)
                 time.sleep(max(0.0, start - time.time()))
-            RfTransmitterFlowgraph(burst, self._sink, spec.describe()).tb.run()
+            RfTransmitterFlowgraph(burst, self._sink, spec.describe(), self._underruns).tb.run()
         return TxReport(
             len(frames), sum(len(f) for f in frames), self.estimate_airtime_s([len(f) for f in frames], setting)
         )
