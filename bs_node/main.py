@@ -44,6 +44,11 @@ def main(argv: list[str] | None = None) -> int:
         help="drop a device from the round after this many seconds without a message",
     )
     parser.add_argument("--threads", type=int, default=2, help="torch threads for evaluation")
+    parser.add_argument(
+        "--record-iq",
+        action="store_true",
+        help="also record the IQ at the BS receiver as SigMF in <run dir>/iq/ (gr-loopback), one annotation per frame",
+    )
     parser.add_argument("--log-level", default="WARNING")
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level, stream=sys.stderr, format="%(asctime)s bs %(levelname)s %(message)s")
@@ -79,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
             silence_timeout_s=args.silence_timeout,
             threads=args.threads,
             resume=resume,
+            record_iq=args.record_iq,
         )
     except ConfigError as exc:  # what only the bench and the experiment together can tell
         print(f"fedlora-bs: configuration error: {exc}", file=sys.stderr)

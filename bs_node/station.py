@@ -45,6 +45,7 @@ class BaseStation:
         silence_timeout_s: float = 30.0,
         threads: int = 2,
         resume: Checkpoint | None = None,
+        record_iq: bool = False,
     ):
         """resume: go on from this checkpoint of the run in run_dir (same run id, so surviving edges keep their
         state; its endpoints unless addresses are given)."""
@@ -73,6 +74,7 @@ class BaseStation:
             device_count=experiment.devices.count,
             seed=experiment.seed,
             key=None if keys is None else keys.bs,
+            iq_base=Path(run_dir) / "iq" / f"bs-rx-{self.run_id}" if record_iq else None,
         )
         self.data_endpoint = uplink.address  # what edges send to
         self.transport = ZmqTransport(

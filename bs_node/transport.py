@@ -209,6 +209,7 @@ class ZmqTransport:
         return device_id in self.edges
 
     def start_round(self, round_idx: int, bandwidth_hz: Mapping[int, float]) -> None:
+        self.uplink.flush_recording()  # the last round's IQ annotations, before this round adds to them
         start_round = getattr(self.uplink, "start_round", None)  # PHYs with a subband schedule (gr-zmq-iq)
         if start_round is not None:
             start_round(round_idx, dict(bandwidth_hz))

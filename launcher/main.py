@@ -72,6 +72,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bs-threads", type=int, default=2, help="torch threads of the BS (evaluation)")
     parser.add_argument("--silence-timeout", type=float, default=30.0)
     parser.add_argument(
+        "--record-iq",
+        action="store_true",
+        help="also record the IQ at the BS receiver as SigMF in <run dir>/iq/ (gr-loopback), one annotation per frame",
+    )
+    parser.add_argument(
         "--resume",
         metavar="RUN_DIR",
         help="go on with a run that stopped (a crash, Ctrl-C) from its last closed round; with no configuration "
@@ -145,6 +150,7 @@ def main(argv: list[str] | None = None) -> int:
             "--data",
             "tcp://127.0.0.1:0",
             *(["--resume"] if args.resume else []),
+            *(["--record-iq"] if args.record_iq else []),
             "--silence-timeout",
             str(args.silence_timeout),
             "--threads",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -68,17 +69,33 @@ def open_uplink_receiver(
     device_count: int | None = None,
     seed: int = 0,
     key: KeyPair | None = None,
+    iq_base: Path | None = None,
 ) -> UplinkReceiver:
     """device_count / seed: the experiment's (gr-zmq-iq: one subband receiver per device; the air's channel draws).
     key: the BS's key pair on a sealed bench (sim, gr-loopback: its data port serves CURVE under it; gr-zmq-iq: the
-    air does)."""
+    air does). iq_base: record the IQ at the BS receiver as SigMF at this path (+ .sigmf-data / .sigmf-meta)."""
+    if iq_base is not None and bench.phy != "gr-loopback":
+        raise ConfigError(f"bench {bench.name}: recording IQ needs phy gr-loopback (this bench's is {bench.phy})")
     if bench.phy == "sim":
         return SimUplinkReceiver(bind_address=bind_address, context=context, key=key)
     if bench.phy == "gr-loopback":
         from phy.gr_link import GrLoopbackReceiver  # GNU Radio is imported only when this PHY runs
+        from phy.iq_record import SigmfRecording
 
+        recording = None
+        if iq_base is not None:
+            recording = SigmfRecording(
+                iq_base,
+                sample_rate_hz=bench.radio.total_bandwidth_hz,
+                description="gr-loopback: the IQ the BS's OFDM receiver took in; every packet runs at its "
+                "bandwidth share's rate (its annotation says which frame, channel and outcome)",
+            )
         return GrLoopbackReceiver(
-            bind_address=bind_address, snr_offset_db=bench.snr_offset_db, context=context, key=key
+            bind_address=bind_address,
+            snr_offset_db=bench.snr_offset_db,
+            context=context,
+            key=key,
+            iq_recording=recording,
         )
     if bench.phy == "replay":
         assert bench.replay.trace is not None  # BenchConfig's rule

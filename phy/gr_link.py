@@ -14,6 +14,7 @@ import itertools
 import logging
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import zmq
 
@@ -21,8 +22,13 @@ from phy.channel import TxSetting
 from phy.sim import SimUplinkReceiver, SimUplinkTransmitter
 from phy.uplink import RxFrame
 from proto.air import FrameSidecar, decode_sidecar
+from proto.framing import Frame, FrameError
 from proto.numerology import MAX_PACKET_BYTES, check_modulation
 from trust.keys import KeyPair
+
+if TYPE_CHECKING:  # pragma: no cover
+    from phy.gr_loopback import RxPacket
+    from phy.iq_record import SigmfRecording
 
 log = logging.getLogger(__name__)
 
@@ -52,11 +58,15 @@ class GrLoopbackReceiver(SimUplinkReceiver):
         context: zmq.Context | None = None,
         noise_seed: int = 0,
         key: KeyPair | None = None,
+        iq_recording: SigmfRecording | None = None,
     ):
+        """iq_recording: write the IQ the modem's receiver takes in, one SigMF annotation per frame."""
         from phy.gr_loopback import LoopbackModem  # GNU Radio only where the modem runs: the BS
 
         super().__init__(bind_address=bind_address, context=context, key=key)
-        self.modem = LoopbackModem(snr_offset_db=snr_offset_db, noise_seed=noise_seed)
+        self.iq = iq_recording
+        iq_path = None if iq_recording is None else iq_recording.data_path
+        self.modem = LoopbackModem(snr_offset_db=snr_offset_db, noise_seed=noise_seed, iq_data_path=iq_path)
         self.packets_in = 0
         self.packets_decoded = 0
 
@@ -97,11 +107,37 @@ class GrLoopbackReceiver(SimUplinkReceiver):
                 log.warning("gr-loopback receiver %s: %d frame(s) skipped: %s", self.address, len(frames), exc)
                 continue
             decoded = [p for p in packets if p.crc_ok]
+            if self.iq is not None:
+                self._annotate(frames, modulation, snr_db, packets)
             self.packets_in += len(frames)
             self.packets_decoded += len(decoded)
             out += [RxFrame(p.data, p.snr_db, time.time()) for p in decoded]
         return out
 
+    def _annotate(self, frames: list[bytes], modulation: str, snr_db: float, packets: list[RxPacket]) -> None:
+        """One SigMF annotation per frame the modem carried: which frame, its channel, what the receiver made
+        of it."""
+        assert self.iq is not None
+        by_index = {p.index: p for p in packets}
+        for i, ((start, length), data) in enumerate(zip(self.modem.last_spans, frames)):
+            try:
+                f = Frame.from_bytes(data)
+                label = f"device {f.device_id} round {f.round_idx} attempt {f.attempt} seq {f.seq}"
+            except FrameError:
+                label = "not a frame"
+            p = by_index.get(i)
+            fate = "lost" if p is None else ("crc failed" if not p.crc_ok else f"ok, measured {p.snr_db:.2f} dB")
+            self.iq.annotate(start, length, label, f"{modulation}, channel {snr_db:.2f} dB, {len(data)} B: {fate}")
+
+    def flush_recording(self) -> None:
+        """Write the SigMF metadata of what was recorded so far (the BS calls it as a round closes)."""
+        if self.iq is not None:
+            try:
+                self.iq.flush()
+            except (OSError, ValueError) as exc:  # a full disk or a schema complaint must not stop the BS
+                log.error("gr-loopback receiver: IQ recording metadata not written: %s", exc)
+
     def close(self) -> None:
         super().close()
         self.modem.close()
+        self.flush_recording()

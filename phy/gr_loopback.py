@@ -44,9 +44,10 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import pmt
-from gnuradio import channels, gr
+from gnuradio import blocks, channels, gr
 
 from phy import ofdm
 from phy.ofdm_decoder import pdu_to_result
@@ -56,6 +57,7 @@ from proto import numerology
 
 NOISE_FLUSH_SAMPLES = 16384  # > channel_model's noise buffer (8192 complex items by default)
 MAX_PACKETS_IN_FLIGHT = 64  # far from the ~1000 queued bursts of docs/pitfalls.md §7
+RECORDING_FLUSH_SAMPLES = 256  # zeros after the last packet at close: > the channel model's filter history
 
 
 @dataclass
@@ -112,8 +114,11 @@ class LoopbackModem:
         post_pad: int = numerology.DEFAULT_POST_PAD_SAMPLES,
         window_samples: int = 200_000,
         rx_kwargs: dict | None = None,
+        iq_data_path: Path | None = None,
     ) -> None:
-        """freq_offset: normalised (cycles/sample) as channel_model takes it; 1/64 = one subcarrier."""
+        """freq_offset: normalised (cycles/sample) as channel_model takes it; 1/64 = one subcarrier.
+        iq_data_path: also write what the receiver takes in (complex64) to this file (phy.iq_record); sample n
+        of the file is sample n the transmitter emitted, so `last_spans` locate each packet in it."""
         self.tb = gr.top_block("ofdm_loopback")
         self.tx = OfdmTransmitter(default_modulation, pre_pad=pre_pad, post_pad=post_pad)
         self.channel = channels.channel_model(
@@ -127,10 +132,15 @@ class LoopbackModem:
         self.rx = OfdmReceiver(snr_offset_db, **(rx_kwargs or {}))
         self.collector = PduCollector()
         self.tb.connect(self.tx, self.channel, self.rx)
+        if iq_data_path is not None:
+            self.iq_sink = blocks.file_sink(gr.sizeof_gr_complex, str(iq_data_path), False)
+            self.iq_sink.set_unbuffered(True)  # the file holds every sample handed on: a round's close can read it
+            self.tb.connect(self.channel, self.iq_sink)
         self.tb.msg_connect(self.rx, "out", self.collector, "in")
         self.snr_db = float(snr_db)
         self.window_samples = max(int(window_samples), 2 * numerology.MAX_FRAME_SAMPLES)
         self._posted_samples = 0
+        self.last_spans: list[tuple[int, int]] = []  # (first sample, samples) of each packet of the last run
         self._next_num = 0
         self._closed = False
         self.tb.start()
@@ -154,8 +164,17 @@ class LoopbackModem:
     def close(self) -> None:
         if not self._closed:
             self._closed = True
+            if hasattr(self, "iq_sink"):  # the recording gets the last packet's samples before the stop: the
+                self.tx.send_gap(RECORDING_FLUSH_SAMPLES)  # channel model holds a few back until more come
+            deadline = time.monotonic() + 2.0
+            while hasattr(self, "iq_sink") and self.iq_sink.nitems_read(0) < self._posted_samples:
+                if time.monotonic() > deadline:
+                    break
+                time.sleep(0.01)
             self.tb.stop()
             self.tb.wait()
+            if hasattr(self, "iq_sink"):
+                self.iq_sink.close()
 
     def __enter__(self) -> LoopbackModem:
         return self
@@ -226,6 +245,7 @@ class LoopbackModem:
                 )
 
         start_samples = self._posted_samples
+        self.last_spans = spans = []
         ends: list[int] = []  # sample count at the end of each posted packet
         while posted < len(frames):
             rx_in = self.rx.samples_in()
@@ -235,6 +255,7 @@ class LoopbackModem:
                 in_flight + sizes[posted] <= self.window_samples and packets_in_flight < MAX_PACKETS_IN_FLIGHT
             ):
                 self.tx.source.enqueue(checked[posted], mods[posted], (base_num + posted) & 0xFF)
+                spans.append((self._posted_samples, sizes[posted]))
                 self._posted_samples += sizes[posted]
                 ends.append(self._posted_samples)
                 posted += 1

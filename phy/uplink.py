@@ -90,6 +90,9 @@ class UplinkReceiver(ABC):
         (the GNU Radio receivers' pipe); None: the caller polls recv() itself."""
         return None
 
+    def flush_recording(self) -> None:
+        """Write out what a recording of the receiver's IQ holds so far (a PHY that records any)."""
+
     def recorded_report(self, report: Report) -> Report:
         """An edge's report as the BS records it: unchanged, except on a link that replays a recording's devices
         along with its channel (phy.replay)."""

