@@ -208,11 +208,13 @@ class ZmqTransport:
     def is_registered(self, device_id: int) -> bool:
         return device_id in self.edges
 
-    def start_round(self, round_idx: int, bandwidth_hz: Mapping[int, float]) -> None:
+    def start_round(self, round_idx: int, bandwidth_hz: Mapping[int, float]) -> dict[int, float]:
+        """The PHY's subbands for the round's shares; returns the carriers the devices must be told (radios)."""
         self.uplink.flush_recording()  # the last round's IQ annotations, before this round adds to them
-        start_round = getattr(self.uplink, "start_round", None)  # PHYs with a subband schedule (gr-zmq-iq)
-        if start_round is not None:
-            start_round(round_idx, dict(bandwidth_hz))
+        return self.uplink.start_round(round_idx, dict(bandwidth_hz))
+
+    def take_radio_counts(self) -> dict[str, int | None]:
+        return self.uplink.take_radio_counts()
 
     # ------------------------------------------------------------------------------------------ sends
     def send(self, device_id: int, message: BsMessage, attachment: bytes | None = None) -> bool:

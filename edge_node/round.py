@@ -210,6 +210,7 @@ class EdgeRounds:
             setting.bandwidth_hz,
         )
         self.link.heartbeat("sending", round_idx=round_idx)
+        self.tx.set_center_freq_hz(plan.center_freq_hz)  # radios: this round's subband (None elsewhere)
         ack_timeout_s = self.bench.arq.ack_timeout_s
         arq = send_with_arq(
             self.tx,
@@ -244,6 +245,7 @@ class EdgeRounds:
             total_components=int(update.info["total_components"]),
             residual_norm=float(update.info["residual_norm"]),
             true_snr_db=None if true_snr_db is None else float(true_snr_db),
+            radio_underruns=self.tx.take_radio_counts()["underruns"],
         )
         return measurements, "ok" if arq.delivered else "undelivered"
 

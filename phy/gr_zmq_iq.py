@@ -186,7 +186,7 @@ class ZmqIqReceiver(UplinkReceiver):
         self.tb.start()
 
     # ----------------------------------------------------------------------------------------- plan
-    def start_round(self, round_idx: int, widths_hz: Mapping[int, float]) -> None:
+    def start_round(self, round_idx: int, widths_hz: Mapping[int, float]) -> dict[int, float]:
         """The round's subbands (device -> planned bandwidth_hz of the participants): retune, tell the air."""
         widths = {int(k): float(v) for k, v in widths_hz.items() if 0 <= int(k) < self.device_count}
         try:
@@ -198,7 +198,7 @@ class ZmqIqReceiver(UplinkReceiver):
                 round_idx,
                 exc,
             )
-            return
+            return {}
         for k, subband in plan.items():
             if subband != self.channelizers[k].subband:
                 self.channelizers[k].retune(subband)
@@ -213,6 +213,7 @@ class ZmqIqReceiver(UplinkReceiver):
         except zmq.Again:
             log.warning("zmq-iq receiver: the air at %s did not take the round %d plan", self.address, round_idx)
         self._read_air()
+        return {}  # the edges need no carrier: the air places each burst in its subband
 
     # ----------------------------------------------------------------------------------------- frames
     @property

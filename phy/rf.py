@@ -12,9 +12,9 @@ Access (bench ``rf.access``):
 
 * ``fdma`` (USRP B210: full duplex, 12-bit, 61 dB of dynamic range or more): width = the device's planned
   bandwidth_hz. Centre: where phy.fdma lays the round's shares out side by side, as in the air, when the BS
-  gives each edge its carrier (``plan_center_freqs_hz``; ``RfUplinkTransmitter.set_center_freq_hz``,
-  ``RfUplinkReceiver.start_round(..., center_freqs_hz)``); without one, slot k of an equal grid over the band
-  (``rf_subbands``), the width capped at the slot (B / K).
+  gives each edge its carrier (``RfUplinkReceiver.start_round`` returns them from ``plan_center_freqs_hz``, the
+  BS puts each in the device's Plan, the edge calls ``RfUplinkTransmitter.set_center_freq_hz``); without one,
+  slot k of an equal grid over the band (``rf_subbands``), the width capped at the slot (B / K).
 * ``tdma`` (HackRF One: half duplex, docs/pitfalls.md §10; 8-bit, 2-20 Msps): every device uses the whole band,
   in turn: device k transmits only in slot k of a cycle of K slots of ``slot_s`` (``next_slot_start``), a burst
   longer than a slot is sent over several cycles, ``guard_s`` of each slot stays silent. Same-band bursts at once
@@ -177,19 +177,20 @@ class RfUplinkReceiver(UplinkReceiver):
     def _subbands(self, widths_hz: dict[int, float] | None) -> dict[int, fdma.Subband]:
         return bs_subbands(self.bench, self.device_count, widths_hz)
 
-    def start_round(
-        self, round_idx: int, widths_hz: Mapping[int, float], center_freqs_hz: Mapping[int, float] | None = None
-    ) -> None:
-        """Listen where the round's plans put the devices: at the carriers they were given (fdma), else the slots."""
-        if center_freqs_hz is None or self.bench.rf.access == "tdma":
+    def start_round(self, round_idx: int, widths_hz: Mapping[int, float]) -> dict[int, float]:
+        """Listen where this round's shares put the devices (phy.fdma's layout, as in the air); returns each
+        device's carrier for its Plan (tdma: the band's centre, where every device sends in its slot)."""
+        center_freqs_hz = plan_center_freqs_hz(self.bench, widths_hz)
+        if self.bench.rf.access == "tdma":
             self.flowgraph.inbox.active = None  # fixed slots never overlap
             self.flowgraph.retune(self._subbands(dict(widths_hz)))
-            return
+            return center_freqs_hz
         centre_hz = self.bench.rf.center_freq_hz
         self.flowgraph.retune(
             {k: fdma.Subband(k, center_freqs_hz[k] - centre_hz, float(w)) for k, w in widths_hz.items()}
         )
         self.flowgraph.inbox.active = set(widths_hz)  # an idle receiver's old subband may overlap a new one
+        return center_freqs_hz
 
     def take_radio_counts(self) -> dict[str, int | None]:
         """The BS radio's overruns since the last call (a receiver has no underruns: None)."""

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -55,6 +55,13 @@ class UplinkTransmitter(ABC):
     def send(self, frames: Sequence[bytes], setting: TxSetting, *, round_idx: int) -> TxReport:
         """Transmit one burst of frames (best effort; no delivery guarantee)."""
 
+    def set_center_freq_hz(self, center_freq_hz: float | None) -> None:
+        """The carrier the round's plan gives this device (rf benches); links without radios have none."""
+
+    def take_radio_counts(self) -> dict[str, int | None]:
+        """The radio's underruns and overruns since the last call; None: nothing counts them (no radio)."""
+        return {"underruns": None, "overruns": None}
+
     def estimate_airtime_s(self, frame_sizes: Sequence[int], setting: TxSetting) -> float | None:
         """Airtime that sending frames of these sizes would take, or None if unknown.
 
@@ -89,6 +96,15 @@ class UplinkReceiver(ABC):
         """What becomes readable when frames are waiting, for zmq.Poller: a zmq socket or a file descriptor
         (the GNU Radio receivers' pipe); None: the caller polls recv() itself."""
         return None
+
+    def start_round(self, round_idx: int, widths_hz: Mapping[int, float]) -> dict[int, float]:
+        """The round's bandwidth shares (device -> planned bandwidth_hz of the participants), for PHYs with a subband
+        plan; returns each device's carrier (Hz) when the devices must be told it (radios), else nothing."""
+        return {}
+
+    def take_radio_counts(self) -> dict[str, int | None]:
+        """The radio's underruns and overruns since the last call; None: nothing counts them (no radio)."""
+        return {"underruns": None, "overruns": None}
 
     def flush_recording(self) -> None:
         """Write out what a recording of the receiver's IQ holds so far (a PHY that records any)."""

@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError,
 
 from proto.numerology import Modulation
 
-PROTOCOL_VERSION: Final = 3  # 3: welcome.frame_salt, reject.kind (sealed frames, resume)
+PROTOCOL_VERSION: Final = 4  # 4: plan.center_freq_hz, measurements.radio_underruns (radios); 3: frame_salt, reject.kind
 MAX_MESSAGE_BYTES: Final = 1 << 20  # the JSON part; attachments are checked by their own codec
 # a plan's verdict on the device's earlier updates covers the rounds [round - this, round): see Plan
 AGGREGATED_WINDOW_ROUNDS: Final = 16
@@ -42,7 +42,7 @@ class _Strict(BaseModel):
 
 
 class _Message(_Strict):
-    v: Literal[3] = PROTOCOL_VERSION
+    v: Literal[4] = PROTOCOL_VERSION
 
 
 # ---------------------------------------------------------------------------------------------- edge -> BS
@@ -99,6 +99,7 @@ class Measurements(_Strict):
     total_components: int | None = None
     residual_norm: float | None = None  # error-feedback residual the device keeps for later rounds
     true_snr_db: float | None = None  # the channel's true SNR of the last burst: sim PHYs only, ground truth
+    radio_underruns: int | None = None  # rf: the edge radio's transmit underruns this round (None: not counted)
 
 
 class Report(_Message):
@@ -157,6 +158,8 @@ class Plan(_Message):
     keep_fraction: float  # share of rank components sent (1.0 = dense)
     local_steps: int
     aggregated_rounds: Annotated[list[RoundIndex], Field(max_length=AGGREGATED_WINDOW_ROUNDS)] | None = None
+    # rf benches: the carrier the device transmits on this round (its FDMA subband's centre, phy.rf); else None
+    center_freq_hz: Annotated[float, Field(gt=0.0)] | None = None
 
     @field_validator("aggregated_rounds")
     @classmethod
@@ -292,7 +295,7 @@ def _describe(kind: str, exc: ValidationError) -> str:
 class BsEndpoints(_Strict):
     """What the BS bound (``tcp://host:0`` picks free ports), written to ``<run>/endpoints.json`` for its starter."""
 
-    v: Literal[3] = PROTOCOL_VERSION
+    v: Literal[4] = PROTOCOL_VERSION
     control: str  # the control plane's ROUTER
     data: str  # the uplink receiver's address (its meaning depends on the PHY)
 

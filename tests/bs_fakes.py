@@ -56,6 +56,8 @@ class MemoryTransport:
     sent: list[tuple[int, BsMessage, bytes | None]] = field(default_factory=list)
     broadcasts: list[BsMessage] = field(default_factory=list)
     round_starts: list[tuple[int, dict[int, float]]] = field(default_factory=list)
+    carriers_hz: dict[int, float] = field(default_factory=dict)  # what start_round returns (a radio PHY's)
+    overruns: int | None = None  # what take_radio_counts says of the BS radio
     behaviours: dict[int, PlanHandler] = field(default_factory=dict)
     _queue: list[tuple[float, int, Event]] = field(default_factory=list)
     _count: int = 0
@@ -117,8 +119,12 @@ class MemoryTransport:
         silent_s = self.clock() - edge.silent_from
         return silent_s if silent_s > self.silence_timeout_s else None
 
-    def start_round(self, round_idx: int, bandwidth_hz: Mapping[int, float]) -> None:
+    def start_round(self, round_idx: int, bandwidth_hz: Mapping[int, float]) -> dict[int, float]:
         self.round_starts.append((round_idx, dict(bandwidth_hz)))
+        return dict(self.carriers_hz)
+
+    def take_radio_counts(self) -> dict[str, int | None]:
+        return {"underruns": None, "overruns": self.overruns}
 
     def is_registered(self, device_id: int) -> bool:
         return device_id in self.edges

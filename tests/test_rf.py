@@ -193,7 +193,7 @@ def test_edges_and_bs_follow_the_plans_carriers():
     centres = plan_center_freqs_hz(bench, widths)
     rx = RfUplinkReceiver(bench, device_count=4, source=_standin_rx(bench, radios))
     try:
-        rx.start_round(1, widths, centres)
+        assert rx.start_round(1, widths) == centres  # what the BS puts in the plans
         assert rx.flowgraph.channelizers[2].subband == fdma.Subband(2, -200e3, 400e3)
         sent = {}
         for k, width in widths.items():

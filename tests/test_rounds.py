@@ -167,3 +167,25 @@ def test_the_verdict_covers_a_window_of_rounds(tmp_path):
     assert closer.aggregated_rounds(1, 21) == list(range(6, 21, 2)) and closer.aggregated_rounds(2, 21) == []
     assert closer.aggregated_rounds(0, 10) == list(range(5, 10))  # only rounds before the plan's (1..4 forgotten)
     assert all(len(v) <= AGGREGATED_WINDOW_ROUNDS for v in closer.aggregated.values())
+
+
+def test_a_radio_phy_carriers_go_into_the_plans_and_its_counts_into_the_records(tmp_path):
+    """On a radio bench the uplink says where each device transmits this round (phy.rf lays the shares out as the
+    air does): the BS puts that carrier in the device's plan; the BS radio's overruns and each edge radio's
+    underruns land in the round's rows. Other PHYs give no carrier and the rows say None."""
+    bs = make_station(tmp_path / "run", [f"round.deadline_s={DEADLINE_S}"])
+    t = bs.transport
+    t.carriers_hz = {0: 2.4499e9, 1: 2.4501e9}
+    t.overruns = 3
+    t.join(0, sends_update(t, 0, 0.01, measurements=Measurements(radio_underruns=2)))
+    t.join(1, sends_update(t, 1, 0.01))
+    bs.runner.wait_for_devices()
+    record = bs.runner.run_round(1)
+    assert [p.center_freq_hz for p in (t.sent_to(0, Plan)[0], t.sent_to(1, Plan)[0])] == [2.4499e9, 2.4501e9]
+    rows = {d.device_id: d for d in record.devices}
+    assert (rows[0].radio_underruns, rows[1].radio_underruns) == (2, None)
+    assert rows[0].radio_overruns == rows[1].radio_overruns == 3
+    t.carriers_hz, t.overruns = {}, None
+    second = bs.runner.run_round(2)
+    assert all(p.center_freq_hz is None for p in t.sent_to(0, Plan)[1:])
+    assert all(d.radio_overruns is None for d in second.devices)

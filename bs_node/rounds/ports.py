@@ -74,8 +74,13 @@ class RoundTransport(Protocol):
         """Seconds since the device was last heard, if that exceeds the silence timeout; else None."""
         ...
 
-    def start_round(self, round_idx: int, bandwidth_hz: Mapping[int, float]) -> None:
-        """Tell the uplink receiver the round's subband schedule (PHYs without one ignore it)."""
+    def start_round(self, round_idx: int, bandwidth_hz: Mapping[int, float]) -> dict[int, float]:
+        """Tell the uplink receiver the round's subband schedule (PHYs without one ignore it); returns the carrier
+        (Hz) of each device that must be told it (radios), else nothing."""
+        ...
+
+    def take_radio_counts(self) -> dict[str, int | None]:
+        """The BS radio's overruns (and underruns) since the last call; None where nothing counts them."""
         ...
 
     def is_registered(self, device_id: int) -> bool:

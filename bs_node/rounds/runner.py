@@ -230,7 +230,10 @@ class RoundRunner:
             d: self._with_verdict(p.to_plan(r, self.exp.round.deadline_s), d)
             for d, p in self.controller.decide(state).items()
         }
-        self.transport.start_round(r, {d: p.bandwidth_hz for d, p in plans.items() if p.participate})
+        carriers = self.transport.start_round(r, {d: p.bandwidth_hz for d, p in plans.items() if p.participate})
+        plans = {
+            d: p.model_copy(update={"center_freq_hz": carriers[d]}) if d in carriers else p for d, p in plans.items()
+        }
         views: dict[tuple[int, int], bytes] = {}
         downlink_bytes = 0
         self.pending = {}
@@ -371,8 +374,10 @@ class RoundRunner:
     # ------------------------------------------------------------------------------------------ close
     def _close(self, r: int, plans: dict[int, Plan], downlink_bytes: int, t0: float) -> RoundRecord:
         devices, stale = self.closer.close(r, plans, self.pending)
+        overruns = self.transport.take_radio_counts()["overruns"]  # the BS radio's, this round (rf benches)
         for row in devices:
             row.frames_rejected = self.rejected.get(row.device_id, 0)
+            row.radio_overruns = overruns
         self.acks.discard_round(r)
         self.trace.close_round(r, plans, self.pending)
         result, val = self.model.evaluate(), self.model.validate()
