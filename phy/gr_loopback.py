@@ -1,4 +1,4 @@
-"""Software loopback of the OFDM PHY in one flowgraph: OfdmTransmitter -> channel_model (AWGN) -> OfdmReceiver.
+"""Software loopback of the OFDM PHY in one flowgraph: OfdmTransmitter -> channel_model -> + noise -> OfdmReceiver.
 
 For tests and calibration (calibration/per_sweep.py). The flowgraph starts
 once and keeps running; ``run_packets`` feeds it and collects what comes out.
@@ -8,11 +8,16 @@ SNR convention (the same as phy.channel and phy.ofdm)
 ``snr_db`` is the *time-domain* SNR over the whole sampled bandwidth: mean
 power of the transmitted burst samples (zero padding excluded; the
 transmitter scales full OFDM symbols to power 1.0) divided by the complex
-noise power per sample that channel_model adds (measured: noise power =
-noise_voltage**2). The noise is white over all 64 FFT bins while the signal
-sits on 52 of them, so Es/N0 per occupied subcarrier is SNR + 0.90 dB; the
-receiver reports (after its calibration offset) in the time-domain
-convention again.
+noise power per sample added after the channel model (noise power =
+noise_voltage**2, measured, as channel_model's own convention).
+
+The noise is GNU Radio's ``analog.noise_source_c`` (a fresh Gaussian draw per sample), not channel_model's
+built-in one: that is a ``fastnoise_source`` drawing from a pool of 8,192 samples, refilled only when the noise
+level changes, so a long run at one SNR saw the same few thousand noise samples again and again (about one
+point of 8PSK PER at the waterfall). channel_model keeps the carrier offset and timing; its own noise is 0.
+
+The noise is white over all 64 FFT bins while the signal sits on 52 of them, so Es/N0 per occupied subcarrier
+is SNR + 0.90 dB; the receiver reports (after its calibration offset) in the time-domain convention again.
 
 Why the stock loopback drops packets (gnuradio issue 6891) and how this avoids it
 ---------------------------------------------------------------------------------
@@ -47,7 +52,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pmt
-from gnuradio import blocks, channels, gr
+from gnuradio import analog, blocks, channels, gr
 
 from phy import ofdm
 from phy.ofdm_decoder import pdu_to_result
@@ -55,7 +60,8 @@ from phy.ofdm_rx import OfdmReceiver
 from phy.ofdm_tx import OfdmTransmitter
 from proto import numerology
 
-NOISE_FLUSH_SAMPLES = 16384  # > channel_model's noise buffer (8192 complex items by default)
+NOISE_BUFFER_SAMPLES = 8192  # the noise source's output buffer (GNU Radio may round it up to a page multiple)
+NOISE_FLUSH_SAMPLES = 16384  # > that buffer: zeros that carry the old noise level out before the next packet
 MAX_PACKETS_IN_FLIGHT = 64  # far from the ~1000 queued bursts of docs/pitfalls.md §7
 RECORDING_FLUSH_SAMPLES = 256  # zeros after the last packet at close: > the channel model's filter history
 
@@ -122,20 +128,21 @@ class LoopbackModem:
         self.tb = gr.top_block("ofdm_loopback")
         self.tx = OfdmTransmitter(default_modulation, pre_pad=pre_pad, post_pad=post_pad)
         self.channel = channels.channel_model(
-            noise_voltage=ofdm.noise_voltage_for_snr(snr_db),
-            frequency_offset=freq_offset,
-            epsilon=1.0,
-            taps=[1.0],
-            noise_seed=noise_seed,
-            block_tags=True,
+            noise_voltage=0.0, frequency_offset=freq_offset, epsilon=1.0, taps=[1.0], block_tags=True
         )  # docs/pitfalls.md §1: no TX tags into the RX
+        # seed + 1: GNU Radio seeds a generator given 0 from the clock, and a loopback run must repeat
+        self.noise = analog.noise_source_c(analog.GR_GAUSSIAN, ofdm.noise_voltage_for_snr(snr_db), noise_seed + 1)
+        self.noise.set_max_output_buffer(NOISE_BUFFER_SAMPLES)  # what runs ahead at an old level (set_snr_db)
+        self.add_noise = blocks.add_cc()
         self.rx = OfdmReceiver(snr_offset_db, **(rx_kwargs or {}))
         self.collector = PduCollector()
-        self.tb.connect(self.tx, self.channel, self.rx)
+        self.tb.connect(self.tx, self.channel, (self.add_noise, 0))
+        self.tb.connect(self.noise, (self.add_noise, 1))
+        self.tb.connect(self.add_noise, self.rx)
         if iq_data_path is not None:
             self.iq_sink = blocks.file_sink(gr.sizeof_gr_complex, str(iq_data_path), False)
             self.iq_sink.set_unbuffered(True)  # the file holds every sample handed on: a round's close can read it
-            self.tb.connect(self.channel, self.iq_sink)
+            self.tb.connect(self.add_noise, self.iq_sink)
         self.tb.msg_connect(self.rx, "out", self.collector, "in")
         self.snr_db = float(snr_db)
         self.window_samples = max(int(window_samples), 2 * numerology.MAX_FRAME_SAMPLES)
@@ -152,8 +159,8 @@ class LoopbackModem:
         if float(snr_db) == self.snr_db:
             return
         self.snr_db = float(snr_db)
-        self.channel.set_noise_voltage(ofdm.noise_voltage_for_snr(snr_db))
-        # channel_model's noise source runs ahead of the signal: ~8k samples generated at the old voltage sit
+        self.noise.set_amplitude(ofdm.noise_voltage_for_snr(snr_db))
+        # the noise source runs ahead of the signal: up to NOISE_BUFFER_SAMPLES generated at the old level sit
         # in its output buffer. Push zeros through so the next packet sees the new noise level only.
         self.tx.send_gap(NOISE_FLUSH_SAMPLES)
         self._posted_samples += NOISE_FLUSH_SAMPLES
