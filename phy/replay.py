@@ -5,9 +5,11 @@
 
 Per frame (device, round, ARQ attempt, seq), at the BS:
 
-* **recorded**: the trace holds this transmission: it is delivered with the SNR the recording's receiver measured
-  if it was ``ok``, dropped if it was ``lost``. A replay of the same run therefore sees every frame do what it did.
-* **not recorded** (a policy that plans otherwise sends other frames, more attempts or more rounds): the trace's
+* **recorded**: the trace holds this transmission at the same setting (modulation, power, bandwidth): it is
+  delivered with the SNR the recording's receiver measured if it was ``ok``, dropped if it was ``lost``. A replay
+  of the same run therefore sees every frame do what it did.
+* **not recorded** (a policy that plans otherwise sends at other settings, other frames, more attempts or more
+  rounds): the trace's
   channel still decides. The reference is that device's round in the trace (its nearest recorded round if this one
   has no received frame): its median measured SNR, moved by the change in transmit power and in noise bandwidth,
   ``snr = snr_ref + (p - p_ref) - 10 log10(b / b_ref)``; loss is drawn from the bench's PER curve at that SNR with
@@ -46,6 +48,22 @@ log = logging.getLogger(__name__)
 _REPLAY_STREAM = 0x4E9A  # separates the replay's loss draws from every other stream of the seed
 
 
+_Setting = tuple[str | None, float | None, float | None]  # modulation, tx_power_dbm, bandwidth_hz
+
+
+def _same_setting(recorded: _Setting, sidecar: FrameSidecar) -> bool:
+    """Was the frame sent as the recorded one was? (A row without a setting matches any.)"""
+    modulation, power_dbm, bandwidth_hz = recorded
+    return (
+        (modulation is None or modulation == sidecar.modulation)
+        and (power_dbm is None or (sidecar.tx_power_dbm is not None and abs(power_dbm - sidecar.tx_power_dbm) < 1e-6))
+        and (
+            bandwidth_hz is None
+            or (sidecar.bandwidth_hz is not None and math.isclose(bandwidth_hz, sidecar.bandwidth_hz, rel_tol=1e-9))
+        )
+    )
+
+
 @dataclass(frozen=True)
 class _Reference:
     """A device's recorded channel in one round: what frames it did not record are judged against."""
@@ -59,7 +77,8 @@ class _Reference:
 class ReplayTrace:
     """A recorded trace, indexed for lookups: frame outcomes, each device's channel per round, the reports."""
 
-    outcomes: dict[tuple[int, int, int, int], float | None] = field(default_factory=dict)  # -> SNR; None: lost
+    # (device, round, attempt, seq) -> (SNR or None if lost, the setting it was sent at)
+    outcomes: dict[tuple[int, int, int, int], tuple[float | None, _Setting]] = field(default_factory=dict)
     references: dict[int, dict[int, _Reference]] = field(default_factory=dict)  # device -> round -> reference
     reports: dict[tuple[int, int], ReportRow] = field(default_factory=dict)
 
@@ -77,7 +96,8 @@ class ReplayTrace:
             if row.outcome not in ("ok", "lost"):
                 continue  # duplicates, rejected and unexpected frames say nothing about the channel
             key = (row.device, row.round, row.attempt, row.seq)
-            trace.outcomes[key] = row.snr_db if row.outcome == "ok" and row.snr_db is not None else None
+            snr_db = row.snr_db if row.outcome == "ok" and row.snr_db is not None else None
+            trace.outcomes[key] = (snr_db, (row.modulation, row.tx_power_dbm, row.bandwidth_hz))
             if row.outcome == "ok" and row.snr_db is not None:
                 snrs.setdefault((row.device, row.round), []).append(row.snr_db)
             if row.tx_power_dbm is not None and row.bandwidth_hz is not None:
@@ -143,8 +163,9 @@ class ReplayUplinkReceiver(SimUplinkReceiver):
     def _fate(self, frame: Frame, sidecar: FrameSidecar, frame_bytes: int) -> float | None:
         """The SNR the frame arrives with, or None when the trace's channel loses it."""
         key = (frame.device_id, frame.round_idx, frame.attempt, frame.seq)
-        if key in self.trace.outcomes:
-            snr_db = self.trace.outcomes[key]
+        recorded = self.trace.outcomes.get(key)
+        if recorded is not None and _same_setting(recorded[1], sidecar):
+            snr_db = recorded[0]
             self.counts["recorded_ok" if snr_db is not None else "recorded_lost"] += 1
             return snr_db
         ref = self.trace.reference(frame.device_id, frame.round_idx)

@@ -148,13 +148,16 @@ def _send_and_receive(trace: ReplayTrace, setting: TxSetting, frames: list[bytes
 
 
 def test_recorded_frames_keep_their_fate_and_others_follow_the_traced_channel(tmp_path):
-    """Through real sockets: a traced (attempt, seq) is delivered with its recorded SNR or dropped; a frame the
-    trace does not hold (a higher power than recorded) is judged on the traced SNR moved by the power change."""
+    """Through real sockets: a traced (attempt, seq) sent at its recorded setting is delivered with its recorded SNR
+    or dropped; the same transmission at another power, or one the trace does not hold, is judged on the traced SNR
+    moved by the change in power and bandwidth."""
     rows = [_row(0, "ok", 12.0), _row(1, "lost", None), _row(2, "ok", 14.0)]
     trace = ReplayTrace.load(_trace_file(tmp_path, rows))
     frames = [f.to_bytes() for f in fragment(b"x" * 700, 0, 1, 300)]  # seqs 0, 1, 2 of round 1, attempt 0
     recorded = [replace(f, attempt=1).to_bytes() for f in fragment(b"x" * 700, 0, 1, 300)]
     assert _send_and_receive(trace, TxSetting(0.0, 250e3, "qpsk"), recorded) == [12.0, 14.0]
+    # the recorded transmissions 20 dB louder: the lost one gets through too, at the median + 20 dB
+    assert _send_and_receive(trace, TxSetting(20.0, 250e3, "qpsk"), recorded) == [pytest.approx(33.0)] * 3
     # attempt 0 is not in the trace: the median traced SNR (13 dB) + 20 dB of power: every frame arrives
     got = _send_and_receive(trace, TxSetting(20.0, 250e3, "qpsk"), frames)
     assert got == [pytest.approx(33.0)] * 3
