@@ -30,8 +30,9 @@ class LinkTracer:
     def __init__(self, run_dir: Path) -> None:
         self.path = Path(run_dir) / TRACE_FILE
         self._now = time.time
-        self._bursts: dict[tuple[int, int, int], tuple[float, list[int], int]] = {}  # (dev, round, att) -> t, seqs
-        self._got: dict[tuple[int, int, int, int], tuple[float, int, float | None]] = {}  # + seq -> t, bytes, snr
+        # of the round in progress (the runner passes only its frames and bursts), by device:
+        self._bursts: dict[int, dict[int, tuple[float, list[int], int]]] = {}  # attempt -> time, seqs, total
+        self._got: dict[int, dict[tuple[int, int], tuple[float, int, float | None]]] = {}  # (attempt, seq) -> t, B, snr
         self._extra: list[FrameRow] = []
         self.extra_unrecorded: Counter[str] = Counter()  # outcome -> frames beyond MAX_EXTRA_ROWS this round
 
@@ -49,13 +50,13 @@ class LinkTracer:
 
     # ------------------------------------------------------------------------------------------ events
     def burst_ended(self, device_id: int, round_idx: int, attempt: int, seqs: list[int], total: int) -> None:
-        self._bursts[(device_id, round_idx, attempt)] = (self._now(), list(seqs), total)
+        self._bursts.setdefault(device_id, {})[attempt] = (self._now(), list(seqs), total)
 
     def frame(self, frame: Frame, frame_bytes: int, snr_db: float | None, outcome: str) -> None:
         """A frame the PHY passed: ``ok`` (new to the reassembler), or duplicate / rejected:<reason> / unexpected."""
         if outcome == "ok":
-            key = (frame.device_id, frame.round_idx, frame.attempt, frame.seq)
-            self._got.setdefault(key, (self._now(), frame_bytes, snr_db))
+            got = self._got.setdefault(frame.device_id, {})
+            got.setdefault((frame.attempt, frame.seq), (self._now(), frame_bytes, snr_db))
             return
         if len(self._extra) >= MAX_EXTRA_ROWS:
             self.extra_unrecorded[outcome] += 1
@@ -79,7 +80,7 @@ class LinkTracer:
     def close_round(self, round_idx: int, plans: Mapping[int, Plan], pending: Mapping[int, Pending]) -> int:
         """Write the round's rows (frames in device, attempt, seq order; then the reports); returns how many."""
         rows: list[TraceRow] = []
-        devices = sorted({d for d, r, _ in self._bursts if r == round_idx} | {d for d, r, _, _ in self._got})
+        devices = sorted(set(self._bursts) | set(self._got))
         for device_id in devices:
             rows += self._device_rows(device_id, round_idx, plans.get(device_id))
         for row in self._extra:
@@ -107,8 +108,8 @@ class LinkTracer:
         return len(rows)
 
     def _device_rows(self, device_id: int, round_idx: int, plan: Plan | None) -> list[FrameRow]:
-        got = {(a, s): v for (d, r, a, s), v in self._got.items() if d == device_id and r == round_idx}
-        bursts = {a: v for (d, r, a), v in self._bursts.items() if d == device_id and r == round_idx}
+        got = self._got.get(device_id, {})
+        bursts = self._bursts.get(device_id, {})
         total = next((t for _, _, t in bursts.values()), None)
         # every frame of an update but the last has the same size: a lost frame's size comes from a received one
         sizes = {s: n for (_, s), (_, n, _) in got.items()}
