@@ -210,6 +210,9 @@ class EdgeRounds:
             setting.bandwidth_hz,
         )
         self.link.heartbeat("sending", round_idx=round_idx)
+        keepalive = getattr(self.tx, "set_keepalive", None)  # a send that waits on the air heartbeats meanwhile
+        if keepalive is not None:
+            keepalive(lambda: self.link.heartbeat("sending", round_idx=round_idx), self.exp.round.heartbeat_s)
         self.tx.set_center_freq_hz(plan.center_freq_hz)  # radios: this round's subband (None elsewhere)
         ack_timeout_s = self.bench.arq.ack_timeout_s
         arq = send_with_arq(

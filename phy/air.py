@@ -11,7 +11,8 @@ holds the validated bench and experiment, so the two can never disagree. The par
 
 * ``phy.air_server``: the sockets (bench ``air.address``: requests and replies; ``air.medium``: the medium to the
   BS), typed in ``proto.air``; a bad peer is answered with an error and never stops the air.
-* ``phy.air_medium``: each burst turned into medium samples on arrival, and the clock that sums them with noise.
+* ``phy.air_medium``: each burst turned into medium samples as the clock reaches it, and the clock that sums them
+  with noise.
 
 Why numpy here and not a GNU Radio flowgraph: everything the air does to a burst is known when it arrives, so it
 is done once per burst, and while no edge transmits the medium stops altogether: nothing is streamed while the
@@ -22,6 +23,7 @@ at the full medium rate all the time.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import signal
 import sys
@@ -55,6 +57,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--address", help="bind address for edges and the BS (default: the bench's air.address)")
     parser.add_argument("--medium", help="bind address of the medium to the BS (default: the bench's air.medium)")
     parser.add_argument("--endpoints-file", help="write the bound addresses here as JSON (proto.air.AirEndpoints)")
+    parser.add_argument(
+        "--stats-file", help="on exit, write what the air did here as JSON (Air.report: clock stalls, CPU seconds)"
+    )
     parser.add_argument("--noise-seed", type=int, default=0)
     parser.add_argument("--keys", help="the run's key directory (needed when the bench seals: docs/security.md)")
     parser.add_argument("--log-level", default="INFO")
@@ -91,6 +96,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         air.run()
     finally:
+        if args.stats_file:
+            tmp = Path(args.stats_file + ".tmp")
+            tmp.write_text(json.dumps(air.report()))
+            tmp.replace(args.stats_file)
         air.close()
     return 0
 

@@ -15,7 +15,9 @@ the device it claims to be; the medium admits the BS's key alone.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -24,7 +26,7 @@ from pydantic import ValidationError
 
 from config import ChannelConfig
 from phy import fdma
-from phy.air_medium import Burst, Medium, RateError, to_medium
+from phy.air_medium import Burst, Medium, MediumSignal, RateError, warm_up
 from phy.channel import DeviceGeometry, SimChannel, TxSetting
 from proto.air import (
     IQ_SAMPLE_BYTES,
@@ -133,6 +135,7 @@ class Air:
         self.medium_push.bind(bindable(medium_address))
         self.medium_address = self.medium_push.getsockopt_string(zmq.LAST_ENDPOINT)
         self.medium = Medium(noise_seed)
+        warm_up()
         self.bs = _BsState()
         self._running = True
         self.stats = {"bursts": 0, "refused": 0, "malformed": 0}
@@ -160,11 +163,23 @@ class Air:
                     self.on_message([f.bytes for f in frames], sender_of(frames[-1]) if self.secure else None)
             self.medium.advance(self._send_chunk, self._on_burst_end)
         log.info(
-            "air stopped: %s, medium_samples %d, busy_s %.2f",
+            "air stopped: %s, medium_samples %d, busy_s %.2f, clock stalls %s",
             self.stats,
             self.medium.samples_sent,
             self.medium.busy_s,
+            dataclasses.asdict(self.medium.stalls),
         )
+
+    def report(self) -> dict[str, object]:
+        """What the air did, for a benchmark or a run's logs: requests, medium samples, clock stalls, CPU."""
+        return {
+            **self.stats,
+            "medium_samples": self.medium.samples_sent,
+            "busy_s": self.medium.busy_s,
+            "cpu_s": time.process_time(),
+            "started_at": self.medium.started_at,  # time.monotonic() of the medium's first sample (or None)
+            "stalls": dataclasses.asdict(self.medium.stalls),
+        }
 
     # ----------------------------------------------------------------------------------------- requests
     def on_message(self, parts: list[bytes], sender: str | None = None) -> None:
@@ -262,7 +277,7 @@ class Air:
         snr_db = channel.snr_db(geometry, meta.round, setting)
         start = self.medium.next_start(meta.device_id)
         try:
-            samples = to_medium(
+            samples = MediumSignal(
                 iq,
                 subband,
                 physics.total_bandwidth_hz,

@@ -57,6 +57,7 @@ PASS_EDGE = 0.41  # x subband width: passband edge (OFDM carriers reach +-0.406)
 STOP_EDGE = 0.52  # x subband width: stopband edge, just past the subband's own edge (see Filters)
 RESAMPLER_FILTERS = 32  # pfb_arb_resampler_ccf filter arms
 DEFAULT_ATTENUATION_DB = 60.0
+CHANNELIZER_BUFFER_ITEMS = 1 << 16  # output buffer of a channelizer's blocks, samples (512 KB)
 _CFO_STREAM = 0xCF0  # separates the per-link carrier offset draw from other users of the seed
 
 
@@ -215,6 +216,10 @@ def _make_channelizer_class():
                 channelizer_taps(subband.bandwidth_hz, self.total_bandwidth_hz, attenuation_db),
                 RESAMPLER_FILTERS,
             )
+            # batches: GNU Radio's default 32 KB buffers let the rotator pass 4,096 medium samples a call, so the
+            # receiver behind a 1/16 share got 256-sample calls, paying per call, not per sample (pitfalls §12)
+            self.rotator.set_min_output_buffer(0, CHANNELIZER_BUFFER_ITEMS)
+            self.resampler.set_min_output_buffer(0, CHANNELIZER_BUFFER_ITEMS)
             self.connect(self, self.rotator, self.resampler, self)
 
         def _phase_inc(self, subband: Subband) -> float:

@@ -59,12 +59,18 @@ from trust.keys import KeyPair
 log = logging.getLogger(__name__)
 
 
+IDLE_RETURN_S = 5.0  # MediumSource.work returns with nothing after this long without a message
+
+
 class MediumSource(gr.sync_block):
     """The medium from the air (zmq PULL, [proto.air.MediumChunk, complex64]) as a sample stream.
 
     Tracks the medium index of what it has emitted, so the receiver knows when a burst the air reported has
     been consumed. Idle time on the air is skipped, so gaps in the index are normal; a malformed message is
-    logged and dropped. Work waits at most 50 ms for a message, then returns, so the flowgraph can stop.
+    logged and dropped. Work waits for a message in 50 ms polls, so ``stop()`` (which ``ZmqIqReceiver.close``
+    calls before stopping the flowgraph) ends it promptly; it returns empty-handed only after ``IDLE_RETURN_S``
+    of silence, so a flowgraph stopped without it still stops. Returning empty-handed sooner costs latency: GNU
+    Radio's scheduler then lets a source sleep up to ~250 ms (docs/pitfalls.md §11).
     """
 
     def __init__(self, socket: zmq.Socket) -> None:
@@ -72,6 +78,8 @@ class MediumSource(gr.sync_block):
         self.socket = socket
         self.index = 0  # medium index just after the last sample emitted
         self.malformed = 0
+        self.calls = 0  # work() calls that emitted samples
+        self.first_at: float | None = None  # time.monotonic() when the first sample went out
         self._pending: np.ndarray | None = None
         self._pending_index = 0
         self._running = True
@@ -82,9 +90,13 @@ class MediumSource(gr.sync_block):
 
     def work(self, input_items: Sequence[np.ndarray], output_items: Sequence[np.ndarray]) -> int:
         out = output_items[0]
+        silent_since = None
         while self._pending is None and self._running:
             if not self.socket.poll(50, zmq.POLLIN):
-                return 0
+                silent_since = silent_since or time.monotonic()
+                if time.monotonic() - silent_since >= IDLE_RETURN_S:
+                    return 0
+                continue
             try:
                 parts = self.socket.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
@@ -94,6 +106,9 @@ class MediumSource(gr.sync_block):
             return 0
         n = min(len(out), len(self._pending))
         out[:n] = self._pending[:n]
+        self.calls += 1
+        if self.first_at is None:
+            self.first_at = time.monotonic()
         self._pending = self._pending[n:] if n < len(self._pending) else None
         self._pending_index += n
         self.index = self._pending_index
@@ -170,6 +185,7 @@ class ZmqIqReceiver(UplinkReceiver):
         self.plan = fdma.equal_subbands(self.total_bandwidth_hz, device_count)
         self.tb = gr.top_block("zmq_iq_bs")
         self.source = MediumSource(self._medium)
+        self.source.set_min_output_buffer(0, fdma.CHANNELIZER_BUFFER_ITEMS)  # whole chunks (docs/pitfalls.md §12)
         self.channelizers: list[Any] = []
         self.receivers: list[OfdmReceiver] = []
         self.collectors: list[Any] = []

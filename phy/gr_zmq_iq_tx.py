@@ -3,6 +3,11 @@
 The burst goes to the air as [proto.air.BurstHeader, complex64 IQ]; send() returns when the air answers ``done``
 (the burst's last sample is on the medium), or with ``last_error`` set when the air refused it or did not answer.
 The rest of the link is in phy.gr_zmq_iq.
+
+That wait lasts the burst's airtime, and longer when the air lags (other edges' bursts, a BS whose receivers fall
+behind: phy.air_medium's clock stalls), while the BS drops an edge it has not heard from for its silence timeout
+(bs_node.transport, 30 s by default). ``set_keepalive`` gives send() the edge's heartbeat, which it calls every
+``every_s`` while it waits, from its own thread (the control socket is not thread-safe, so no helper thread).
 """
 
 from __future__ import annotations
@@ -10,7 +15,7 @@ from __future__ import annotations
 import itertools
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import zmq
 
@@ -53,6 +58,22 @@ class ZmqIqTransmitter(UplinkTransmitter):
         self._burst_ids = itertools.count(1)
         self._closed = False
         self.last_error: str | None = None
+        self._keepalive: Callable[[], None] | None = None
+        self._keepalive_s = 2.0
+
+    def set_keepalive(self, keepalive: Callable[[], None] | None, every_s: float) -> None:
+        """Call keepalive (the edge's heartbeat to the BS) every every_s while send() waits for the air; None: not."""
+        if not every_s > 0:
+            raise ValueError(f"every_s must be > 0, got {every_s}")
+        self._keepalive, self._keepalive_s = keepalive, every_s
+
+    def _keep_alive(self) -> None:
+        if self._keepalive is None:
+            return
+        try:
+            self._keepalive()
+        except Exception:  # a heartbeat that cannot go out must not lose the burst
+            log.warning("zmq-iq device %d: keep-alive failed", self.geometry.device_id, exc_info=True)
 
     def send(self, frames: Sequence[bytes], setting: TxSetting, *, round_idx: int) -> TxReport:
         from phy.ofdm_tx import modulate  # GNU Radio where the modem runs
@@ -66,6 +87,7 @@ class ZmqIqTransmitter(UplinkTransmitter):
         t0 = time.monotonic()
         burst = modulate(frames, setting.modulation)
         t_modulated = time.monotonic()
+        self._keep_alive()  # modulating a long burst takes a while too
         report = TxReport(
             frames_sent=len(frames), bytes_sent=sum(len(f) for f in frames), airtime_s=len(burst) / setting.bandwidth_hz
         )
@@ -105,11 +127,19 @@ class ZmqIqTransmitter(UplinkTransmitter):
 
     def _wait_done(self, burst_id: int, timeout_s: float, round_idx: int) -> None:
         deadline = time.monotonic() + timeout_s
+        next_keepalive = time.monotonic() + self._keepalive_s
         while True:
-            remaining_ms = int((deadline - time.monotonic()) * 1000)
-            if remaining_ms <= 0 or not self._sock.poll(remaining_ms, zmq.POLLIN):
+            now = time.monotonic()
+            if self._keepalive is not None and now >= next_keepalive:
+                self._keep_alive()
+                next_keepalive = now + self._keepalive_s
+            remaining_ms = int((deadline - now) * 1000)
+            wait_ms = remaining_ms if self._keepalive is None else min(remaining_ms, int((next_keepalive - now) * 1000))
+            if remaining_ms <= 0:
                 self.last_error = f"no answer from the air at {self.air_address} within {timeout_s:.0f} s"
                 break
+            if not self._sock.poll(max(1, wait_ms), zmq.POLLIN):
+                continue
             parts = self._sock.recv_multipart()
             try:
                 reply = decode_reply(parts)
