@@ -29,6 +29,8 @@ from typing import Any
 
 import numpy as np
 
+from phy.bringup_budget import expected_snr_db, link_share_hz, link_tx_power_dbm, noise_dbm
+
 PASS, FAIL, SKIP = "PASS", "FAIL", "SKIP"
 DRY_RUN_ATTENUATION_DB = 80.0  # the stand-in cable when --dry-run is given no --attenuation-db
 
@@ -58,28 +60,6 @@ class Limits:
     snr_ceiling_db: float = 30.0  # what a per-packet SNR estimate resolves on radios (IQ imbalance, phase noise)
     min_frame_fraction: float = 0.9
     max_rx_dbm: float = -20.0  # refuse to put more on the BS radio's RX port (damage: -5 dBm on a HackRF)
-
-
-# --------------------------------------------------------------------------------------------- the numbers
-def noise_dbm(bench: Any, bandwidth_hz: float) -> float:
-    """Receiver noise over a device's share, as the bench states it (the sim's noise model)."""
-    return bench.channel.noise_psd_dbm_hz + bench.channel.noise_figure_db + 10.0 * math.log10(bandwidth_hz)
-
-
-def expected_snr_db(bench: Any, tx_power_dbm: float, attenuation_db: float, bandwidth_hz: float) -> float:
-    """SNR the modem should measure through the cable (its convention: signal over noise in the share)."""
-    return tx_power_dbm - attenuation_db - noise_dbm(bench, bandwidth_hz)
-
-
-def link_share_hz(bench: Any, device_count: int) -> float:
-    """The share a device gets at equal shares: fdma B / K, tdma the whole band."""
-    return bench.radio.total_bandwidth_hz / (1 if bench.rf.access == "tdma" else device_count)
-
-
-def link_tx_power_dbm(bench: Any, attenuation_db: float, bandwidth_hz: float, target_snr_db: float) -> float:
-    """The power that gives target_snr_db through this attenuation, within the bench's TX power range."""
-    wanted = target_snr_db + attenuation_db + noise_dbm(bench, bandwidth_hz)
-    return float(min(max(wanted, bench.radio.min_tx_power_dbm), bench.radio.max_tx_power_dbm))
 
 
 # --------------------------------------------------------------------------------------------- the steps

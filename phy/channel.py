@@ -182,6 +182,13 @@ class DeviceGeometry:
             raise ValueError(f"distance_m must be > 0, got {self.distance_m}")
 
 
+def thermal_noise_dbm(channel: ChannelConfig, bandwidth_hz: float) -> float:
+    """The receiver's thermal noise over a bandwidth as the bench states it: PSD + noise figure + 10 log10(B)."""
+    if not bandwidth_hz > 0:
+        raise ValueError(f"bandwidth_hz must be > 0, got {bandwidth_hz}")
+    return channel.noise_psd_dbm_hz + 10.0 * math.log10(bandwidth_hz) + channel.noise_figure_db
+
+
 class SimChannel:
     """Log-distance path loss + shadowing + block fading + thermal noise (+ bursty interference).
 
@@ -295,9 +302,7 @@ class SimChannel:
 
     def noise_dbm(self, bandwidth_hz: float) -> float:
         """Thermal noise over the bandwidth (the nominal noise floor)."""
-        if not bandwidth_hz > 0:
-            raise ValueError(f"bandwidth_hz must be > 0, got {bandwidth_hz}")
-        return self.cfg.noise_psd_dbm_hz + 10.0 * math.log10(bandwidth_hz) + self.cfg.noise_figure_db
+        return thermal_noise_dbm(self.cfg, bandwidth_hz)
 
     def noise_floor_dbm(self, bandwidth_hz: float, round_idx: int) -> float:
         """Thermal noise plus the round's interference, over the bandwidth."""

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from phy import fdma
-from phy.rf import next_slot_start, plan_center_freqs_hz, rf_subbands, slot_groups
+from phy.rf_plan import next_slot_start, plan_center_freqs_hz, rf_subbands, slot_groups
 from tests.processes import ENV, REPO
 
 B210 = REPO / "hw_configs" / "usrp_b210.yaml"

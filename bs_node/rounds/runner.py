@@ -17,12 +17,13 @@ from typing import Any
 
 from bs_node.checkpoint import Checkpoint, capture, restore_rng
 from bs_node.checkpoint import save as save_checkpoint
-from bs_node.controllers import Controller, DeviceState, RoundState
+from bs_node.controllers import Controller
 from bs_node.live_view import LiveView, percent
 from bs_node.measurements import RoundRecord
 from bs_node.records import RunRecorder
 from bs_node.rounds.close import RoundCloser
 from bs_node.rounds.link_trace import LinkTracer
+from bs_node.rounds.planning import round_state
 from bs_node.rounds.ports import Clock, Event, FrameReceived, FromEdge, Registered, RoundModel, RoundTransport
 from bs_node.rounds.state import Pending
 from config import BenchConfig, ExperimentConfig
@@ -209,23 +210,7 @@ class RoundRunner:
     def _plan(self, r: int) -> tuple[dict[int, Plan], int]:
         """Ask the controller, send each ready device its plan (participants with their adapter view)."""
         ready = self.transport.ready_devices()
-        state = RoundState(
-            round_idx=r,
-            devices=tuple(
-                DeviceState(
-                    e.device_id, self.bench.device(e.device_id), self.closer.rounds_participated.get(e.device_id, 0)
-                )
-                for e in ready
-            ),
-            total_bandwidth_hz=self.bench.radio.total_bandwidth_hz,
-            max_tx_power_dbm=self.bench.radio.max_tx_power_dbm,
-            min_tx_power_dbm=self.bench.radio.min_tx_power_dbm,
-            max_rank=self.model.max_rank,
-            num_layers=self.model.num_layers,
-            local_steps=self.exp.training.local_steps,
-            model_shape=self.model.model_shape,
-            device_weights={e.device_id: float(self.model.examples(e.device_id)) for e in ready},
-        )
+        state = round_state(r, ready, self.bench, self.exp, self.model, self.closer.rounds_participated)
         plans = {
             d: self._with_verdict(p.to_plan(r, self.exp.round.deadline_s), d)
             for d, p in self.controller.decide(state).items()
