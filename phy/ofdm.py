@@ -264,30 +264,62 @@ def map_packet(data: bytes, modulation: str, packet_num: int = 0) -> np.ndarray:
     data = check_packet(data)
     header = PacketHeader(len(data), mod.bits_per_symbol, packet_num & 0xFF)
     body = np.frombuffer(data + struct.pack(">I", zlib.crc32(data)), dtype=np.uint8)
-    bits = np.unpackbits(scramble(body))
-    labels = _bits_to_labels(bits, mod.bits_per_symbol)
-    hdr = CONSTELLATIONS["bpsk"].points[header_bits(header)]
-    payload = mod.points[labels] * CARRIER_ROTATION[np.arange(labels.size) % N_DATA_CARRIERS]
-    return np.concatenate([hdr, payload]).astype(np.complex64)
+    labels = bytes_to_labels(scramble(body), mod.bits_per_symbol)
+    out = np.empty(HEADER_BITS + labels.size, dtype=np.complex64)
+    out[:HEADER_BITS] = CONSTELLATIONS["bpsk"].points[header_bits(header)]
+    np.multiply(mod.points[labels], _rotation(labels.size), out=out[HEADER_BITS:])
+    return out
 
 
-def _bits_to_labels(bits: np.ndarray, bps: int) -> np.ndarray:
-    n_sym = math.ceil(bits.size / bps)
+def _rotation(n: int) -> np.ndarray:
+    """CARRIER_ROTATION repeated over n payload symbols (the first n of a table sized for the largest packet)."""
+    return _ROTATION_TABLE[:n]
+
+
+_ROTATION_TABLE = np.tile(CARRIER_ROTATION, -(-payload_symbols(MAX_PACKET_BYTES, 1) // N_DATA_CARRIERS))
+_SHIFTS = {1: np.array([7, 6, 5, 4, 3, 2, 1, 0], np.uint8), 2: np.array([6, 4, 2, 0], np.uint8)}
+_SHIFTS[4] = np.array([4, 0], np.uint8)
+
+
+def bytes_to_labels(body: np.ndarray, bps: int) -> np.ndarray:
+    """Bytes -> bps-bit labels (uint8), bits MSB first, the last label zero-bit padded.
+
+    The same as grouping np.unpackbits(body) into bps-bit numbers; for 1, 2 and 4 bits a label never straddles a
+    byte, so it is a shift and a mask per byte.
+    """
+    body = np.asarray(body, dtype=np.uint8)
+    if bps in _SHIFTS:
+        return ((body[:, None] >> _SHIFTS[bps]) & ((1 << bps) - 1)).ravel()
+    bits = np.unpackbits(body)
+    n_sym = -(-bits.size // bps)
     padded = np.zeros(n_sym * bps, dtype=np.uint8)
     padded[: bits.size] = bits
-    weights = (1 << np.arange(bps - 1, -1, -1)).astype(np.uint8)
-    return padded.reshape(n_sym, bps) @ weights
+    groups = padded.reshape(n_sym, bps)
+    labels = groups[:, 0].copy()
+    for k in range(1, bps):
+        labels <<= 1
+        labels |= groups[:, k]
+    return labels
 
 
-def _labels_to_bits(labels: np.ndarray, bps: int) -> np.ndarray:
-    return np.unpackbits(labels.astype(np.uint8)[:, None], axis=1)[:, 8 - bps :].ravel()
+def labels_to_bytes(labels: np.ndarray, bps: int, n_bytes: int) -> np.ndarray:
+    """Inverse of bytes_to_labels: the first n_bytes bytes (uint8) carried by bps-bit labels."""
+    labels = np.asarray(labels).astype(np.uint8, copy=False)
+    if bps in _SHIFTS:
+        per_byte = 8 // bps
+        groups = labels[: n_bytes * per_byte].reshape(n_bytes, per_byte)
+        out = groups[:, 0] << _SHIFTS[bps][0]
+        for k in range(1, per_byte):
+            out |= groups[:, k] << _SHIFTS[bps][k]
+        return out
+    bits = np.unpackbits(labels[:, None], axis=1)[:, 8 - bps :].ravel()
+    return np.packbits(bits[: n_bytes * 8])
 
 
 def demap_packet(labels: np.ndarray, header: PacketHeader) -> tuple[bytes, bool]:
     """Payload labels -> (payload bytes, CRC ok). Inverse of map_packet's payload part."""
-    bits = _labels_to_bits(np.asarray(labels, dtype=np.intp)[: header.payload_symbols], header.bits_per_symbol)
     n_bytes = header.payload_len + PHY_CRC_BYTES
-    body = scramble(np.packbits(bits[: n_bytes * 8]))
+    body = scramble(labels_to_bytes(labels[: header.payload_symbols], header.bits_per_symbol, n_bytes))
     data, crc = body[: header.payload_len].tobytes(), body[header.payload_len :].tobytes()
     return data, struct.pack(">I", zlib.crc32(data)) == crc
 

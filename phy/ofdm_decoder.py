@@ -11,6 +11,7 @@ payload dropped.
 from __future__ import annotations
 
 import logging
+import os
 import struct
 from collections.abc import Sequence
 
@@ -31,7 +32,10 @@ def _u8_pmt(data: bytes) -> pmt.pmt_t:
 
 def pdu_to_result(msg: pmt.pmt_t) -> tuple[bytes, dict]:
     """Receiver PDU -> (payload bytes, metadata dict of Python values)."""
-    meta = pmt.to_python(pmt.car(msg)) or {}
+    head = pmt.car(msg)
+    meta = _parse_serialized_dict(pmt.serialize_str(head))
+    if meta is None:  # a value type the fast path does not read: the general (~5x slower) conversion
+        meta = pmt.to_python(head) or {}
     vec = pmt.cdr(msg)
     raw = pmt.serialize_str(vec) if pmt.is_u8vector(vec) else b""
     if raw[:2] == b"\x0a\x00" and raw[6:8] == b"\x01\x00":  # fast path: u8vector header, 1 pad byte (_u8_pmt)
@@ -39,25 +43,52 @@ def pdu_to_result(msg: pmt.pmt_t) -> tuple[bytes, dict]:
     return bytes(pmt.u8vector_elements(vec)), meta
 
 
-class HeaderCounter(gr.basic_block):
-    """Counts the stock header parser's verdicts (it has no counters); off the demux's critical path."""
+# pmt's serialisation tags (pmt_serial_tags.h) of the values a receiver PDU's metadata holds
+_TRUE, _FALSE, _SYMBOL, _INT32, _DOUBLE, _NULL, _PAIR, _DICT, _UINT64, _INT64 = 0, 1, 2, 3, 4, 6, 7, 9, 11, 13
+_FIXED = {_INT32: (">i", 4), _DOUBLE: (">d", 8), _UINT64: (">Q", 8), _INT64: (">q", 8)}
 
-    def __init__(self) -> None:
-        gr.basic_block.__init__(self, "ofdm_header_counter", None, None)
-        self.message_port_register_in(pmt.intern("in"))
-        self.set_msg_handler(pmt.intern("in"), self._handle)
-        self.ok = 0
-        self.failed = 0
 
-    def _handle(self, msg: pmt.pmt_t) -> None:
-        if pmt.is_dict(msg):
-            self.ok += 1
-        else:
-            self.failed += 1
+def _parse_serialized_dict(buf: bytes) -> dict | None:
+    """pmt.to_python of a serialised dict of symbols -> bools / ints / doubles / symbols; None for anything else.
+
+    pmt.to_python walks the dict through a dozen binding calls per entry (~45 us for a receiver PDU's six);
+    reading pmt.serialize_str's bytes takes a few. An empty or nil metadata gives {} (as ``to_python(...) or {}``).
+    """
+    out: dict = {}
+    i, end = 0, len(buf)
+    try:
+        while buf[i] != _NULL:
+            if buf[i] != _DICT or buf[i + 1] != _PAIR or buf[i + 2] != _SYMBOL:
+                return None
+            n = int.from_bytes(buf[i + 3 : i + 5], "big")
+            key = buf[i + 5 : i + 5 + n].decode()
+            i += 5 + n
+            tag = buf[i]
+            if tag in (_TRUE, _FALSE):
+                value: object = tag == _TRUE
+                i += 1
+            elif tag in _FIXED:
+                fmt, size = _FIXED[tag]
+                value = struct.unpack_from(fmt, buf, i + 1)[0]
+                i += 1 + size
+            elif tag == _SYMBOL:
+                n = int.from_bytes(buf[i + 1 : i + 3], "big")
+                value = buf[i + 3 : i + 3 + n].decode()
+                i += 3 + n
+            else:
+                return None
+            out[key] = value
+    except (IndexError, UnicodeDecodeError, struct.error):
+        return None
+    return out if i == end - 1 else None
 
 
 class PayloadDecoder(gr.sync_block):
-    """Soft-equalized payload symbols (tagged per packet) -> one PDU per packet on message port ``out``."""
+    """Soft-equalized payload symbols (tagged per packet) -> one PDU per packet on message port ``out``.
+
+    Message port ``headers`` takes the stock header parser's verdicts (it has no counters) and counts them; it sits
+    off the demux's critical path, and counting here costs no thread of its own.
+    """
 
     def __init__(self, snr_offset_db: float = 0.0, max_packet_bytes: int = ofdm.MAX_PACKET_BYTES) -> None:
         gr.sync_block.__init__(self, "ofdm_payload_decoder", [(np.complex64, ofdm.FFT_LEN)], None)
@@ -71,6 +102,16 @@ class PayloadDecoder(gr.sync_block):
         self._header: ofdm.PacketHeader | None = None
         self.packets = 0
         self.crc_failures = 0
+        self.headers_ok = 0
+        self.headers_failed = 0
+        self.message_port_register_in(pmt.intern("headers"))
+        self.set_msg_handler(pmt.intern("headers"), self._count_header)
+
+    def _count_header(self, msg: pmt.pmt_t) -> None:
+        if pmt.is_dict(msg):
+            self.headers_ok += 1
+        else:
+            self.headers_failed += 1
 
     def work(self, input_items: Sequence[np.ndarray], output_items: Sequence[np.ndarray]) -> int:
         inp = input_items[0]
@@ -101,6 +142,9 @@ class PayloadDecoder(gr.sync_block):
                     self._publish(decode_payload(frame, self._header))
                 except Exception:  # never let one odd packet stop the receiver thread
                     log.exception("ofdm_rx: decoding packet %s failed", self._header)
+                # Let a waiting thread have the core: the header path's blocks, which header_payload_demux spins
+                # for (docs/pitfalls.md §15), would otherwise wait for this thread's time slice to run out.
+                os.sched_yield()
         return n
 
     def _header_from_tags(self, tags: dict[str, object]) -> ofdm.PacketHeader | None:

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import cache, lru_cache
 
 import numpy as np
 
@@ -52,20 +53,46 @@ class DecodedPacket:
 
 
 def _window_sum(x: np.ndarray, half: int) -> np.ndarray:
-    """Sum over the centred window [i - half, i + half] along axis 0 (truncated at the ends)."""
+    """Sum over the centred window [i - half, i + half] along axis 0 (truncated at the ends).
+
+    One cumulative sum, padded with half + 1 leading zeros and half copies of the total, so that both window ends
+    are plain slices: padded[j] = cumsum up to row clip(j - half, 0, n).
+    """
     n = x.shape[0]
-    cs = np.empty((n + 1,) + x.shape[1:], dtype=x.dtype)
-    cs[0] = 0
-    np.cumsum(x, axis=0, out=cs[1:])
-    hi = np.minimum(np.arange(n) + half + 1, n)
-    lo = np.maximum(np.arange(n) - half, 0)
-    return cs[hi] - cs[lo]
+    cs = np.empty((n + 2 * half + 1,) + x.shape[1:], dtype=x.dtype)
+    cs[: half + 1] = 0
+    np.cumsum(x, axis=0, out=cs[half + 1 : half + 1 + n])
+    cs[half + 1 + n :] = cs[half + n]
+    return cs[2 * half + 1 :] - cs[:n]
 
 
 def _unit_phasor(z: np.ndarray) -> np.ndarray:
     """conj(z) / |z| (rotation that removes z's phase), safe for z == 0."""
     mag = np.abs(z)
     return np.conj(z) / np.where(mag > 0, mag, 1.0)
+
+
+@lru_cache(maxsize=256)  # packet shapes; a long burst of one frame size hits one entry
+def _averaging(n_sym: int, n_last: int) -> tuple[np.ndarray, np.ndarray, float]:
+    """Cells per sliding window (n_sym, 48), the EVM weights of the payload cells, and their sum.
+
+    They depend only on the packet's shape (OFDM symbols, cells in the last one), so they are computed once per
+    shape; the arrays are shared and read-only.
+    """
+    count = np.full((n_sym, ofdm.N_DATA_CARRIERS), 1.0, dtype=np.float32)
+    count[-1, n_last:] = 0
+    n_avg = np.maximum(_window_sum(count, _EQ_WINDOW_SYMBOLS // 2), 1.0)
+    n_valid = (n_sym - 1) * ofdm.N_DATA_CARRIERS + n_last
+    # Averaging n cells that include the cell itself fits away 1/n of its noise: weight for an unbiased EVM.
+    dof = (1.0 - 1.0 / n_avg).ravel()[:n_valid]
+    n_avg.flags.writeable = False
+    dof.flags.writeable = False
+    return n_avg, dof, float(dof.sum())
+
+
+# Pilots of payload OFDM symbol k: the transmitter's set k + 1 (set 0 went to the header symbol).
+_PILOT_SET = (np.arange(ofdm.MAX_FRAME_OFDM_SYMBOLS) + ofdm.N_HEADER_SYMBOLS) % len(ofdm.PILOT_SYMBOLS)
+_PAYLOAD_PILOTS = ofdm.PILOT_VALUES[_PILOT_SET]
 
 
 def equalize_payload(frame: np.ndarray, header: ofdm.PacketHeader) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -76,11 +103,10 @@ def equalize_payload(frame: np.ndarray, header: ofdm.PacketHeader) -> tuple[np.n
     """
     mod = ofdm.get_modulation(header.modulation)
     name, points = mod.name, mod.points
-    inv_points = (1.0 / points).astype(np.complex64)  # unit power: conj for PSK, 1/p for QAM
+    inv_points = _inverse_points(name)  # unit power: conj for PSK, 1/p for QAM
     n_sym = frame.shape[0]
     data = frame[:, ofdm.DATA_BINS] * ofdm.CARRIER_DEROTATION  # undo the transmitter's per-carrier rotation
-    pilot_idx = (np.arange(n_sym) + ofdm.N_HEADER_SYMBOLS) % len(ofdm.PILOT_SYMBOLS)
-    pilot_sum = (frame[:, ofdm.PILOT_BINS] * ofdm.PILOT_VALUES[pilot_idx]).sum(axis=1)  # pilots are +-1
+    pilot_sum = (frame[:, ofdm.PILOT_BINS] * _PAYLOAD_PILOTS[:n_sym]).sum(axis=1)  # pilots are +-1
 
     # Cells that carry payload: the last OFDM symbol is zero-filled after the payload.
     n_valid = header.payload_symbols
@@ -97,18 +123,18 @@ def equalize_payload(frame: np.ndarray, header: ofdm.PacketHeader) -> tuple[np.n
 
     # 3) per-carrier residual channel: decision-directed estimates, averaged over a sliding window of symbols.
     h = data * inv_points[labels]
-    count = np.full((n_sym, ofdm.N_DATA_CARRIERS), 1.0, dtype=np.float32)
     if n_last < ofdm.N_DATA_CARRIERS:
         h[-1, n_last:] = 0
-        count[-1, n_last:] = 0
-    half = _EQ_WINDOW_SYMBOLS // 2
-    n_avg = np.maximum(_window_sum(count, half), 1.0)
-    h_avg = _window_sum(h, half) / n_avg
+    n_avg, dof, _ = _averaging(n_sym, n_last)
+    h_avg = _window_sum(h, _EQ_WINDOW_SYMBOLS // 2) / n_avg
     h_avg[h_avg == 0] = 1.0  # carriers with no payload at all (tiny last symbol)
     soft = (data / h_avg).ravel()[:n_valid]
-    # Averaging n cells that include the cell itself fits away 1/n of its noise: weight for an unbiased EVM.
-    dof = (1.0 - 1.0 / n_avg).ravel()[:n_valid]
     return soft.astype(np.complex64, copy=False), ofdm.decide(soft, name), dof
+
+
+@cache
+def _inverse_points(name: str) -> np.ndarray:
+    return (1.0 / ofdm.get_modulation(name).points).astype(np.complex64)
 
 
 def decode_payload(frame: np.ndarray, header: ofdm.PacketHeader) -> DecodedPacket:
@@ -116,7 +142,7 @@ def decode_payload(frame: np.ndarray, header: ofdm.PacketHeader) -> DecodedPacke
     soft, labels, dof = equalize_payload(frame, header)
     data, crc_ok = ofdm.demap_packet(labels, header)
     err = soft - ofdm.get_modulation(header.modulation).points[labels]
-    dof_sum = float(dof.sum())
+    dof_sum = _averaging(frame.shape[0], header.payload_symbols - (frame.shape[0] - 1) * ofdm.N_DATA_CARRIERS)[2]
     evm2 = float(np.vdot(err, err).real) / dof_sum if dof_sum > 0 else 0.0
     if evm2 > 0:
         snr_sc_db = min(-10.0 * math.log10(evm2), _MAX_SNR_DB)

@@ -17,7 +17,13 @@ detection threshold is 0.55 instead of 0.9 (see SYNC_THRESHOLD there).
 The payload equalizer is the stock one in static soft mode; PayloadDecoder
 (phy.ofdm_decoder) finishes the equalization per packet with the packet's own
 constellation, demaps, checks the CRC and estimates the SNR (phy.ofdm_demod
-says how), and publishes one PDU per packet; ``pdu_to_result`` reads it.
+says how), and publishes one PDU per packet; ``pdu_to_result`` reads it. It
+also counts the parser's verdicts (``stats()``).
+
+CPU: most of it goes to scheduling, not arithmetic (docs/pitfalls.md §16), and
+the demux spins while a header goes round the six header blocks (§15). So the
+synchronizer's blocks get large buffers (SAMPLE_BUFFER_ITEMS) and the decoder
+yields the core after every packet.
 """
 
 from __future__ import annotations
@@ -25,8 +31,14 @@ from __future__ import annotations
 from gnuradio import analog, blocks, digital, fft, gr
 
 from phy import ofdm
-from phy.ofdm_decoder import HeaderCounter, PayloadDecoder
+from phy.ofdm_decoder import PayloadDecoder
 from phy.ofdm_sync import SYNC_SMOOTH_LEN, SYNC_THRESHOLD, SchmidlCoxSync
+
+# Output buffer (items) of the synchronizer's sample-rate blocks. Most of the receiver's CPU goes to scheduling
+# (thread hand-offs for every work call of every block), not arithmetic (docs/pitfalls.md §12), and a block writes
+# at most half its buffer per call: 4096 complex samples with GNU Radio's 64 KiB default, 16384 with this.
+# Measured: ~7 % less CPU per MB of the loopback (benchmarks/ofdm_goodput.py).
+SAMPLE_BUFFER_ITEMS = 32768
 
 
 class OfdmReceiver(gr.hier_block2):
@@ -51,7 +63,9 @@ class OfdmReceiver(gr.hier_block2):
         bpsk = ofdm.get_modulation("bpsk").gr_constellation()
 
         # --- timing + fine frequency sync (Schmidl & Cox), then cut into header / payload
-        sync = SchmidlCoxSync(ofdm.FFT_LEN, sync_threshold, smooth_len=sync_smooth_len)
+        sync = SchmidlCoxSync(
+            ofdm.FFT_LEN, sync_threshold, smooth_len=sync_smooth_len, buffer_items=SAMPLE_BUFFER_ITEMS
+        )
         self._delay = delay = blocks.delay(gr.sizeof_gr_complex, ofdm.SYMBOL_SAMPLES + sync.delay_samples)
         oscillator = analog.frequency_modulator_fc(-2.0 / ofdm.FFT_LEN)
         mixer = blocks.multiply_cc()
@@ -78,7 +92,6 @@ class OfdmReceiver(gr.hier_block2):
         header_demod = digital.constellation_decoder_cb(bpsk)
         header_parser = digital.packet_headerparser_b(ofdm.header_formatter().formatter())
         header_parser.set_log_level("warn")  # logs every failed header (noise triggers) at info level
-        self.header_counter = HeaderCounter()
 
         # --- payload: static soft equalizer (all 52 carriers, pilots included, no decision feedback)
         payload_fft = fft.fft_vcc(ofdm.FFT_LEN, True, (), True)
@@ -104,8 +117,8 @@ class OfdmReceiver(gr.hier_block2):
         self.connect((sync, 1), (hpd, 1))
         self.connect((hpd, 0), header_fft, chanest, header_eq, header_serializer, header_demod, header_parser)
         self.msg_connect(header_parser, "header_data", hpd, "header_data")
-        self.msg_connect(header_parser, "header_data", self.header_counter, "in")  # statistics only
         self.connect((hpd, 1), payload_fft, payload_eq, self.payload_decoder)
+        self.msg_connect(header_parser, "header_data", self.payload_decoder, "headers")  # statistics only
         self.msg_connect(self.payload_decoder, "out", self, "out")
         # keep references: stock blocks for perf counters / debugging, Python blocks so their gateways stay alive
         self.blocks = {
@@ -120,7 +133,6 @@ class OfdmReceiver(gr.hier_block2):
             "header_serializer": header_serializer,
             "header_demod": header_demod,
             "header_parser": header_parser,
-            "header_counter": self.header_counter,
             "payload_fft": payload_fft,
             "payload_eq": payload_eq,
             "payload_decoder": self.payload_decoder,
@@ -139,8 +151,8 @@ class OfdmReceiver(gr.hier_block2):
 
     def stats(self) -> dict[str, int]:
         return {
-            "headers_ok": self.header_counter.ok,
-            "headers_failed": self.header_counter.failed,
+            "headers_ok": self.payload_decoder.headers_ok,
+            "headers_failed": self.payload_decoder.headers_failed,
             "bad_headers": self.payload_decoder.bad_headers,
             "packets": self.payload_decoder.packets,
             "crc_failures": self.payload_decoder.crc_failures,

@@ -51,6 +51,10 @@ class SchmidlCoxSync(gr.hier_block2):
     such plateaus (~1 per 2 M samples at threshold 0.5, because OFDM symbols
     with real-valued carriers are conjugate-symmetric in time); phy.ofdm
     rotates every data carrier by a fixed phase to break that symmetry.
+
+    ``buffer_items`` > 0 sets every internal block's output buffer (items). A block writes at most half its output
+    buffer per call (GNU Radio's default buffer holds 64 KiB: 4096 complex samples a call), and every call costs
+    thread hand-offs, which is where most of a flowgraph's CPU goes here (docs/pitfalls.md §12).
     """
 
     def __init__(
@@ -60,6 +64,7 @@ class SchmidlCoxSync(gr.hier_block2):
         plateau_max_len: int = ofdm.FFT_LEN,
         smooth_len: int = SYNC_SMOOTH_LEN,
         use_even_carriers: bool = False,
+        buffer_items: int = 0,
     ) -> None:
         gr.hier_block2.__init__(
             self,
@@ -93,6 +98,26 @@ class SchmidlCoxSync(gr.hier_block2):
         hold = blocks.sample_and_hold_ff()
         self.plateau = blocks.plateau_detector_fb(plateau_max_len, threshold)
 
+        self.blocks = {
+            "delay": delay,
+            "conjugate": conjugate,
+            "correlate": correlate,
+            "corr_sum": corr_sum,
+            "corr_power": corr_power,
+            "metric": metric,
+            "energy": energy,
+            "energy_sum": energy_sum,
+            "energy_square": energy_square,
+            "no_nan": no_nan,
+            "smooth": smooth,
+            "angle": angle,
+            "angle_delay": angle_delay,
+            "hold": hold,
+            "plateau": self.plateau,
+        }
+        if buffer_items > 0:  # a block processes at most half its output buffer per call: bigger means fewer calls
+            for block in self.blocks.values():
+                block.set_min_output_buffer(0, buffer_items)
         self.connect(self, delay, conjugate, (correlate, 1))
         self.connect(self, (correlate, 0))
         self.connect(correlate, corr_sum, corr_power, (metric, 0))
