@@ -16,8 +16,8 @@ from proto.air import BurstDone, BurstFrames, decode_request
 
 pytest.importorskip("gnuradio")
 
-SILENCE_S = 1.0  # the BS's silence timeout here (30 s by default)
-AIR_DELAY_S = 2.5  # how long the air holds each burst's `done` beyond its arrival
+SILENCE_S = 2.0  # the BS's silence timeout here (30 s by default; > a loaded machine's modulation time, ~1 s)
+AIR_DELAY_S = 4.5  # how long the air holds each burst's `done` beyond its arrival
 HEARTBEAT_S = 0.1
 
 
