@@ -130,6 +130,11 @@ class CostModel:
         self.noise_psd_dbm_hz = ch.noise_psd_dbm_hz + ch.noise_figure_db
         self._per_tables = {m: np.array(per_curve.points(m)).T for m in per_curve.modulations if m in MODULATION_NAMES}
 
+    def per_table_span_db(self, modulation: str) -> tuple[float, float]:
+        """SNR (dB) of the PER table's first and last point: below it `per` is its floor, above it exactly 0."""
+        snr, _ = self._per_tables[modulation]
+        return float(snr[0]), float(snr[-1])
+
     def per(self, snr_db: np.ndarray, modulation: str) -> np.ndarray:
         snr, per_ref = self._per_tables[modulation]
         p = np.interp(snr_db, snr, per_ref, left=1.0, right=0.0)

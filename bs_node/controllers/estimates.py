@@ -35,6 +35,10 @@ def gaussian_nodes_db(std_db: float, n: int = FADING_NODES) -> np.ndarray:
     return np.array([std_db * dist.inv_cdf((i + 0.5) / n) for i in range(n)])
 
 
+_RAYLEIGH_NODES_DB = rayleigh_nodes_db()
+_GAUSSIAN_QUANTILES = np.array([NormalDist().inv_cdf((i + 0.5) / FADING_NODES) for i in range(FADING_NODES)])
+
+
 @dataclass
 class GainEstimate:
     mean_db: float
@@ -91,6 +95,19 @@ class ChannelEstimator:
         est = self.estimates.get(device_id) or self.prior(device_id, distance_m)
         return est.mean_db - margin_sigmas * math.sqrt(max(est.var_db2, 0.0))
 
+    def planning_table(
+        self, devices: list[tuple[int, float]], margin_sigmas: float
+    ) -> tuple[list[GainEstimate], np.ndarray, np.ndarray]:
+        """For (device_id, distance_m) pairs at once: their estimates, `planning_gain_db` and `spread_nodes_db`
+        (K, J), by the same operations (the solver reads a thousand devices per round)."""
+        ests = [self.estimates.get(k) or self.prior(k, distance_m) for k, distance_m in devices]
+        mean = np.array([e.mean_db for e in ests])
+        std = np.sqrt(np.maximum(np.array([e.var_db2 for e in ests]), 0.0))
+        gain = mean - margin_sigmas * std
+        rayleigh = (std <= RAYLEIGH_LOG_STD_DB) if self.rayleigh else np.zeros(len(ests), dtype=bool)
+        gaussian = np.maximum(std, self.min_std_db)[:, None] * _GAUSSIAN_QUANTILES[None, :]
+        return ests, gain, np.where(rayleigh[:, None], _RAYLEIGH_NODES_DB[None, :], gaussian)
+
     def spread_nodes_db(self, device_id: int, distance_m: float) -> np.ndarray:
         """Equally likely offsets (dB) of the next round's gain around the estimate.
 
@@ -135,3 +152,9 @@ class ComputeEstimator:
 
     def wall_s(self, device_id: int, steps: int, depth: int, num_layers: int) -> float:
         return self.cpu_s(device_id, steps, depth, num_layers) * self.wall_per_cpu.get(device_id, 1.0)
+
+    def tables(self, device_ids: list[int], steps: int, num_layers: int) -> tuple[np.ndarray, np.ndarray]:
+        """(K, L + 1) `cpu_s` and `wall_s` of every depth 0..L, by the same operations."""
+        per_step = np.array([self.per_unit.get(k, self.prior) for k in device_ids]) * steps
+        cpu = per_step[:, None] * np.array([self.cost(d, num_layers) for d in range(num_layers + 1)])[None, :]
+        return cpu, cpu * np.array([self.wall_per_cpu.get(k, 1.0) for k in device_ids])[:, None]

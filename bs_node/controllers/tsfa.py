@@ -19,10 +19,12 @@ the round deadline when that is unset.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
 from bs_node.controllers.base import DevicePlan, RoundState
-from bs_node.controllers.costs import OptionGrid, Predictions
+from bs_node.controllers.costs import OptionGrid
 from bs_node.controllers.lyapunov import LyapunovController
 from config import BenchConfig, ExperimentConfig
 
@@ -88,15 +90,17 @@ class TsfaController(LyapunovController):
             np.array([self.bench.radio.max_tx_power_dbm]),
         )
 
-    def option_mask(self, ids: list[int], grid: OptionGrid, pred: Predictions) -> np.ndarray:
+    def option_mask(self, ids: list[int], grid: OptionGrid) -> Callable[[np.ndarray], np.ndarray]:
         """Each device's own rank, and only options within the per-round latency budget (else its fastest)."""
-        own = np.array([[grid.rank[c] == self.offline_rank[k] for c in range(len(grid.rank))] for k in ids])
-        within = own & (pred.latency_s <= self.latency_budget_s)
-        fastest = np.where(own, pred.latency_s, np.inf).argmin(axis=1)
-        for i in range(len(ids)):
-            if not within[i].any():
-                within[i, fastest[i]] = True
-        return within
+        own = grid.rank[None, :] == np.array([self.offline_rank[k] for k in ids], dtype=float)[:, None]
+
+        def mask(latency_s: np.ndarray) -> np.ndarray:
+            within = own & (latency_s <= self.latency_budget_s)
+            stuck = np.flatnonzero(~within.any(axis=1))
+            within[stuck, np.where(own[stuck], latency_s[stuck], np.inf).argmin(axis=1)] = True
+            return within
+
+        return mask
 
     def explain(self) -> dict:
         return {**super().explain(), "offline_rank": dict(self.offline_rank), "latency_budget_s": self.latency_budget_s}
