@@ -22,9 +22,11 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
-from bs_node.controllers import DeviceState, RoundState, make_controller  # noqa: E402
+from bs_node.controllers import make_controller  # noqa: E402
 from bs_node.global_model import GlobalModel  # noqa: E402
 from bs_node.measurements import DeviceRound, RoundRecord  # noqa: E402
+from bs_node.rounds.planning import round_state  # noqa: E402
+from bs_node.rounds.ports import EdgeInfo  # noqa: E402
 from config import load_bench, load_experiment  # noqa: E402
 
 PLAN_FIELDS = ("participate", "rank", "depth", "tx_power_dbm", "bandwidth_hz", "modulation", "keep_fraction")
@@ -43,18 +45,8 @@ def replay(run_dir: Path, policy: str | None, overrides: list[str]) -> list[dict
     for line in (run_dir / "rounds.jsonl").read_text().splitlines():
         rec = json.loads(line)
         ids = sorted(d["device_id"] for d in rec["devices"])
-        state = RoundState(
-            round_idx=rec["round"],
-            devices=tuple(DeviceState(k, bench.device(k), delivered.get(k, 0)) for k in ids),
-            total_bandwidth_hz=bench.radio.total_bandwidth_hz,
-            max_tx_power_dbm=bench.radio.max_tx_power_dbm,
-            min_tx_power_dbm=bench.radio.min_tx_power_dbm,
-            max_rank=model.max_rank,
-            num_layers=model.num_layers,
-            local_steps=exp.training.local_steps,
-            model_shape=model.model_shape,
-            device_weights={k: float(model.examples(k)) for k in ids},
-        )
+        ready = [EdgeInfo(k, "") for k in ids]
+        state = round_state(rec["round"], ready, bench, exp, model, delivered)
         plans = controller.decide(state)
         out.append({k: {f: getattr(p, f) for f in PLAN_FIELDS} for k, p in sorted(plans.items())})
         devices = [DeviceRound(**{k: v for k, v in d.items() if k in rows}) for d in rec["devices"]]
