@@ -25,9 +25,9 @@ from fedlora.partition import device_splits, validation_union
 from fedlora.tasks import Example, load_task
 from fedlora.training import evaluate
 from proto.codec import CodecError, decode_update, encode_update, encoded_size, expected_shapes, largest_value
+from proto.framing import BS_DEVICE_ID
 
 log = logging.getLogger("bs")
-BS_DEVICE_ID = 0xFFFF  # sender id written into the downlink adapter view
 
 
 def model_shape(adapter: GlobalAdapter, layers: int) -> ModelShape:

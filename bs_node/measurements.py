@@ -49,6 +49,11 @@ class DeviceRound:
     # rf PHY only (phy.rf take_radio_counts; None on other PHYs or where the radio block does not report them):
     radio_underruns: int | None = None  # the edge's TX radio this round
     radio_overruns: int | None = None  # the BS's RX radio this round (the same in every row of the round)
+    # the view over the PHY (bench downlink.over_phy; None elsewhere): downlink attempts made for this device,
+    # frames of them it did not receive, and whether it ended up holding the whole view
+    downlink_attempts: int | None = None
+    downlink_frames_lost: int | None = None
+    view_received: bool | None = None
 
 
 # Measurements that may be negative (dB); every other number an edge reports is a count, a duration or an energy.
@@ -71,6 +76,11 @@ def apply_report(row: DeviceRound, measurements: Measurements) -> list[str]:
     return problems
 
 
+def finite_or_none(value: float) -> float | None:
+    """An evaluation's number, or None for the NaN of an empty set (no validation data held out)."""
+    return value if math.isfinite(value) else None
+
+
 @dataclass
 class RoundRecord:
     round: int
@@ -88,6 +98,9 @@ class RoundRecord:
     val_accuracy: float | None = None
     val_loss: float | None = None
     frames_rejected: int = 0  # every frame the gate refused this round, whichever device it claimed
+    # the view over the PHY (bench downlink.over_phy): airtime_s, energy_j (the BS's), bursts, frames_sent,
+    # bytes_sent (bs_node.rounds.downlink.DownlinkTotals); None: the views went with the plans (no airtime)
+    downlink: dict[str, Any] | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,7 +19,8 @@ import zmq
 
 from bs_node.live_view import LiveView
 from bs_node.rounds.ports import Clock, EdgeInfo, Event, FrameReceived, FromEdge, Registered
-from phy.uplink import UplinkReceiver
+from phy.channel import TxSetting
+from phy.uplink import TxReport, UplinkReceiver
 from proto.control import (
     BsMessage,
     BurstEnd,
@@ -29,6 +30,7 @@ from proto.control import (
     Register,
     Reject,
     Report,
+    ViewStatus,
     Welcome,
     decode_control,
     encode,
@@ -161,7 +163,7 @@ class ZmqTransport:
             self.view.line(f"edge {edge.device_id} left: {msg.reason or ''}")
         elif isinstance(msg, Report):
             msg = self.uplink.recorded_report(msg)
-        elif not isinstance(msg, BurstEnd):
+        elif not isinstance(msg, (BurstEnd, ViewStatus)):
             log.warning("control: unexpected %s from device %d ignored", msg.type, edge.device_id)
             return None
         return FromEdge(edge.device_id, msg)
@@ -233,6 +235,11 @@ class ZmqTransport:
         for edge in list(self.edges.values()):
             if edge.state != "offline":
                 self.send(edge.device_id, message)
+
+    def send_downlink(
+        self, frames: Sequence[bytes], device_ids: Sequence[int], *, round_idx: int, setting: TxSetting, final: bool
+    ) -> TxReport:
+        return self.uplink.send_downlink(frames, device_ids, round_idx=round_idx, setting=setting, final=final)
 
     def _send_raw(self, identity: bytes, message: BsMessage, attachment: bytes | None = None) -> bool:
         parts = [identity, encode(message)] + ([attachment] if attachment is not None else [])

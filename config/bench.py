@@ -8,6 +8,7 @@ from pydantic import Field, model_validator
 
 from config.base import ConfigModel, Items, RuleError
 from config.per_curve import PerCurveTable
+from proto.numerology import Modulation
 
 NonEmptyStr = Annotated[str, Field(min_length=1)]
 ZMQ_SCHEMES = ("tcp://", "ipc://", "inproc://")
@@ -161,6 +162,16 @@ class SecurityConfig(ConfigModel):
     keys_dir: str | None = None
 
 
+class DownlinkConfig(ConfigModel):
+    """The BS -> edge direction: the adapter view as OFDM bursts over the whole band (gr-zmq-iq, docs/DESIGN.md
+    "Downlink over the PHY"), or as an attachment of the plan on the control plane (no airtime, energy or loss)."""
+
+    over_phy: bool | None = None  # None: on for gr-zmq-iq (the only PHY with a downlink here), off elsewhere
+    tx_power_dbm: float = Field(20.0, ge=-30.0, le=40.0)  # the BS's transmit power
+    modulation: Modulation = "qpsk"
+    burst_frames: int = Field(32, ge=1, le=1024)  # frames per downlink burst (a view is sent as several)
+
+
 class ReplayConfig(ConfigModel):
     """replay: a recorded run's link trace (its <run dir>/link_trace.jsonl) drives the link (phy/replay.py).
     load_bench resolves a relative path from the bench file's folder; only the BS opens it."""
@@ -186,9 +197,15 @@ class BenchConfig(ConfigModel):
     rf: RfConfig = Field(default_factory=RfConfig)  # rf only
     security: SecurityConfig = Field(default_factory=SecurityConfig)
     replay: ReplayConfig = Field(default_factory=ReplayConfig)  # replay only
+    downlink: DownlinkConfig = Field(default_factory=DownlinkConfig)
     devices: Items[DeviceProfile] = Field(
         tuple(DeviceProfile(distance_m=d) for d in (10.0, 20.0, 35.0, 50.0)), min_length=1
     )
+
+    @property
+    def downlink_over_phy(self) -> bool:
+        """Does the adapter view go down as OFDM bursts (True) or attached to the plan on the control plane?"""
+        return self.phy == "gr-zmq-iq" if self.downlink.over_phy is None else self.downlink.over_phy
 
     def device(self, device_id: int) -> DeviceProfile:
         """Profile of a device; ids beyond the list reuse it cyclically (a bench of 4 can host 8 devices)."""
@@ -200,6 +217,10 @@ class BenchConfig(ConfigModel):
             raise RuleError("per_curve", self.per_curve, "its table is missing (load_bench reads the file into it)")
         if self.phy == "gr-zmq-iq":
             self._check_air()
+        if self.downlink.over_phy and self.phy != "gr-zmq-iq":
+            raise RuleError(
+                "downlink.over_phy", True, f"only phy gr-zmq-iq has a downlink PHY (this bench's is {self.phy})"
+            )
         if self.phy == "replay" and self.replay.trace is None:
             raise RuleError("replay.trace", None, "phy replay needs a recorded link trace (<run dir>/link_trace.jsonl)")
         if self.phy == "rf" and self.rf.sample_rate_hz < self.radio.total_bandwidth_hz:

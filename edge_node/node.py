@@ -12,7 +12,7 @@ import logging
 import signal
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from config import BenchConfig, ConfigError, ExperimentConfig, validated
 from edge_node.client import BsClient
@@ -24,6 +24,9 @@ from phy.uplink import UplinkTransmitter
 from proto.control import Ack, Plan, Reject, ReportAck, Shutdown, Welcome
 from trust.keys import KeyPair
 from trust.sealing import FrameSealer, frame_key
+
+if TYPE_CHECKING:  # pragma: no cover
+    from edge_node.view_downlink import ViewReceiver
 
 log = logging.getLogger("edge")
 
@@ -50,6 +53,7 @@ class EdgeNode:
         self.run_id: str | None = None
         self.rounds: EdgeRounds | None = None
         self.tx: UplinkTransmitter | None = None
+        self.view_rx: ViewReceiver | None = None
 
     def run(self) -> int:
         log.info("edge %d: connecting to BS at %s", self.device_id, self.bs_address)
@@ -62,6 +66,8 @@ class EdgeNode:
                 if self._serve() != "reregister":
                     break
         finally:
+            if self.view_rx is not None:
+                self.view_rx.close()
             if self.tx is not None:
                 self.tx.close()
             self.client.bye("stopped" if self.stopping else "shutdown")
@@ -81,6 +87,9 @@ class EdgeNode:
         encode = self._frame_encoder(welcome, bench)
         t0 = time.perf_counter()
         data_address = reachable_address(welcome.data_address, self.bs_address)
+        if self.view_rx is not None:
+            self.view_rx.close()
+            self.view_rx = None
         if self.tx is not None:
             self.tx.close()
         key = self.key if bench.security.mode == "sealed" else None
@@ -98,6 +107,19 @@ class EdgeNode:
         except ValueError as exc:  # the model or task cannot be had here (targets, device, a missing wheel)
             raise ConfigError(f"cannot set up the task and model {exp.model.name_or_path!r}: {exc}") from exc
         self.rounds.encode = encode
+        if bench.downlink_over_phy:
+            from edge_node.view_downlink import ViewReceiver  # GNU Radio: only where the view comes over the PHY
+
+            self.view_rx = ViewReceiver(
+                exp,
+                bench,
+                self.device_id,
+                self.tx,
+                send_status=self.client.send,
+                heartbeat=lambda state, r: self.client.heartbeat(state, round_idx=r),
+                stopping=lambda: self.stopping,
+            )
+            self.rounds.receive_view = self.view_rx.receive
         self._restore(welcome.run_id)
         self.rounds.on_held = lambda round_idx: self._save(welcome.run_id, round_idx)
         self.run_id = welcome.run_id

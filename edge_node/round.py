@@ -75,6 +75,8 @@ class EdgeRounds:
         self.bench, self.device_id, self.tx, self.link, self.stopping = bench, device_id, tx, link, stopping
         self.encode: FrameEncoder = plain_encoder  # set per registration by the node (sealed under its frame key)
         self.on_held: Callable[[int], None] = lambda _round: None  # the node checkpoints here (before sending)
+        # the node sets it when the bench sends views over the PHY (edge_node.view_downlink.ViewReceiver.receive)
+        self.receive_view: Callable[[Plan], bytes] | None = None
         torch.set_num_threads(threads)
         task = load_task(
             exp.task.name, exp.task.path, test_size=exp.task.test_size, seed=exp.seed, max_train=exp.task.max_train
@@ -147,6 +149,10 @@ class EdgeRounds:
 
     def _train_and_send(self, plan: Plan, attachment: bytes | None) -> tuple[Measurements, ReportStatus]:
         round_idx = plan.round
+        if plan.view_frames is not None:
+            if self.receive_view is None:
+                raise ValueError("the plan's view comes over the PHY, and this edge's link has no downlink")
+            attachment = self.receive_view(plan)
         if attachment is None:
             raise ValueError("plan carries no global adapter view")
         view = decode_update(attachment)

@@ -83,7 +83,13 @@ class EnergyMeter:
         return ComputeWindow(self.watts_per_core, self.gpu)
 
     def transmit_energy_j(self, tx_power_dbm: float, airtime_s: float) -> float:
-        return (dbm_to_w(tx_power_dbm) / self.pa_efficiency + self.radio_on_power_w) * airtime_s
+        return transmit_energy_j(tx_power_dbm, airtime_s, self.pa_efficiency, self.radio_on_power_w)
+
+
+def transmit_energy_j(tx_power_dbm: float, airtime_s: float, pa_efficiency: float, radio_on_power_w: float) -> float:
+    """A transmitter's energy: RF power through the PA's efficiency plus the radio's own draw, for the airtime
+    (an edge's uplink and the BS's downlink alike)."""
+    return (dbm_to_w(tx_power_dbm) / pa_efficiency + radio_on_power_w) * airtime_s
 
 
 def _read_int(path: Path) -> int | None:

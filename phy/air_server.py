@@ -4,13 +4,17 @@
   last sample is on the medium (that is when its send() returns); the BS sends ``plan`` (the round's subbands,
   phy.fdma, and the physics) and gets ``plan_ok``, and is told ``burst_done`` (device, medium index of the burst's
   end) before the edge's ``done``, so it can finish decoding a burst before it acknowledges it.
+  Downlink (phy.air_downlink): an edge says where it listens (``listen``); the BS sends ``dl_burst`` [header, IQ]
+  for some devices, and each listening one gets ``dl`` [header, IQ] through its own channel once the burst's
+  airtime has passed.
 * ``medium_address`` (PUSH, bound): the summed medium as [``MediumChunk`` {index}, complex64 IQ], ~10 ms a chunk.
 
 A message the air cannot use is logged with its peer and answered with ``error``; it never stops the air.
 
 With the run's keys (a sealed bench, docs/security.md) both sockets are CURVE servers under the BS's key pair: the
 request socket admits the roster's keys, and takes a plan only from the BS's key and a burst only from the key of
-the device it claims to be; the medium admits the BS's key alone.
+the device it claims to be (and a ``listen`` likewise), a ``dl_burst`` only from the BS's key; the medium admits the
+BS's key alone.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from pydantic import ValidationError
 
 from config import ChannelConfig
 from phy import fdma
+from phy.air_downlink import DownlinkAir, DownlinkError, DownlinkPhysics
 from phy.air_medium import Burst, Medium, MediumSignal, RateError, warm_up
 from phy.channel import DeviceGeometry, SimChannel, TxSetting
 from proto.air import (
@@ -38,6 +43,9 @@ from proto.air import (
     BurstDone,
     BurstFrames,
     BurstOnMedium,
+    DownlinkFrames,
+    DownlinkIq,
+    Listen,
     MediumChunk,
     PlanAccepted,
     RoundPlan,
@@ -137,6 +145,7 @@ class Air:
         self.medium = Medium(noise_seed)
         warm_up()
         self.bs = _BsState()
+        self.downlink = DownlinkAir(noise_seed)
         self._running = True
         self.stats = {"bursts": 0, "refused": 0, "malformed": 0}
 
@@ -154,6 +163,9 @@ class Air:
         poller.register(self.router, zmq.POLLIN)
         while self._running:
             timeout_ms = 2 if self.medium.active() else 100
+            dl_due_s = self.downlink.next_due_s()
+            if dl_due_s is not None:
+                timeout_ms = max(0, min(timeout_ms, int((dl_due_s - time.monotonic()) * 1000) + 1))
             if dict(poller.poll(timeout_ms)).get(self.router):
                 for _ in range(100):
                     try:
@@ -162,6 +174,7 @@ class Air:
                         break
                     self.on_message([f.bytes for f in frames], sender_of(frames[-1]) if self.secure else None)
             self.medium.advance(self._send_chunk, self._on_burst_end)
+            self._deliver_downlink()
         log.info(
             "air stopped: %s, medium_samples %d, busy_s %.2f, clock stalls %s",
             self.stats,
@@ -179,6 +192,7 @@ class Air:
             "cpu_s": time.process_time(),
             "started_at": self.medium.started_at,  # time.monotonic() of the medium's first sample (or None)
             "stalls": dataclasses.asdict(self.medium.stalls),
+            "downlink": dict(self.downlink.stats),
         }
 
     # ----------------------------------------------------------------------------------------- requests
@@ -193,14 +207,24 @@ class Air:
                 if self.secure and sender != BS_USER:
                     raise AirError(f"plan: only the BS's key may send plans (this one is {sender})")
                 self._on_plan(identity, request)
+            elif isinstance(request, Listen):
+                kind = request.type
+                if self.secure and user_device(sender) != request.device_id:
+                    raise AirError(f"listen: the key of {sender} cannot listen as device {request.device_id}")
+                self.downlink.listen(request.device_id, identity)
+            elif isinstance(request, DownlinkFrames):
+                kind = request.header.type
+                if self.secure and sender != BS_USER:
+                    raise AirError(f"dl_burst: only the BS's key may send downlink bursts (this one is {sender})")
+                self._on_downlink(request)
             else:
                 kind = request.header.type
                 if self.secure and user_device(sender) != request.header.device_id:
                     raise AirError(f"burst: the key of {sender} cannot send as device {request.header.device_id}")
                 self._on_burst(identity, request)
-        except (AirMessageError, AirError) as exc:
+        except (AirMessageError, AirError, DownlinkError) as exc:
             if isinstance(exc, AirMessageError):
-                kind = exc.message_type if exc.message_type in ("burst", "plan") else ""
+                kind = exc.message_type if exc.message_type in ("burst", "plan", "listen", "dl_burst") else ""
             self.stats["malformed" if isinstance(exc, AirMessageError) else "refused"] += 1
             log.warning("air: refused a message from peer %r: %s", identity, exc)
             self._reply(identity, AirRefusal(error=str(exc), kind=kind))
@@ -302,9 +326,33 @@ class Air:
             start + len(samples),
         )
 
-    def _reply(self, identity: bytes, reply: BurstDone | BurstOnMedium | PlanAccepted | AirRefusal) -> None:
+    def _on_downlink(self, request: DownlinkFrames) -> None:
+        physics = self.bs.physics
+        if physics is None:
+            raise AirError("dl_burst: no plan from the BS yet (the downlink needs its band and channel)")
+        dl_physics = DownlinkPhysics(
+            physics.total_bandwidth_hz,
+            SimChannel(physics.channel, seed=physics.seed),
+            physics.distances_m,
+            physics.seed,
+            physics.max_cfo_hz,
+            physics.clock_speed,
+        )
+        self.downlink.submit(request, dl_physics, time.monotonic())
+
+    def _deliver_downlink(self) -> None:
+        for identity, header, iq in self.downlink.due(time.monotonic()):
+            self._reply(identity, header, iq)
+
+    def _reply(
+        self,
+        identity: bytes,
+        reply: BurstDone | BurstOnMedium | PlanAccepted | AirRefusal | DownlinkIq,
+        iq: np.ndarray | None = None,
+    ) -> None:
         try:
-            self.router.send_multipart([identity, reply.encode()], zmq.NOBLOCK)
+            parts = [identity, reply.encode()] + ([] if iq is None else [iq])
+            self.router.send_multipart(parts, zmq.NOBLOCK, copy=iq is None)
         except zmq.ZMQError as exc:  # a peer that left: nothing to tell
             log.info("air: could not answer peer %r: %s", identity, exc)
 

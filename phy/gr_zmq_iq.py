@@ -38,9 +38,10 @@ from gnuradio import gr
 
 from config import ChannelConfig
 from phy import fdma
+from phy.channel import TxSetting
 from phy.ofdm_rx import OfdmReceiver
 from phy.subband_inbox import FrameInbox, frame_collector
-from phy.uplink import RxFrame, UplinkReceiver
+from phy.uplink import RxFrame, TxReport, UplinkReceiver, checked_frames
 from proto.air import (
     IQ_SAMPLE_BYTES,
     MAX_MEDIUM_SAMPLES,
@@ -48,6 +49,7 @@ from proto.air import (
     AirMessageError,
     AirRefusal,
     BurstOnMedium,
+    DownlinkHeader,
     RoundPlan,
     SubbandSpec,
     decode_medium,
@@ -181,6 +183,7 @@ class ZmqIqReceiver(UplinkReceiver):
         self._medium.connect(medium_address)
         self.inbox = FrameInbox()
         self.burst_ends: dict[int, int] = {}  # device -> medium index where its last reported burst ended
+        self._downlink_bursts = 0
 
         self.plan = fdma.equal_subbands(self.total_bandwidth_hz, device_count)
         self.tb = gr.top_block("zmq_iq_bs")
@@ -230,6 +233,32 @@ class ZmqIqReceiver(UplinkReceiver):
             log.warning("zmq-iq receiver: the air at %s did not take the round %d plan", self.address, round_idx)
         self._read_air()
         return {}  # the edges need no carrier: the air places each burst in its subband
+
+    # ----------------------------------------------------------------------------------------- downlink
+    def send_downlink(
+        self, frames: Sequence[bytes], device_ids: Sequence[int], *, round_idx: int, setting: TxSetting, final: bool
+    ) -> TxReport:
+        """One downlink burst through the air (phy.air_downlink), modulated here at the whole band's rate."""
+        from phy.ofdm_tx import modulate
+
+        frames = checked_frames(frames)
+        burst = modulate(frames, setting.modulation)
+        self._downlink_bursts += 1
+        header = DownlinkHeader(
+            round=round_idx,
+            burst_id=self._downlink_bursts,
+            devices=sorted(set(device_ids)),
+            tx_power_dbm=setting.tx_power_dbm,
+            modulation=setting.modulation,  # type: ignore[arg-type]  # a TxSetting's modulation is checked
+            packets=len(frames),
+            final=final,
+        )
+        try:
+            self._air.send_multipart([header.encode(), burst], zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            log.warning("zmq-iq: the air at %s did not take downlink burst %d", self.address, header.burst_id)
+        self._read_air()
+        return TxReport(len(frames), sum(len(f) for f in frames), airtime_s=len(burst) / self.total_bandwidth_hz)
 
     # ----------------------------------------------------------------------------------------- frames
     @property

@@ -8,6 +8,10 @@ That wait lasts the burst's airtime, and longer when the air lags (other edges' 
 behind: phy.air_medium's clock stalls), while the BS drops an edge it has not heard from for its silence timeout
 (bs_node.transport, 30 s by default). ``set_keepalive`` gives send() the edge's heartbeat, which it calls every
 ``every_s`` while it waits, from its own thread (the control socket is not thread-safe, so no helper thread).
+
+Downlink (bench downlink.over_phy): the same socket tells the air where this device listens (``listen``, once, on
+connecting) and receives the BS's downlink bursts through this device's channel (``dl``); ``take_downlink`` hands
+them out (those that came while send() waited are kept for it, at most MAX_KEPT_DOWNLINK).
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from __future__ import annotations
 import itertools
 import logging
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 
 import zmq
@@ -22,11 +27,12 @@ import zmq
 from phy.channel import DeviceGeometry, TxSetting
 from phy.uplink import TxReport, UplinkTransmitter, checked_frames
 from proto import numerology
-from proto.air import AirMessageError, AirRefusal, BurstDone, BurstHeader, decode_reply
+from proto.air import AirMessageError, AirRefusal, BurstDone, BurstHeader, DownlinkFrames, Listen, decode_reply
 from trust.curve import make_client
 from trust.keys import KeyPair
 
 log = logging.getLogger("phy.gr_zmq_iq")
+MAX_KEPT_DOWNLINK = 64  # downlink bursts kept while nobody takes them; older ones are dropped (and counted)
 
 
 class ZmqIqTransmitter(UplinkTransmitter):
@@ -55,6 +61,11 @@ class ZmqIqTransmitter(UplinkTransmitter):
             assert key.bs_public is not None  # a device key file carries it (trust.keys.load_key)
             make_client(self._sock, key, key.bs_public)
         self._sock.connect(air_address)
+        self._downlink: deque[DownlinkFrames] = deque(maxlen=MAX_KEPT_DOWNLINK)
+        try:
+            self._sock.send_multipart([Listen(device_id=geometry.device_id).encode()], zmq.NOBLOCK)
+        except zmq.Again:  # not connected yet: zmq queues for a connecting peer, so this is a full queue
+            log.warning("zmq-iq device %d: could not tell the air where it listens", geometry.device_id)
         self._burst_ids = itertools.count(1)
         self._closed = False
         self.last_error: str | None = None
@@ -146,6 +157,9 @@ class ZmqIqTransmitter(UplinkTransmitter):
             except AirMessageError as exc:
                 log.warning("zmq-iq device %d: malformed answer from the air skipped: %s", self.geometry.device_id, exc)
                 continue
+            if isinstance(reply, DownlinkFrames):
+                self._downlink.append(reply)
+                continue
             if isinstance(reply, BurstDone) and reply.burst_id == burst_id:
                 return
             if isinstance(reply, AirRefusal):
@@ -158,6 +172,29 @@ class ZmqIqTransmitter(UplinkTransmitter):
             round_idx,
             self.last_error,
         )
+
+    def take_downlink(self, timeout_s: float) -> list[DownlinkFrames]:
+        """The downlink bursts the air delivered (waits up to timeout_s for one); other replies are skipped."""
+        deadline = time.monotonic() + timeout_s
+        while not self._downlink:
+            remaining_ms = int((deadline - time.monotonic()) * 1000)
+            if remaining_ms <= 0 or not self._sock.poll(remaining_ms, zmq.POLLIN):
+                break
+            while self._sock.poll(0, zmq.POLLIN):
+                try:
+                    reply = decode_reply(self._sock.recv_multipart())
+                except AirMessageError as exc:
+                    log.warning(
+                        "zmq-iq device %d: malformed message from the air skipped: %s", self.geometry.device_id, exc
+                    )
+                    continue
+                if isinstance(reply, DownlinkFrames):
+                    self._downlink.append(reply)
+                elif isinstance(reply, AirRefusal):
+                    log.warning("zmq-iq device %d: the air refused a message: %s", self.geometry.device_id, reply.error)
+        out = list(self._downlink)
+        self._downlink.clear()
+        return out
 
     def close(self) -> None:
         if not self._closed:

@@ -18,6 +18,7 @@ from proto.numerology import MAX_PACKET_BYTES, burst_airtime_s
 if TYPE_CHECKING:  # pragma: no cover
     import zmq
 
+    from proto.air import DownlinkFrames
     from proto.control import Report
 
 
@@ -62,6 +63,11 @@ class UplinkTransmitter(ABC):
         """The radio's underruns and overruns since the last call; None: nothing counts them (no radio)."""
         return {"underruns": None, "overruns": None}
 
+    def take_downlink(self, timeout_s: float) -> list[DownlinkFrames]:
+        """The downlink bursts that reached this device (waiting up to timeout_s for one), for a PHY with a
+        downlink (gr-zmq-iq: bench downlink.over_phy)."""
+        raise NotImplementedError(f"{type(self).__name__} has no downlink PHY (bench downlink.over_phy)")
+
     def estimate_airtime_s(self, frame_sizes: Sequence[int], setting: TxSetting) -> float | None:
         """Airtime that sending frames of these sizes would take, or None if unknown.
 
@@ -105,6 +111,13 @@ class UplinkReceiver(ABC):
     def take_radio_counts(self) -> dict[str, int | None]:
         """The radio's underruns and overruns since the last call; None: nothing counts them (no radio)."""
         return {"underruns": None, "overruns": None}
+
+    def send_downlink(
+        self, frames: Sequence[bytes], device_ids: Sequence[int], *, round_idx: int, setting: TxSetting, final: bool
+    ) -> TxReport:
+        """Broadcast frames to these devices as one OFDM burst over the whole band (setting.bandwidth_hz), for a
+        PHY with a downlink (gr-zmq-iq); final: the last burst of this attempt."""
+        raise NotImplementedError(f"{type(self).__name__} has no downlink PHY (bench downlink.over_phy)")
 
     def flush_recording(self) -> None:
         """Write out what a recording of the receiver's IQ holds so far (a PHY that records any)."""

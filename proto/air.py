@@ -3,10 +3,10 @@
 Every header is one zmq frame of JSON with ``v`` (protocol version); a channel that carries several kinds adds
 ``type``. IQ samples stay binary: one more zmq frame of complex64 beside the header. Channels:
 
-* requests to the air (edge / BS DEALER -> air ROUTER): ``burst`` [header, IQ] from an edge, ``plan`` [header]
-  from the BS. Decoded by ``decode_request``.
-* replies of the air (air ROUTER -> DEALER): ``done`` (to the edge), ``burst_done`` and ``plan_ok`` (to the BS),
-  ``error`` (to either). Decoded by ``decode_reply``.
+* requests to the air (edge / BS DEALER -> air ROUTER): ``burst`` [header, IQ] and ``listen`` [header] from an
+  edge, ``plan`` [header] and ``dl_burst`` [header, IQ] from the BS. Decoded by ``decode_request``.
+* replies of the air (air ROUTER -> DEALER): ``done`` and ``dl`` [header, IQ] (to the edge), ``burst_done`` and
+  ``plan_ok`` (to the BS), ``error`` (to either). Decoded by ``decode_reply``.
 * the medium (air PUSH -> BS PULL): [``MediumChunk``, IQ]. Decoded by ``decode_medium``.
 * the air's endpoints file (``--endpoints-file``): ``AirEndpoints``. Decoded by ``decode_endpoints``.
 * the frame sidecar (sim and gr-loopback edge PUSH -> BS PULL): [``FrameSidecar``, frame]. ``decode_sidecar``.
@@ -35,7 +35,8 @@ from pydantic_core import ErrorDetails, PydanticCustomError
 
 from proto.numerology import ModemModulation, Modulation
 
-AIR_PROTOCOL_VERSION = 2  # 2: typed headers with `type`, no separate kind frame (1: [kind, JSON, IQ])
+# 3: the downlink (listen, dl_burst, dl); 2: typed headers with `type`, no separate kind frame (1: [kind, JSON, IQ])
+AIR_PROTOCOL_VERSION = 3
 MAX_HEADER_BYTES = 1 << 16  # a JSON header longer than this is refused before it is parsed
 IQ_SAMPLE_BYTES = 8  # complex64: float32 I, float32 Q
 MAX_BURST_SAMPLES = 64_000_000  # 512 MB of IQ: the air refuses a larger burst from a peer
@@ -95,6 +96,29 @@ class BurstHeader(_Message):
     modulation: ModemModulation  # what the payload was modulated with (16qam too: tests and benchmarks use it)
 
 
+class Listen(_Message):
+    """An edge's downlink address: the air sends it the downlink bursts meant for `device_id` (sent once when the
+    edge connects; again replaces the peer, as an edge restarted under the same id)."""
+
+    type: Literal["listen"] = "listen"
+    device_id: NonNegativeInt
+
+
+class DownlinkHeader(_Message):
+    """A BS burst over the whole band (its IQ, at total_bandwidth_hz of the round's plan, is the next zmq frame) for
+    the listed devices: the air gives each its own channel at the BS's power and forwards it once the burst's
+    airtime has passed."""
+
+    type: Literal["dl_burst"] = "dl_burst"
+    round: NonNegativeInt
+    burst_id: NonNegativeInt  # the BS's counter
+    devices: Annotated[list[NonNegativeInt], Field(min_length=1, max_length=4096)]
+    tx_power_dbm: float
+    modulation: Modulation
+    packets: Annotated[int, Field(ge=1, le=65535)]  # OFDM packets in the burst (a receiver knows when it has all)
+    final: bool  # the last burst of this attempt: the edges answer with a view_status after it
+
+
 class SubbandSpec(BaseModel):
     """One device's subband in the BS's plan (phy.fdma.Subband)."""
 
@@ -129,10 +153,18 @@ class BurstFrames:
     iq: bytes
 
 
-AirRequest = BurstFrames | RoundPlan
-_REQUEST_HEADER: TypeAdapter[BurstHeader | RoundPlan] = TypeAdapter(
-    Annotated[BurstHeader | RoundPlan, Field(discriminator="type")]
-)
+@dataclass(frozen=True)
+class DownlinkFrames:
+    """A decoded downlink request (BS -> air) or delivery (air -> edge): the typed header and its IQ."""
+
+    header: DownlinkHeader | DownlinkIq
+    iq: bytes
+
+
+AirRequest = BurstFrames | RoundPlan | Listen | DownlinkFrames
+_RequestHeader = BurstHeader | RoundPlan | Listen | DownlinkHeader
+_REQUEST_HEADER: TypeAdapter[_RequestHeader] = TypeAdapter(Annotated[_RequestHeader, Field(discriminator="type")])
+_WITH_IQ = {"burst", "dl_burst", "dl"}  # message types whose IQ is the second frame
 
 
 def decode_request(frames: Sequence[bytes]) -> AirRequest:
@@ -140,13 +172,18 @@ def decode_request(frames: Sequence[bytes]) -> AirRequest:
     if not frames:
         raise AirMessageError("request", "no frames")
     header = _decode(_REQUEST_HEADER, frames[0], "request")
-    if isinstance(header, RoundPlan):
-        if len(frames) != 1:
-            raise AirMessageError("plan", f"{len(frames)} frame(s), expected 1 [header]")
+    _check_frame_count(header.type, frames)
+    if isinstance(header, (RoundPlan, Listen)):
         return header
-    if len(frames) != 2:
-        raise AirMessageError("burst", f"{len(frames)} frame(s), expected 2 [header, IQ]")
-    return BurstFrames(header, _checked_iq("burst", frames[1], MAX_BURST_SAMPLES))
+    iq = _checked_iq(header.type, frames[1], MAX_BURST_SAMPLES)
+    return BurstFrames(header, iq) if isinstance(header, BurstHeader) else DownlinkFrames(header, iq)
+
+
+def _check_frame_count(message_type: str, frames: Sequence[bytes]) -> None:
+    expected = 2 if message_type in _WITH_IQ else 1
+    if len(frames) != expected:
+        layout = "[header, IQ]" if expected == 2 else "[header]"
+        raise AirMessageError(message_type, f"{len(frames)} frame(s), expected {expected} {layout}")
 
 
 # --------------------------------------------------------------------------------------------- from the air
@@ -186,15 +223,33 @@ class AirRefusal(_Message):
     kind: str  # the refused message's type ("" when it had none)
 
 
-AirReply = BurstDone | BurstOnMedium | PlanAccepted | AirRefusal
-_REPLY: TypeAdapter[AirReply] = TypeAdapter(Annotated[AirReply, Field(discriminator="type")])
+class DownlinkIq(_Message):
+    """To an edge: a downlink burst as its receiver hears it (the BS's burst through this device's channel, with
+    noise before and after it); the IQ, at the burst's rate, is the next zmq frame."""
+
+    type: Literal["dl"] = "dl"
+    device_id: NonNegativeInt
+    round: NonNegativeInt
+    burst_id: NonNegativeInt
+    snr_db: float  # the channel's SNR the air applied (ground truth, for the records)
+    packets: Annotated[int, Field(ge=1, le=65535)]
+    final: bool
+
+
+_ReplyHeader = BurstDone | BurstOnMedium | PlanAccepted | AirRefusal | DownlinkIq
+AirReply = BurstDone | BurstOnMedium | PlanAccepted | AirRefusal | DownlinkFrames
+_REPLY: TypeAdapter[_ReplyHeader] = TypeAdapter(Annotated[_ReplyHeader, Field(discriminator="type")])
 
 
 def decode_reply(frames: Sequence[bytes]) -> AirReply:
-    """One reply of the air, as its DEALER peers receive it."""
-    if len(frames) != 1:
-        raise AirMessageError("reply", f"{len(frames)} frame(s), expected 1 [header]")
-    return _decode(_REPLY, frames[0], "reply")
+    """One reply of the air, as its DEALER peers receive it (a downlink delivery with its IQ)."""
+    if not frames:
+        raise AirMessageError("reply", "no frames")
+    header = _decode(_REPLY, frames[0], "reply")
+    _check_frame_count(header.type, frames)
+    if isinstance(header, DownlinkIq):
+        return DownlinkFrames(header, _checked_iq(header.type, frames[1], MAX_BURST_SAMPLES))
+    return header
 
 
 # --------------------------------------------------------------------------------------------- medium, files

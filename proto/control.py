@@ -16,7 +16,9 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError,
 
 from proto.numerology import Modulation
 
-PROTOCOL_VERSION: Final = 4  # 4: plan.center_freq_hz, measurements.radio_underruns (radios); 3: frame_salt, reject.kind
+# 5: the view over the PHY (plan.view_frames, view_sha256; view_status); 4: plan.center_freq_hz,
+# measurements.radio_underruns (radios); 3: frame_salt, reject.kind
+PROTOCOL_VERSION: Final = 5
 MAX_MESSAGE_BYTES: Final = 1 << 20  # the JSON part; attachments are checked by their own codec
 # a plan's verdict on the device's earlier updates covers the rounds [round - this, round): see Plan
 AGGREGATED_WINDOW_ROUNDS: Final = 16
@@ -42,7 +44,7 @@ class _Strict(BaseModel):
 
 
 class _Message(_Strict):
-    v: Literal[4] = PROTOCOL_VERSION
+    v: Literal[5] = PROTOCOL_VERSION
 
 
 # ---------------------------------------------------------------------------------------------- edge -> BS
@@ -76,6 +78,19 @@ class BurstEnd(_Message):
     attempt: int
     seqs: list[FrameSeq]
     total: int
+
+
+class ViewStatus(_Message):
+    """Downlink over the PHY: after each downlink burst of its view that ends an attempt (or when none came in
+    time), the edge says which of the view's frames it holds; the BS resends the rest while attempts are left."""
+
+    type: Literal["view_status"] = "view_status"
+    device_id: int
+    round: int
+    attempt: Annotated[int, Field(ge=0, le=255)]  # the view's attempts this edge heard end (0: none yet)
+    received: Annotated[list[FrameSeq], Field(max_length=65536)]
+    total: Annotated[int, Field(ge=1, le=65535)]
+    timed_out: bool = False  # no burst came for a while: the edge asks again (the BS's last attempt may be lost)
 
 
 class Measurements(_Strict):
@@ -160,6 +175,10 @@ class Plan(_Message):
     aggregated_rounds: Annotated[list[RoundIndex], Field(max_length=AGGREGATED_WINDOW_ROUNDS)] | None = None
     # rf benches: the carrier the device transmits on this round (its FDMA subband's centre, phy.rf); else None
     center_freq_hz: Annotated[float, Field(gt=0.0)] | None = None
+    # downlink over the PHY: the view comes as this many frames on the air (no attachment), and must hash to this
+    # (hex SHA-256: the control plane is authenticated, the air may not be); None: the view is the attachment
+    view_frames: Annotated[int, Field(ge=1, le=65535)] | None = None
+    view_sha256: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")] | None = None
 
     @field_validator("aggregated_rounds")
     @classmethod
@@ -206,13 +225,14 @@ class Shutdown(_Message):
     reason: str
 
 
-EdgeMessage = Register | Heartbeat | BurstEnd | Report | Bye
+EdgeMessage = Register | Heartbeat | BurstEnd | ViewStatus | Report | Bye
 BsMessage = Welcome | Plan | Ack | ReportAck | Reject | Shutdown
 ControlMessage = Annotated[EdgeMessage | BsMessage, Field(discriminator="type")]
 MESSAGE_TYPES: Final[tuple[type[_Message], ...]] = (
     Register,
     Heartbeat,
     BurstEnd,
+    ViewStatus,
     Report,
     Bye,
     Welcome,
@@ -295,7 +315,7 @@ def _describe(kind: str, exc: ValidationError) -> str:
 class BsEndpoints(_Strict):
     """What the BS bound (``tcp://host:0`` picks free ports), written to ``<run>/endpoints.json`` for its starter."""
 
-    v: Literal[4] = PROTOCOL_VERSION
+    v: Literal[5] = PROTOCOL_VERSION
     control: str  # the control plane's ROUTER
     data: str  # the uplink receiver's address (its meaning depends on the PHY)
 

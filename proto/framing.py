@@ -34,6 +34,7 @@ FLAG_SEALED = 0x01
 MAX_FRAME_PAYLOAD = 4000  # fragment bytes (before sealing)
 MAX_FRAME_BYTES = OVERHEAD_BYTES + MAX_FRAME_PAYLOAD + SEAL_TAG_BYTES  # 4038 <= 4091 (GNU Radio limit)
 MAX_FRAMES_PER_MESSAGE = 0xFFFF
+BS_DEVICE_ID = 0xFFFF  # the sender of the downlink (the adapter view): no edge has this id
 
 
 def frame_overhead_bytes(sealed: bool) -> int:

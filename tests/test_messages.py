@@ -66,7 +66,7 @@ def test_every_message_type_round_trips():
     assert {type(m) for m in SAMPLES} == set(MESSAGE_TYPES)
     for msg in SAMPLES:
         data = encode(msg)
-        assert json.loads(data)["v"] == PROTOCOL_VERSION == 4
+        assert json.loads(data)["v"] == PROTOCOL_VERSION == 5
         assert decode_control(data) == msg
 
 
@@ -88,8 +88,8 @@ REGISTER = dict(type="register", device_id=1, host="h", pid=3)
         (b"x" * (MAX_MESSAGE_BYTES + 1), "exceeds"),
         (b"\xff\xfe", "not a JSON message"),
         (b"[1, 2]", "must be a JSON object"),
-        (b'{"v": 4, "type": "plan", "deadline_s": NaN}', "non-finite number NaN"),
-        (b'{"v": 4, "type": "heartbeat", "device_id": 1, "state": "x", "loss": -Infinity}', "non-finite"),
+        (b'{"v": 5, "type": "plan", "deadline_s": NaN}', "non-finite number NaN"),
+        (b'{"v": 5, "type": "heartbeat", "device_id": 1, "state": "x", "loss": -Infinity}', "non-finite"),
         (json.dumps({"v": 1, "type": "plan"}).encode(), "protocol version 1 is not supported"),
         (json.dumps({"v": True, "type": "plan"}).encode(), "protocol version True"),
         (json.dumps({"type": "plan"}).encode(), "protocol version None"),

@@ -132,11 +132,11 @@ def test_garbage_on_both_sockets_is_logged_and_ignored(procs, tmp_path):
     data.connect(ep["data"])
     for payload in (
         [b"\x00\xff garbage"],
-        [b'{"v": 4, "type": "plan"}'],
+        [b'{"v": 5, "type": "plan"}'],
         [b"a", b"b", b"c", b"d"],
         [
             json.dumps(
-                {"v": 4, "type": "report", "device_id": 1, "round": 1, "status": "ok", "measurements": {}}
+                {"v": 5, "type": "report", "device_id": 1, "round": 1, "status": "ok", "measurements": {}}
             ).encode()
         ],
     ):

@@ -11,7 +11,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 from bs_node.controllers.costs import ModelShape
-from proto.control import BsMessage, BurstEnd, Bye, Heartbeat, Report
+from phy.channel import TxSetting
+from phy.uplink import TxReport
+from proto.control import BsMessage, BurstEnd, Bye, Heartbeat, Report, ViewStatus
 
 if TYPE_CHECKING:  # pragma: no cover
     from fedlora.aggregation import ClientUpdate
@@ -34,7 +36,7 @@ class FromEdge:
     """A message from a registered edge (the transport checked that its sender owns `device_id`)."""
 
     device_id: int
-    message: Heartbeat | BurstEnd | Report | Bye
+    message: Heartbeat | BurstEnd | ViewStatus | Report | Bye
 
 
 @dataclass(frozen=True)
@@ -93,6 +95,12 @@ class RoundTransport(Protocol):
 
     def broadcast(self, message: BsMessage) -> None:
         """Send to every edge not offline."""
+        ...
+
+    def send_downlink(
+        self, frames: Sequence[bytes], device_ids: Sequence[int], *, round_idx: int, setting: TxSetting, final: bool
+    ) -> TxReport:
+        """One burst of downlink frames over the PHY to these devices (bench downlink.over_phy)."""
         ...
 
 

@@ -10,25 +10,26 @@ device. Bad frames are counted, logged and ignored; nothing already received is 
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections import Counter
+from dataclasses import asdict
 from typing import Any
 
 from bs_node.checkpoint import Checkpoint, capture, restore_rng
 from bs_node.checkpoint import save as save_checkpoint
 from bs_node.controllers import Controller
 from bs_node.live_view import LiveView, percent
-from bs_node.measurements import RoundRecord
+from bs_node.measurements import RoundRecord, finite_or_none
 from bs_node.records import RunRecorder
 from bs_node.rounds.close import RoundCloser
+from bs_node.rounds.downlink import ViewDownlink
 from bs_node.rounds.link_trace import LinkTracer
 from bs_node.rounds.planning import round_state
 from bs_node.rounds.ports import Clock, Event, FrameReceived, FromEdge, Registered, RoundModel, RoundTransport
 from bs_node.rounds.state import Pending
 from config import BenchConfig, ExperimentConfig
 from link.arq import AckTimers
-from proto.control import Ack, BurstEnd, Bye, Heartbeat, Plan, Report, ReportAck, Shutdown
+from proto.control import Ack, BurstEnd, Bye, Heartbeat, Plan, Report, ReportAck, Shutdown, ViewStatus
 from proto.framing import Frame, FrameError, Reassembler
 from trust.sealing import FrameGate, FrameRejected
 
@@ -78,6 +79,7 @@ class RoundRunner:
         self.gate = FrameGate(sealed=bench.security.mode == "sealed")
         self.rejected: Counter[int] = Counter()  # claimed device -> frames the gate refused, this round
         self.trace = LinkTracer(recorder.run_dir)  # every uplink transmission and its fate (proto.link_trace)
+        self.downlink = ViewDownlink(bench, transport.send_downlink) if bench.downlink_over_phy else None
         self.stopping = False
         self.resume_from = resume
         self.endpoints = dict(endpoints or {})
@@ -133,7 +135,7 @@ class RoundRunner:
     def _start(self) -> int:
         """A new run: the accuracy before fine-tuning; the first round is 1."""
         initial, initial_val = self.model.evaluate(), self.model.validate()
-        self.initial = {"accuracy": initial["accuracy"], "val_accuracy": _finite_or_none(initial_val["accuracy"])}
+        self.initial = {"accuracy": initial["accuracy"], "val_accuracy": finite_or_none(initial_val["accuracy"])}
         self.recorder.initial_accuracy = initial["accuracy"]
         self.view.line(
             f"round   0 | accuracy {percent(initial['accuracy'])} | validation "
@@ -208,7 +210,8 @@ class RoundRunner:
 
     # ------------------------------------------------------------------------------------------ plan
     def _plan(self, r: int) -> tuple[dict[int, Plan], int]:
-        """Ask the controller, send each ready device its plan (participants with their adapter view)."""
+        """Ask the controller, send each ready device its plan; participants get their adapter view attached, or
+        announced in the plan and broadcast over the PHY after all plans went out (bench downlink.over_phy)."""
         ready = self.transport.ready_devices()
         state = round_state(r, ready, self.bench, self.exp, self.model, self.closer.rounds_participated)
         plans = {
@@ -216,24 +219,25 @@ class RoundRunner:
             for d, p in self.controller.decide(state).items()
         }
         carriers = self.transport.start_round(r, {d: p.bandwidth_hz for d, p in plans.items() if p.participate})
-        plans = {
-            d: p.model_copy(update={"center_freq_hz": carriers[d]}) if d in carriers else p for d, p in plans.items()
-        }
-        views: dict[tuple[int, int], bytes] = {}
-        downlink_bytes = 0
-        self.pending = {}
+        plans = {d: p.model_copy(update={"center_freq_hz": carriers.get(d)}) for d, p in plans.items()}
+        modules = {d: (p.rank, p.depth) for d, p in plans.items() if p.participate and self.transport.is_registered(d)}
+        views = {m: self.model.adapter_view(m[0], m[1], r) for m in sorted(set(modules.values()))}
+        if self.downlink is not None:
+            self.downlink.start_round(r, views, modules)
+        downlink_bytes, self.pending = 0, {}
         for device_id, plan in sorted(plans.items()):
             if not self.transport.is_registered(device_id):
                 continue
-            module = (plan.rank, plan.depth)
-            if plan.participate and module not in views:
-                views[module] = self.model.adapter_view(plan.rank, plan.depth, r)
-            attachment = views.get(module) if plan.participate else None
-            delivered = self.transport.send(device_id, plan, attachment)
+            view = views[modules[device_id]] if plan.participate else None
+            if view is not None and self.downlink is not None:
+                plans[device_id] = plan = plan.model_copy(update=self.downlink.announce(modules[device_id]))
+            delivered = self.transport.send(device_id, plan, view if self.downlink is None else None)
             if plan.participate:
                 self.pending[device_id] = Pending(plan, dropped=None if delivered else "disconnected")
                 self.reassembler.expect(device_id, r, self.model.max_update_bytes(plan.rank, plan.depth))
-                downlink_bytes += len(attachment) if delivered and attachment is not None else 0
+                downlink_bytes += len(view) if delivered and view is not None and self.downlink is None else 0
+        if self.downlink is not None:
+            self.downlink.broadcast(exclude={d for d, p in self.pending.items() if p.dropped})
         return plans, downlink_bytes
 
     def _with_verdict(self, plan: Plan, device_id: int) -> Plan:
@@ -286,6 +290,10 @@ class RoundRunner:
                 self.acks.burst_ended(device_id, msg.round, msg.attempt, msg.seqs, self.clock())
                 self.trace.burst_ended(device_id, msg.round, msg.attempt, msg.seqs, msg.total)
                 self.progress[device_id] = f"sending#{msg.attempt}"
+        elif isinstance(msg, ViewStatus):
+            if self.downlink is not None and p is not None:
+                self.downlink.on_status(device_id, msg)
+                self.progress[device_id] = f"view {len(msg.received)}/{msg.total}"
         elif isinstance(msg, Report):
             if msg.round != self.round_idx or p is None:
                 log.info("control: late report of device %d for round %d ignored", device_id, msg.round)
@@ -363,6 +371,8 @@ class RoundRunner:
         for row in devices:
             row.frames_rejected = self.rejected.get(row.device_id, 0)
             row.radio_overruns = overruns
+            if self.downlink is not None:
+                self.downlink.annotate(row)
         self.acks.discard_round(r)
         self.trace.close_round(r, plans, self.pending)
         result, val = self.model.evaluate(), self.model.validate()
@@ -370,11 +380,12 @@ class RoundRunner:
             round=r,
             accuracy=result["accuracy"],
             eval_loss=result["loss"],
-            val_accuracy=_finite_or_none(val["accuracy"]),
-            val_loss=_finite_or_none(val["loss"]),
+            val_accuracy=finite_or_none(val["accuracy"]),
+            val_loss=finite_or_none(val["loss"]),
             wall_s=self.clock() - t0,
             policy=self.controller.name,
-            downlink_bytes=downlink_bytes,
+            downlink_bytes=downlink_bytes if self.downlink is None else self.downlink.totals.bytes_sent,
+            downlink=None if self.downlink is None else asdict(self.downlink.totals),
             devices=devices,
             controller=self.controller.explain(),
             stale_updates=stale,
@@ -387,8 +398,3 @@ class RoundRunner:
         self._checkpoint(r)
         self.view.round_table(record)
         return record
-
-
-def _finite_or_none(value: float) -> float | None:
-    """An evaluation's number, or None for the NaN of an empty set (no validation data held out)."""
-    return value if math.isfinite(value) else None

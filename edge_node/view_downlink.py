@@ -1,0 +1,134 @@
+"""The edge's side of the view over the PHY: decode the downlink bursts, reassemble the view, ask for what is missing.
+
+A plan with `view_frames` says the adapter view comes over the air (bs_node.rounds.downlink). The edge decodes
+each downlink burst the air delivers with its own OFDM receiver (phy.downlink_rx), keeps the frames of this
+round's view (sender proto.framing.BS_DEVICE_ID) and, after an attempt's last burst, tells the BS which frames it
+holds (`view_status`). When no burst came for a while it asks again with `timed_out`. It gives up after
+`arq.max_attempts` attempts or the plan's deadline; the round then fails with a reason that says so. The whole
+view must hash to the plan's `view_sha256` (the plan came over the authenticated control plane; the air need not
+be), else the round fails as well.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections.abc import Callable
+
+import numpy as np
+
+from config import BenchConfig, ExperimentConfig
+from phy.downlink_rx import DownlinkReceiver
+from phy.uplink import UplinkTransmitter
+from proto.control import Plan, ViewStatus
+from proto.framing import BS_DEVICE_ID, Frame, FrameError, Reassembler
+from proto.numerology import burst_airtime_s
+
+log = logging.getLogger("edge")
+
+
+class ViewNotReceived(RuntimeError):
+    """The plan's view did not arrive whole (or not as announced) over the downlink."""
+
+
+class ViewReceiver:
+    """One per edge run: the downlink decoder (started on first use) and the view ARQ of each round."""
+
+    def __init__(
+        self,
+        experiment: ExperimentConfig,
+        bench: BenchConfig,
+        device_id: int,
+        source: UplinkTransmitter,
+        *,
+        send_status: Callable[[ViewStatus], None],
+        heartbeat: Callable[[str, int], None],
+        stopping: Callable[[], bool] = lambda: False,
+    ) -> None:
+        self.exp, self.bench, self.device_id, self.source = experiment, bench, device_id, source
+        self.send_status, self.heartbeat, self.stopping = send_status, heartbeat, stopping
+        self.decoder: DownlinkReceiver | None = None  # GNU Radio starts with the first view
+        self.last_snr_db: list[float] = []  # the measured SNR of the last view's frames
+
+    def receive(self, plan: Plan) -> bytes:
+        """The plan's view, whole and checked against its hash; ViewNotReceived if it did not come."""
+        assert plan.view_frames is not None
+        total, r = plan.view_frames, plan.round
+        if self.decoder is None:
+            self.decoder = DownlinkReceiver(self.bench.snr_offset_db)
+        payload = self.bench.radio.frame_payload_bytes
+        reassembler = Reassembler()
+        reassembler.expect(BS_DEVICE_ID, r, total * payload)
+        dl = self.bench.downlink
+        # one attempt's wait: the whole view's airtime (other modules' views may go first) plus the ARQ's timeout
+        airtime_s = burst_airtime_s([payload + 64] * total, dl.modulation, self.bench.radio.total_bandwidth_hz)
+        wait_s = 2 * airtime_s / self.bench.air.clock_speed + self.bench.arq.ack_timeout_s
+        end = time.monotonic() + plan.deadline_s
+        heard, asked, self.last_snr_db = 0, 0, []
+        waiting_since = time.monotonic()
+        while not self.stopping() and time.monotonic() < end and asked <= self.bench.arq.max_attempts:
+            self.heartbeat(f"view {len(reassembler.received_seqs(BS_DEVICE_ID, r))}/{total}", r)
+            bursts = self.source.take_downlink(min(self.exp.round.heartbeat_s, max(0.0, end - time.monotonic())))
+            for burst in bursts:
+                if burst.header.round != r:
+                    continue  # a burst of an earlier round that came late
+                decoded = self.decoder.decode(np.frombuffer(burst.iq, dtype=np.complex64), burst.header.packets)
+                for rx in decoded:
+                    self._add(reassembler, rx.data, r, rx.snr_db)
+                log.info(
+                    "edge %d: round %d downlink burst %d: channel SNR %.1f dB, %d packet(s) decoded, %d/%d frames held",
+                    self.device_id,
+                    r,
+                    burst.header.burst_id,
+                    burst.header.snr_db,
+                    len(decoded),
+                    len(reassembler.received_seqs(BS_DEVICE_ID, r)),
+                    total,
+                )
+                if burst.header.final:
+                    heard += 1
+                    asked += 1
+                    waiting_since = time.monotonic()
+                    if self._status(reassembler, r, heard, total, timed_out=False):
+                        return self._whole(reassembler, plan)
+                    if heard >= self.bench.arq.max_attempts:
+                        end = time.monotonic()  # the BS sends no more attempts
+            if time.monotonic() - waiting_since > wait_s:
+                asked += 1
+                waiting_since = time.monotonic()
+                log.info("edge %d: round %d: no downlink burst for %.0f s; asking again", self.device_id, r, wait_s)
+                self._status(reassembler, r, heard, total, timed_out=True)
+        have = len(reassembler.received_seqs(BS_DEVICE_ID, r))
+        raise ViewNotReceived(
+            f"adapter view not received over the downlink: {have} of {total} frames after {heard} attempt(s)"
+        )
+
+    def _add(self, reassembler: Reassembler, data: bytes, r: int, snr_db: float | None) -> None:
+        try:
+            frame = Frame.from_bytes(data)
+            if frame.device_id != BS_DEVICE_ID or frame.round_idx != r:
+                return  # another round's view (a late burst), or not the BS's
+            if reassembler.add(frame) and snr_db is not None:
+                self.last_snr_db.append(snr_db)
+        except FrameError as exc:
+            log.warning("edge %d: downlink frame dropped: %s", self.device_id, exc)
+
+    def _status(self, reassembler: Reassembler, r: int, heard: int, total: int, *, timed_out: bool) -> bool:
+        have = sorted(reassembler.received_seqs(BS_DEVICE_ID, r))
+        self.send_status(
+            ViewStatus(
+                device_id=self.device_id, round=r, attempt=heard, received=have, total=total, timed_out=timed_out
+            )
+        )
+        return len(have) == total
+
+    def _whole(self, reassembler: Reassembler, plan: Plan) -> bytes:
+        view = reassembler.pop(BS_DEVICE_ID, plan.round)
+        if hashlib.sha256(view).hexdigest() != plan.view_sha256:
+            raise ViewNotReceived("the view received over the downlink does not match the plan's view_sha256")
+        return view
+
+    def close(self) -> None:
+        if self.decoder is not None:
+            self.decoder.close()
