@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -119,3 +120,16 @@ class RoundRecord:
     @property
     def energy_j(self) -> float:
         return sum(d.energy_j for d in self.devices)
+
+
+def run_totals(records: Sequence[RoundRecord]) -> dict[str, float]:
+    """The run summary's totals: the edges' uplink bytes and energy; the downlink's bytes, airtime and the BS's
+    transmit energy (0 where the views went with the plans: no airtime, no energy)."""
+    downlink = [r.downlink for r in records if r.downlink is not None]
+    return {
+        "total_uplink_bytes": sum(r.uplink_bytes for r in records),
+        "total_energy_j": sum(r.energy_j for r in records),
+        "total_downlink_bytes": sum(r.downlink_bytes for r in records),
+        "total_downlink_airtime_s": sum(d["airtime_s"] for d in downlink),
+        "total_bs_energy_j": sum(d["energy_j"] for d in downlink),
+    }

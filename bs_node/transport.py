@@ -237,9 +237,18 @@ class ZmqTransport:
                 self.send(edge.device_id, message)
 
     def send_downlink(
-        self, frames: Sequence[bytes], device_ids: Sequence[int], *, round_idx: int, setting: TxSetting, final: bool
+        self,
+        frames: Sequence[bytes],
+        device_ids: Sequence[int],
+        *,
+        round_idx: int,
+        setting: TxSetting,
+        final: bool,
+        kind: str = "view",
     ) -> TxReport:
-        return self.uplink.send_downlink(frames, device_ids, round_idx=round_idx, setting=setting, final=final)
+        return self.uplink.send_downlink(
+            frames, device_ids, round_idx=round_idx, setting=setting, final=final, kind=kind
+        )
 
     def _send_raw(self, identity: bytes, message: BsMessage, attachment: bytes | None = None) -> bool:
         parts = [identity, encode(message)] + ([attachment] if attachment is not None else [])

@@ -150,6 +150,15 @@ class BsClient:
         log.warning("edge %d: no ack for round %d attempt %d", self.device_id, round_idx, attempt)
         return None
 
+    def moved_on(self) -> bool:
+        """Has a plan, shutdown or welcome come (kept for `recv`)? Then this round's exchange with the BS is over.
+        Other messages (a late ack on the control plane, a report_ack) are dropped."""
+        while (got := self.recv(0.0)) is not None:
+            if isinstance(got[0], (Plan, Shutdown, Welcome)):
+                self._queued.append(got)
+                return True
+        return False
+
     def bye(self, reason: str) -> None:
         """Tell the BS we leave; best effort (the BS may be gone already)."""
         try:

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from config import BenchConfig, ConfigError, ExperimentConfig, validated
 from edge_node.client import BsClient
-from edge_node.round import EdgeRounds
+from edge_node.round import EdgeRounds, RoundLink
 from edge_node.state import load_state, save_state, state_path
 from link.arq import FrameEncoder, plain_encoder
 from link.factory import open_uplink_transmitter, reachable_address
@@ -26,7 +26,7 @@ from trust.keys import KeyPair
 from trust.sealing import FrameSealer, frame_key
 
 if TYPE_CHECKING:  # pragma: no cover
-    from edge_node.view_downlink import ViewReceiver
+    from edge_node.downlink import EdgeDownlink
 
 log = logging.getLogger("edge")
 
@@ -53,7 +53,7 @@ class EdgeNode:
         self.run_id: str | None = None
         self.rounds: EdgeRounds | None = None
         self.tx: UplinkTransmitter | None = None
-        self.view_rx: ViewReceiver | None = None
+        self.downlink: EdgeDownlink | None = None
 
     def run(self) -> int:
         log.info("edge %d: connecting to BS at %s", self.device_id, self.bs_address)
@@ -66,8 +66,8 @@ class EdgeNode:
                 if self._serve() != "reregister":
                     break
         finally:
-            if self.view_rx is not None:
-                self.view_rx.close()
+            if self.downlink is not None:
+                self.downlink.close()
             if self.tx is not None:
                 self.tx.close()
             self.client.bye("stopped" if self.stopping else "shutdown")
@@ -87,39 +87,30 @@ class EdgeNode:
         encode = self._frame_encoder(welcome, bench)
         t0 = time.perf_counter()
         data_address = reachable_address(welcome.data_address, self.bs_address)
-        if self.view_rx is not None:
-            self.view_rx.close()
-            self.view_rx = None
+        if self.downlink is not None:
+            self.downlink.close()
+            self.downlink = None
         if self.tx is not None:
             self.tx.close()
         key = self.key if bench.security.mode == "sealed" else None
         self.tx = open_uplink_transmitter(bench, self.device_id, data_address=data_address, seed=exp.seed, key=key)
+        link: RoundLink = self.client
+        if bench.downlink_over_phy:  # views and acks come over the air (edge_node.downlink; GNU Radio runs here)
+            from edge_node.downlink import EdgeDownlink
+
+            self.downlink = EdgeDownlink(
+                exp, bench, self.device_id, self.tx, client=self.client, stopping=self._stopped
+            )
+            link = self.downlink
         try:
             self.rounds = EdgeRounds(
-                exp,
-                bench,
-                self.device_id,
-                self.tx,
-                link=self.client,
-                stopping=lambda: self.stopping,
-                threads=self.threads,
+                exp, bench, self.device_id, self.tx, link=link, stopping=self._stopped, threads=self.threads
             )
         except ValueError as exc:  # the model or task cannot be had here (targets, device, a missing wheel)
             raise ConfigError(f"cannot set up the task and model {exp.model.name_or_path!r}: {exc}") from exc
         self.rounds.encode = encode
-        if bench.downlink_over_phy:
-            from edge_node.view_downlink import ViewReceiver  # GNU Radio: only where the view comes over the PHY
-
-            self.view_rx = ViewReceiver(
-                exp,
-                bench,
-                self.device_id,
-                self.tx,
-                send_status=self.client.send,
-                heartbeat=lambda state, r: self.client.heartbeat(state, round_idx=r),
-                stopping=lambda: self.stopping,
-            )
-            self.rounds.receive_view = self.view_rx.receive
+        if self.downlink is not None:
+            self.rounds.receive_view = self.downlink.receive_view
         self._restore(welcome.run_id)
         self.rounds.on_held = lambda round_idx: self._save(welcome.run_id, round_idx)
         self.run_id = welcome.run_id
@@ -210,6 +201,9 @@ class EdgeNode:
             else:
                 log.warning("edge %d: unexpected %s message ignored", self.device_id, msg.type)
         return "stopped"
+
+    def _stopped(self) -> bool:
+        return self.stopping
 
     def stop(self, *_: Any) -> None:
         self.stopping = True

@@ -124,6 +124,7 @@ class DownlinkAir:
                     round=burst.header.round,
                     burst_id=burst.header.burst_id,
                     snr_db=round(snr_db, 3),
+                    kind=burst.header.kind,
                     packets=burst.header.packets,
                     final=burst.header.final,
                 )

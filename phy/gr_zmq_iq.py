@@ -236,7 +236,14 @@ class ZmqIqReceiver(UplinkReceiver):
 
     # ----------------------------------------------------------------------------------------- downlink
     def send_downlink(
-        self, frames: Sequence[bytes], device_ids: Sequence[int], *, round_idx: int, setting: TxSetting, final: bool
+        self,
+        frames: Sequence[bytes],
+        device_ids: Sequence[int],
+        *,
+        round_idx: int,
+        setting: TxSetting,
+        final: bool,
+        kind: str = "view",
     ) -> TxReport:
         """One downlink burst through the air (phy.air_downlink), modulated here at the whole band's rate."""
         from phy.ofdm_tx import modulate
@@ -250,6 +257,7 @@ class ZmqIqReceiver(UplinkReceiver):
             devices=sorted(set(device_ids)),
             tx_power_dbm=setting.tx_power_dbm,
             modulation=setting.modulation,  # type: ignore[arg-type]  # a TxSetting's modulation is checked
+            kind=kind,  # type: ignore[arg-type]  # "view" or "ack": pydantic checks it
             packets=len(frames),
             final=final,
         )

@@ -113,10 +113,17 @@ class UplinkReceiver(ABC):
         return {"underruns": None, "overruns": None}
 
     def send_downlink(
-        self, frames: Sequence[bytes], device_ids: Sequence[int], *, round_idx: int, setting: TxSetting, final: bool
+        self,
+        frames: Sequence[bytes],
+        device_ids: Sequence[int],
+        *,
+        round_idx: int,
+        setting: TxSetting,
+        final: bool,
+        kind: str = "view",
     ) -> TxReport:
         """Broadcast frames to these devices as one OFDM burst over the whole band (setting.bandwidth_hz), for a
-        PHY with a downlink (gr-zmq-iq); final: the last burst of this attempt."""
+        PHY with a downlink (gr-zmq-iq); final: the last burst of this attempt; kind: "view" or "ack"."""
         raise NotImplementedError(f"{type(self).__name__} has no downlink PHY (bench downlink.over_phy)")
 
     def flush_recording(self) -> None:

@@ -115,6 +115,7 @@ class DownlinkHeader(_Message):
     devices: Annotated[list[NonNegativeInt], Field(min_length=1, max_length=4096)]
     tx_power_dbm: float
     modulation: Modulation
+    kind: Literal["view", "ack"]  # the adapter view's frames, or an uplink ARQ ack for one device
     packets: Annotated[int, Field(ge=1, le=65535)]  # OFDM packets in the burst (a receiver knows when it has all)
     final: bool  # the last burst of this attempt: the edges answer with a view_status after it
 
@@ -232,6 +233,7 @@ class DownlinkIq(_Message):
     round: NonNegativeInt
     burst_id: NonNegativeInt
     snr_db: float  # the channel's SNR the air applied (ground truth, for the records)
+    kind: Literal["view", "ack"]
     packets: Annotated[int, Field(ge=1, le=65535)]
     final: bool
 

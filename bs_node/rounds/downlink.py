@@ -1,11 +1,13 @@
-"""The adapter view over the PHY: the BS's side of the downlink ARQ (docs/DESIGN.md "Downlink over the PHY").
+"""The downlink over the PHY, the BS's side: the adapter view with its ARQ, and the uplink's acks (docs/DESIGN.md
+"Downlink over the PHY").
 
 Each round the participants' views are broadcast once per module (rank, depth): the view's frames (proto.framing,
 sender BS_DEVICE_ID) in bursts of `downlink.burst_frames` over the whole band at the BS's power and modulation,
 to every device planned with that module. After the attempt's last burst each edge answers `view_status` with the
 frames it holds; the BS sends the missing ones again to that device alone while it has had fewer than
 `arq.max_attempts` attempts. What the downlink cost (airtime, the BS's transmit energy, bursts, frames each device
-missed) goes into the round's record.
+missed) goes into the round's record. The uplink ARQ's acks go the same way, one burst to the device each
+(`send_ack`), their airtime and energy in the same totals.
 
 No sockets: the runner hands in a `send` callable (RoundTransport.send_downlink).
 """
@@ -22,7 +24,7 @@ from config import BenchConfig
 from fedlora.energy import transmit_energy_j
 from phy.channel import TxSetting
 from phy.uplink import TxReport
-from proto.control import ViewStatus
+from proto.control import Ack, ViewStatus, encode
 from proto.framing import BS_DEVICE_ID, Frame, fragment
 
 log = logging.getLogger("bs")
@@ -56,11 +58,12 @@ class DownlinkTotals:
     airtime_s: float = 0.0
     energy_j: float = 0.0  # the BS's transmit energy: (P / PA efficiency + radio on) x airtime
     bursts: int = 0
+    acks: int = 0  # uplink ARQ acks sent over the air (their bursts count in bursts, airtime and energy)
     frames_sent: int = 0
     bytes_sent: int = 0
 
 
-class ViewDownlink:
+class Downlink:
     """The round's views on the air and each participant's downlink ARQ."""
 
     def __init__(self, bench: BenchConfig, send: SendDownlink) -> None:
@@ -131,6 +134,26 @@ class ViewDownlink:
                 dev.complete,
             )
 
+    def send_ack(self, device_id: int, ack: Ack) -> None:
+        """An uplink ARQ ack over the air: the message in frames addressed to the device (sender field = its id,
+        attempt = the acknowledged attempt), one burst."""
+        payload = self.bench.radio.frame_payload_bytes
+        frames = [
+            replace(f, attempt=ack.attempt).to_bytes() for f in fragment(encode(ack), device_id, ack.round, payload)
+        ]
+        self._account(self.send(frames, [device_id], round_idx=ack.round, setting=self.setting, final=True, kind="ack"))
+        self.totals.acks += 1
+
+    def _account(self, report: TxReport) -> None:
+        self.totals.bursts += 1
+        self.totals.frames_sent += report.frames_sent
+        self.totals.bytes_sent += report.bytes_sent
+        self.totals.airtime_s += report.airtime_s
+        radio = self.bench.radio
+        self.totals.energy_j = transmit_energy_j(
+            self.setting.tx_power_dbm, self.totals.airtime_s, radio.pa_efficiency, radio.radio_on_power_w
+        )
+
     def _send(self, frames: Sequence[Frame], targets: list[int]) -> None:
         for d in targets:
             self.devices[d].attempts += 1
@@ -140,12 +163,4 @@ class ViewDownlink:
         for start in range(0, len(frames), per_burst):
             chunk = [replace(f, attempt=attempt).to_bytes() for f in frames[start : start + per_burst]]
             final = start + per_burst >= len(frames)
-            report = self.send(chunk, targets, round_idx=self.round_idx, setting=self.setting, final=final)
-            self.totals.bursts += 1
-            self.totals.frames_sent += report.frames_sent
-            self.totals.bytes_sent += report.bytes_sent
-            self.totals.airtime_s += report.airtime_s
-        radio = self.bench.radio
-        self.totals.energy_j = transmit_energy_j(
-            self.setting.tx_power_dbm, self.totals.airtime_s, radio.pa_efficiency, radio.radio_on_power_w
-        )
+            self._account(self.send(chunk, targets, round_idx=self.round_idx, setting=self.setting, final=final))

@@ -98,7 +98,14 @@ class RoundTransport(Protocol):
         ...
 
     def send_downlink(
-        self, frames: Sequence[bytes], device_ids: Sequence[int], *, round_idx: int, setting: TxSetting, final: bool
+        self,
+        frames: Sequence[bytes],
+        device_ids: Sequence[int],
+        *,
+        round_idx: int,
+        setting: TxSetting,
+        final: bool,
+        kind: str = "view",
     ) -> TxReport:
         """One burst of downlink frames over the PHY to these devices (bench downlink.over_phy)."""
         ...

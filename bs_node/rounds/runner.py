@@ -19,10 +19,10 @@ from bs_node.checkpoint import Checkpoint, capture, restore_rng
 from bs_node.checkpoint import save as save_checkpoint
 from bs_node.controllers import Controller
 from bs_node.live_view import LiveView, percent
-from bs_node.measurements import RoundRecord, finite_or_none
+from bs_node.measurements import RoundRecord, finite_or_none, run_totals
 from bs_node.records import RunRecorder
 from bs_node.rounds.close import RoundCloser
-from bs_node.rounds.downlink import ViewDownlink
+from bs_node.rounds.downlink import Downlink
 from bs_node.rounds.link_trace import LinkTracer
 from bs_node.rounds.planning import round_state
 from bs_node.rounds.ports import Clock, Event, FrameReceived, FromEdge, Registered, RoundModel, RoundTransport
@@ -79,7 +79,7 @@ class RoundRunner:
         self.gate = FrameGate(sealed=bench.security.mode == "sealed")
         self.rejected: Counter[int] = Counter()  # claimed device -> frames the gate refused, this round
         self.trace = LinkTracer(recorder.run_dir)  # every uplink transmission and its fate (proto.link_trace)
-        self.downlink = ViewDownlink(bench, transport.send_downlink) if bench.downlink_over_phy else None
+        self.downlink = Downlink(bench, transport.send_downlink) if bench.downlink_over_phy else None
         self.stopping = False
         self.resume_from = resume
         self.endpoints = dict(endpoints or {})
@@ -101,9 +101,8 @@ class RoundRunner:
             "rounds": first - 1,
             **({"resumed_at_round": first} if self.resume_from is not None else {}),
         }
-        if self.recorder.records:
-            last = self.recorder.records[-1]
-            summary.update(final_accuracy=last.accuracy, final_val_accuracy=last.val_accuracy)
+        if last := self.recorder.records[-1:]:
+            summary.update(final_accuracy=last[0].accuracy, final_val_accuracy=last[0].val_accuracy)
         t_start = self.clock()
         try:
             self.wait_for_devices()
@@ -116,8 +115,7 @@ class RoundRunner:
             summary.update(
                 wall_s=self.clock() - t_start,
                 stopped_early=self.stopping,
-                total_uplink_bytes=sum(r.uplink_bytes for r in self.recorder.records),
-                total_energy_j=sum(r.energy_j for r in self.recorder.records),
+                **run_totals(self.recorder.records),
                 bad_frames=self.bad_frames,
                 security=self.bench.security.mode,
                 frames_rejected=sum(self.gate.rejected.values()),
@@ -359,6 +357,8 @@ class RoundRunner:
                 self._send(timer.device_id, Ack(round=timer.round_idx, attempt=timer.attempt, received=sorted(have)))
 
     def _send(self, device_id: int, message: Ack | ReportAck) -> None:
+        if isinstance(message, Ack) and self.downlink is not None:
+            return self.downlink.send_ack(device_id, message)  # over the air: a lost one is asked for again
         if not self.transport.send(device_id, message):
             p = self.pending.get(device_id)
             if p is not None and p.report is None and not p.dropped:

@@ -1,4 +1,4 @@
-"""The edge's side of the view over the PHY: decode the downlink bursts, reassemble the view, ask for what is missing.
+"""The edge's side of the downlink over the PHY: the adapter view and the ARQ acks come as OFDM bursts.
 
 A plan with `view_frames` says the adapter view comes over the air (bs_node.rounds.downlink). The edge decodes
 each downlink burst the air delivers with its own OFDM receiver (phy.downlink_rx), keeps the frames of this
@@ -7,6 +7,11 @@ holds (`view_status`). When no burst came for a while it asks again with `timed_
 `arq.max_attempts` attempts or the plan's deadline; the round then fails with a reason that says so. The whole
 view must hash to the plan's `view_sha256` (the plan came over the authenticated control plane; the air need not
 be), else the round fails as well.
+
+The uplink's ARQ acks come the same way (`request_ack`, the control plane's `BsClient.request_ack` over the air):
+the edge sends `burst_end` on the control plane and the BS answers with an `ack` message in frames addressed to
+this device (sender field = this device's id, attempt = the acknowledged attempt). A lost ack is asked for again
+(the same `burst_end`) every third of `arq.ack_timeout_s`; the BS answers each request.
 """
 
 from __future__ import annotations
@@ -19,9 +24,11 @@ from collections.abc import Callable
 import numpy as np
 
 from config import BenchConfig, ExperimentConfig
+from edge_node.client import BsClient
 from phy.downlink_rx import DownlinkReceiver
 from phy.uplink import UplinkTransmitter
-from proto.control import Plan, ViewStatus
+from proto.air import DownlinkFrames
+from proto.control import MAX_MESSAGE_BYTES, Ack, BurstEnd, MessageError, Plan, ViewStatus, decode_control
 from proto.framing import BS_DEVICE_ID, Frame, FrameError, Reassembler
 from proto.numerology import burst_airtime_s
 
@@ -32,8 +39,8 @@ class ViewNotReceived(RuntimeError):
     """The plan's view did not arrive whole (or not as announced) over the downlink."""
 
 
-class ViewReceiver:
-    """One per edge run: the downlink decoder (started on first use) and the view ARQ of each round."""
+class EdgeDownlink:
+    """One per edge run: the downlink decoder (started on first use), each round's view ARQ, the uplink's acks."""
 
     def __init__(
         self,
@@ -42,21 +49,25 @@ class ViewReceiver:
         device_id: int,
         source: UplinkTransmitter,
         *,
-        send_status: Callable[[ViewStatus], None],
-        heartbeat: Callable[[str, int], None],
+        client: BsClient,
         stopping: Callable[[], bool] = lambda: False,
     ) -> None:
         self.exp, self.bench, self.device_id, self.source = experiment, bench, device_id, source
-        self.send_status, self.heartbeat, self.stopping = send_status, heartbeat, stopping
+        self.client, self.stopping = client, stopping
         self.decoder: DownlinkReceiver | None = None  # GNU Radio starts with the first view
         self.last_snr_db: list[float] = []  # the measured SNR of the last view's frames
 
-    def receive(self, plan: Plan) -> bytes:
+    def start(self) -> None:
+        """Start the downlink decoder (GNU Radio) if it is not running yet."""
+        if self.decoder is None:
+            self.decoder = DownlinkReceiver(self.bench.snr_offset_db)
+
+    def receive_view(self, plan: Plan) -> bytes:
         """The plan's view, whole and checked against its hash; ViewNotReceived if it did not come."""
         assert plan.view_frames is not None
         total, r = plan.view_frames, plan.round
-        if self.decoder is None:
-            self.decoder = DownlinkReceiver(self.bench.snr_offset_db)
+        self.start()
+        assert self.decoder is not None
         payload = self.bench.radio.frame_payload_bytes
         reassembler = Reassembler()
         reassembler.expect(BS_DEVICE_ID, r, total * payload)
@@ -68,11 +79,11 @@ class ViewReceiver:
         heard, asked, self.last_snr_db = 0, 0, []
         waiting_since = time.monotonic()
         while not self.stopping() and time.monotonic() < end and asked <= self.bench.arq.max_attempts:
-            self.heartbeat(f"view {len(reassembler.received_seqs(BS_DEVICE_ID, r))}/{total}", r)
+            self.client.heartbeat(f"view {len(reassembler.received_seqs(BS_DEVICE_ID, r))}/{total}", round_idx=r)
             bursts = self.source.take_downlink(min(self.exp.round.heartbeat_s, max(0.0, end - time.monotonic())))
             for burst in bursts:
-                if burst.header.round != r:
-                    continue  # a burst of an earlier round that came late
+                if burst.header.round != r or burst.header.kind != "view":
+                    continue  # a burst of an earlier round that came late, or an ack
                 decoded = self.decoder.decode(np.frombuffer(burst.iq, dtype=np.complex64), burst.header.packets)
                 for rx in decoded:
                     self._add(reassembler, rx.data, r, rx.snr_db)
@@ -81,7 +92,7 @@ class ViewReceiver:
                     self.device_id,
                     r,
                     burst.header.burst_id,
-                    burst.header.snr_db,
+                    getattr(burst.header, "snr_db", float("nan")),
                     len(decoded),
                     len(reassembler.received_seqs(BS_DEVICE_ID, r)),
                     total,
@@ -116,7 +127,7 @@ class ViewReceiver:
 
     def _status(self, reassembler: Reassembler, r: int, heard: int, total: int, *, timed_out: bool) -> bool:
         have = sorted(reassembler.received_seqs(BS_DEVICE_ID, r))
-        self.send_status(
+        self.client.send(
             ViewStatus(
                 device_id=self.device_id, round=r, attempt=heard, received=have, total=total, timed_out=timed_out
             )
@@ -128,6 +139,72 @@ class ViewReceiver:
         if hashlib.sha256(view).hexdigest() != plan.view_sha256:
             raise ViewNotReceived("the view received over the downlink does not match the plan's view_sha256")
         return view
+
+    def heartbeat(
+        self,
+        state: str,
+        *,
+        round_idx: int | None = None,
+        step: int | None = None,
+        steps: int | None = None,
+        loss: float | None = None,
+    ) -> None:
+        """RoundLink's heartbeat: on the control plane."""
+        self.client.heartbeat(state, round_idx=round_idx, step=step, steps=steps, loss=loss)
+
+    def request_ack(
+        self, round_idx: int, attempt: int, seqs: list[int], total: int, timeout_s: float
+    ) -> set[int] | None:
+        """The uplink ARQ's feedback with the ack over the air: which frames of this round the BS holds (None: no
+        ack within timeout_s, or the BS moved on: a plan, shutdown or welcome came, kept for the node)."""
+        request = BurstEnd(device_id=self.device_id, round=round_idx, attempt=attempt, seqs=list(seqs), total=total)
+        self.client.send(request)
+        start = time.monotonic()
+        deadline, next_request = start + timeout_s, start + timeout_s / 3
+        reassembler = Reassembler()
+        reassembler.expect(self.device_id, round_idx, MAX_MESSAGE_BYTES)
+        while not self.stopping() and time.monotonic() < deadline:
+            if self.client.moved_on():
+                return None
+            for burst in self.source.take_downlink(min(0.2, max(0.0, deadline - time.monotonic()))):
+                if burst.header.round != round_idx or burst.header.kind != "ack":
+                    continue
+                ack = self._ack(reassembler, burst, round_idx, attempt)
+                if ack is not None:
+                    return set(ack.received)
+            if time.monotonic() >= next_request:
+                log.info(
+                    "edge %d: no ack over the air for round %d attempt %d yet: asking again",
+                    self.device_id,
+                    round_idx,
+                    attempt,
+                )
+                self.client.send(request)
+                next_request += timeout_s / 3
+        log.warning("edge %d: no ack over the air for round %d attempt %d", self.device_id, round_idx, attempt)
+        return None
+
+    def _ack(self, reassembler: Reassembler, burst: DownlinkFrames, round_idx: int, attempt: int) -> Ack | None:
+        """The ack for (round_idx, attempt) once its frames are all here (None: not yet, or not this one)."""
+        self.start()
+        assert self.decoder is not None
+        for rx in self.decoder.decode(np.frombuffer(burst.iq, dtype=np.complex64), burst.header.packets):
+            try:
+                frame = Frame.from_bytes(rx.data)
+                if (frame.device_id, frame.round_idx, frame.attempt) == (self.device_id, round_idx, attempt):
+                    reassembler.add(frame)
+            except FrameError as exc:
+                log.warning("edge %d: downlink frame dropped: %s", self.device_id, exc)
+        if not reassembler.is_complete(self.device_id, round_idx):
+            return None
+        try:
+            msg = decode_control(reassembler.pop(self.device_id, round_idx))
+        except MessageError as exc:
+            log.warning("edge %d: an ack over the air did not decode: %s", self.device_id, exc)
+            return None
+        if isinstance(msg, Ack) and (msg.round, msg.attempt) == (round_idx, attempt):
+            return msg
+        return None
 
     def close(self) -> None:
         if self.decoder is not None:
