@@ -162,6 +162,9 @@ class ZmqIqTransmitter(UplinkTransmitter):
                 continue
             if isinstance(reply, BurstDone) and reply.burst_id == burst_id:
                 return
+            if isinstance(reply, AirRefusal) and reply.kind == "listen":
+                log.warning("zmq-iq device %d: the air refused its listen: %s", self.geometry.device_id, reply.error)
+                continue
             if isinstance(reply, AirRefusal):
                 self.last_error = f"the air refused the burst: {reply.error}"
                 break

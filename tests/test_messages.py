@@ -22,6 +22,7 @@ from proto.control import (
     Report,
     ReportAck,
     Shutdown,
+    ViewStatus,
     Welcome,
     decode_control,
     encode,
@@ -45,6 +46,7 @@ SAMPLES = [
     Heartbeat(device_id=1, state="training", round=2, step=3, steps=25, loss=0.7),
     Heartbeat(device_id=1, state="idle"),
     BurstEnd(device_id=1, round=2, attempt=1, seqs=[0, 1, 65535], total=3),
+    ViewStatus(device_id=1, round=2, attempt=1, received=[0, 3], total=5, timed_out=True),
     Report(
         device_id=1,
         round=2,
@@ -55,6 +57,7 @@ SAMPLES = [
     Bye(device_id=1, reason="x"),
     Welcome(device_id=1, experiment={"seed": 0}, bench={"phy": "sim"}, run_id="r", data_address="tcp://h:1"),
     PLAN,
+    PLAN.model_copy(update={"view_frames": 7, "view_sha256": "ab" * 32}),
     Ack(round=2, attempt=1, received=[0, 2]),
     ReportAck(round=2),
     Reject(reason="no"),
@@ -141,10 +144,11 @@ def test_encode_refuses_what_decode_would_reject():
 
 def test_every_type_tag_is_unique_and_matches_its_model():
     tags = [message_type(m) for m in MESSAGE_TYPES]
-    assert len(set(tags)) == len(tags) == 11
+    assert len(set(tags)) == len(tags) == 12
     assert set(tags) == {
         "register",
         "heartbeat",
+        "view_status",
         "burst_end",
         "report",
         "bye",

@@ -174,17 +174,17 @@ def test_air_messages_round_trip_with_their_binary_frames():
 @pytest.mark.parametrize(
     "decode, frames, named",
     [
-        (decode_request, [b'{"v": 2, "type": "burst", "device_id": true}', b"12345678"], "burst: field 'device_id'"),
-        (decode_request, [b'{"v": 2, "type": "beam"}'], "request: "),
+        (decode_request, [b'{"v": 3, "type": "burst", "device_id": true}', b"12345678"], "burst: field 'device_id'"),
+        (decode_request, [b'{"v": 3, "type": "beam"}'], "request: "),
         (decode_request, [GOOD_BURST.encode(), b"1234567"], "burst: IQ of 7 bytes"),
         (decode_request, [GOOD_PLAN.encode(), b"12345678"], "plan: 2 frame(s)"),
-        (decode_reply, [b'{"v": 2, "type": "done", "device_id": 0}'], "done: field 'round' is missing"),
+        (decode_reply, [b'{"v": 3, "type": "done", "device_id": 0}'], "done: field 'round' is missing"),
         (decode_reply, [b'{"v": 1, "type": "error", "error": "x", "kind": ""}'], "error: field 'v'"),
-        (decode_medium, [b'{"v": 2, "index": -1}', b"12345678"], "medium: field 'index'"),
-        (decode_medium, [b'{"v": 2, "index": 0}', b""], "medium: IQ of 0 bytes"),
-        (lambda f: decode_sidecar(f[0]), [b'{"v": 2, "snr_db": "high"}'], "sidecar: field 'snr_db'"),
+        (decode_medium, [b'{"v": 3, "index": -1}', b"12345678"], "medium: field 'index'"),
+        (decode_medium, [b'{"v": 3, "index": 0}', b""], "medium: IQ of 0 bytes"),
+        (lambda f: decode_sidecar(f[0]), [b'{"v": 3, "snr_db": "high"}'], "sidecar: field 'snr_db'"),
         (lambda f: decode_sidecar(f[0]), [b'{"snr_db": 1.0}'], "sidecar: field 'v' (the protocol version) is missing"),
-        (lambda f: decode_endpoints(f[0]), [b'{"v": 2, "address": "tcp://a:1"}'], "endpoints: field 'medium'"),
+        (lambda f: decode_endpoints(f[0]), [b'{"v": 3, "address": "tcp://a:1"}'], "endpoints: field 'medium'"),
     ],
 )
 def test_bad_air_messages_raise_one_error_naming_type_and_field(decode, frames, named):
@@ -214,6 +214,9 @@ def test_the_wire_format_doc_lists_every_air_message_and_field():
     models = [
         messages.BurstHeader,
         messages.RoundPlan,
+        messages.Listen,
+        messages.DownlinkHeader,
+        messages.DownlinkIq,
         messages.BurstDone,
         messages.BurstOnMedium,
         messages.PlanAccepted,
@@ -449,7 +452,7 @@ def test_air_survives_garbage_from_peers():
         [json.dumps([1, 2]).encode(), iq],
         [json.dumps(good).encode(), iq],  # no plan from the BS yet
         [json.dumps(good).encode()],  # no IQ
-        [json.dumps({"v": 2, "type": "plan", "round": 1, "total_bandwidth_hz": 1e6, "subbands": []}).encode()],
+        [json.dumps({"v": 3, "type": "plan", "round": 1, "total_bandwidth_hz": 1e6, "subbands": []}).encode()],
         [json.dumps({**plan, "channel": {"fading": "x"}}).encode()],
         [json.dumps({**plan, "subbands": [{"device_id": 0, "center_hz": 0.0, "bandwidth_hz": 250e3}]}).encode()],
         [json.dumps(plan).encode(), iq],

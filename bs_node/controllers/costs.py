@@ -123,6 +123,7 @@ class CostModel:
     ):
         self.bench, self.per_curve, self.shape, self.max_rank = bench, per_curve, shape, max_rank
         self.encoding = UpdateEncoding.from_codec(codec)
+        self.view_encoding = UpdateEncoding(codec.downlink_dtype, component_coded=False, zero_lora_a=False)
         self.loss_weights = loss_weights
         self.frame_payload = bench.radio.frame_payload_bytes
         self.frame_bytes = self.frame_payload + frame_overhead_bytes(bench.security.mode == "sealed")
@@ -135,11 +136,31 @@ class CostModel:
         snr, _ = self._per_tables[modulation]
         return float(snr[0]), float(snr[-1])
 
-    def per(self, snr_db: np.ndarray, modulation: str) -> np.ndarray:
+    def per(self, snr_db: np.ndarray, modulation: str, frame_bytes: int | None = None) -> np.ndarray:
+        """PER of a frame of frame_bytes (None: the uplink's frames) at snr_db."""
         snr, per_ref = self._per_tables[modulation]
         p = np.interp(snr_db, snr, per_ref, left=1.0, right=0.0)
-        ratio = self.frame_bytes / self.per_curve.ref_frame_bytes
+        ratio = (frame_bytes or self.frame_bytes) / self.per_curve.ref_frame_bytes
         return -np.expm1(ratio * np.log1p(-np.minimum(p, 1 - 1e-12)))
+
+    def downlink_wait_s(self, gain_db: np.ndarray, fading_db: np.ndarray, num_layers: int) -> np.ndarray:
+        """(K, L + 1): seconds of downlink airtime until device k holds a depth-d view of the largest rank, where the
+        bench sends views over the PHY (else 0): the view's frames at the BS's power, modulation and the whole band,
+        times the expected transmissions per frame at that device's downlink SNR (averaged over fading_db, (K, J)).
+        Depth 0 (not taking part) needs no view. The largest rank bounds every rank's view from above."""
+        wait = np.zeros((len(gain_db), num_layers + 1))
+        if not self.bench.downlink_over_phy:
+            return wait
+        dl, band_hz = self.bench.downlink, self.bench.radio.total_bandwidth_hz
+        frame_bytes = self.frame_payload + frame_overhead_bytes(False)  # downlink frames are not sealed
+        snr = dl.tx_power_dbm + gain_db[:, None] + fading_db - (self.noise_psd_dbm_hz + 10 * np.log10(band_hz))
+        per = self.per(snr, dl.modulation, frame_bytes)
+        tx_per_frame = (1 / (1 - np.minimum(per, 0.99))).mean(axis=1)  # (K,)
+        frame_s = packet_airtime_s(frame_bytes, dl.modulation, band_hz)
+        for depth in range(1, num_layers + 1):
+            frames = -(-self.shape.update_bytes(self.max_rank, depth, 1.0, self.view_encoding) // self.frame_payload)
+            wait[:, depth] = frames * frame_s * tx_per_frame
+        return wait
 
     def grid(
         self,

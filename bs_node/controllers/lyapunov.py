@@ -197,6 +197,8 @@ class LyapunovController(Controller):
             [(d.device_id, d.profile.distance_m) for d in state.devices], cfg.snr_margin_sigmas
         )
         cpu, wall = self.compute.tables(ids, state.local_steps, state.num_layers)
+        assert self._costs is not None  # decide() made it
+        wall = wall + self._costs.downlink_wait_s(gain, fading, state.num_layers)  # the view comes first
         weights = np.array([state.device_weights.get(k, 1.0) for k in ids])
         budgets = np.array([self.bench.device(k).energy_budget_j or np.inf for k in ids])
         queues = np.array([self.energy_queue.get(k, 0.0) for k in ids]) if self.uses_energy_queues else np.zeros(K)

@@ -95,18 +95,18 @@ def reference_predict(ctrl: LyapunovController, state: RoundState, grid: OptionG
     depths = grid.depth.astype(int)
     cpu = np.array([[ctrl.compute.cpu_s(k, state.local_steps, d, L) for d in range(L + 1)] for k in ids])
     wall = np.array([[ctrl.compute.wall_s(k, state.local_steps, d, L) for d in range(L + 1)] for k in ids])
+    gain = np.array(
+        [ctrl.channel.planning_gain_db(d.device_id, d.profile.distance_m, cfg.snr_margin_sigmas) for d in state.devices]
+    )
+    fading = np.array([ctrl.channel.spread_nodes_db(d.device_id, d.profile.distance_m) for d in state.devices])
+    wall = wall + ctrl._costs.downlink_wait_s(gain, fading, L)  # the view over the PHY comes before training
     return ctrl._costs.predict(
         grid,
-        gain_db=np.array(
-            [
-                ctrl.channel.planning_gain_db(d.device_id, d.profile.distance_m, cfg.snr_margin_sigmas)
-                for d in state.devices
-            ]
-        ),
+        gain_db=gain,
         cpu_s=cpu[:, depths],
         wall_s=wall[:, depths],
         watts_per_core=np.array([d.profile.compute_watts_per_core for d in state.devices]),
-        fading_db=np.array([ctrl.channel.spread_nodes_db(d.device_id, d.profile.distance_m) for d in state.devices]),
+        fading_db=fading,
     )
 
 
