@@ -43,8 +43,10 @@ def _controller(seed: int, K: int, *overrides: str) -> tuple[LyapunovController,
     for _ in range(K):
         budget = "" if rng.random() < 0.2 else f", energy_budget_j: {rng.uniform(40, 300):.1f}"
         devices.append(f"{{distance_m: {rng.uniform(5, 160):.1f}, compute_speed: {rng.uniform(0.3, 1):.2f}{budget}}}")
-    bench = load_bench(None, [f"devices=[{', '.join(devices)}]"])
-    exp = load_experiment(None, ["controller.policy=lyapunov", "round.rounds=10", *overrides])
+    bench_sets = [o.removeprefix("bench:") for o in overrides if o.startswith("bench:")]
+    bench = load_bench(None, [f"devices=[{', '.join(devices)}]", *bench_sets])
+    exp_sets = [o for o in overrides if not o.startswith("bench:")]
+    exp = load_experiment(None, ["controller.policy=lyapunov", "round.rounds=10", *exp_sets])
     ctrl = make_controller(exp, bench)
     assert isinstance(ctrl, LyapunovController)
     weights = rng.uniform(100, 3000, K)
@@ -92,6 +94,8 @@ CASES = [
     (8, 60, ("controller.v=400", "controller.snr_margin_sigmas=1")),
     (9, 16, ("controller.policy=tsfa", "codec.sparsifier=soft", "controller.latency_budget_s=60")),
     (10, 80, ("controller.policy=tsfa", "codec.sparsifier=topk", "controller.latency_budget_s=150")),
+    # the view over the PHY at a weak BS: its downlink time counts in every option's latency
+    (11, 30, ("bench:phy=gr-zmq-iq", "bench:downlink.tx_power_dbm=-10", "controller.latency_budget_s=60")),
 ]
 
 

@@ -143,6 +143,17 @@ class CostModel:
         ratio = (frame_bytes or self.frame_bytes) / self.per_curve.ref_frame_bytes
         return -np.expm1(ratio * np.log1p(-np.minimum(p, 1 - 1e-12)))
 
+    @property
+    def downlink_frame_bytes(self) -> int:
+        return self.frame_payload + frame_overhead_bytes(False)  # downlink frames are not sealed
+
+    @property
+    def downlink_frame_s(self) -> float:
+        """Airtime of one full downlink frame (padding included) at the BS's modulation over the whole band."""
+        return packet_airtime_s(
+            self.downlink_frame_bytes, self.bench.downlink.modulation, self.bench.radio.total_bandwidth_hz
+        )
+
     def downlink_wait_s(self, gain_db: np.ndarray, fading_db: np.ndarray, num_layers: int) -> np.ndarray:
         """(K, L + 1): seconds of downlink airtime until device k holds a depth-d view of the largest rank, where the
         bench sends views over the PHY (else 0): the view's frames at the BS's power, modulation and the whole band,
@@ -152,11 +163,11 @@ class CostModel:
         if not self.bench.downlink_over_phy:
             return wait
         dl, band_hz = self.bench.downlink, self.bench.radio.total_bandwidth_hz
-        frame_bytes = self.frame_payload + frame_overhead_bytes(False)  # downlink frames are not sealed
+        frame_bytes = self.downlink_frame_bytes
         snr = dl.tx_power_dbm + gain_db[:, None] + fading_db - (self.noise_psd_dbm_hz + 10 * np.log10(band_hz))
         per = self.per(snr, dl.modulation, frame_bytes)
         tx_per_frame = (1 / (1 - np.minimum(per, 0.99))).mean(axis=1)  # (K,)
-        frame_s = packet_airtime_s(frame_bytes, dl.modulation, band_hz)
+        frame_s = self.downlink_frame_s
         for depth in range(1, num_layers + 1):
             frames = -(-self.shape.update_bytes(self.max_rank, depth, 1.0, self.view_encoding) // self.frame_payload)
             wait[:, depth] = frames * frame_s * tx_per_frame
