@@ -169,7 +169,8 @@ class DownlinkConfig(ConfigModel):
     over_phy: bool | None = None  # None: on for gr-zmq-iq (the only PHY with a downlink here), off elsewhere
     tx_power_dbm: float = Field(20.0, ge=-30.0, le=40.0)  # the BS's transmit power
     modulation: Modulation = "qpsk"
-    burst_frames: int = Field(32, ge=1, le=1024)  # frames per downlink burst (a view is sent as several)
+    burst_frames: int = Field(32, ge=1, le=64)  # frames per downlink burst (a view is sent as several; 64 of the
+    # largest frames at BPSK fit one burst the air takes, phy.air_downlink.MAX_DOWNLINK_SAMPLES)
 
 
 class ReplayConfig(ConfigModel):

@@ -28,8 +28,9 @@ from proto.air import DownlinkFrames, DownlinkHeader, DownlinkIq
 
 log = logging.getLogger("air")
 
-MAX_QUEUED_DOWNLINK_BURSTS = 16  # BS bursts waiting for the downlink (the BS sends a view as a few bursts)
-MAX_DOWNLINK_SAMPLES = 1 << 24  # one burst: 16 Mi samples (128 MiB), 16 s at 1 MHz
+MAX_QUEUED_DOWNLINK_BURSTS = 1024  # BS bursts waiting for the downlink (each view is a few; a round has a few views)
+MAX_QUEUED_DOWNLINK_SAMPLES = 1 << 24  # and their samples: 16 Mi (128 MiB), 16 s of downlink at 1 MHz
+MAX_DOWNLINK_SAMPLES = 1 << 22  # one burst: 4 Mi samples (32 MiB), 4 s at 1 MHz
 LEAD_NOISE_SAMPLES = 512  # noise before the burst: the receiver's synchronizer sees a noise floor first
 TAIL_NOISE_SAMPLES = 4096  # noise after it: the last packet leaves the receiver's buffers
 
@@ -87,8 +88,12 @@ class DownlinkAir:
             raise DownlinkError("dl_burst: IQ holds NaN or Inf")
         if not np.all(np.abs(iq.view(np.float32)) < 1e3):
             raise DownlinkError("dl_burst: IQ is not a unit-power OFDM burst (|sample| >= 1000)")
-        if len(self._queue) >= MAX_QUEUED_DOWNLINK_BURSTS:
-            raise DownlinkError(f"dl_burst: {len(self._queue)} downlink bursts wait already (the BS sends too fast)")
+        queued = sum(len(q.iq) for q in self._queue)
+        if len(self._queue) >= MAX_QUEUED_DOWNLINK_BURSTS or queued + len(iq) > MAX_QUEUED_DOWNLINK_SAMPLES:
+            raise DownlinkError(
+                f"dl_burst: {len(self._queue)} downlink bursts of {queued} samples wait already (the BS sends faster "
+                f"than the downlink carries them)"
+            )
         try:
             TxSetting(header.tx_power_dbm, physics.total_bandwidth_hz, header.modulation)
         except ValueError as exc:

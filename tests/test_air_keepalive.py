@@ -12,7 +12,7 @@ from collections.abc import Iterator
 import pytest
 import zmq
 
-from proto.air import BurstDone, BurstFrames, decode_request
+from proto.air import BurstDone, BurstFrames, Listen, decode_request
 
 pytest.importorskip("gnuradio")
 
@@ -40,6 +40,8 @@ class LaggingAir:
             if self.sock.poll(20):
                 identity, *frames = self.sock.recv_multipart()
                 request = decode_request(frames)
+                if isinstance(request, Listen):  # the transmitter says where it listens for the downlink
+                    continue
                 assert isinstance(request, BurstFrames)
                 h = request.header
                 self.bursts += 1
