@@ -55,6 +55,7 @@ class DeviceRound:
     downlink_attempts: int | None = None
     downlink_frames_lost: int | None = None
     view_received: bool | None = None
+    downlink_wait_s: float | None = None  # from the first burst of its view to the status that it holds it all
 
 
 # Measurements that may be negative (dB); every other number an edge reports is a count, a duration or an energy.

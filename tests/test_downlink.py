@@ -55,7 +55,7 @@ class Sent:
     kind: str
 
 
-def _bs_downlink(*overrides: str) -> tuple[Downlink, list[Sent]]:
+def _bs_downlink(*overrides: str, clock=time.monotonic) -> tuple[Downlink, list[Sent]]:
     bench = load_bench(ZMQ_IQ, ["radio.frame_payload_bytes=100", "downlink.burst_frames=4", *overrides])
     sent: list[Sent] = []
 
@@ -64,7 +64,7 @@ def _bs_downlink(*overrides: str) -> tuple[Downlink, list[Sent]]:
         sent.append(Sent([Frame.from_bytes(f) for f in frames], list(devices), final, kind))
         return TxReport(len(frames), sum(len(f) for f in frames), airtime_s=0.01 * len(frames))
 
-    return Downlink(bench, send), sent
+    return Downlink(bench, send, clock), sent
 
 
 def _status(device_id: int, attempt: int, received, total: int = 10, timed_out: bool = False) -> ViewStatus:
@@ -74,7 +74,8 @@ def _status(device_id: int, attempt: int, received, total: int = 10, timed_out: 
 
 
 def test_the_bs_broadcasts_each_view_once_then_resends_only_what_a_device_missed():
-    dl, sent = _bs_downlink("arq.max_attempts=3")
+    now = [100.0]
+    dl, sent = _bs_downlink("arq.max_attempts=3", clock=lambda: now[0])
     views = {(8, 2): bytes(range(256)) * 3 + b"x" * 182, (4, 1): b"b" * 250}  # 950 bytes: 10 frames; 3 frames
     dl.start_round(5, views, {0: (8, 2), 1: (8, 2), 2: (4, 1), 3: (8, 2)})
     assert dl.announce((8, 2)) == {"view_frames": 10, "view_sha256": hashlib.sha256(views[(8, 2)]).hexdigest()}
@@ -87,6 +88,7 @@ def test_the_bs_broadcasts_each_view_once_then_resends_only_what_a_device_missed
     ]
     assert all(f.device_id == BS_DEVICE_ID and f.round_idx == 5 and f.attempt == 1 for s in sent for f in s.frames)
     del sent[:]
+    now[0] = 103.5
     dl.on_status(0, _status(0, 1, range(10)))  # device 0 holds the view: nothing more for it
     dl.on_status(1, _status(1, 1, set(range(10)) - {3, 7}))
     dl.on_status(1, _status(1, 1, set(range(10)) - {3, 7}))  # the same status again: no second resend
@@ -106,8 +108,9 @@ def test_the_bs_broadcasts_each_view_once_then_resends_only_what_a_device_missed
     rows = [DeviceRound(d, True, "ok") for d in range(4)]
     for row in rows:
         dl.annotate(row)
-    got = [(r.downlink_attempts, r.downlink_frames_lost, r.view_received) for r in rows]
-    assert got == [(1, 0, True), (3, 4, False), (3, 9, False), (None, None, None)]  # 13 sent to 1, 9 held
+    got = [(r.downlink_attempts, r.downlink_frames_lost, r.view_received, r.downlink_wait_s) for r in rows]
+    # 13 frames sent to device 1, 9 held; the wait is known for the device that got its view, 3.5 s after the start
+    assert got == [(1, 0, True, 3.5), (3, 4, False, None), (3, 9, False, None), (None, None, None, None)]
     totals = dl.totals
     assert totals.bursts == 8 and totals.frames_sent == 3 + 10 + 3 + 3 + 3
     radio = dl.bench.radio
@@ -411,6 +414,7 @@ def test_two_rounds_over_the_air_with_the_view_and_acks_on_the_downlink(tmp_path
         assert near["status"] == far["status"] == "ok", r["devices"]
         assert near["view_received"] and far["view_received"]
         assert (near["downlink_attempts"], near["downlink_frames_lost"]) == (1, 0)
+        assert far["downlink_wait_s"] > 0 and near["downlink_wait_s"] > 0
         dl = r["downlink"]
         # every uplink attempt acked over the air (a lost ack is asked for again: one more)
         assert dl["acks"] >= near["arq_attempts"] + far["arq_attempts"] > 0

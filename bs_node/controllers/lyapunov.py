@@ -279,7 +279,8 @@ class LyapunovController(Controller):
             self.channel.observe(row)
             if row.participated and row.status in ("ok", "undelivered"):
                 self.compute.observe(row, self._local_steps, self._num_layers)
-                round_latency = max(round_latency, row.train_wall_s + row.airtime_s)
+                view_s = row.downlink_wait_s or 0.0  # the view over the PHY came first (0 on the control plane)
+                round_latency = max(round_latency, view_s + row.train_wall_s + row.airtime_s)
             budget = self.bench.device(row.device_id).energy_budget_j
             if budget is not None:  # queues in units of the budget: Q += E/Ē − 1
                 self.energy_spent_j[row.device_id] = self.energy_spent_j.get(row.device_id, 0.0) + row.energy_j

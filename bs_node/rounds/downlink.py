@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
@@ -44,6 +45,8 @@ class DeviceDownlink:
     received: set[int] = field(default_factory=set)  # the seqs it reported holding
     complete: bool = False
     answered: set[int] = field(default_factory=set)  # attempts it sent a view_status for
+    started_s: float | None = None  # the BS's clock when the first burst of its view went out
+    wait_s: float | None = None  # from then to the status that it holds the whole view
 
     @property
     def frames_lost(self) -> int:
@@ -66,8 +69,8 @@ class DownlinkTotals:
 class Downlink:
     """The round's views on the air and each participant's downlink ARQ."""
 
-    def __init__(self, bench: BenchConfig, send: SendDownlink) -> None:
-        self.bench, self.send = bench, send
+    def __init__(self, bench: BenchConfig, send: SendDownlink, clock: Callable[[], float] = time.monotonic) -> None:
+        self.bench, self.send, self.clock = bench, send, clock
         dl = bench.downlink
         self.setting = TxSetting(dl.tx_power_dbm, bench.radio.total_bandwidth_hz, dl.modulation)
         self.round_idx = -1
@@ -113,6 +116,7 @@ class Downlink:
         missing = [f for f in frames if f.seq not in dev.received]
         if not missing:
             dev.complete = True
+            dev.wait_s = None if dev.started_s is None else self.clock() - dev.started_s
             return
         if dev.attempts >= self.bench.arq.max_attempts:
             log.info(
@@ -133,6 +137,7 @@ class Downlink:
                 dev.frames_lost,
                 dev.complete,
             )
+            row.downlink_wait_s = dev.wait_s
 
     def send_ack(self, device_id: int, ack: Ack) -> None:
         """An uplink ARQ ack over the air: the message in frames addressed to the device (sender field = its id,
@@ -155,9 +160,12 @@ class Downlink:
         )
 
     def _send(self, frames: Sequence[Frame], targets: list[int]) -> None:
+        now = self.clock()
         for d in targets:
-            self.devices[d].attempts += 1
-            self.devices[d].frames_sent += len(frames)
+            dev = self.devices[d]
+            dev.attempts += 1
+            dev.frames_sent += len(frames)
+            dev.started_s = now if dev.started_s is None else dev.started_s
         attempt = self.devices[targets[0]].attempts
         per_burst = self.bench.downlink.burst_frames
         for start in range(0, len(frames), per_burst):

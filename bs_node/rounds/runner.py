@@ -79,7 +79,7 @@ class RoundRunner:
         self.gate = FrameGate(sealed=bench.security.mode == "sealed")
         self.rejected: Counter[int] = Counter()  # claimed device -> frames the gate refused, this round
         self.trace = LinkTracer(recorder.run_dir)  # every uplink transmission and its fate (proto.link_trace)
-        self.downlink = Downlink(bench, transport.send_downlink) if bench.downlink_over_phy else None
+        self.downlink = Downlink(bench, transport.send_downlink, clock) if bench.downlink_over_phy else None
         self.stopping = False
         self.resume_from = resume
         self.endpoints = dict(endpoints or {})
