@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,8 +19,7 @@ import zmq
 
 from bs_node.live_view import LiveView
 from bs_node.rounds.ports import Clock, EdgeInfo, Event, FrameReceived, FromEdge, Registered
-from phy.channel import TxSetting
-from phy.uplink import TxReport, UplinkReceiver
+from phy.uplink import DownlinkBurst, TxReport, UplinkReceiver
 from proto.control import (
     BsMessage,
     BurstEnd,
@@ -236,19 +235,8 @@ class ZmqTransport:
             if edge.state != "offline":
                 self.send(edge.device_id, message)
 
-    def send_downlink(
-        self,
-        frames: Sequence[bytes],
-        device_ids: Sequence[int],
-        *,
-        round_idx: int,
-        setting: TxSetting,
-        final: bool,
-        kind: str = "view",
-    ) -> TxReport:
-        return self.uplink.send_downlink(
-            frames, device_ids, round_idx=round_idx, setting=setting, final=final, kind=kind
-        )
+    def send_downlink(self, burst: DownlinkBurst) -> TxReport:
+        return self.uplink.send_downlink(burst)
 
     def _send_raw(self, identity: bytes, message: BsMessage, attachment: bytes | None = None) -> bool:
         parts = [identity, encode(message)] + ([attachment] if attachment is not None else [])

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from phy import fdma
+from phy.air_physics import Physics
 from phy.channel import DeviceGeometry, SimChannel, TxSetting
 from proto.air import DownlinkFrames, DownlinkHeader, DownlinkIq
 
@@ -39,26 +40,11 @@ class DownlinkError(ValueError):
     """A downlink burst the air cannot take (its reason names the field)."""
 
 
-@dataclass(frozen=True)
-class DownlinkPhysics:
-    """What the BS's last plan says about the air, as far as the downlink needs it."""
-
-    total_bandwidth_hz: float
-    channel: SimChannel
-    distances_m: tuple[float, ...]
-    seed: int
-    max_cfo_hz: float
-    clock_speed: float
-
-    def distance_m(self, device_id: int) -> float:
-        return self.distances_m[device_id % len(self.distances_m)]
-
-
 @dataclass
 class _Queued:
     header: DownlinkHeader
     iq: np.ndarray
-    physics: DownlinkPhysics
+    physics: Physics
     end_s: float  # monotonic time at which its last sample is on the air
 
 
@@ -77,7 +63,7 @@ class DownlinkAir:
             log.info("air: device %d listens on a new socket (edge restarted)", device_id)
         self.listeners[device_id] = identity
 
-    def submit(self, request: DownlinkFrames, physics: DownlinkPhysics, now_s: float) -> float:
+    def submit(self, request: DownlinkFrames, physics: Physics, now_s: float) -> float:
         """Queue a BS burst; returns when it will have been sent (monotonic seconds)."""
         header = request.header
         assert isinstance(header, DownlinkHeader)
@@ -139,7 +125,8 @@ class DownlinkAir:
         """The channel's SNR at device_id and the IQ its receiver takes in (noise, the burst, noise)."""
         ph, header = burst.physics, burst.header
         setting = TxSetting(header.tx_power_dbm, ph.total_bandwidth_hz, header.modulation)
-        snr_db = ph.channel.snr_db(DeviceGeometry(device_id, ph.distance_m(device_id)), header.round, setting)
+        channel = SimChannel(ph.channel, seed=ph.seed)  # the uplink's channel: the same draws for the device
+        snr_db = channel.snr_db(DeviceGeometry(device_id, ph.distance_m(device_id)), header.round, setting)
         cfo_hz = -fdma.carrier_offset_hz(ph.seed, device_id, ph.max_cfo_hz)  # the uplink's offset, seen the other way
         n = len(burst.iq)
         out = np.empty(LEAD_NOISE_SAMPLES + n + TAIL_NOISE_SAMPLES, dtype=np.complex64)

@@ -26,12 +26,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import zmq
-from pydantic import ValidationError
 
-from config import ChannelConfig
 from phy import fdma
-from phy.air_downlink import DownlinkAir, DownlinkError, DownlinkPhysics
+from phy.air_downlink import DownlinkAir, DownlinkError
 from phy.air_medium import Burst, Medium, MediumSignal, RateError, warm_up
+from phy.air_physics import AirError, Physics
 from phy.channel import DeviceGeometry, SimChannel, TxSetting
 from proto.air import (
     IQ_SAMPLE_BYTES,
@@ -55,46 +54,6 @@ from trust.curve import BS_ONLY_DOMAIN, BS_USER, RosterAuthenticator, make_serve
 from trust.keys import RunKeys
 
 log = logging.getLogger("air")
-
-
-class AirError(ValueError):
-    """A well-formed request the air cannot serve (no plan yet, a width that is not the device's subband, ...)."""
-
-
-@dataclass(frozen=True)
-class Physics:
-    """What the BS's plan tells the air besides the subbands (from its bench and experiment)."""
-
-    total_bandwidth_hz: float
-    channel: ChannelConfig
-    distances_m: tuple[float, ...]
-    seed: int
-    max_cfo_hz: float
-    clock_speed: float
-    hangover_s: float
-    attenuation_db: float
-
-    @classmethod
-    def from_plan(cls, plan: RoundPlan) -> Physics:
-        try:
-            channel = ChannelConfig.model_validate(plan.channel)
-        except ValidationError as exc:
-            error = exc.errors(include_url=False)[0]
-            where = ".".join(["channel", *map(str, error["loc"])])
-            raise AirError(f"plan: field {where!r}: {error['msg']}, got {error.get('input')!r}") from None
-        return cls(
-            plan.total_bandwidth_hz,
-            channel,
-            tuple(plan.distances_m),
-            plan.seed,
-            plan.max_cfo_hz,
-            plan.clock_speed,
-            plan.hangover_s,
-            plan.attenuation_db,
-        )
-
-    def distance_m(self, device_id: int) -> float:
-        return self.distances_m[device_id % len(self.distances_m)]  # cyclic, as BenchConfig.device()
 
 
 @dataclass
@@ -330,15 +289,7 @@ class Air:
         physics = self.bs.physics
         if physics is None:
             raise AirError("dl_burst: no plan from the BS yet (the downlink needs its band and channel)")
-        dl_physics = DownlinkPhysics(
-            physics.total_bandwidth_hz,
-            SimChannel(physics.channel, seed=physics.seed),
-            physics.distances_m,
-            physics.seed,
-            physics.max_cfo_hz,
-            physics.clock_speed,
-        )
-        self.downlink.submit(request, dl_physics, time.monotonic())
+        self.downlink.submit(request, physics, time.monotonic())
 
     def _deliver_downlink(self) -> None:
         for identity, header, iq in self.downlink.due(time.monotonic()):

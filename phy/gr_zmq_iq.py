@@ -38,10 +38,9 @@ from gnuradio import gr
 
 from config import ChannelConfig
 from phy import fdma
-from phy.channel import TxSetting
 from phy.ofdm_rx import OfdmReceiver
 from phy.subband_inbox import FrameInbox, frame_collector
-from phy.uplink import RxFrame, TxReport, UplinkReceiver, checked_frames
+from phy.uplink import DownlinkBurst, RxFrame, TxReport, UplinkReceiver, checked_frames
 from proto.air import (
     IQ_SAMPLE_BYTES,
     MAX_MEDIUM_SAMPLES,
@@ -235,38 +234,29 @@ class ZmqIqReceiver(UplinkReceiver):
         return {}  # the edges need no carrier: the air places each burst in its subband
 
     # ----------------------------------------------------------------------------------------- downlink
-    def send_downlink(
-        self,
-        frames: Sequence[bytes],
-        device_ids: Sequence[int],
-        *,
-        round_idx: int,
-        setting: TxSetting,
-        final: bool,
-        kind: str = "view",
-    ) -> TxReport:
+    def send_downlink(self, burst: DownlinkBurst) -> TxReport:
         """One downlink burst through the air (phy.air_downlink), modulated here at the whole band's rate."""
         from phy.ofdm_tx import modulate
 
-        frames = checked_frames(frames)
-        burst = modulate(frames, setting.modulation)
+        frames = checked_frames(burst.frames)
+        iq = modulate(frames, burst.setting.modulation)
         self._downlink_bursts += 1
         header = DownlinkHeader(
-            round=round_idx,
+            round=burst.round_idx,
             burst_id=self._downlink_bursts,
-            devices=sorted(set(device_ids)),
-            tx_power_dbm=setting.tx_power_dbm,
-            modulation=setting.modulation,  # type: ignore[arg-type]  # a TxSetting's modulation is checked
-            kind=kind,  # type: ignore[arg-type]  # "view" or "ack": pydantic checks it
+            devices=sorted(set(burst.device_ids)),
+            tx_power_dbm=burst.setting.tx_power_dbm,
+            modulation=burst.setting.modulation,  # type: ignore[arg-type]  # a TxSetting's modulation is checked
+            kind=burst.kind,  # type: ignore[arg-type]  # "view" or "ack": pydantic checks it
             packets=len(frames),
-            final=final,
+            final=burst.final,
         )
         try:
-            self._air.send_multipart([header.encode(), burst], zmq.NOBLOCK, copy=False)
+            self._air.send_multipart([header.encode(), iq], zmq.NOBLOCK, copy=False)
         except zmq.Again:
             log.warning("zmq-iq: the air at %s did not take downlink burst %d", self.address, header.burst_id)
         self._read_air()
-        return TxReport(len(frames), sum(len(f) for f in frames), airtime_s=len(burst) / self.total_bandwidth_hz)
+        return TxReport(len(frames), sum(len(f) for f in frames), airtime_s=len(iq) / self.total_bandwidth_hz)
 
     # ----------------------------------------------------------------------------------------- frames
     @property

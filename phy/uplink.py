@@ -40,6 +40,18 @@ class RxFrame:
     rx_time: float  # time.time() at reception
 
 
+@dataclass(frozen=True)
+class DownlinkBurst:
+    """One BS burst over the whole band (setting.bandwidth_hz) for some devices, on a PHY with a downlink."""
+
+    frames: Sequence[bytes]
+    device_ids: Sequence[int]
+    round_idx: int
+    setting: TxSetting
+    final: bool  # the last burst of this attempt (the edges answer after it)
+    kind: str = "view"  # "view": the adapter view's frames; "ack": an uplink ARQ ack for one device
+
+
 def checked_frames(frames: Sequence[bytes]) -> list[bytes]:
     """The frames as bytes, or a ValueError naming the first one the PHY cannot carry."""
     out = [bytes(f) for f in frames]
@@ -112,18 +124,8 @@ class UplinkReceiver(ABC):
         """The radio's underruns and overruns since the last call; None: nothing counts them (no radio)."""
         return {"underruns": None, "overruns": None}
 
-    def send_downlink(
-        self,
-        frames: Sequence[bytes],
-        device_ids: Sequence[int],
-        *,
-        round_idx: int,
-        setting: TxSetting,
-        final: bool,
-        kind: str = "view",
-    ) -> TxReport:
-        """Broadcast frames to these devices as one OFDM burst over the whole band (setting.bandwidth_hz), for a
-        PHY with a downlink (gr-zmq-iq); final: the last burst of this attempt; kind: "view" or "ack"."""
+    def send_downlink(self, burst: DownlinkBurst) -> TxReport:
+        """Broadcast one burst of frames to its devices as OFDM over the whole band (gr-zmq-iq)."""
         raise NotImplementedError(f"{type(self).__name__} has no downlink PHY (bench downlink.over_phy)")
 
     def flush_recording(self) -> None:

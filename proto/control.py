@@ -87,7 +87,7 @@ class ViewStatus(_Message):
     type: Literal["view_status"] = "view_status"
     device_id: int
     round: int
-    attempt: Annotated[int, Field(ge=0, le=255)]  # the view's attempts this edge heard end (0: none yet)
+    attempt: Annotated[int, Field(ge=0, le=65535)]  # the view's attempts this edge heard end (0: none yet)
     received: Annotated[list[FrameSeq], Field(max_length=65536)]
     total: Annotated[int, Field(ge=1, le=65535)]
     timed_out: bool = False  # no burst came for a while: the edge asks again (the BS's last attempt may be lost)

@@ -20,9 +20,10 @@ from bs_node.measurements import DeviceRound
 from bs_node.rounds.downlink import Downlink
 from config import CodecConfig, ConfigError, load_bench, load_experiment
 from fedlora.energy import transmit_energy_j
-from phy.air_downlink import LEAD_NOISE_SAMPLES, TAIL_NOISE_SAMPLES, DownlinkAir, DownlinkPhysics
+from phy.air_downlink import LEAD_NOISE_SAMPLES, TAIL_NOISE_SAMPLES, DownlinkAir
+from phy.air_physics import Physics
 from phy.channel import DeviceGeometry, PerCurve, SimChannel, TxSetting
-from phy.uplink import TxReport
+from phy.uplink import DownlinkBurst, TxReport
 from proto.air import DownlinkFrames, DownlinkHeader, Listen, RoundPlan, decode_reply
 from proto.control import Ack, Plan, ViewStatus, decode_control
 from proto.framing import BS_DEVICE_ID, Frame, Reassembler
@@ -59,10 +60,10 @@ def _bs_downlink(*overrides: str, clock=time.monotonic) -> tuple[Downlink, list[
     bench = load_bench(ZMQ_IQ, ["radio.frame_payload_bytes=100", "downlink.burst_frames=4", *overrides])
     sent: list[Sent] = []
 
-    def send(frames, devices, *, round_idx, setting, final, kind="view") -> TxReport:
-        assert setting == TxSetting(bench.downlink.tx_power_dbm, bench.radio.total_bandwidth_hz, "qpsk")
-        sent.append(Sent([Frame.from_bytes(f) for f in frames], list(devices), final, kind))
-        return TxReport(len(frames), sum(len(f) for f in frames), airtime_s=0.01 * len(frames))
+    def send(burst: DownlinkBurst) -> TxReport:
+        assert burst.setting == TxSetting(bench.downlink.tx_power_dbm, bench.radio.total_bandwidth_hz, "qpsk")
+        sent.append(Sent([Frame.from_bytes(f) for f in burst.frames], list(burst.device_ids), burst.final, burst.kind))
+        return TxReport(len(burst.frames), sum(len(f) for f in burst.frames), airtime_s=0.01 * len(burst.frames))
 
     return Downlink(bench, send, clock), sent
 
@@ -135,10 +136,8 @@ def test_an_ack_goes_down_as_frames_addressed_to_the_device():
 
 
 # --------------------------------------------------------------------------------------------- the air
-def _physics(bench, distances=(10.0, 20.0, 35.0, 50.0)) -> DownlinkPhysics:
-    return DownlinkPhysics(
-        bench.radio.total_bandwidth_hz, SimChannel(bench.channel, seed=0), tuple(distances), 0, 300.0, 1.0
-    )
+def _physics(bench, distances=(10.0, 20.0, 35.0, 50.0)) -> Physics:
+    return Physics(bench.radio.total_bandwidth_hz, bench.channel, tuple(distances), 0, 300.0, 1.0, 0.02, 60.0)
 
 
 def test_the_air_gives_each_listener_the_burst_at_its_own_snr():
@@ -238,23 +237,23 @@ class _Loop:
         self.statuses: list[ViewStatus] = []
         self.lose_all = False
 
-    def _send(self, frames, devices, *, round_idx, setting, final, kind="view") -> TxReport:
+    def _send(self, burst: DownlinkBurst) -> TxReport:
         from phy.ofdm_tx import modulate
 
-        iq = modulate(frames, setting.modulation)
+        iq = modulate(burst.frames, burst.setting.modulation)
         header = DownlinkHeader(
-            round=round_idx,
+            round=burst.round_idx,
             burst_id=1,
-            devices=list(devices),
-            tx_power_dbm=setting.tx_power_dbm,
-            modulation=setting.modulation,
-            kind=kind,
-            packets=len(frames),
-            final=final,
+            devices=list(burst.device_ids),
+            tx_power_dbm=burst.setting.tx_power_dbm,
+            modulation=burst.setting.modulation,
+            kind=burst.kind,
+            packets=len(burst.frames),
+            final=burst.final,
         )
         if not self.lose_all:
             self.air.submit(DownlinkFrames(header, iq.tobytes()), self.physics, now_s=0.0)
-        return TxReport(len(frames), sum(map(len, frames)), len(iq) / setting.bandwidth_hz)
+        return TxReport(len(burst.frames), sum(map(len, burst.frames)), len(iq) / burst.setting.bandwidth_hz)
 
     # the edge's uplink transmitter, as far as the downlink goes
     def take_downlink(self, timeout_s: float) -> list[DownlinkFrames]:

@@ -24,15 +24,14 @@ from bs_node.measurements import DeviceRound
 from config import BenchConfig
 from fedlora.energy import transmit_energy_j
 from phy.channel import TxSetting
-from phy.uplink import TxReport
+from phy.uplink import DownlinkBurst, TxReport
 from proto.control import Ack, ViewStatus, encode
 from proto.framing import BS_DEVICE_ID, Frame, fragment
 
 log = logging.getLogger("bs")
 
 Module = tuple[int, int]  # (rank, depth)
-# send(frames, devices, round_idx=, setting=, final=) -> what went on the air
-SendDownlink = Callable[..., TxReport]
+SendDownlink = Callable[[DownlinkBurst], TxReport]  # RoundTransport.send_downlink
 
 
 @dataclass
@@ -75,6 +74,7 @@ class Downlink:
         self.setting = TxSetting(dl.tx_power_dbm, bench.radio.total_bandwidth_hz, dl.modulation)
         self.round_idx = -1
         self.frames: dict[Module, list[Frame]] = {}
+        self.hashes: dict[Module, str] = {}  # hex SHA-256 of each view: the edge checks what it reassembled
         self.devices: dict[int, DeviceDownlink] = {}
         self.totals = DownlinkTotals()
 
@@ -146,7 +146,7 @@ class Downlink:
         frames = [
             replace(f, attempt=ack.attempt).to_bytes() for f in fragment(encode(ack), device_id, ack.round, payload)
         ]
-        self._account(self.send(frames, [device_id], round_idx=ack.round, setting=self.setting, final=True, kind="ack"))
+        self._account(self.send(DownlinkBurst(frames, [device_id], ack.round, self.setting, final=True, kind="ack")))
         self.totals.acks += 1
 
     def _account(self, report: TxReport) -> None:
@@ -171,4 +171,4 @@ class Downlink:
         for start in range(0, len(frames), per_burst):
             chunk = [replace(f, attempt=attempt).to_bytes() for f in frames[start : start + per_burst]]
             final = start + per_burst >= len(frames)
-            self._account(self.send(chunk, targets, round_idx=self.round_idx, setting=self.setting, final=final))
+            self._account(self.send(DownlinkBurst(chunk, targets, self.round_idx, self.setting, final)))

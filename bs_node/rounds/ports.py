@@ -11,8 +11,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 from bs_node.controllers.costs import ModelShape
-from phy.channel import TxSetting
-from phy.uplink import TxReport
+from phy.uplink import DownlinkBurst, TxReport
 from proto.control import BsMessage, BurstEnd, Bye, Heartbeat, Report, ViewStatus
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -97,16 +96,7 @@ class RoundTransport(Protocol):
         """Send to every edge not offline."""
         ...
 
-    def send_downlink(
-        self,
-        frames: Sequence[bytes],
-        device_ids: Sequence[int],
-        *,
-        round_idx: int,
-        setting: TxSetting,
-        final: bool,
-        kind: str = "view",
-    ) -> TxReport:
+    def send_downlink(self, burst: DownlinkBurst) -> TxReport:
         """One burst of downlink frames over the PHY to these devices (bench downlink.over_phy)."""
         ...
 
