@@ -32,7 +32,7 @@ from trust.curve import make_client
 from trust.keys import KeyPair
 
 log = logging.getLogger("phy.gr_zmq_iq")
-MAX_KEPT_DOWNLINK = 64  # downlink bursts kept while nobody takes them; older ones are dropped (and counted)
+MAX_KEPT_DOWNLINK = 64  # downlink bursts kept while nobody takes them; beyond that the oldest are dropped
 
 
 class ZmqIqTransmitter(UplinkTransmitter):
