@@ -56,10 +56,11 @@ class DeviceRound:
     downlink_frames_lost: int | None = None
     view_received: bool | None = None
     downlink_wait_s: float | None = None  # from the first burst of its view to the status that it holds it all
+    downlink_snr_db: float | None = None  # the mean SNR the edge's receiver measured on its view's frames
 
 
 # Measurements that may be negative (dB); every other number an edge reports is a count, a duration or an energy.
-SIGNED_MEASUREMENTS = frozenset({"true_snr_db"})
+SIGNED_MEASUREMENTS = frozenset({"true_snr_db", "downlink_snr_db"})
 
 
 def apply_report(row: DeviceRound, measurements: Measurements) -> list[str]:

@@ -62,8 +62,9 @@ class EdgeDownlink:
         if self.decoder is None:
             self.decoder = DownlinkReceiver(self.bench.snr_offset_db)
 
-    def receive_view(self, plan: Plan) -> bytes:
-        """The plan's view, whole and checked against its hash; ViewNotReceived if it did not come."""
+    def receive_view(self, plan: Plan) -> tuple[bytes, float | None]:
+        """The plan's view, whole and checked against its hash, and the mean SNR (dB) the receiver measured on its
+        frames (None: no estimate); ViewNotReceived if it did not come."""
         assert plan.view_frames is not None
         total, r = plan.view_frames, plan.round
         self.start()
@@ -102,7 +103,8 @@ class EdgeDownlink:
                     asked += 1
                     waiting_since = time.monotonic()
                     if self._status(reassembler, r, heard, total, timed_out=False):
-                        return self._whole(reassembler, plan)
+                        snr = self.last_snr_db
+                        return self._whole(reassembler, plan), float(np.mean(snr)) if snr else None
                     if heard >= self.bench.arq.max_attempts:
                         end = time.monotonic()  # the BS sends no more attempts
             if time.monotonic() - waiting_since > wait_s:

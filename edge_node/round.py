@@ -76,7 +76,8 @@ class EdgeRounds:
         self.encode: FrameEncoder = plain_encoder  # set per registration by the node (sealed under its frame key)
         self.on_held: Callable[[int], None] = lambda _round: None  # the node checkpoints here (before sending)
         # the node sets it when the bench sends views over the PHY (edge_node.view_downlink.ViewReceiver.receive)
-        self.receive_view: Callable[[Plan], bytes] | None = None
+        # (the view, the mean SNR its receiver measured on the view's frames)
+        self.receive_view: Callable[[Plan], tuple[bytes, float | None]] | None = None
         torch.set_num_threads(threads)
         task = load_task(
             exp.task.name, exp.task.path, test_size=exp.task.test_size, seed=exp.seed, max_train=exp.task.max_train
@@ -149,10 +150,11 @@ class EdgeRounds:
 
     def _train_and_send(self, plan: Plan, attachment: bytes | None) -> tuple[Measurements, ReportStatus]:
         round_idx = plan.round
+        downlink_snr_db = None
         if plan.view_frames is not None:
             if self.receive_view is None:
                 raise ValueError("the plan's view comes over the PHY, and this edge's link has no downlink")
-            attachment = self.receive_view(plan)
+            attachment, downlink_snr_db = self.receive_view(plan)
         if attachment is None:
             raise ValueError("plan carries no global adapter view")
         view = decode_update(attachment)
@@ -255,6 +257,7 @@ class EdgeRounds:
             residual_norm=float(update.info["residual_norm"]),
             true_snr_db=None if true_snr_db is None else float(true_snr_db),
             radio_underruns=self.tx.take_radio_counts()["underruns"],
+            downlink_snr_db=downlink_snr_db,
         )
         return measurements, "ok" if arq.delivered else "undelivered"
 

@@ -115,6 +115,7 @@ class Measurements(_Strict):
     residual_norm: float | None = None  # error-feedback residual the device keeps for later rounds
     true_snr_db: float | None = None  # the channel's true SNR of the last burst: sim PHYs only, ground truth
     radio_underruns: int | None = None  # rf: the edge radio's transmit underruns this round (None: not counted)
+    downlink_snr_db: float | None = None  # downlink over the PHY: mean SNR its receiver measured on the view's frames
 
 
 class Report(_Message):

@@ -311,7 +311,8 @@ def test_a_far_edge_gets_its_view_whole_after_asking_for_the_missing_frames():
     loop.bs.broadcast(exclude=set())
     edge = _edge(bench, loop)
     try:
-        assert edge.receive_view(_plan(loop.bs)) == view
+        got, snr_db = edge.receive_view(_plan(loop.bs))
+        assert got == view and snr_db == pytest.approx(np.mean(edge.last_snr_db))
         dev = loop.bs.devices[0]
         assert dev.complete and dev.attempts >= 2 and dev.frames_lost > 0  # it needed resends
         assert [s.attempt for s in loop.statuses] == list(range(1, dev.attempts + 1))
@@ -414,6 +415,7 @@ def test_two_rounds_over_the_air_with_the_view_and_acks_on_the_downlink(tmp_path
         assert near["view_received"] and far["view_received"]
         assert (near["downlink_attempts"], near["downlink_frames_lost"]) == (1, 0)
         assert far["downlink_wait_s"] > 0 and near["downlink_wait_s"] > 0
+        assert near["downlink_snr_db"] > far["downlink_snr_db"] + 15  # what each edge's receiver measured
         dl = r["downlink"]
         # every uplink attempt acked over the air (a lost ack is asked for again: one more)
         assert dl["acks"] >= near["arq_attempts"] + far["arq_attempts"] > 0

@@ -408,8 +408,34 @@ def test_air_link_delivers_by_subband_with_snr_following_distance(tmp_path):
         # device 3's key cannot put a burst on the air as device 0
         reports = _edges(ep["address"], [(0, 2, 2, 10.0, 600e3, 3)], keys)
         assert "the key of device:3 cannot send as device 0" in reports[0]["error"]
-        # a stranger's key gets no answer at all, to a plan or a burst, and is logged once
+        # the downlink's trust boundary: device 3's key cannot listen as device 0, nor send the BS's bursts
         import zmq
+
+        from proto.air import DownlinkHeader, Listen
+        from trust.curve import make_client
+        from trust.keys import load_key
+
+        device3 = load_key(keys / "device-3.secret.json", role="device")
+        assert device3.bs_public is not None
+        peer = zmq.Context.instance().socket(zmq.DEALER)
+        peer.setsockopt(zmq.LINGER, 0)
+        make_client(peer, device3, device3.bs_public)
+        peer.connect(ep["address"])
+        peer.send(Listen(device_id=0).encode())
+        assert (
+            peer.poll(5000)
+            and "the key of device:3 cannot listen as device 0" in decode_reply(peer.recv_multipart()).error
+        )
+        dl = DownlinkHeader(
+            round=2, burst_id=1, devices=[0], tx_power_dbm=20.0, modulation="qpsk", kind="ack", packets=1, final=True
+        )
+        peer.send_multipart([dl.encode(), np.zeros(100, np.complex64).tobytes()])
+        assert (
+            peer.poll(5000)
+            and "only the BS's key may send downlink bursts" in decode_reply(peer.recv_multipart()).error
+        )
+        peer.close(0)
+        # a stranger's key gets no answer at all, to a plan or a burst, and is logged once
 
         from trust.curve import make_client
         from trust.keys import KeyPair, generate_pair, load_roster
