@@ -170,7 +170,7 @@ class DownlinkConfig(ConfigModel):
     tx_power_dbm: float = Field(20.0, ge=-30.0, le=40.0)  # the BS's transmit power
     modulation: Modulation = "qpsk"
     burst_frames: int = Field(32, ge=1, le=64)  # frames per downlink burst (a view is sent as several; 64 of the
-    # largest frames at BPSK fit one burst the air takes, phy.air_downlink.MAX_DOWNLINK_SAMPLES)
+    # largest frames at BPSK fit one burst the air takes, proto.air.MAX_DOWNLINK_SAMPLES)
 
 
 class ReplayConfig(ConfigModel):

@@ -85,7 +85,10 @@ class EdgeDownlink:
             for burst in bursts:
                 if burst.header.round != r or burst.header.kind != "view":
                     continue  # a burst of an earlier round that came late, or an ack
-                decoded = self.decoder.decode(np.frombuffer(burst.iq, dtype=np.complex64), burst.header.packets)
+                iq = self._samples(burst)
+                if iq is None:
+                    continue
+                decoded = self.decoder.decode(iq, burst.header.packets)
                 for rx in decoded:
                     self._add(reassembler, rx.data, r, rx.snr_db)
                 log.info(
@@ -116,6 +119,14 @@ class EdgeDownlink:
         raise ViewNotReceived(
             f"adapter view not received over the downlink: {have} of {total} frames after {heard} attempt(s)"
         )
+
+    def _samples(self, burst: DownlinkFrames) -> np.ndarray | None:
+        """The burst's IQ, or None (logged) when it holds NaN or Inf: the receiver takes numbers only."""
+        iq = np.frombuffer(burst.iq, dtype=np.complex64)
+        if np.isfinite(iq.view(np.float32)).all():
+            return iq
+        log.warning("edge %d: a downlink burst with NaN or Inf samples skipped", self.device_id)
+        return None
 
     def _add(self, reassembler: Reassembler, data: bytes, r: int, snr_db: float | None) -> None:
         try:
@@ -190,7 +201,10 @@ class EdgeDownlink:
         """The ack for (round_idx, attempt) once its frames are all here (None: not yet, or not this one)."""
         self.start()
         assert self.decoder is not None
-        for rx in self.decoder.decode(np.frombuffer(burst.iq, dtype=np.complex64), burst.header.packets):
+        iq = self._samples(burst)
+        if iq is None:
+            return None
+        for rx in self.decoder.decode(iq, burst.header.packets):
             try:
                 frame = Frame.from_bytes(rx.data)
                 if (frame.device_id, frame.round_idx, frame.attempt) == (self.device_id, round_idx, attempt):

@@ -25,15 +25,14 @@ import numpy as np
 from phy import fdma
 from phy.air_physics import Physics
 from phy.channel import DeviceGeometry, SimChannel, TxSetting
-from proto.air import DownlinkFrames, DownlinkHeader, DownlinkIq
+from proto.air import DOWNLINK_NOISE_SAMPLES, DownlinkFrames, DownlinkHeader, DownlinkIq
 
 log = logging.getLogger("air")
 
 MAX_QUEUED_DOWNLINK_BURSTS = 1024  # BS bursts waiting for the downlink (each view is a few; a round has a few views)
 MAX_QUEUED_DOWNLINK_SAMPLES = 1 << 24  # and their samples: 16 Mi (128 MiB), 16 s of downlink at 1 MHz
-MAX_DOWNLINK_SAMPLES = 1 << 22  # one burst: 4 Mi samples (32 MiB), 4 s at 1 MHz
 LEAD_NOISE_SAMPLES = 512  # noise before the burst: the receiver's synchronizer sees a noise floor first
-TAIL_NOISE_SAMPLES = 4096  # noise after it: the last packet leaves the receiver's buffers
+TAIL_NOISE_SAMPLES = DOWNLINK_NOISE_SAMPLES - LEAD_NOISE_SAMPLES  # after it: the last packet leaves the receiver
 
 
 class DownlinkError(ValueError):
@@ -68,8 +67,6 @@ class DownlinkAir:
         header = request.header
         assert isinstance(header, DownlinkHeader)
         iq = np.frombuffer(request.iq, dtype=np.complex64)
-        if len(iq) > MAX_DOWNLINK_SAMPLES:
-            raise DownlinkError(f"dl_burst: {len(iq)} samples, more than {MAX_DOWNLINK_SAMPLES} (send several)")
         if not np.isfinite(iq.view(np.float32)).all():
             raise DownlinkError("dl_burst: IQ holds NaN or Inf")
         if not np.all(np.abs(iq.view(np.float32)) < 1e3):

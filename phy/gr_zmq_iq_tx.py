@@ -27,7 +27,19 @@ import zmq
 from phy.channel import DeviceGeometry, TxSetting
 from phy.uplink import TxReport, UplinkTransmitter, checked_frames
 from proto import numerology
-from proto.air import AirMessageError, AirRefusal, BurstDone, BurstHeader, DownlinkFrames, Listen, decode_reply
+from proto.air import (
+    DOWNLINK_NOISE_SAMPLES,
+    IQ_SAMPLE_BYTES,
+    MAX_DOWNLINK_SAMPLES,
+    MAX_HEADER_BYTES,
+    AirMessageError,
+    AirRefusal,
+    BurstDone,
+    BurstHeader,
+    DownlinkFrames,
+    Listen,
+    decode_reply,
+)
 from trust.curve import make_client
 from trust.keys import KeyPair
 
@@ -57,6 +69,10 @@ class ZmqIqTransmitter(UplinkTransmitter):
         self._sock = ctx.socket(zmq.DEALER)
         self._sock.setsockopt(zmq.LINGER, 0)
         self._sock.setsockopt(zmq.SNDTIMEO, 5000)  # a missing air must not block the edge forever
+        # what may come back: small replies, and downlink bursts of bounded size (a larger message is dropped)
+        self._sock.setsockopt(
+            zmq.MAXMSGSIZE, (MAX_DOWNLINK_SAMPLES + DOWNLINK_NOISE_SAMPLES) * IQ_SAMPLE_BYTES + MAX_HEADER_BYTES
+        )
         if key is not None:
             assert key.bs_public is not None  # a device key file carries it (trust.keys.load_key)
             make_client(self._sock, key, key.bs_public)

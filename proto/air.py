@@ -40,6 +40,8 @@ AIR_PROTOCOL_VERSION = 3
 MAX_HEADER_BYTES = 1 << 16  # a JSON header longer than this is refused before it is parsed
 IQ_SAMPLE_BYTES = 8  # complex64: float32 I, float32 Q
 MAX_BURST_SAMPLES = 64_000_000  # 512 MB of IQ: the air refuses a larger burst from a peer
+MAX_DOWNLINK_SAMPLES = 1 << 22  # a BS downlink burst: 4 Mi samples (32 MiB), 4 s at 1 MHz
+DOWNLINK_NOISE_SAMPLES = 512 + 4096  # noise the air puts before and after a downlink burst it delivers
 
 NonNegativeInt = Annotated[int, Field(ge=0)]
 PositiveFloat = Annotated[float, Field(gt=0)]
@@ -176,8 +178,9 @@ def decode_request(frames: Sequence[bytes]) -> AirRequest:
     _check_frame_count(header.type, frames)
     if isinstance(header, (RoundPlan, Listen)):
         return header
-    iq = _checked_iq(header.type, frames[1], MAX_BURST_SAMPLES)
-    return BurstFrames(header, iq) if isinstance(header, BurstHeader) else DownlinkFrames(header, iq)
+    if isinstance(header, BurstHeader):
+        return BurstFrames(header, _checked_iq(header.type, frames[1], MAX_BURST_SAMPLES))
+    return DownlinkFrames(header, _checked_iq(header.type, frames[1], MAX_DOWNLINK_SAMPLES))
 
 
 def _check_frame_count(message_type: str, frames: Sequence[bytes]) -> None:
@@ -250,7 +253,9 @@ def decode_reply(frames: Sequence[bytes]) -> AirReply:
     header = _decode(_REPLY, frames[0], "reply")
     _check_frame_count(header.type, frames)
     if isinstance(header, DownlinkIq):
-        return DownlinkFrames(header, _checked_iq(header.type, frames[1], MAX_BURST_SAMPLES))
+        return DownlinkFrames(
+            header, _checked_iq(header.type, frames[1], MAX_DOWNLINK_SAMPLES + DOWNLINK_NOISE_SAMPLES)
+        )
     return header
 
 

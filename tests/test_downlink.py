@@ -166,6 +166,18 @@ def test_the_air_gives_each_listener_the_burst_at_its_own_snr():
     assert out[0][1].snr_db > out[1][1].snr_db + 20  # 10 m vs 50 m: 35 log10(5) = 24.5 dB
 
 
+def test_downlink_iq_is_bounded_where_it_is_decoded():
+    from proto.air import MAX_DOWNLINK_SAMPLES, AirMessageError, decode_request
+
+    header = DownlinkHeader(
+        round=1, burst_id=1, devices=[0], tx_power_dbm=20.0, modulation="qpsk", kind="view", packets=1, final=True
+    )
+    too_long = np.zeros(MAX_DOWNLINK_SAMPLES + 1, dtype=np.complex64).tobytes()
+    with pytest.raises(AirMessageError, match="dl_burst: 4194305 samples is above the limit 4194304"):
+        decode_request([header.encode(), too_long])
+    assert isinstance(decode_request([header.encode(), too_long[:-8]]), DownlinkFrames)
+
+
 @gnuradio
 def test_the_air_process_delivers_downlink_bursts_to_listening_edges_only():
     from phy.air_server import Air
@@ -340,6 +352,14 @@ def test_a_view_that_does_not_come_or_does_not_match_its_hash_fails_the_round_wi
     try:
         with pytest.raises(ViewNotReceived, match="does not match the plan's view_sha256"):
             edge.receive_view(_plan(loop.bs, view_sha256="00" * 32))
+        loop.bs.start_round(4, {(8, 2): view}, {0: (8, 2)})  # bursts of NaN are skipped, not decoded
+        loop.bs.broadcast(exclude=set())
+        nan = DownlinkFrames(next(iter(loop.air.due(float("inf"))))[1], np.full(9, np.nan, np.complex64).tobytes())
+        loop.take_downlink = lambda timeout_s: [nan] if nan is not None else []  # type: ignore[method-assign]
+        with pytest.raises(ViewNotReceived, match="0 of 3 frames after 0 attempt"):
+            edge.receive_view(_plan(loop.bs))
+        del loop.take_downlink
+        list(loop.air.due(float("inf")))  # the BS's resends of that phase never reach the edge
         loop.lose_all = True  # nothing reaches the edge any more: it asks again, then gives up
         loop.bs.start_round(4, {(8, 2): view}, {0: (8, 2)})
         loop.bs.broadcast(exclude=set())
