@@ -54,6 +54,7 @@ class EdgeDownlink:
     ) -> None:
         self.exp, self.bench, self.device_id, self.source = experiment, bench, device_id, source
         self.client, self.stopping = client, stopping
+        self.heartbeat = client.heartbeat  # RoundLink's heartbeat: the control plane's (only the acks come by air)
         self.decoder: DownlinkReceiver | None = None  # GNU Radio starts with the first view
         self.last_snr_db: list[float] = []  # the measured SNR of the last view's frames
 
@@ -152,18 +153,6 @@ class EdgeDownlink:
         if hashlib.sha256(view).hexdigest() != plan.view_sha256:
             raise ViewNotReceived("the view received over the downlink does not match the plan's view_sha256")
         return view
-
-    def heartbeat(
-        self,
-        state: str,
-        *,
-        round_idx: int | None = None,
-        step: int | None = None,
-        steps: int | None = None,
-        loss: float | None = None,
-    ) -> None:
-        """RoundLink's heartbeat: on the control plane."""
-        self.client.heartbeat(state, round_idx=round_idx, step=step, steps=steps, loss=loss)
 
     def request_ack(
         self, round_idx: int, attempt: int, seqs: list[int], total: int, timeout_s: float

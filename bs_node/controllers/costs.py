@@ -124,6 +124,7 @@ class CostModel:
         self.bench, self.per_curve, self.shape, self.max_rank = bench, per_curve, shape, max_rank
         self.encoding = UpdateEncoding.from_codec(codec)
         self.view_encoding = UpdateEncoding(codec.downlink_dtype, component_coded=False, zero_lora_a=False)
+        self._view_frames_cache: np.ndarray | None = None
         self.loss_weights = loss_weights
         self.frame_payload = bench.radio.frame_payload_bytes
         self.frame_bytes = self.frame_payload + frame_overhead_bytes(bench.security.mode == "sealed")
@@ -163,15 +164,24 @@ class CostModel:
         if not self.bench.downlink_over_phy:
             return wait
         dl, band_hz = self.bench.downlink, self.bench.radio.total_bandwidth_hz
-        frame_bytes = self.downlink_frame_bytes
         snr = dl.tx_power_dbm + gain_db[:, None] + fading_db - (self.noise_psd_dbm_hz + 10 * np.log10(band_hz))
-        per = self.per(snr, dl.modulation, frame_bytes)
+        per = self.per(snr, dl.modulation, self.downlink_frame_bytes)
         tx_per_frame = (1 / (1 - np.minimum(per, 0.99))).mean(axis=1)  # (K,)
-        frame_s = self.downlink_frame_s
-        for depth in range(1, num_layers + 1):
-            frames = -(-self.shape.update_bytes(self.max_rank, depth, 1.0, self.view_encoding) // self.frame_payload)
-            wait[:, depth] = frames * frame_s * tx_per_frame
+        wait[:, 1:] = self._view_frames(num_layers)[None, :] * self.downlink_frame_s * tx_per_frame[:, None]
         return wait
+
+    def _view_frames(self, num_layers: int) -> np.ndarray:
+        """Frames of the largest-rank view at depth 1 .. num_layers (the codec's exact size; computed once: the
+        model's shape and the frame size never change)."""
+        if self._view_frames_cache is None or len(self._view_frames_cache) != num_layers:
+            self._view_frames_cache = np.array(
+                [
+                    -(-self.shape.update_bytes(self.max_rank, d, 1.0, self.view_encoding) // self.frame_payload)
+                    for d in range(1, num_layers + 1)
+                ],
+                dtype=float,
+            )
+        return self._view_frames_cache
 
     def grid(
         self,

@@ -132,11 +132,9 @@ class Downlink:
         """The device's downlink in its record row (a device that got no view keeps None)."""
         dev = self.devices.get(row.device_id)
         if dev is not None:
-            row.downlink_attempts, row.downlink_frames_lost, row.view_received = (
-                dev.attempts,
-                dev.frames_lost,
-                dev.complete,
-            )
+            row.downlink_attempts = dev.attempts
+            row.downlink_frames_lost = dev.frames_lost
+            row.view_received = dev.complete
             row.downlink_wait_s = dev.wait_s
 
     def send_ack(self, device_id: int, ack: Ack) -> None:
