@@ -46,6 +46,10 @@ class DeviceRound:
     kept_components: int = 0  # rank components sent (all modules), of total_components
     total_components: int = 0
     residual_norm: float = 0.0  # error-feedback residual the device keeps for later rounds
+    # the BS's: the L2 norm of the update it decoded (what was delivered) and whether it was clipped to its bound
+    # (fedlora/clipping.py); None/False where no update of this round was decoded
+    update_norm: float | None = None
+    clipped: bool = False
     error: str | None = None
     # rf PHY only (phy.rf take_radio_counts; None on other PHYs or where the radio block does not report them):
     radio_underruns: int | None = None  # the edge's TX radio this round
@@ -63,20 +67,35 @@ class DeviceRound:
 SIGNED_MEASUREMENTS = frozenset({"true_snr_db", "downlink_snr_db"})
 
 
-def apply_report(row: DeviceRound, measurements: Measurements) -> list[str]:
-    """Copy an edge's reported measurements into its row; returns the problems (non-finite or negative values
-    are skipped, the rest of the report still counts)."""
+def apply_report(row: DeviceRound, measurements: Measurements, max_update_bytes: int | None = None) -> list[str]:
+    """Copy an edge's reported measurements into its row; returns the problems (values the plan does not allow
+    are skipped, the rest of the report still counts).
+
+    proto.control already bounded every number (finite, within its type's range); here the plan's own limits:
+    no update larger than the largest encoding of the planned module, no more lost than sent, no more kept
+    components than there are."""
     problems = []
     for name, value in measurements:
         if value is None:
             continue
-        if isinstance(value, (int, float)) and not (
-            math.isfinite(value) and (value >= 0 or name in SIGNED_MEASUREMENTS)
-        ):
+        if isinstance(value, (int, float)) and not (value >= 0 or name in SIGNED_MEASUREMENTS):
             problems.append(f"{name}={value!r}")
             continue
         setattr(row, name, value)
+    for name, value, bound in _plan_bounds(measurements, max_update_bytes):
+        if value is not None and bound is not None and value > bound:
+            problems.append(f"{name}={value!r} > {bound!r}")
+            setattr(row, name, DeviceRound.__dataclass_fields__[name].default)
     return problems
+
+
+def _plan_bounds(m: Measurements, max_update_bytes: int | None) -> list[tuple[str, int | None, int | None]]:
+    """(field, reported value, the largest the plan allows) for the fields the plan bounds."""
+    return [
+        ("update_bytes", m.update_bytes, max_update_bytes),
+        ("frames_lost", m.frames_lost, m.frames_sent),
+        ("kept_components", m.kept_components, m.total_components),
+    ]
 
 
 def finite_or_none(value: float) -> float | None:

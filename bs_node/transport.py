@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import Counter
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -80,6 +81,7 @@ class ZmqTransport:
         self.curve = curve_key is not None
         self._impostors: set[tuple[int | None, object]] = set()  # (key's device, claimed id) pairs logged once
         self._unregistered_logged: set[bytes] = set()
+        self.rejected: Counter[str] = Counter()  # control messages refused, by reason (summary.json)
         self.uplink = uplink
         self.device_count = device_count
         self.welcome = dict(welcome)
@@ -111,7 +113,7 @@ class ZmqTransport:
                 except zmq.Again:
                     break
                 sender = sender_of(frames[-1]) if self.curve else None
-                event = self._on_control([f.bytes for f in frames], sender)
+                event = self._on_control_safely([f.bytes for f in frames], sender)
                 if event is not None:
                     events.append(event)
         if self.uplink.poll_socket is None or self.uplink.poll_socket in ready:
@@ -121,6 +123,15 @@ class ZmqTransport:
     def drain_frames(self, quiet_s: float, max_wait_s: float) -> Iterator[FrameReceived]:
         return (FrameReceived(rx.data, rx.snr_db) for rx in self.uplink.drain_until_quiet(quiet_s, max_wait_s))
 
+    def _on_control_safely(self, parts: list[bytes], sender: str | None) -> Event | None:
+        """One peer's message can cost that message, never the BS: whatever escapes the checks is logged."""
+        try:
+            return self._on_control(parts, sender)
+        except Exception:
+            self.rejected["error"] += 1
+            log.exception("control: a message from peer %r could not be handled; ignored", parts[0][:64])
+            return None
+
     def _on_control(self, parts: list[bytes], sender: str | None) -> Event | None:
         identity = parts[0]
         try:
@@ -128,10 +139,12 @@ class ZmqTransport:
                 raise MessageError(f"{len(parts) - 1} message parts (expected 1 or 2)")
             msg = decode_control(parts[1])
         except MessageError as exc:
-            log.warning("control: ignored bad message from peer %r: %s", identity, exc)
+            self.rejected["malformed"] += 1
+            log.warning("control: ignored bad message from peer %r: %s", identity[:64], exc)
             return None
         claimed = getattr(msg, "device_id", None)
         if self.curve and user_device(sender) != claimed:  # a key speaks only for its own device
+            self.rejected["impostor"] += 1
             key_device = user_device(sender)
             if (key_device, claimed) not in self._impostors and len(self._impostors) < 1024:
                 self._impostors.add((key_device, claimed))
@@ -146,9 +159,12 @@ class ZmqTransport:
         device_id = getattr(msg, "device_id", None)
         edge = self.edges.get(device_id) if isinstance(device_id, int) else None
         if edge is None or edge.identity != identity:
+            self.rejected["unregistered"] += 1
             if identity not in self._unregistered_logged and len(self._unregistered_logged) < 1024:
                 self._unregistered_logged.add(identity)  # once per peer: a reconnecting edge flushes its queue
-                log.warning("control: %s from unregistered peer %r (device %s) ignored", msg.type, identity, device_id)
+                log.warning(
+                    "control: %s from unregistered peer %r (device %s) ignored", msg.type, identity[:64], device_id
+                )
             if not isinstance(msg, Bye):  # e.g. an edge that outlived a BS restart: tell it to register again
                 self._send_raw(
                     identity, Reject(reason="not registered with this BS run: register first", kind="register_first")
@@ -213,6 +229,9 @@ class ZmqTransport:
         """The PHY's subbands for the round's shares; returns the carriers the devices must be told (radios)."""
         self.uplink.flush_recording()  # the last round's IQ annotations, before this round adds to them
         return self.uplink.start_round(round_idx, dict(bandwidth_hz))
+
+    def rejected_messages(self) -> dict[str, int]:
+        return dict(self.rejected)
 
     def take_radio_counts(self) -> dict[str, int | None]:
         return self.uplink.take_radio_counts()

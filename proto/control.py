@@ -10,9 +10,20 @@ logs it with the peer and carries on.
 from __future__ import annotations
 
 import json
+import math
+import unicodedata
 from typing import Annotated, Any, Final, Literal, NoReturn
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, ValidationInfo, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
 
 from proto.numerology import Modulation
 
@@ -30,6 +41,26 @@ MAX_MODULE_DEPTH: Final = 255
 ModuleRank = Annotated[int, Field(ge=1, le=MAX_MODULE_RANK)]
 ModuleDepth = Annotated[int, Field(ge=1, le=MAX_MODULE_DEPTH)]
 RoundIndex = Annotated[int, Field(ge=0, le=0xFFFFFFFF)]  # u32 in the frame and codec headers
+# Bounded numbers and strings for everything an edge says: a peer's message can only carry values the BS can
+# hold, compare and print (an unbounded int once overflowed a float conversion at the round close).
+DeviceId = Annotated[int, Field(ge=0, le=65535)]  # u16 in the frame header
+Count = Annotated[int, Field(ge=0, le=0xFFFFFFFF)]  # steps, frames, attempts, examples, components
+ByteCount = Annotated[int, Field(ge=0, le=1 << 40)]
+Seconds = Annotated[float, Field(ge=0.0, le=1e7)]
+Joules = Annotated[float, Field(ge=0.0, le=1e9)]
+Decibels = Annotated[float, Field(ge=-400.0, le=400.0)]
+Magnitude = Annotated[float, Field(ge=0.0, le=1e30)]  # losses and norms: non-negative, finite, float32-sized
+
+
+def _printable(text: str) -> str:
+    """A peer's text without control or format characters (escape sequences, bidi overrides): it reaches the
+    terminal's live view and the logs, where it could otherwise draw fake lines."""
+    return "".join(ch for ch in text if unicodedata.category(ch) not in ("Cc", "Cf"))
+
+
+ShortText = Annotated[str, Field(max_length=256), AfterValidator(_printable)]  # names, hosts, states
+LongText = Annotated[str, Field(max_length=4096), AfterValidator(_printable)]  # reasons and errors, logged
+MAX_JSON_NUMBER_CHARS: Final = 64  # a number in a control message is a u32, a byte count or a float64
 ReportStatus = Literal["ok", "undelivered", "failed"]  # delivered / not every frame acknowledged / round failed
 
 
@@ -52,32 +83,32 @@ class Register(_Message):
     """An edge announces itself (again after a restart, or when the BS says it does not know it)."""
 
     type: Literal["register"] = "register"
-    device_id: int
-    host: str
-    pid: int
+    device_id: DeviceId
+    host: ShortText
+    pid: Count
 
 
 class Heartbeat(_Message):
     """Liveness and progress; `state` is free text for the live view (ready, idle, training, sending, ...)."""
 
     type: Literal["heartbeat"] = "heartbeat"
-    device_id: int
-    state: str
-    round: int | None = None
-    step: int | None = None
-    steps: int | None = None
-    loss: float | None = None
+    device_id: DeviceId
+    state: ShortText
+    round: RoundIndex | None = None
+    step: Count | None = None
+    steps: Count | None = None
+    loss: Magnitude | None = None
 
 
 class BurstEnd(_Message):
     """ARQ: the edge finished sending one attempt's frames and asks which of the round's frames the BS holds."""
 
     type: Literal["burst_end"] = "burst_end"
-    device_id: int
-    round: int
-    attempt: int
-    seqs: list[FrameSeq]
-    total: int
+    device_id: DeviceId
+    round: RoundIndex
+    attempt: Annotated[int, Field(ge=0, le=65535)]
+    seqs: Annotated[list[FrameSeq], Field(max_length=65536)]
+    total: Annotated[int, Field(ge=0, le=65536)]
 
 
 class ViewStatus(_Message):
@@ -85,8 +116,8 @@ class ViewStatus(_Message):
     time), the edge says which of the view's frames it holds; the BS resends the rest while attempts are left."""
 
     type: Literal["view_status"] = "view_status"
-    device_id: int
-    round: int
+    device_id: DeviceId
+    round: RoundIndex
     attempt: Annotated[int, Field(ge=0, le=65535)]  # the view's attempts this edge heard end (0: none yet)
     received: Annotated[list[FrameSeq], Field(max_length=65536)]
     total: Annotated[int, Field(ge=1, le=65535)]
@@ -96,45 +127,47 @@ class ViewStatus(_Message):
 class Measurements(_Strict):
     """What an edge measured of its own round (absent when the round failed before it was measured)."""
 
-    update_bytes: int | None = None  # the encoded update
-    uplink_bytes: int | None = None  # frame bytes put on the air, retransmissions included
-    frames_sent: int | None = None
-    frames_lost: int | None = None  # transmissions the BS did not acknowledge
-    arq_attempts: int | None = None
-    airtime_s: float | None = None
-    compute_s: float | None = None  # CPU-seconds of local training (scaled for emulated slower hardware)
-    train_wall_s: float | None = None
-    compute_energy_j: float | None = None
-    transmit_energy_j: float | None = None
-    energy_j: float | None = None
-    energy_source: str | None = None  # "rapl" or "cpu_model" (+ the emulated slow-down)
-    train_loss: float | None = None
-    train_examples: int | None = None
-    kept_components: int | None = None  # rank components sent (all modules), of total_components
-    total_components: int | None = None
-    residual_norm: float | None = None  # error-feedback residual the device keeps for later rounds
-    true_snr_db: float | None = None  # the channel's true SNR of the last burst: sim PHYs only, ground truth
-    radio_underruns: int | None = None  # rf: the edge radio's transmit underruns this round (None: not counted)
-    downlink_snr_db: float | None = None  # downlink over the PHY: mean SNR its receiver measured on the view's frames
+    update_bytes: ByteCount | None = None  # the encoded update
+    uplink_bytes: ByteCount | None = None  # frame bytes put on the air, retransmissions included
+    frames_sent: Count | None = None
+    frames_lost: Count | None = None  # transmissions the BS did not acknowledge
+    arq_attempts: Count | None = None
+    airtime_s: Seconds | None = None
+    compute_s: Seconds | None = None  # CPU-seconds of local training (scaled for emulated slower hardware)
+    train_wall_s: Seconds | None = None
+    compute_energy_j: Joules | None = None
+    transmit_energy_j: Joules | None = None
+    energy_j: Joules | None = None
+    energy_source: ShortText | None = None  # "rapl" or "cpu_model" (+ the emulated slow-down)
+    train_loss: Magnitude | None = None
+    train_examples: Count | None = None
+    kept_components: Count | None = None  # rank components sent (all modules), of total_components
+    total_components: Count | None = None
+    residual_norm: Magnitude | None = None  # error-feedback residual the device keeps for later rounds
+    true_snr_db: Decibels | None = None  # the channel's true SNR of the last burst: sim PHYs only, ground truth
+    radio_underruns: Count | None = None  # rf: the edge radio's transmit underruns this round (None: not counted)
+    downlink_snr_db: Decibels | None = (
+        None  # downlink over the PHY: mean SNR its receiver measured on the view's frames
+    )
 
 
 class Report(_Message):
     """The edge's account of one round; sent whatever became of the update."""
 
     type: Literal["report"] = "report"
-    device_id: int
-    round: int
+    device_id: DeviceId
+    round: RoundIndex
     status: ReportStatus
     measurements: Measurements = Measurements()
-    error: str | None = None
+    error: LongText | None = None
 
 
 class Bye(_Message):
     """The edge leaves the run (stopped, or the BS ended the run)."""
 
     type: Literal["bye"] = "bye"
-    device_id: int
-    reason: str | None = None
+    device_id: DeviceId
+    reason: LongText | None = None
 
 
 # ---------------------------------------------------------------------------------------------- BS -> edge
@@ -142,11 +175,11 @@ class Welcome(_Message):
     """Registration accepted: the whole resolved experiment and bench, so a lab configures only the BS."""
 
     type: Literal["welcome"] = "welcome"
-    device_id: int
+    device_id: DeviceId
     experiment: dict[str, Any]
     bench: dict[str, Any]
-    run_id: str
-    data_address: str
+    run_id: ShortText
+    data_address: ShortText
     # this registration's frame-key salt (hex): the edge derives its frame key from it (trust.sealing); None when
     # the bench does not seal frames
     frame_salt: Annotated[str, Field(pattern=r"^[0-9a-f]{32}$")] | None = None
@@ -164,15 +197,15 @@ class Plan(_Message):
 
     type: Literal["plan"] = "plan"
     round: RoundIndex
-    deadline_s: float
+    deadline_s: Seconds
     participate: bool
     rank: ModuleRank
     depth: ModuleDepth
-    tx_power_dbm: float
-    bandwidth_hz: float
+    tx_power_dbm: Decibels
+    bandwidth_hz: Annotated[float, Field(ge=0.0, le=1e12)]
     modulation: Modulation
-    keep_fraction: float  # share of rank components sent (1.0 = dense)
-    local_steps: int
+    keep_fraction: Annotated[float, Field(ge=0.0, le=1.0)]  # share of rank components sent (1.0 = dense)
+    local_steps: Count
     aggregated_rounds: Annotated[list[RoundIndex], Field(max_length=AGGREGATED_WINDOW_ROUNDS)] | None = None
     # rf benches: the carrier the device transmits on this round (its FDMA subband's centre, phy.rf); else None
     center_freq_hz: Annotated[float, Field(gt=0.0)] | None = None
@@ -201,14 +234,14 @@ class Ack(_Message):
     """ARQ feedback: every frame sequence number of this round the BS holds."""
 
     type: Literal["ack"] = "ack"
-    round: int
-    attempt: int
+    round: RoundIndex
+    attempt: Annotated[int, Field(ge=0, le=65535)]
     received: list[FrameSeq]
 
 
 class ReportAck(_Message):
     type: Literal["report_ack"] = "report_ack"
-    round: int
+    round: RoundIndex
 
 
 class Reject(_Message):
@@ -217,13 +250,13 @@ class Reject(_Message):
     registering edge waits on for its welcome)."""
 
     type: Literal["reject"] = "reject"
-    reason: str
+    reason: LongText
     kind: Literal["refused", "register_first"] = "refused"
 
 
 class Shutdown(_Message):
     type: Literal["shutdown"] = "shutdown"
-    reason: str
+    reason: LongText
 
 
 EdgeMessage = Register | Heartbeat | BurstEnd | ViewStatus | Report | Bye
@@ -276,24 +309,43 @@ def decode_control(data: bytes) -> ControlMessage:
     if len(data) > MAX_MESSAGE_BYTES:
         raise MessageError(f"message of {len(data)} bytes exceeds the {MAX_MESSAGE_BYTES}-byte limit")
     try:
-        obj = json.loads(data.decode("utf-8"), parse_constant=_reject_constant)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        obj = json.loads(
+            data.decode("utf-8"), parse_constant=_reject_constant, parse_int=_bounded_int, parse_float=_finite_float
+        )
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # JSONDecodeError is a ValueError
         raise MessageError(f"not a JSON message: {exc}") from None
     if not isinstance(obj, dict):
         raise MessageError(f"message must be a JSON object, got {type(obj).__name__}")
     if obj.get("v") != PROTOCOL_VERSION or isinstance(obj.get("v"), bool):
-        raise MessageError(f"protocol version {obj.get('v')!r} is not supported (expected {PROTOCOL_VERSION})")
+        raise MessageError(f"protocol version {_shown(obj.get('v'))} is not supported (expected {PROTOCOL_VERSION})")
     kind = obj.get("type")
     if not isinstance(kind, str) or kind not in _BY_TYPE:
-        raise MessageError(f"unknown message type {kind!r}")
+        raise MessageError(f"unknown message type {_shown(kind)}")
     try:
         return _ADAPTER.validate_python(obj)
     except ValidationError as exc:
         raise MessageError(_describe(kind, exc)) from None
+    except RecursionError:  # a deeply nested value in a free-form field
+        raise MessageError(f"{kind}: nested too deeply") from None
 
 
 def _reject_constant(name: str) -> NoReturn:
     raise MessageError(f"non-finite number {name} in message")
+
+
+def _bounded_int(text: str) -> int:
+    """Python refuses ints past 4,300 digits with a bare ValueError; no field needs a number this long anyway."""
+    if len(text) > MAX_JSON_NUMBER_CHARS:
+        raise MessageError(f"a number of {len(text)} digits is too long (at most {MAX_JSON_NUMBER_CHARS})")
+    return int(text)
+
+
+def _finite_float(text: str) -> float:
+    """1e400 parses as inf: refuse it here, where the text is still in hand."""
+    value = float(text) if len(text) <= MAX_JSON_NUMBER_CHARS else math.inf
+    if not math.isfinite(value):
+        raise MessageError(f"number {text[:MAX_JSON_NUMBER_CHARS]!r} is not a finite float64")
+    return value
 
 
 def _describe(kind: str, exc: ValidationError) -> str:
@@ -309,8 +361,17 @@ def _describe(kind: str, exc: ValidationError) -> str:
         elif err["type"] == "extra_forbidden":
             problems.append(f"{where}: unknown field")
         else:
-            problems.append(f"{where}: {err['msg']} (got {err['input']!r:.60})")
+            problems.append(f"{where}: {err['msg']} (got {_shown(err['input'])})")
     return "; ".join(problems)
+
+
+def _shown(value: object) -> str:
+    """At most 60 characters of a peer's value, its control characters escaped (repr does that)."""
+    try:
+        text = repr(value)
+    except ValueError:  # an int too long for repr
+        text = f"<{type(value).__name__} too long to show>"
+    return text[:60]
 
 
 class BsEndpoints(_Strict):

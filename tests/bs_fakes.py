@@ -123,6 +123,9 @@ class MemoryTransport:
         self.round_starts.append((round_idx, dict(bandwidth_hz)))
         return dict(self.carriers_hz)
 
+    def rejected_messages(self) -> dict[str, int]:
+        return {}
+
     def take_radio_counts(self) -> dict[str, int | None]:
         return {"underruns": None, "overruns": self.overruns}
 

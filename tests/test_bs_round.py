@@ -31,7 +31,8 @@ def test_round_uses_complete_updates_and_names_bad_ones(tmp_path):
     t.join(0, device_0)
     t.join(1, sends_update(t, 1, 0.01, report=None))  # complete, but the edge died before reporting
     t.join(2, sends_update(t, 2, 0.01, drop_last=True, report="undelivered", measurements=Measurements()))
-    negative = Measurements(energy_j=-1.0)  # a broken meter (a NaN cannot even be built: see test_messages)
+    # a broken counter: more lost than sent (a NaN or a negative energy cannot even be built: see test_messages)
+    negative = Measurements(energy_j=2.0, frames_sent=1, frames_lost=5)
     t.join(3, sends_update(t, 3, 0.01, wrong_shape=True, measurements=negative))  # not the module that was planned
     bs.runner.wait_for_devices()
     before = {k: v.clone() for k, v in bs.model.adapter.state.items()}
@@ -44,7 +45,7 @@ def test_round_uses_complete_updates_and_names_bad_ones(tmp_path):
     assert rows[1].status == "ok" and "no report" in rows[1].error
     assert rows[2].status == "undelivered" and rows[2].frames_received == rows[0].frames_received - 1
     assert rows[3].status == "bad_update" and "does not match the expected" in rows[3].error
-    assert rows[3].energy_j == 0.0  # the negative measurement was refused, the rest of the report kept
+    assert rows[3].frames_lost == 0 and rows[3].energy_j == 2.0  # the impossible count refused, the rest kept
     assert record.wall_s == pytest.approx(bs.runner.exp.round.deadline_s)  # device 1 never reported
     # every burst was answered with what the BS holds, every report acknowledged
     for k in range(4):

@@ -133,7 +133,9 @@ def test_encode_refuses_what_decode_would_reject():
     with pytest.raises(ValueError, match="loss"):
         Heartbeat(device_id=1, state="x", loss=math.inf)
     with pytest.raises(MessageError, match="limit"):
-        encode(Reject(reason="x" * MAX_MESSAGE_BYTES))
+        encode(Welcome(device_id=0, experiment={"x": "y" * MAX_MESSAGE_BYTES}, bench={}, run_id="r", data_address="d"))
+    with pytest.raises(ValueError, match="reason"):  # a peer's free text is bounded where it is declared
+        Reject(reason="x" * 5000)
     with pytest.raises(MessageError, match="not a control message"):
         encode(Measurements())
     with pytest.raises(ValueError):  # building a message checks it as strictly as decoding does

@@ -139,6 +139,13 @@ def test_garbage_on_both_sockets_is_logged_and_ignored(procs, tmp_path):
                 {"v": 5, "type": "report", "device_id": 1, "round": 1, "status": "ok", "measurements": {}}
             ).encode()
         ],
+        # the two messages that once ended the BS: a 5,000-digit int, and update_bytes = 10**400 in a report
+        [b'{"v":5,"type":"heartbeat","device_id":1,"state":"x","step":' + b"9" * 5000 + b"}"],
+        [
+            b'{"v":5,"type":"report","device_id":1,"round":1,"status":"ok","measurements":{"update_bytes":'
+            + str(10**400).encode()
+            + b"}}"
+        ],
     ):
         rogue.send_multipart(payload)
     for payload in ([b"not json", b"\x00" * 40], [b'{"snr_db": 10}', b"FRAME?" * 10], [b"single part"]):
@@ -155,8 +162,10 @@ def test_garbage_on_both_sockets_is_logged_and_ignored(procs, tmp_path):
     log = procs.output("bs")
     assert "ignored bad message from peer b'rogue'" in log
     assert "unregistered peer b'rogue'" in log
+    assert "a number of 5000 digits is too long" in log and "a number of 401 digits is too long" in log
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["bad_frames"] >= 1
+    assert summary["control_messages_rejected"]["malformed"] >= 6, summary["control_messages_rejected"]
     rogue.close(0)
     data.close(0)
 

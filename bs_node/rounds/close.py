@@ -17,6 +17,7 @@ from bs_node.measurements import DeviceRound, apply_report
 from bs_node.rounds.ports import RoundModel
 from bs_node.rounds.state import Pending
 from config import ExperimentConfig
+from fedlora.clipping import ClipResult, clip_updates
 from proto.control import AGGREGATED_WINDOW_ROUNDS, Plan
 from proto.framing import Reassembler
 
@@ -49,6 +50,8 @@ class RoundCloser:
         # device -> the rounds (last AGGREGATED_WINDOW_ROUNDS) whose fresh update went into a step: each plan tells
         # the device, for its error feedback (proto.control.Plan.aggregated_rounds)
         self.aggregated: dict[int, list[int]] = {}
+        # the clipping reference (median per-value RMS) of the last round that had enough fresh updates for one
+        self.clip_reference_rms: float | None = None
 
     def state_dict(self) -> dict[str, Any]:
         """What a resumed run needs: cached updates for stale reuse, counters, the verdicts plans carry."""
@@ -56,12 +59,14 @@ class RoundCloser:
             "latest_updates": dict(self.latest_updates),
             "rounds_participated": dict(self.rounds_participated),
             "aggregated": {d: list(rounds) for d, rounds in self.aggregated.items()},
+            "clip_reference_rms": self.clip_reference_rms,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.latest_updates = dict(state["latest_updates"])
         self.rounds_participated = dict(state["rounds_participated"])
         self.aggregated = {d: list(rounds) for d, rounds in state["aggregated"].items()}
+        self.clip_reference_rms = state.get("clip_reference_rms")  # absent from checkpoints before clipping
 
     def close(
         self, r: int, plans: dict[int, Plan], pending: dict[int, Pending]
@@ -94,9 +99,14 @@ class RoundCloser:
         updates = {**fresh, **{d: update for d, (_, update) in stale.items()}}
         self.last_aggregation = {}
         if updates:
+            clip = self._clip(r, updates, set(fresh), devices)
+            updates = clip.updates
+            fresh = {d: updates[d] for d in fresh}  # what is aggregated is what is kept for reuse
             absent = [d for d in plans if d not in updates]
             rows = [row for row in devices if row.device_id in updates]
-            if not self._step(r, updates, absent, rows, set(fresh)):
+            stepped = self._step(r, updates, absent, rows, set(fresh))
+            self.last_aggregation.update(clip.record())
+            if not stepped:
                 for d in stale:  # nor is a reused update tried again
                     del self.latest_updates[d]
                 return devices, {}
@@ -117,6 +127,25 @@ class RoundCloser:
         stale reuse adds nothing: that update was aggregated when it arrived)."""
         first = round_idx - AGGREGATED_WINDOW_ROUNDS
         return [x for x in self.aggregated.get(device_id, []) if first <= x < round_idx]
+
+    def _clip(self, r: int, updates: dict[int, ClientUpdate], fresh: set[int], rows: list[DeviceRound]) -> ClipResult:
+        """Bound every update's norm (fedlora/clipping.py); each fresh update's row gets its norm and whether it
+        was clipped, and a clipped one a line in the live view."""
+        cfg = self.exp.round
+        clip = clip_updates(
+            updates, fresh, multiple=cfg.clip_multiple, clip_norm=cfg.clip_norm, carried_rms=self.clip_reference_rms
+        )
+        if clip.reference_from_round:
+            self.clip_reference_rms = clip.reference_rms
+        for row in rows:
+            d = row.device_id
+            if d in fresh:
+                row.update_norm, row.clipped = clip.norms[d], d in clip.clipped
+                if row.clipped:
+                    self.view.line(
+                        f"round {r}: edge {d}'s update clipped, norm {clip.norms[d]:.3g} > {clip.bounds[d]:.3g}"
+                    )
+        return clip
 
     def _step(
         self,
@@ -142,6 +171,7 @@ class RoundCloser:
             self.view.line(f"round {r}: {error}")
             for row in rows:
                 row.error = f"{row.error}; {error}" if row.error else error
+            self.last_aggregation = {"refused": error}
             return False
         return True
 
@@ -157,7 +187,7 @@ class RoundCloser:
             return
         row.status = p.report.status
         row.error = p.report.error
-        problems = apply_report(row, p.report.measurements)
+        problems = apply_report(row, p.report.measurements, self.model.max_update_bytes(p.plan.rank, p.plan.depth))
         if problems:
             log.warning("edge %d report for round %d: bad measurements ignored: %s", row.device_id, r, problems)
 

@@ -88,6 +88,10 @@ class RoundTransport(Protocol):
         """The device registered in this run (offline or not)."""
         ...
 
+    def rejected_messages(self) -> dict[str, int]:
+        """Control messages refused so far, by reason (malformed, impostor, unregistered, error)."""
+        ...
+
     def send(self, device_id: int, message: BsMessage, attachment: bytes | None = None) -> bool:
         """Send to a registered edge; False if it could not be delivered (the edge is then offline)."""
         ...

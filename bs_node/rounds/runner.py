@@ -1,10 +1,9 @@
 """The BS's round state machine: plan (ask the controller), collect (reports, frames, ARQ acks), close.
 
 Driven through a `RoundTransport` and a clock, so it runs the same against zmq sockets and against an in-memory
-transport in tests. One thread: the runner polls the transport for events with a timeout no longer than the
-next ARQ answer falls due. A device that crashes, hangs or disconnects is dropped from the round when its
-deadline passes (or sooner, once the transport says it has been silent too long); the BS never waits on one
-device. Bad frames are counted, logged and ignored; nothing already received is dropped.
+transport in tests. One thread: it polls the transport with a timeout no longer than the next ARQ answer falls due.
+A device that crashes, hangs or disconnects is dropped from the round when its deadline passes (or sooner, once
+the transport says it has been silent too long). Bad frames are counted, logged and ignored; nothing received is lost.
 """
 
 from __future__ import annotations
@@ -120,6 +119,7 @@ class RoundRunner:
                 security=self.bench.security.mode,
                 frames_rejected=sum(self.gate.rejected.values()),
                 frames_rejected_by_reason=dict(self.gate.reasons),
+                control_messages_rejected=self.transport.rejected_messages(),
             )
             self.recorder.write_summary(summary)
             self.transport.broadcast(Shutdown(reason="stopped" if self.stopping else "run complete"))
