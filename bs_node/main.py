@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 from proto.control import BsEndpoints
+from proto.launch import stop_with_parent
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -51,6 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--log-level", default="WARNING")
     args = parser.parse_args(argv)
+    stop_with_parent()  # started by fedlora-run: stop when it dies (proto.launch); by hand: never
     logging.basicConfig(level=args.log_level, stream=sys.stderr, format="%(asctime)s bs %(levelname)s %(message)s")
 
     from config import ConfigError, load_bench, load_experiment
@@ -61,14 +63,21 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:  # one line: file, key, value, what is allowed
         print(f"fedlora-bs: configuration error: {exc}", file=sys.stderr)
         return 2
-    from bs_node.checkpoint import CheckpointError
-    from bs_node.checkpoint import load as load_checkpoint
-    from bs_node.station import BaseStation, StartupError
+    from bs_node.run_lock import RunFolderBusy, acquire
 
     if args.resume and not args.run_dir:
         print("fedlora-bs: --resume needs --run-dir, the folder of the run to go on with", file=sys.stderr)
         return 2
     run_dir = Path(args.run_dir or Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{experiment.name}")
+    try:  # before torch loads; held until this process exits, however it exits (the descriptor stays open)
+        acquire(run_dir)
+    except RunFolderBusy as exc:  # one line: the folder and the live BS's pid
+        print(f"fedlora-bs: {exc}", file=sys.stderr)
+        return 2
+    from bs_node.checkpoint import CheckpointError
+    from bs_node.checkpoint import load as load_checkpoint
+    from bs_node.station import BaseStation, StartupError
+
     try:
         resume = load_checkpoint(run_dir, experiment, bench) if args.resume else None
     except CheckpointError as exc:

@@ -8,6 +8,8 @@ import os
 import sys
 from pathlib import Path
 
+from proto.launch import stop_with_parent
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
@@ -21,6 +23,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--state-dir", help="keep this edge's error feedback here, to survive a crash (edge-<k>.pt)")
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
+    stop_with_parent()  # started by fedlora-run: stop when it dies (proto.launch); by hand: never
     logging.basicConfig(
         level=args.log_level, stream=sys.stderr, format=f"%(asctime)s edge{args.device_id} %(levelname)s %(message)s"
     )

@@ -9,7 +9,6 @@ every child.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import importlib.util
 import json
 import os
@@ -22,17 +21,16 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
+from bs_node.run_lock import RunFolderBusy, check_free
 from config import REPO_ROOT, ConfigError, load_bench, load_experiment
 from proto.air import AirEndpoints, AirMessageError
 from proto.air import decode_endpoints as decode_air_endpoints
 from proto.control import MessageError
 from proto.control import decode_endpoints as decode_bs_endpoints
+from proto.launch import STOP_WITH_PARENT_ENV, stop_with_parent
 from trust.keys import KeyFileError, device_secret_file, open_run_keys
 
 T = TypeVar("T")
-
-STOP_WITH_PARENT_ENV = "FEDLORA_STOP_WITH_PARENT"  # set: stop (as on SIGTERM) when the parent process dies
-_PR_SET_PDEATHSIG = 1
 
 DEFAULT_BENCH = "hw_configs/zmq_iq.yaml"
 FALLBACK_BENCH = "hw_configs/sim.yaml"
@@ -83,6 +81,11 @@ def main(argv: list[str] | None = None) -> int:
         "flags, the run's own (launch.json)",
     )
     args = parser.parse_args(argv)
+    stop_with_parent()  # a sweep's worker that is killed must not leave its experiment running (proto.launch)
+    busy = _live_owner(args.resume or args.run_dir)
+    if busy:
+        print(f"fedlora-run: {busy}", file=sys.stderr)
+        return 2
     if args.resume:
         problem = _resume_arguments(args)
         if problem:
@@ -111,6 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         (run_dir / LAUNCH_FILE).write_text(json.dumps(launch, indent=1) + "\n")
     (run_dir / "endpoints.json").unlink(missing_ok=True)  # the BS writes it anew once it is bound
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
+    env[STOP_WITH_PARENT_ENV] = str(os.getpid())  # every process started here stops when this one dies
     key_dir: Path | None = None
     if bench.security.mode == "sealed":  # before the air and the BS start: both serve under the BS's key
         try:
@@ -174,8 +178,6 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
-    if os.environ.get(STOP_WITH_PARENT_ENV):
-        _stop_with_parent()
     try:
         endpoints = _wait_endpoints(run_dir / "endpoints.json", bs, decode_bs_endpoints)
         if endpoints is None:
@@ -269,16 +271,15 @@ def _key_args(key_dir: Path | None, device_id: int) -> list[str]:
     return [] if key_dir is None else ["--key", str(key_dir / device_secret_file(device_id))]
 
 
-def _stop_with_parent() -> None:
-    """SIGTERM to this process when its parent dies (Linux), even by SIGKILL: a sweep's worker that is killed
-    must not leave its experiment running. Set here, after exec, rather than between fork and exec."""
-    parent = os.getppid()
+def _live_owner(run_dir: str | None) -> str | None:
+    """Which live BS holds the run folder (bs_node.run_lock), before anything in it is touched; None if none."""
+    if not run_dir or not Path(run_dir).is_dir():
+        return None
     try:
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-    except (OSError, AttributeError):  # not Linux
-        return
-    if os.getppid() != parent:  # the parent died before the call took effect
-        os.kill(os.getpid(), signal.SIGTERM)
+        check_free(Path(run_dir))
+    except RunFolderBusy as exc:
+        return str(exc)
+    return None
 
 
 def _start_air(

@@ -32,6 +32,7 @@ from pathlib import Path
 from config import ConfigError, load_bench
 from phy.air_server import Air
 from proto.air import AirEndpoints
+from proto.launch import stop_with_parent
 from trust.keys import KeyFileError, load_run_keys
 
 log = logging.getLogger("air")
@@ -64,6 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keys", help="the run's key directory (needed when the bench seals: docs/security.md)")
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
+    stop_with_parent()  # started by fedlora-run: stop when it dies (proto.launch); by hand: never
     try:
         bench = load_bench(args.bench, args.bench_overrides)
     except ConfigError as exc:

@@ -13,7 +13,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from launcher.main import STOP_WITH_PARENT_ENV, entry_point
+from launcher.main import entry_point
+from proto.launch import STOP_WITH_PARENT_ENV
 
 # the run folder's files a sweep keeps: the records, the resolved configs and where the run came from
 KEPT_FILES = ("rounds.jsonl", "summary.json", "experiment.yaml", "bench.yaml", "provenance.json")
@@ -74,7 +75,7 @@ def run_trial(cmd: TrialCommand) -> TrialOutcome:
             **os.environ,
             "OMP_NUM_THREADS": str(cmd.cpus),
             "MKL_NUM_THREADS": str(cmd.cpus),
-            STOP_WITH_PARENT_ENV: "1",  # fedlora-run stops when this worker dies (launcher/main.py)
+            STOP_WITH_PARENT_ENV: str(os.getpid()),  # fedlora-run stops when this worker dies (proto.launch)
             SWEEP_DIR_ENV: cmd.sweep_dir,  # which sweep a process belongs to (tests find their own)
         }
         with subprocess.Popen(
