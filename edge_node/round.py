@@ -22,7 +22,7 @@ from fedlora.energy import EnergyMeter
 from fedlora.lora import LocalModel, ModuleSpec
 from fedlora.models import build_backbone, load_tokenizer
 from fedlora.partition import device_splits
-from fedlora.sparsify import sparsifier_from_config
+from fedlora.sparsify import Sparsifier, sparsifier_from_config
 from fedlora.tasks import load_task
 from fedlora.training import train_local
 from link.arq import FrameEncoder, plain_encoder, send_with_arq
@@ -119,34 +119,8 @@ class EdgeRounds:
         return Report(device_id=self.device_id, round=plan.round, status=status, measurements=measurements, error=error)
 
     def settle(self, plan: Plan) -> None:
-        """Error feedback on what this device sent earlier (docs/soft.md): an update the plan lists as aggregated
-        is dropped, one of a closed round it does not list is folded back into the residual, so this round's update
-        carries it. One older than the plan's window cannot be judged: it counts as delivered."""
-        if plan.aggregated_rounds is None:
-            return
-        aggregated = set(plan.aggregated_rounds)
-        # a plan for a round this device already sent in comes from a BS resumed from a checkpoint before that
-        # round closed: what was sent then was never aggregated
-        replayed = [r for r in self.sparsifier.feedback.pending if r >= plan.round]
-        if replayed:
-            log.info(
-                "edge %d: the BS goes on at round %d: round(s) %s were never closed",
-                self.device_id,
-                plan.round,
-                replayed,
-            )
-            self.sparsifier.settle(delivered=[], lost=replayed)
-        earlier = [r for r in self.sparsifier.feedback.pending if r < plan.round]
-        first = plan.round - AGGREGATED_WINDOW_ROUNDS
-        lost = [r for r in earlier if r not in aggregated and r >= first]
-        unknown = [r for r in earlier if r < first]
-        if unknown:
-            log.warning(
-                "edge %d: no word on the update(s) of round(s) %s; counted as delivered", self.device_id, unknown
-            )
-        folded = self.sparsifier.settle(delivered=[r for r in earlier if r not in lost], lost=lost)
-        if folded:
-            log.info("edge %d: round(s) %s closed without this device's update: folded back", self.device_id, folded)
+        """Error feedback on what this device sent earlier (`settle_feedback`)."""
+        settle_feedback(self.sparsifier, plan, self.device_id)
 
     def _train_and_send(self, plan: Plan, attachment: bytes | None) -> tuple[Measurements, ReportStatus]:
         round_idx = plan.round
@@ -267,6 +241,37 @@ class EdgeRounds:
         while not self.stopping() and time.monotonic() < end:
             self.link.heartbeat("training (emulated slow-down)", round_idx=round_idx)
             time.sleep(min(self.exp.round.heartbeat_s, max(0.0, end - time.monotonic())))
+
+
+def settle_feedback(sparsifier: Sparsifier, plan: Plan, device_id: int) -> None:
+    """Error feedback on what this device sent earlier (docs/soft.md): an update the plan lists as aggregated
+    is dropped, one of a closed round it does not list is folded back into the residual, so this round's update
+    carries it. One older than the plan's window cannot be judged: it counts as delivered.
+
+    A plan for a round this device already sent in comes from a BS resumed from a checkpoint taken before that
+    round closed: what was sent then was never aggregated, and the round is trained again. The device rolls its
+    error feedback back to what it was before that round (the residual then; the update dropped, not folded
+    back), so the re-run round sends a fresh update and never the earlier one as well (docs/security.md)."""
+    if plan.aggregated_rounds is None:
+        return
+    aggregated = set(plan.aggregated_rounds)
+    replayed = sparsifier.rollback(plan.round)
+    if replayed:
+        log.info(
+            "edge %d: the BS goes on at round %d: round(s) %s were never closed; rolled back to before them",
+            device_id,
+            plan.round,
+            replayed,
+        )
+    earlier = list(sparsifier.feedback.pending)
+    first = plan.round - AGGREGATED_WINDOW_ROUNDS
+    lost = [r for r in earlier if r not in aggregated and r >= first]
+    unknown = [r for r in earlier if r < first]
+    if unknown:
+        log.warning("edge %d: no word on the update(s) of round(s) %s; counted as delivered", device_id, unknown)
+    folded = sparsifier.settle(delivered=[r for r in earlier if r not in lost], lost=lost)
+    if folded:
+        log.info("edge %d: round(s) %s closed without this device's update: folded back", device_id, folded)
 
 
 def _finite(value: float) -> float | None:

@@ -163,9 +163,10 @@ class Sparsifier(ABC):
         pairs = lora_pairs(delta, spec)
         rnd = self._calls if round_idx is None else int(round_idx)
         self._calls += 1
+        before = self.feedback.snapshot() if self.error_feedback else None
         update = self._select(delta, trained, spec, kf, pairs, rnd)
         if self.error_feedback:
-            self.feedback.hold(rnd, update.delta)
+            self.feedback.hold(rnd, update.delta, before)
         update.info["residual_norm"] = self.feedback.norm() if self.error_feedback else 0.0
         return update
 
@@ -182,11 +183,13 @@ class Sparsifier(ABC):
         """The method itself: what goes out of ``delta`` (+ residual), the residual updated."""
 
     def state_dict(self) -> dict[str, Any]:
-        """The device's error feedback (residual, pending sent updates) and call count, for its checkpoint."""
+        """The device's error feedback (residual, pending sent updates and the residual before each) and call
+        count, for its checkpoint."""
         fb = self.feedback
         return {
             "residual": {k: v.clone() for k, v in fb.residual.items()},
             "pending": {r: {k: v.clone() for k, v in sent.items()} for r, sent in fb.pending.items()},
+            "before": {r: {k: v.clone() for k, v in res.items()} for r, res in fb.before.items()},
             "calls": self._calls,
         }
 
@@ -195,7 +198,15 @@ class Sparsifier(ABC):
         self.feedback.pending = {
             int(r): {k: v.float().clone() for k, v in sent.items()} for r, sent in state["pending"].items()
         }
+        self.feedback.before = {
+            int(r): {k: v.float().clone() for k, v in res.items()} for r, res in state.get("before", {}).items()
+        }
         self._calls = int(state["calls"])
+
+    def rollback(self, round_idx: int) -> list[int]:
+        """A resumed BS plans ``round_idx`` again: undo what this device did from that round on (the residual as
+        it was before it, the updates sent since dropped), so the round is trained afresh and counted once."""
+        return self.feedback.rollback(round_idx) if self.error_feedback else []
 
     def settle(self, delivered: Iterable[int], lost: Iterable[int]) -> list[int]:
         """The BS's verdict on earlier rounds: ``delivered`` were aggregated, ``lost`` closed without this

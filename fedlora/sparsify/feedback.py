@@ -15,6 +15,11 @@ it -> folded back into the residual, so the next update carries it. Invariant, i
 At most ``max_pending`` updates are held; one more makes the oldest *forgotten* (counted as delivered: today's
 behaviour before this rule). The protocol settles every earlier round with each plan, so more than one pending
 update means the plans stopped carrying a verdict.
+
+Rollback.  With each pending update the residual as it was before that round is kept (``before``). A BS resumed
+from a checkpoint taken before round t closed plans round t again; the device then rolls back to the residual
+before t and drops what it sent in t (``rollback``), and trains t afresh: the round's update is counted once, not
+folded back *and* retrained (which sent it twice).
 """
 
 from __future__ import annotations
@@ -59,6 +64,7 @@ class ErrorFeedback:
         self.max_pending = max_pending
         self.residual: AdapterState = {}
         self.pending: dict[int, AdapterState] = {}  # round -> what was sent then (float32, the view's shapes)
+        self.before: dict[int, AdapterState] = {}  # round -> the residual before that round (for a rollback)
 
     # ------------------------------------------------------------------------------------------ residual
     def take(self, key: str, like: torch.Tensor) -> torch.Tensor:
@@ -128,16 +134,23 @@ class ErrorFeedback:
         return math.sqrt(sum(float(t.double().pow(2).sum()) for t in self.residual.values()))
 
     # ------------------------------------------------------------------------------------------ pending
-    def hold(self, round_idx: int, sent: AdapterState) -> list[int]:
-        """Keep what round ``round_idx`` sent until the BS says what became of it; returns the rounds forgotten
-        to stay within ``max_pending`` (oldest first; they count as delivered)."""
+    def snapshot(self) -> AdapterState:
+        """A copy of the residual as it is now (what ``hold`` keeps as the state before a round)."""
+        return {k: v.clone() for k, v in self.residual.items()}
+
+    def hold(self, round_idx: int, sent: AdapterState, before: AdapterState | None = None) -> list[int]:
+        """Keep what round ``round_idx`` sent (and the residual ``before`` it) until the BS says what became of it;
+        returns the rounds forgotten to stay within ``max_pending`` (oldest first; they count as delivered)."""
         if round_idx in self.pending:  # the same round sent twice: the BS can hold at most one of them
             log.warning("error feedback: round %d sent again; its earlier update counts as delivered", round_idx)
         self.pending[round_idx] = {k: v.detach().float().clone() for k, v in sent.items()}
+        if before is not None:
+            self.before[round_idx] = before
         forgotten = []
         while len(self.pending) > self.max_pending:
             oldest = min(self.pending)
             del self.pending[oldest]
+            self.before.pop(oldest, None)
             forgotten.append(oldest)
         if forgotten:  # info, not warning: a caller that never settles (a benchmark) gets exactly this every round
             log.info("error feedback: no verdict on the update(s) of round(s) %s; counted as delivered", forgotten)
@@ -149,9 +162,11 @@ class ErrorFeedback:
         not pending are ignored. Returns the rounds folded back."""
         for r in delivered:
             self.pending.pop(r, None)
+            self.before.pop(r, None)
         folded = []
         for r in sorted(set(lost)):
             sent = self.pending.pop(r, None)
+            self.before.pop(r, None)
             if sent is None:
                 continue
             if not all(bool(torch.isfinite(v).all()) for v in sent.values()):  # would poison every later update
@@ -162,6 +177,23 @@ class ErrorFeedback:
             folded.append(r)
         return folded
 
+    def rollback(self, round_idx: int) -> list[int]:
+        """Undo every round >= ``round_idx`` (a resumed BS plans it again, and never aggregated what was sent in
+        it): the residual goes back to what it was before the earliest of them, and their updates are dropped.
+        Returns the rounds undone. Without a saved residual (none held) the updates are dropped alone."""
+        undone = sorted(r for r in self.pending if r >= round_idx)
+        if not undone:
+            return []
+        before = self.before.get(undone[0])
+        if before is not None:
+            self.residual = {k: v.clone() for k, v in before.items()}
+        else:
+            log.warning("error feedback: no residual saved before round %d; its update is dropped", undone[0])
+        for r in undone:
+            del self.pending[r]
+            self.before.pop(r, None)
+        return undone
+
     def pending_norm(self) -> float:
         """Frobenius norm of everything sent but not yet known to be aggregated."""
         return math.sqrt(sum(float(t.double().pow(2).sum()) for sent in self.pending.values() for t in sent.values()))
@@ -169,6 +201,7 @@ class ErrorFeedback:
     def reset(self) -> None:
         self.residual.clear()
         self.pending.clear()
+        self.before.clear()
 
 
 def _rank(value: torch.Tensor, axis: int | None) -> int:
