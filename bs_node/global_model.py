@@ -7,6 +7,7 @@ stays free of torch details and can be driven in tests with the tiny model.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
@@ -60,6 +61,24 @@ def receive_update(
     return update
 
 
+def checked_step(
+    state: Mapping[str, torch.Tensor], delta: Mapping[str, torch.Tensor], max_abs: float
+) -> dict[str, torch.Tensor]:
+    """The adapter's new tensors (``state + delta`` as `GlobalAdapter.apply` adds them), or ValueError naming the
+    first key whose aggregate or new value is non-finite or beyond ``max_abs`` (the next views must encode)."""
+    stepped = {}
+    for key, d in delta.items():
+        if key not in state or tuple(d.shape) != tuple(state[key].shape):
+            raise ValueError(f"the aggregate's {key!r} does not fit the adapter; the adapter did not step")
+        new = state[key] + d.to(state[key].dtype)
+        if not bool(torch.isfinite(d).all()) or not bool(torch.isfinite(new).all()):
+            raise ValueError(f"the aggregate of {key!r} is not finite; the adapter did not step")
+        if not bool((new.abs() <= max_abs).all()):
+            raise ValueError(f"the aggregate would take {key!r} beyond {max_abs:g}; the adapter did not step")
+        stepped[key] = new
+    return stepped
+
+
 class GlobalModel:
     """Loads the experiment's task and model once; then encodes views, decodes updates, aggregates, evaluates."""
 
@@ -83,7 +102,7 @@ class GlobalModel:
         self.device_examples = [len(split.train) for split in splits]
         self.validation = [self.task.train[i] for i in validation_union(splits, exp.task.max_validation, seed=exp.seed)]
         self.model_shape = model_shape(self.adapter, self.num_layers)
-        self.aggregator = make_aggregator(exp.round.aggregator, exp.round.aggregation_rule)
+        self.aggregator = make_aggregator(exp.round.aggregator, exp.round.aggregation_rule, exp.round.trim_fraction)
         log.info(
             "model and task ready in %.1f s: %s, %d train (%d held out, %d validated on) / %d test examples, "
             "%d layers, rank %d",
@@ -131,7 +150,8 @@ class GlobalModel:
     ) -> dict[str, Any]:
         """Apply the round's aggregate (`RoundModel.aggregate`). The adapter steps only if every value stays
         within the downlink dtype's range (else ValueError, nothing changed): the next round's views must still
-        encode. Returns the aggregator's name, rule and what it measured."""
+        encode; every new value is finite. Returns the aggregator's name, rule, what it measured, and the step's
+        L2 norm (`step_norm`, ||new adapter - old||: what docs/security.md bounds)."""
 
         def capability(device_id: int) -> ModuleSpec | None:
             cap = capabilities.get(device_id)
@@ -143,14 +163,15 @@ class GlobalModel:
             [replace(updates[d], capability=capability(d)) for d in devices],
             [Absent(float(self.examples(d)), capability(d)) for d in absent],
         )
-        for key, d in delta.items():
-            if not bool(((self.adapter.state[key] + d).abs() <= self.max_abs).all()):
-                raise ValueError(f"the aggregate would take {key!r} beyond {self.max_abs:g}; the adapter did not step")
-        self.adapter.apply(delta)
+        stepped = checked_step(self.adapter.state, delta, self.max_abs)
+        state = self.adapter.state
+        step_norm = math.sqrt(sum(float((new.double() - state[k].double()).pow(2).sum()) for k, new in stepped.items()))
+        for key, value in stepped.items():
+            state[key].copy_(value)
         stats = dict(self.aggregator.last_stats)
         if "tail_shares" in stats:  # per update, in the order given: name the devices
             stats["tail_share"] = dict(zip(devices, stats.pop("tail_shares")))
-        return {"aggregator": self.aggregator.name, "rule": self.aggregator.rule_name, **stats}
+        return {"aggregator": self.aggregator.name, "rule": self.aggregator.rule_name, "step_norm": step_norm, **stats}
 
     def evaluate(self) -> dict[str, float]:
         """Accuracy and loss of the global adapter on the held-out test set: reported, never chosen on."""

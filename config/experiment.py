@@ -84,8 +84,17 @@ class RoundConfig(ConfigModel):
     min_devices: int = Field(1, ge=0)  # the BS starts once this many devices are ready and the startup timeout passed
     heartbeat_s: float = Field(2.0, gt=0.0)
     # how updates become the adapter's step (fedlora/aggregators, docs/aggregation.md): fedavg (component-wise),
-    # hetlora (zero-padding, norm-weighted), flexlora (product average, SVD back to rank)
-    aggregator: Literal["fedavg", "hetlora", "flexlora"] = "fedavg"
+    # hetlora (zero-padding, norm-weighted), flexlora (product average, SVD back to rank), trimmed_mean (fedavg's
+    # rule, each coordinate a weighted trimmed mean of the updates that delivered it: robust to a few insiders)
+    aggregator: Literal["fedavg", "hetlora", "flexlora", "trimmed_mean"] = "fedavg"
+    # trimmed_mean: the share of each coordinate's delivered weight dropped at each end (f insiders holding at most
+    # this share cannot move a coordinate outside the honest values; docs/security.md)
+    trim_fraction: float = Field(0.2, ge=0.0, lt=0.5)
+    # every update's L2 norm is clipped to clip_multiple x the round's median per-value RMS x sqrt(its values)
+    # before aggregation (fedlora/clipping.py, docs/aggregation.md); None: no relative bound
+    clip_multiple: float | None = Field(4.0, ge=1.0, le=1.0e6)
+    # and to this absolute L2 norm (None: none); the smaller bound wins
+    clip_norm: float | None = Field(None, gt=0.0, le=1.0e30)
     # fedavg's rule for what a present device did not deliver: "eligible" counts it as a zero update in every
     # component its capability covers (docs/aggregation.md); "sent", the earlier rule, averages each component
     # over the updates that sent it plus the absent devices' weight
@@ -178,10 +187,15 @@ class ExperimentConfig(ConfigModel):
                 "an older basis; set round.stale_rounds=0 with it",
             )
         if agg != "fedavg" and self.round.aggregation_rule != "eligible":
+            own = (
+                "follows the eligible rule"
+                if agg == "trimmed_mean"
+                else "counts its round's participants, as published"
+            )
             raise RuleError(
                 "round.aggregation_rule",
                 self.round.aggregation_rule,
-                f"applies to the fedavg aggregator only; {agg} counts its round's participants, as published",
+                f"applies to the fedavg aggregator only; {agg} {own}",
             )
         return self
 

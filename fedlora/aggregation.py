@@ -156,20 +156,12 @@ def aggregate(
     absent: every device present for the round without an update in ``updates``. An update's components that
     lie beyond its capability (it was planned more than its policy said it could do) count where it sent them."""
     check_all(global_adapter, updates, absent)
-    R = global_adapter.max_rank
     # float64 accumulators: the result must match FedAvg to float32 precision
     num = {k: torch.zeros(v.shape, dtype=torch.float64) for k, v in global_adapter.state.items()}
-    den = {k: torch.zeros(R, dtype=torch.float64) for k in num if layer_index(k) is not None}
-    head_w = 0.0
-    for a in absent:
-        head_w += a.weight
-        _add_eligible(global_adapter, den, a.weight, a.capability, rule, everything=True)
+    den, head_w = denominators(global_adapter, updates, absent, rule)
     for u in updates:
         w = float(u.weight)
         r = u.spec.rank
-        head_w += w
-        if rule == "eligible":
-            _add_eligible(global_adapter, den, w, u.capability, rule, everything=False, at_least=u.spec)
         for k, d in u.delta.items():
             d = d.to(torch.float64)
             if k.startswith(HEAD_PREFIX):
@@ -197,6 +189,24 @@ def aggregate(
         else:
             out[k] = (total * scale[None, :]).to(dtype)
     return out
+
+
+def denominators(
+    global_adapter: GlobalAdapter, updates: Sequence[ClientUpdate], absent: Sequence[Absent], rule: Rule = "eligible"
+) -> tuple[dict[str, torch.Tensor], float]:
+    """The rule's weights: per LoRA key, the weight (R,) each component is averaged over, and the head's (every
+    present device). Under "sent" an update's own components are not in it (``aggregate`` adds them by mask)."""
+    R = global_adapter.max_rank
+    den = {k: torch.zeros(R, dtype=torch.float64) for k in global_adapter.state if layer_index(k) is not None}
+    head_w = 0.0
+    for a in absent:
+        head_w += a.weight
+        _add_eligible(global_adapter, den, a.weight, a.capability, rule, everything=True)
+    for u in updates:
+        head_w += float(u.weight)
+        if rule == "eligible":
+            _add_eligible(global_adapter, den, float(u.weight), u.capability, rule, everything=False, at_least=u.spec)
+    return den, head_w
 
 
 def _add_eligible(
