@@ -22,6 +22,7 @@ from bs_node.live_view import LiveView
 from bs_node.rounds.ports import Clock, EdgeInfo, Event, FrameReceived, FromEdge, Registered
 from phy.uplink import DownlinkBurst, TxReport, UplinkReceiver
 from proto.control import (
+    MAX_MESSAGE_BYTES,
     BsMessage,
     BurstEnd,
     Bye,
@@ -35,11 +36,14 @@ from proto.control import (
     decode_control,
     encode,
 )
-from trust.curve import make_server, sender_of, user_device
+from trust.curve import make_server, routing_id_device, sender_of, user_device
 from trust.keys import KeyPair
 from trust.sealing import FrameKeyring
 
 log = logging.getLogger("bs")
+# Messages queued per connected edge before its connection stops being read (libzmq counts whole messages): an
+# edge has at most a heartbeat, a burst_end or view_status, a report and a bye in flight at once.
+CONTROL_RCVHWM = 64
 
 
 @dataclass
@@ -79,7 +83,7 @@ class ZmqTransport:
         (trust.curve) admits only roster keys, so every message names the device whose key sent it."""
         self.keyring = keyring
         self.curve = curve_key is not None
-        self._impostors: set[tuple[int | None, object]] = set()  # (key's device, claimed id) pairs logged once
+        self._impostors: set[tuple[int | None, str]] = set()  # (key's device, what it claimed) logged once
         self._unregistered_logged: set[bytes] = set()
         self.rejected: Counter[str] = Counter()  # control messages refused, by reason (summary.json)
         self.uplink = uplink
@@ -92,8 +96,12 @@ class ZmqTransport:
         self.control = self.ctx.socket(zmq.ROUTER)
         self.control.setsockopt(zmq.LINGER, 500)
         self.control.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a send to a vanished edge raises instead of vanishing
+        # an edge sends one JSON part (proto.control: at most MAX_MESSAGE_BYTES), a few at a time: bigger parts
+        # close the connection at their header, before or after the handshake (docs/security.md)
+        self.control.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)
+        self.control.setsockopt(zmq.RCVHWM, CONTROL_RCVHWM)
         if curve_key is not None:
-            make_server(self.control, curve_key)
+            make_server(self.control, curve_key, max_message_bytes=MAX_MESSAGE_BYTES)
         self.control.bind(control_address)
         self.control_endpoint: str = self.control.getsockopt_string(zmq.LAST_ENDPOINT)
         self.poller = zmq.Poller()
@@ -143,14 +151,16 @@ class ZmqTransport:
             log.warning("control: ignored bad message from peer %r: %s", identity[:64], exc)
             return None
         claimed = getattr(msg, "device_id", None)
+        if self.curve and routing_id_device(identity) != user_device(sender):  # an id only its device's key may use
+            self.rejected["impostor"] += 1
+            self._log_impostor(user_device(sender), f"routing id {identity[:20]!r}", msg.type)
+            if isinstance(msg, Register):
+                self._send_raw(identity, Reject(reason=f"routing id {identity[:20]!r} is not this key's device's"))
+            return None
         if self.curve and user_device(sender) != claimed:  # a key speaks only for its own device
             self.rejected["impostor"] += 1
             key_device = user_device(sender)
-            if (key_device, claimed) not in self._impostors and len(self._impostors) < 1024:
-                self._impostors.add((key_device, claimed))
-                log.warning(
-                    "control: the key of device %s sent a %s as device %s: refused", key_device, msg.type, claimed
-                )
+            self._log_impostor(key_device, f"device {claimed}", msg.type)
             if isinstance(msg, Register):
                 self._send_raw(identity, Reject(reason=f"this key belongs to device {key_device}, not {claimed}"))
             return None
@@ -182,6 +192,12 @@ class ZmqTransport:
             log.warning("control: unexpected %s from device %d ignored", msg.type, edge.device_id)
             return None
         return FromEdge(edge.device_id, msg)
+
+    def _log_impostor(self, key_device: int | None, claimed: str, message_type: str) -> None:
+        """Once per (key, claim): a flood of impostures costs bounded memory and a line each up to the bound."""
+        if (key_device, claimed) not in self._impostors and len(self._impostors) < 1024:
+            self._impostors.add((key_device, claimed))
+            log.warning("control: the key of device %s sent a %s as %s: refused", key_device, message_type, claimed)
 
     def _on_register(self, identity: bytes, msg: Register) -> Registered | None:
         device_id = msg.device_id

@@ -31,7 +31,7 @@ from proto.control import (
     decode_control,
     encode,
 )
-from trust.curve import make_client
+from trust.curve import make_client, routing_id
 from trust.keys import KeyPair
 
 log = logging.getLogger("edge")
@@ -55,7 +55,7 @@ class BsClient:
         self.device_id = device_id
         self.stopping = stopping
         self.sock = (context or zmq.Context.instance()).socket(zmq.DEALER)
-        self.sock.setsockopt(zmq.IDENTITY, f"edge-{device_id}-{os.getpid()}".encode())
+        self.sock.setsockopt(zmq.IDENTITY, routing_id(device_id))  # unguessable: no other peer can claim it first
         self.sock.setsockopt(zmq.LINGER, 500)
         self.sock.setsockopt(zmq.RECONNECT_IVL_MAX, 5000)  # a vanished BS is retried with back-off up to 5 s
         if key is not None:

@@ -162,7 +162,7 @@ class SimUplinkReceiver(UplinkReceiver):
         self._sock.setsockopt(zmq.LINGER, 0)
         self._sock.setsockopt(zmq.MAXMSGSIZE, MAX_PART_BYTES)  # a peer sending a bigger part is disconnected
         if key is not None:
-            make_server(self._sock, key)
+            make_server(self._sock, key, max_message_bytes=MAX_PART_BYTES)
         if bind_address.startswith("tcp://") and bind_address.endswith(":0"):
             bind_address = bind_address[:-2] + ":*"
         self._sock.bind(bind_address)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
+import struct
 import subprocess
 import time
 from pathlib import Path
@@ -100,3 +102,44 @@ def wait_for(predicate, timeout_s: float, what: str, poll_s: float = 0.1):
             return value
         time.sleep(poll_s)
     raise AssertionError(f"timed out waiting for {what}")
+
+
+# A ZMTP 3.0 greeting that names CURVE (signature, version 3.0, mechanism, as-server 0, filler): what a stranger
+# with a raw TCP socket sends before the handshake's first command.
+ZMTP_CURVE_GREETING = b"\xff" + b"\x00" * 8 + b"\x7f" + b"\x03\x00" + b"CURVE".ljust(20, b"\x00") + b"\x00" * 32
+
+
+def stranger_declaring(address: str, declared_bytes: int, body_bytes: int) -> socket.socket:
+    """A raw TCP connection to a zmq endpoint that starts a CURVE handshake with one command frame declaring
+    declared_bytes and streams up to body_bytes of it (stops where the peer closes the connection)."""
+    host, port = address.removeprefix("tcp://").rsplit(":", 1)
+    conn = socket.create_connection((host, int(port)), timeout=5)
+    conn.sendall(ZMTP_CURVE_GREETING + b"\x06" + struct.pack(">Q", declared_bytes))
+    chunk = b"\0" * 65536
+    try:
+        for _ in range(body_bytes // len(chunk)):
+            conn.sendall(chunk)
+    except OSError:  # reset: the peer refused the frame at its header
+        pass
+    return conn
+
+
+def closed_by_peer(conn: socket.socket, timeout_s: float = 5.0) -> bool:
+    """The peer closed the connection (EOF or reset) within timeout_s."""
+    conn.settimeout(timeout_s)
+    try:
+        while conn.recv(65536):
+            pass
+        return True
+    except ConnectionResetError:
+        return True
+    except TimeoutError:
+        return False
+
+
+def rss_bytes(pid: int) -> int:
+    """A process's resident memory (Linux /proc)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError(f"no VmRSS for pid {pid}")

@@ -16,7 +16,17 @@ import yaml
 import zmq
 
 from proto.air import FrameSidecar
-from tests.processes import ENV, REPO, TINY, Procs, read_rounds, wait_for
+from tests.processes import (
+    ENV,
+    REPO,
+    TINY,
+    Procs,
+    closed_by_peer,
+    read_rounds,
+    rss_bytes,
+    stranger_declaring,
+    wait_for,
+)
 from trust.curve import make_client
 from trust.keys import load_key, load_roster
 
@@ -123,7 +133,7 @@ def test_garbage_on_both_sockets_is_logged_and_ignored(procs, tmp_path):
     )
     ctx = zmq.Context.instance()
     rogue = ctx.socket(zmq.DEALER)  # holds a provisioned key (strangers are refused before they can say anything)
-    rogue.setsockopt(zmq.IDENTITY, b"rogue")
+    rogue.setsockopt(zmq.IDENTITY, b"device-1:rogue")  # in its own key's name (tests/test_trust.py: no other)
     insider = load_key(run_dir / "keys" / "device-1.secret.json", role="device")
     make_client(rogue, insider, load_roster(run_dir / "keys").bs)
     rogue.connect(ep["control"])
@@ -150,6 +160,12 @@ def test_garbage_on_both_sockets_is_logged_and_ignored(procs, tmp_path):
         rogue.send_multipart(payload)
     for payload in ([b"not json", b"\x00" * 40], [b'{"snr_db": 10}', b"FRAME?" * 10], [b"single part"]):
         data.send_multipart(payload)
+    # strangers (no key): 16 raw TCP connections each declaring a 256 MiB handshake frame and streaming 4 MiB of
+    # it, to the control and the data port: each is closed at the frame's header, and the BS holds none of it
+    rss_before = rss_bytes(bs.pid)
+    strangers = [stranger_declaring(ep[port], 256 << 20, 4 << 20) for port in ("control", "data") for _ in range(8)]
+    assert all(closed_by_peer(conn) for conn in strangers)
+    assert rss_bytes(bs.pid) - rss_before < 8 << 20, (rss_before, rss_bytes(bs.pid))
     for k in range(2):
         procs.edge(ep["control"], k)
     wait_for(lambda: len(read_rounds(run_dir)) >= 1, 180, "round 1")
@@ -160,8 +176,8 @@ def test_garbage_on_both_sockets_is_logged_and_ignored(procs, tmp_path):
     assert len(rounds) == 2
     assert all(d["status"] == "ok" for r in rounds for d in r["devices"])
     log = procs.output("bs")
-    assert "ignored bad message from peer b'rogue'" in log
-    assert "unregistered peer b'rogue'" in log
+    assert "ignored bad message from peer b'device-1:rogue'" in log
+    assert "unregistered peer b'device-1:rogue'" in log
     assert "a number of 5000 digits is too long" in log and "a number of 401 digits is too long" in log
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["bad_frames"] >= 1

@@ -22,7 +22,7 @@ from proto.control import Register
 from proto.framing import Frame, fragment
 from tests.bs_fakes import frame_key_of, make_station, sends_update, update_frames
 from tests.processes import ENV, REPO, Procs, read_rounds, wait_for
-from trust.curve import make_client
+from trust.curve import make_client, routing_id, routing_id_device
 from trust.keys import (
     KeyFileError,
     KeyPair,
@@ -246,10 +246,12 @@ def test_strangers_impostors_and_rogue_frames_are_refused_by_a_real_bs(tmp_path)
         roster = load_roster(keys)
         ctx = zmq.Context.instance()
 
-        def ask(key: KeyPair | None, claim: int) -> bytes | None:
-            """Register as device `claim` over a socket holding `key` (None: no CURVE); the answer, if any."""
+        def ask(key: KeyPair | None, claim: int, identity: bytes | None = None) -> bytes | None:
+            """Register as device `claim` over a socket holding `key` (None: no CURVE) and routing id `identity`
+            (None: the key's device's, as an edge makes it); the answer, if any."""
             sock = ctx.socket(zmq.DEALER)
             sock.setsockopt(zmq.LINGER, 0)
+            sock.setsockopt(zmq.IDENTITY, identity or routing_id(key.device_id if key and key.device_id else 0))
             if key is not None:
                 make_client(sock, key, roster.bs)
             sock.connect(ep["control"])
@@ -263,6 +265,12 @@ def test_strangers_impostors_and_rogue_frames_are_refused_by_a_real_bs(tmp_path)
         assert ask(None, 0) is None and ask(stranger, 0) is None and ask(stranger, 0) is None  # no handshake
         device1 = load_key(keys / device_secret_file(1), role="device")
         assert b"this key belongs to device 1, not 0" in ask(device1, 0)  # a key speaks only for its device
+        # routing ids are bound to keys: device 1's key cannot take an id in device 0's name (it once could take
+        # device 0's very id, `edge-0-<pid>`, before the edge connected, and lock it out), nor an id of no device
+        for squatted in (routing_id(0), b"edge-0-4242", b"\x00\x00\x00\x00\x01"):
+            answer = ask(device1, 1, identity=squatted)
+            assert answer is not None and b"is not this key's device's" in answer, (squatted, answer)
+        assert routing_id(0) != routing_id(0) and routing_id_device(routing_id(7)) == 7  # unguessable, named
         wait_for(lambda: "unknown key" in procs.output("bs"), 30, "the refusal in the BS log")
         assert procs.output("bs").count("unknown key") == 1  # once per key, however often it knocks
         make_client(rogue, device1, roster.bs)

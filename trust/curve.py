@@ -11,6 +11,7 @@ remembered, so a flood of fresh keys costs bounded memory and one line each up t
 from __future__ import annotations
 
 import logging
+import secrets
 import threading
 
 import zmq
@@ -79,8 +80,21 @@ class RosterAuthenticator:
         self._auth.stop()
 
 
-def make_server(sock: zmq.Socket, own: KeyPair, domain: str = ZAP_DOMAIN) -> None:
-    """Before bind: this socket accepts only CURVE clients that the process's authenticator admits in domain."""
+HANDSHAKE_TIMEOUT_MS = 5000  # a CURVE handshake not finished by then is dropped, with what it made us buffer
+
+
+def make_server(
+    sock: zmq.Socket, own: KeyPair, domain: str = ZAP_DOMAIN, *, max_message_bytes: int | None = None
+) -> None:
+    """Before bind: this socket accepts only CURVE clients that the process's authenticator admits in domain.
+
+    max_message_bytes: the socket's largest legitimate message part. libzmq reads the handshake's commands with
+    the same decoder as messages, so this is also what a stranger can make us buffer per connection before any
+    key is checked (a bigger declared frame closes the connection at its header), for at most
+    HANDSHAKE_TIMEOUT_MS. None leaves libzmq's default (no limit): only for sockets whose callers set it."""
+    if max_message_bytes is not None:
+        sock.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)
+    sock.setsockopt(zmq.HANDSHAKE_IVL, HANDSHAKE_TIMEOUT_MS)
     sock.curve_server = True
     sock.curve_secretkey = own.secret.encode()
     sock.curve_publickey = own.public.encode()
@@ -92,6 +106,21 @@ def make_client(sock: zmq.Socket, own: KeyPair, server_public: str) -> None:
     sock.curve_secretkey = own.secret.encode()
     sock.curve_publickey = own.public.encode()
     sock.curve_serverkey = server_public.encode()
+
+
+def routing_id(device_id: int) -> bytes:
+    """A device's control-socket routing id: its name, then 16 random bytes. A ROUTER ignores a second connection
+    that claims an id in use, so a guessable id (the pid) let an insider connect first and lock the device out;
+    this one cannot be guessed, and CURVE carries it encrypted (the handshake's INITIATE), so it is never seen."""
+    return f"device-{device_id}:".encode() + secrets.token_bytes(16)
+
+
+def routing_id_device(identity: bytes) -> int | None:
+    """The device a routing id names ("device-3:..." -> 3); None for any other id."""
+    head, sep, _ = identity.partition(b":")
+    if not sep or not head.startswith(b"device-") or not head[7:].isdigit() or len(head) > 12:
+        return None
+    return int(head[7:])
 
 
 def sender_of(frame: zmq.Frame) -> str | None:
