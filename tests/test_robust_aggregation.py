@@ -6,6 +6,8 @@ on the tiny model, then the BS's real close path (in-memory transport, fake cloc
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -21,6 +23,8 @@ from fedlora.lora import B_SUFFIX as _B
 from fedlora.lora import GlobalAdapter, ModuleSpec
 from fedlora.models import ModelConfig, build_backbone
 from tests.bs_fakes import make_station, sends_update
+from tests.processes import ENV, REPO, Procs, read_rounds
+from tests.processes import TINY as TINY_ARGS
 
 TINY = ModelConfig(name_or_path="tiny", max_rank=8, target_modules=("query",))
 Q1 = "bert.encoder.layer.1.attention.self.query"
@@ -199,3 +203,47 @@ def test_a_non_finite_aggregate_is_refused_and_recorded(tmp_path, monkeypatch):
     assert "is not finite; the adapter did not step" in record.aggregation["refused"]
     assert all(torch.equal(v, before[k]) for k, v in bs.model.adapter.state.items())
     assert all("is not finite" in (d.error or "") for d in record.devices)
+
+
+# ---------------------------------------------------------------------------------------------- real processes
+@pytest.mark.integration
+def test_an_insider_scaling_its_updates_moves_the_adapter_no_further_than_the_bound(tmp_path):
+    """Real BS and edges (sim PHY, tiny model, 2 rounds): edge 3 sends its update x1e30 in round 1 and x1e3 in
+    round 2 (tests/scaled_edge.py). It is clipped both times, the honest edges stay ok (before clipping the 1e30
+    update went in whole and in round 2 they could not even encode theirs), every view stays finite, and the adapter
+    moves per round by at most max_k b_k (docs/security.md, "An insider's influence": fixed policy, everybody
+    eligible for everything), measured against the adapter the BS started from."""
+    procs = Procs(tmp_path)
+    try:
+        run_dir = tmp_path / "run"
+        overrides = ["devices.count=4", "round.rounds=2", "training.local_steps=10"]
+        bs, ep = procs.bs(run_dir, *[arg for o in overrides for arg in ("--set", o)])
+        for k in range(3):
+            procs.edge(ep["control"], k)
+        out = open(tmp_path / "insider.out", "w")
+        key = run_dir / "keys" / "device-3.secret.json"
+        insider = [sys.executable, "-m", "tests.scaled_edge", "1e30,1e3", "--bs", ep["control"], "--device-id", "3"]
+        procs.procs.append(
+            subprocess.Popen([*insider, "--key", str(key)], cwd=REPO, env=ENV, stdout=out, stderr=subprocess.STDOUT)
+        )
+        assert bs.wait(timeout=400) == 0, procs.output("bs")
+        rounds = read_rounds(run_dir)
+        assert len(rounds) == 2, rounds
+        for r in rounds:
+            rows = {d["device_id"]: d for d in r["devices"]}
+            assert [rows[k]["status"] for k in range(4)] == ["ok"] * 4, (r["round"], [d["error"] for d in r["devices"]])
+        for r in rounds:
+            rows = {d["device_id"]: d for d in r["devices"]}
+            assert [rows[k]["clipped"] for k in range(4)] == [False, False, False, True], r["aggregation"]
+            bound = max(r["aggregation"]["clip_bounds"].values())
+            assert r["aggregation"]["step_norm"] <= bound * (1 + 1e-5), r["aggregation"]
+            assert rows[3]["update_norm"] > 100 * bound  # what it sent, before clipping
+        final = torch.load(run_dir / "adapter.pt", weights_only=True)
+        assert all(bool(torch.isfinite(v).all()) for v in final.values())
+        exp = load_experiment(None, [*TINY_ARGS[1::2], *overrides])
+        start = GlobalAdapter(build_backbone(exp.model, 2, exp.seed, task=exp.task.name), exp.model, exp.seed).state
+        moved = math.sqrt(sum(float((final[k].double() - v.double()).pow(2).sum()) for k, v in start.items()))
+        assert 0 < moved <= sum(max(r["aggregation"]["clip_bounds"].values()) for r in rounds) * (1 + 1e-5)
+        assert "refusing to encode NaN/Inf" not in "".join(procs.output(f"edge{k}") for k in range(3))
+    finally:
+        procs.cleanup()
