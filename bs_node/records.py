@@ -1,13 +1,18 @@
 """The run folder: config snapshot, one JSON line per round, a plot, the adapter checkpoint, a summary.
 
-Records are appended and flushed as each round closes, so a run cut off by Ctrl-C or a crash keeps every
-round it finished.
+Records are appended, flushed and fsynced as each round closes, so a run cut off by Ctrl-C, a crash or a power cut
+keeps every round it finished. A crash in the middle of an append can leave a torn last line: a resume drops it
+with a warning (that round had no checkpoint yet, so it runs again); a torn line before the last is an error
+naming it. The adapter is written 0600, fsynced and renamed (trust.run_files).
 """
 
 from __future__ import annotations
 
+import io
 import json
+import logging
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +20,43 @@ import torch
 import yaml
 
 from bs_node.measurements import RoundRecord
+from trust.run_files import write_atomic
+
+log = logging.getLogger("bs")
+
+
+class RecordsError(ValueError):
+    """rounds.jsonl cannot be read; the message names the file and the line."""
+
+
+def read_records(path: Path) -> list[dict[str, Any]]:
+    """The round records of rounds.jsonl; a torn last line (a crash mid-append) is dropped with a warning, any other
+    line that is not a JSON object with an integer `round` is a RecordsError naming it."""
+    if not path.exists():
+        return []
+    try:
+        lines = path.read_bytes().decode("utf-8", errors="replace").split("\n")
+    except OSError as exc:
+        raise RecordsError(f"{path}: cannot be read: {exc.strerror or exc}") from None
+    numbered = [(n, line) for n, line in enumerate(lines, start=1) if line.strip()]
+    records = []
+    for i, (n, line) in enumerate(numbered):
+        try:
+            record = json.loads(line)
+            if not isinstance(record, dict) or type(record.get("round")) is not int:
+                raise ValueError("not a record with an integer round")
+        except (ValueError, RecursionError) as exc:
+            if i == len(numbered) - 1:
+                log.warning("%s: line %d is torn (%s); dropped, its round runs again", path, n, exc)
+                break
+            raise RecordsError(f"{path}: line {n} is not a round record ({exc})") from None
+        records.append(record)
+    return records
+
+
+def recorded_rounds(path: Path) -> list[int]:
+    """The rounds rounds.jsonl holds (a torn last line dropped)."""
+    return [record["round"] for record in read_records(path)]
 
 
 class RunRecorder:
@@ -38,24 +80,23 @@ class RunRecorder:
     def resume(self, next_round: int) -> None:
         """Keep the records of rounds before next_round (a crash may have left the record of a round that the
         checkpoint does not hold: that round runs again), rewriting rounds.jsonl atomically."""
-        lines = self.rounds_path.read_text().splitlines() if self.rounds_path.exists() else []
-        kept = [line for line in lines if line.strip() and json.loads(line)["round"] < next_round]
-        tmp = self.rounds_path.with_name("rounds.jsonl.tmp")
-        tmp.write_text("".join(line + "\n" for line in kept))
-        tmp.replace(self.rounds_path)
-        self.records = [RoundRecord.from_dict(json.loads(line)) for line in kept]
+        kept = [record for record in read_records(self.rounds_path) if record["round"] < next_round]
+        text = "".join(json.dumps(record) + "\n" for record in kept)
+        write_atomic(self.rounds_path, text.encode(), mode=0o644)
+        self.records = [RoundRecord.from_dict(record) for record in kept]
 
     def write_round(self, record: RoundRecord) -> None:
         self.records.append(record)
         with self.rounds_path.open("a") as fh:
             fh.write(json.dumps(_finite(record.as_dict())) + "\n")
             fh.flush()
+            os.fsync(fh.fileno())
         self.plot()
 
     def save_adapter(self, state: dict[str, torch.Tensor], name: str = "adapter.pt") -> None:
-        tmp = self.run_dir / (name + ".tmp")
-        torch.save(state, tmp)
-        tmp.replace(self.run_dir / name)
+        buffer = io.BytesIO()  # read back with torch.load's default weights_only=True: tensors, no code
+        torch.save(state, buffer)
+        write_atomic(self.run_dir / name, buffer.getvalue())
 
     def write_summary(self, summary: dict[str, Any]) -> None:
         (self.run_dir / "summary.json").write_text(json.dumps(_finite(summary), indent=2) + "\n")

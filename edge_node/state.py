@@ -21,7 +21,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
-from trust.run_files import write_private
+from trust.run_files import write_atomic
 
 log = logging.getLogger("edge")
 FORMAT = "fedlora-edge-state/2"
@@ -48,7 +48,7 @@ def save_state(path: Path, *, run_id: str, device_id: int, round_idx: int, spars
     header = {"format": FORMAT, "run_id": run_id, "device_id": device_id, "round": round_idx}
     header["calls"] = int(sparsifier["calls"])
     tensors = {k: t.detach().cpu().float().contiguous().clone() for k, t in tensors.items()}
-    write_private(path, save_tensors(tensors, metadata={"state": json.dumps(header)}))
+    write_atomic(path, save_tensors(tensors, metadata={"state": json.dumps(header)}))
 
 
 def load_state(path: Path, *, run_id: str, device_id: int) -> dict[str, Any] | None:

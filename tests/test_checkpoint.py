@@ -1,6 +1,6 @@
 """The pieces of checkpoint and resume without processes: every policy's state survives a checkpoint, the BS's
 round logic goes on from one (in memory, fake clock), records are cut back to the checkpoint, a checkpoint of
-another configuration is refused naming the keys, and an edge's error feedback folds back a round a resumed BS
+another configuration is refused naming the keys, and an edge's error feedback rolls back a round a resumed BS
 replays."""
 
 from __future__ import annotations
@@ -10,10 +10,13 @@ import typing
 
 import pytest
 import torch
+from safetensors.torch import load as load_tensors
+from safetensors.torch import save as save_tensors
 
 from bs_node.checkpoint import CheckpointError, differences, load, run_configuration
 from bs_node.controllers import make_controller
 from bs_node.measurements import RoundRecord
+from bs_node.state_codec import decode, encode
 from config import load_bench, load_experiment
 from config.experiment import Policy
 from fedlora.lora import ModuleSpec
@@ -32,7 +35,7 @@ def test_every_policy_decides_the_same_after_a_checkpoint(policy):
         ctrl.decide(state(b, r))
         rows = [row(k, snr_db=10.0 + 5 * k, energy=80.0 + k) for k in range(4)]
         ctrl.observe(RoundRecord(r, 0.6, 0.6, 1.0, policy, 0, rows))
-    saved = torch.load(_roundtrip(ctrl.state_dict()), weights_only=False)  # as the checkpoint file holds it
+    saved = _roundtrip(ctrl.state_dict())  # as the checkpoint file holds it: JSON and safetensors
     again = make_controller(exp, b)
     again.load_state_dict(saved)
     assert again.decide(state(b, 3)) == ctrl.decide(state(b, 3))
@@ -42,12 +45,9 @@ def test_every_policy_decides_the_same_after_a_checkpoint(policy):
 
 
 def _roundtrip(obj):
-    import io
-
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    buf.seek(0)
-    return buf
+    tensors: dict[str, torch.Tensor] = {}
+    tree = json.loads(json.dumps(encode(obj, tensors), allow_nan=False))
+    return decode(tree, load_tensors(save_tensors(tensors)))
 
 
 def test_the_round_logic_goes_on_from_a_checkpoint(tmp_path):
@@ -108,7 +108,7 @@ def test_a_checkpoint_of_another_configuration_is_refused_naming_the_keys(tmp_pa
     assert load(run_dir, bs.runner.exp, moved).next_round == 2  # addresses and key folders may differ
     with pytest.raises(CheckpointError, match="no checkpoint"):
         load(tmp_path / "nothing", bs.runner.exp, bs.runner.bench)
-    (run_dir / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    (run_dir / "checkpoint.json").write_bytes(b"not a checkpoint")
     with pytest.raises(CheckpointError, match="cannot be read"):
         load(run_dir, bs.runner.exp, bs.runner.bench)
 
@@ -121,7 +121,7 @@ def test_differences_name_dotted_keys():
     assert differences(config, changed) == ["experiment.seed: 0 in the checkpoint, 4 now"]
 
 
-def test_an_edge_folds_back_what_it_sent_in_a_round_a_resumed_bs_replays():
+def test_an_edge_rolls_back_what_it_sent_in_a_round_a_resumed_bs_replays():
     sp = make_sparsifier("topk", seed=0, device_id=0)
     spec = ModuleSpec(2, 1)
     key_a, key_b = (
@@ -132,9 +132,8 @@ def test_an_edge_folds_back_what_it_sent_in_a_round_a_resumed_bs_replays():
     sp.sparsify(delta, delta, spec, 0.5, round_idx=3)
     state = sp.state_dict()
     restored = make_sparsifier("topk", seed=0, device_id=0)
-    restored.load_state_dict(torch.load(_roundtrip(state)))
+    restored.load_state_dict(_roundtrip(state))
     assert restored.feedback.norm() == pytest.approx(sp.feedback.norm())
     assert set(restored.feedback.pending) == {3}
-    before = restored.feedback.norm()
-    restored.settle(delivered=[], lost=[r for r in restored.feedback.pending if r >= 3])  # what EdgeRounds does
-    assert not restored.feedback.pending and restored.feedback.norm() > before
+    assert restored.rollback(3) == [3]  # what EdgeRounds does: back to before round 3 (no residual then)
+    assert not restored.feedback.pending and restored.feedback.norm() == 0.0

@@ -25,13 +25,14 @@ class RunFileError(ValueError):
     """A run file or key that cannot be used; the message names the file and what is wrong."""
 
 
-def write_private(path: Path, data: bytes) -> None:
-    """Replace `path` with `data`: created 0600, fsynced, renamed over the old file, the folder fsynced."""
+def write_atomic(path: Path, data: bytes, *, mode: int = 0o600) -> None:
+    """Replace `path` with `data`: created with `mode` (0600 by default), fsynced, renamed over the old file, the
+    folder fsynced."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
     try:
-        os.fchmod(fd, 0o600)  # a stale tmp file of another mode keeps its mode under O_CREAT
+        os.fchmod(fd, mode)  # a stale tmp file of another mode keeps its mode under O_CREAT
         view = memoryview(data)
         while view:
             view = view[os.write(fd, view) :]
@@ -63,7 +64,7 @@ def checkpoint_key(run_dir: Path, *, create: bool) -> bytes:
             raise RunFileError(f"{path}: missing: the checkpoint's integrity tag cannot be checked")
         path.parent.mkdir(parents=True, exist_ok=True)
         os.chmod(path.parent, 0o700)
-        write_private(path, secrets.token_bytes(KEY_BYTES))
+        write_atomic(path, secrets.token_bytes(KEY_BYTES))
     mode = path.stat().st_mode & 0o777
     if mode & 0o077:
         raise RunFileError(f"{path}: must be readable by its owner only (mode {mode:o}; chmod 600 it)")
