@@ -36,7 +36,7 @@ from proto.control import (
     decode_control,
     encode,
 )
-from trust.curve import make_server, routing_id_device, sender_of, user_device
+from trust.curve import make_server, recv_bounded, routing_id_device, sender_of, user_device
 from trust.keys import KeyPair
 from trust.sealing import FrameKeyring
 
@@ -117,11 +117,11 @@ class ZmqTransport:
         if self.control in ready:
             for _ in range(1000):  # drain what is there, bounded so data frames are not starved
                 try:
-                    frames = self.control.recv_multipart(zmq.NOBLOCK, copy=False)
+                    frames, count = recv_bounded(self.control, 3, zmq.NOBLOCK)  # [routing id, message, attachment]
                 except zmq.Again:
                     break
                 sender = sender_of(frames[-1]) if self.curve else None
-                event = self._on_control_safely([f.bytes for f in frames], sender)
+                event = self._on_control_safely([f.bytes for f in frames], count, sender)
                 if event is not None:
                     events.append(event)
         if self.uplink.poll_socket is None or self.uplink.poll_socket in ready:
@@ -131,20 +131,21 @@ class ZmqTransport:
     def drain_frames(self, quiet_s: float, max_wait_s: float) -> Iterator[FrameReceived]:
         return (FrameReceived(rx.data, rx.snr_db) for rx in self.uplink.drain_until_quiet(quiet_s, max_wait_s))
 
-    def _on_control_safely(self, parts: list[bytes], sender: str | None) -> Event | None:
+    def _on_control_safely(self, parts: list[bytes], count: int, sender: str | None) -> Event | None:
         """One peer's message can cost that message, never the BS: whatever escapes the checks is logged."""
         try:
-            return self._on_control(parts, sender)
+            return self._on_control(parts, count, sender)
         except Exception:
             self.rejected["error"] += 1
             log.exception("control: a message from peer %r could not be handled; ignored", parts[0][:64])
             return None
 
-    def _on_control(self, parts: list[bytes], sender: str | None) -> Event | None:
+    def _on_control(self, parts: list[bytes], count: int, sender: str | None) -> Event | None:
+        """count: the parts the message had (those beyond the first three were read and dropped)."""
         identity = parts[0]
         try:
-            if len(parts) not in (2, 3):
-                raise MessageError(f"{len(parts) - 1} message parts (expected 1 or 2)")
+            if count not in (2, 3):
+                raise MessageError(f"{count - 1} message parts (expected 1 or 2)")
             msg = decode_control(parts[1])
         except MessageError as exc:
             self.rejected["malformed"] += 1

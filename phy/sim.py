@@ -22,7 +22,7 @@ from phy.uplink import RxFrame, TxReport, UplinkReceiver, UplinkTransmitter, che
 from proto.air import AirMessageError, FrameSidecar, decode_sidecar
 from proto.framing import MAX_FRAME_BYTES
 from proto.numerology import burst_airtime_s
-from trust.curve import make_client, make_server
+from trust.curve import make_client, make_server, recv_bounded
 from trust.keys import KeyPair
 
 # The data port's bound on what a connected peer can make the BS queue: RCVHWM messages of at most MAX_PART_BYTES
@@ -191,20 +191,20 @@ class SimUplinkReceiver(UplinkReceiver):
                 return out
             for _ in range(self.max_batch):
                 try:
-                    parts = self._sock.recv_multipart(zmq.NOBLOCK)
+                    frames, count = recv_bounded(self._sock, 2, zmq.NOBLOCK)
                 except zmq.Again:
                     break
-                rx = self._parse(parts)
+                rx = self._parse([f.bytes for f in frames], count)
                 if rx is not None:
                     out.append(rx)
             if out or remaining_ms == 0:
                 return out
 
-    def _parse(self, parts: list[bytes]) -> RxFrame | None:
+    def _parse(self, parts: list[bytes], count: int) -> RxFrame | None:
         problem = None
         snr_db: float | None = None
-        if len(parts) != 2:
-            problem = f"expected 2 parts [sidecar, frame], got {len(parts)}"
+        if count != 2:
+            problem = f"expected 2 parts [sidecar, frame], got {count}"
         else:
             try:
                 snr_db = decode_sidecar(parts[0]).snr_db

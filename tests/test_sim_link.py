@@ -1,6 +1,7 @@
 """The sim link over real zmq sockets on 127.0.0.1 (random ports)."""
 
 import logging
+import tracemalloc
 import socket
 import time
 
@@ -157,6 +158,29 @@ def test_garbage_is_skipped(ctx, rx, caplog):
     assert [(f.data, f.snr_db) for f in got] == [(good, 12.5)]
     assert rx.malformed_count == len(garbage)
     assert sum("malformed" in r.getMessage() for r in caplog.records) == len(garbage)
+
+
+def test_a_message_of_40000_parts_is_one_malformed_message_read_without_a_copy(ctx, rx, caplog):
+    """libzmq bounds each part (MAXMSGSIZE) but not how many there are: the receiver reads such a message part by
+    part, keeps two, counts it once as malformed and goes on (it once copied every part into Python first)."""
+    push = ctx.socket(zmq.PUSH)
+    push.setsockopt(zmq.LINGER, 0)
+    push.connect(rx.address)
+    good = Frame(1, 1, 0, 1, b"ok").to_bytes()
+    with caplog.at_level(logging.WARNING, logger="phy.sim"):
+        push.send_multipart([b"x" * 1000] * 40_000)
+        push.send_multipart([FrameSidecar(snr_db=3.0).encode(), good])
+        push.send_multipart([FrameSidecar().encode(), SENTINEL])
+        assert rx.poll_socket.poll(20_000)  # the 40,000 parts are all in libzmq's queue before one can be read
+        tracemalloc.start()
+        got = collect_until_sentinel(rx)
+        python_peak_bytes = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    push.close()
+    assert [(f.data, f.snr_db) for f in got] == [(good, 3.0)]
+    assert rx.malformed_count == 1
+    assert any("got 40000" in r.getMessage() for r in caplog.records)
+    assert python_peak_bytes < 4 << 20, python_peak_bytes  # 40 MB as bytes objects before
 
 
 def test_recv_timeout_empty_and_poll_socket(ctx, rx):

@@ -10,6 +10,7 @@ remembered, so a flood of fresh keys costs bounded memory and one line each up t
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import secrets
 import threading
@@ -121,6 +122,32 @@ def routing_id_device(identity: bytes) -> int | None:
     if not sep or not head.startswith(b"device-") or not head[7:].isdigit() or len(head) > 12:
         return None
     return int(head[7:])
+
+
+def recv_bounded(sock: zmq.Socket, max_parts: int, flags: int = 0) -> tuple[list[zmq.Frame], int]:
+    """One message, keeping at most max_parts of its parts: (the kept parts, how many it had).
+
+    libzmq holds every part of a message before the first can be read, and no socket option bounds how many there
+    are, so a peer's 40,000-part message is in memory once it is readable; this reads it without a second copy,
+    releasing each part beyond max_parts as it goes, and hands what it freed back to the system."""
+    kept: list[zmq.Frame] = [sock.recv(flags, copy=False)]
+    count = 1
+    while sock.getsockopt(zmq.RCVMORE):
+        part = sock.recv(copy=False)
+        count += 1
+        if len(kept) < max_parts:
+            kept.append(part)
+    if count > max_parts:
+        release_freed_memory()
+    return kept, count
+
+
+def release_freed_memory() -> None:
+    """glibc keeps freed small blocks in its arenas: after a flood of parts, hand them back (a no-op elsewhere)."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def sender_of(frame: zmq.Frame) -> str | None:
