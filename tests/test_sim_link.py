@@ -1,9 +1,9 @@
 """The sim link over real zmq sockets on 127.0.0.1 (random ports)."""
 
 import logging
-import tracemalloc
 import socket
 import time
+import tracemalloc
 
 import numpy as np
 import pytest
