@@ -166,7 +166,7 @@ def resume_gap(out: Path, edges: int) -> dict:
     while len(_rounds(run_dir)) < 1:
         time.sleep(0.1)
     round_s = _rounds(run_dir)[0]["wall_s"]
-    while not (run_dir / "checkpoint.pt").exists():
+    while not (run_dir / "checkpoint.json").exists():
         time.sleep(0.05)
     _bs(first).send_signal(signal.SIGKILL)
     t_kill = time.monotonic()

@@ -125,3 +125,64 @@ def test_the_resumed_bs_tells_each_device_the_checkpoints_verdicts(tmp_path):
     for device in (0, 1):
         resumed = [p for p in t2.sent_to(device, Plan) if p.round == 3]
         assert resumed and resumed[0].aggregated_rounds == [1, 2]  # as the uninterrupted BS would have said
+
+
+@pytest.mark.integration
+def test_a_bs_killed_after_the_edges_sent_resumes_counting_the_round_once(tmp_path):
+    """Real processes (tiny model, sim PHY): the BS is SIGKILLed after round 1's checkpoint, once both edges have
+    held (edge 0 also sent) their round-2 update; the edges die too and are started anew from their state files
+    beside a resumed BS. What each sends in the re-run round 2 equals what it sent the first time (the update of
+    the uninterrupted run), not 2x. Edge 1 emulates slow hardware so that the BS is still waiting for it."""
+    import shutil
+    import signal
+
+    from edge_node.state import read_state
+    from tests.processes import REPO, Procs, read_rounds, wait_for
+
+    procs = Procs(tmp_path)
+    run_dir, state_dir = tmp_path / "run", tmp_path / "edge-state"
+    sets = ["--bench", str(REPO / "hw_configs" / "sim.yaml"), "--set", "devices.count=2", "--set", "round.rounds=2"]
+    sets += ["--set", "training.local_steps=6", "--set", "codec.sparsifier=topk", "--set", "controller.policy=fixed"]
+    sets += ["--set", "controller.keep_fraction=0.25", "--set", "round.deadline_s=120"]
+    sets += ["--bench-set", "devices=[{distance_m: 10}, {distance_m: 20, compute_speed: 0.1}]"]
+
+    def edges(name: str) -> list:
+        return [
+            procs.start(
+                f"{name}{k}",
+                ["fedlora-edge", "--bs", endpoints["control"], "--device-id", str(k), "--state-dir", str(state_dir)]
+                + ["--key", str(run_dir / "keys" / f"device-{k}.secret.json")],
+            )
+            for k in range(2)
+        ]
+
+    def held(k: int) -> int:
+        path = state_dir / f"edge-{k}.safetensors"
+        return read_state(path)[0]["round"] if path.exists() else 0
+
+    try:
+        bs, endpoints = procs.bs(run_dir, *sets)
+        first = edges("edge")
+        wait_for(lambda: held(0) == 2 and held(1) == 2 and "round 2: sending" in procs.output("edge0"), 300, "sent")
+        bs.send_signal(signal.SIGKILL)
+        bs.wait()
+        for e in first:
+            e.kill()
+            e.wait()
+        assert [r["round"] for r in read_rounds(run_dir)] == [1]  # the kill landed before round 2 closed
+        sent = {k: read_state(state_dir / f"edge-{k}.safetensors")[1]["pending"][2] for k in range(2)}
+        shutil.copytree(state_dir, tmp_path / "state-at-kill")
+        (run_dir / "endpoints.json").unlink()
+        resumed, endpoints = procs.bs(run_dir, "--resume", *sets)
+        edges("again")
+        assert resumed.wait(timeout=300) == 0, procs.output("bs")
+    finally:
+        procs.cleanup()
+    rounds = read_rounds(run_dir)
+    assert [r["round"] for r in rounds] == [1, 2]
+    assert all(d["status"] == "ok" for r in rounds for d in r["devices"])
+    for k in range(2):
+        assert "never closed; rolled back" in procs.output(f"again{k}")
+        again = read_state(state_dir / f"edge-{k}.safetensors")[1]["pending"][2]
+        for key in sent[k]:  # the re-run round's update is the first one (fold back + retrain sent 2x)
+            torch.testing.assert_close(again[key], sent[k][key], rtol=1e-4, atol=1e-6)
