@@ -24,7 +24,7 @@ def install(scales: list[float]) -> None:
         factor = scales[min(round_idx, len(scales)) - 1]
         return real({k: v * factor for k, v in state.items()}, round_idx=round_idx, dtype="fp32", **kwargs)
 
-    edge_round.encode_update = scaled  # type: ignore[assignment]
+    edge_round.encode_update = scaled
 
 
 if __name__ == "__main__":
