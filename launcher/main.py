@@ -250,9 +250,11 @@ LAUNCH_KEYS = ("experiment", "bench", "overrides", "bench_overrides")
 
 def _resume_arguments(args: argparse.Namespace) -> str | None:
     """Point args at the run to resume and, if it gives no configuration, the run's own; a problem, or None."""
+    from bs_node.checkpoint import CHECKPOINT_FILE  # here: it loads torch, which only a resume needs this early
+
     run_dir = Path(args.resume)
-    if not (run_dir / "checkpoint.pt").exists():
-        return f"{run_dir} has no checkpoint.pt (no round of it was closed)"
+    if not (run_dir / CHECKPOINT_FILE).exists():
+        return f"{run_dir} has no {CHECKPOINT_FILE} (no round of it was closed)"
     if args.run_dir and Path(args.run_dir).resolve() != run_dir.resolve():
         return "--run-dir and --resume name different folders"
     args.run_dir = str(run_dir)
