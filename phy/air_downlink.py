@@ -71,12 +71,7 @@ class DownlinkAir:
             raise DownlinkError("dl_burst: IQ holds NaN or Inf")
         if not np.all(np.abs(iq.view(np.float32)) < 1e3):
             raise DownlinkError("dl_burst: IQ is not a unit-power OFDM burst (|sample| >= 1000)")
-        queued = sum(len(q.iq) for q in self._queue)
-        if len(self._queue) >= MAX_QUEUED_DOWNLINK_BURSTS or queued + len(iq) > MAX_QUEUED_DOWNLINK_SAMPLES:
-            raise DownlinkError(
-                f"dl_burst: {len(self._queue)} downlink bursts of {queued} samples wait already (the BS sends faster "
-                f"than the downlink carries them)"
-            )
+        self.admit(len(iq))
         try:
             TxSetting(header.tx_power_dbm, physics.total_bandwidth_hz, header.modulation)
         except ValueError as exc:
@@ -86,6 +81,15 @@ class DownlinkAir:
         self._queue.append(_Queued(header, iq, physics, self._busy_until_s))
         self.stats["bursts"] += 1
         return self._busy_until_s
+
+    def admit(self, samples: int) -> None:
+        """Room in the queue for a burst of `samples` (the air asks at its header, before its chunks come)."""
+        queued = sum(len(q.iq) for q in self._queue)
+        if len(self._queue) >= MAX_QUEUED_DOWNLINK_BURSTS or queued + samples > MAX_QUEUED_DOWNLINK_SAMPLES:
+            raise DownlinkError(
+                f"dl_burst: {len(self._queue)} downlink bursts of {queued} samples wait already (the BS sends faster "
+                f"than the downlink carries them)"
+            )
 
     def next_due_s(self) -> float | None:
         return self._queue[0].end_s if self._queue else None

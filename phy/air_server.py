@@ -1,15 +1,19 @@
 """The air's sockets: requests from the edges and the BS (proto.air), replies, and the medium to the BS.
 
-* ``address`` (ROUTER, bound): an edge sends ``burst`` [header, complex64 IQ] and gets ``done`` once the burst's
-  last sample is on the medium (that is when its send() returns); the BS sends ``plan`` (the round's subbands,
-  phy.fdma, and the physics) and gets ``plan_ok``, and is told ``burst_done`` (device, medium index of the burst's
-  end) before the edge's ``done``, so it can finish decoding a burst before it acknowledges it.
-  Downlink (phy.air_downlink): an edge says where it listens (``listen``); the BS sends ``dl_burst`` [header, IQ]
-  for some devices, and each listening one gets ``dl`` [header, IQ] through its own channel once the burst's
-  airtime has passed.
+* ``address`` (ROUTER, bound): an edge sends ``burst`` [header] and its complex64 IQ in ``chunk`` messages
+  (phy.air_chunks) and gets ``done`` once the burst's last sample is on the medium (that is when its send()
+  returns); the BS sends ``plan`` (the round's subbands, phy.fdma, and the physics) and gets ``plan_ok``, and is
+  told ``burst_done`` (device, medium index of the burst's end) before the edge's ``done``, so it can finish
+  decoding a burst before it acknowledges it. Downlink (phy.air_downlink): an edge says where it listens
+  (``listen``); the BS sends ``dl_burst`` [header] and chunks for some devices, and each listening one gets ``dl``
+  [header, IQ] through its own channel once the burst's airtime has passed.
 * ``medium_address`` (PUSH, bound): the summed medium as [``MediumChunk`` {index}, complex64 IQ], ~10 ms a chunk.
 
-A message the air cannot use is logged with its peer and answered with ``error``; it never stops the air.
+A message the air cannot use is logged with its peer and answered with ``error``; it never stops the air. A burst's
+header is checked against the plan (device, round, width, length, queue) before any of its chunks is stored, and
+its IQ is looked at only once it is whole and admitted again. Each socket refuses parts above the largest one a
+legitimate peer sends (REQUEST_MAX_PART_BYTES, MEDIUM_MAX_PART_BYTES): that bounds the CURVE handshake too, the only
+thing a stranger can send (docs/security.md, "The air before authentication").
 
 With the run's keys (a sealed bench, docs/security.md) both sockets are CURVE servers under the BS's key pair: the
 request socket admits the roster's keys, and takes a plan only from the BS's key and a burst only from the key of
@@ -28,21 +32,24 @@ import numpy as np
 import zmq
 
 from phy import fdma
+from phy.air_chunks import DOWNLINK_SLOT, BurstAssembler
 from phy.air_downlink import DownlinkAir, DownlinkError
 from phy.air_medium import Burst, Medium, MediumSignal, RateError, warm_up
 from phy.air_physics import AirError, Physics
 from phy.channel import DeviceGeometry, SimChannel, TxSetting
 from proto.air import (
-    IQ_SAMPLE_BYTES,
-    MAX_BURST_SAMPLES,
+    CHUNK_BYTES,
     MAX_HEADER_BYTES,
+    MAX_REQUEST_FRAMES,
     MEDIUM_QUEUE_CHUNKS,
     AirMessageError,
     AirRefusal,
     BurstDone,
-    BurstFrames,
+    BurstHeader,
     BurstOnMedium,
+    ChunkFrames,
     DownlinkFrames,
+    DownlinkHeader,
     DownlinkIq,
     Listen,
     MediumChunk,
@@ -68,6 +75,13 @@ class _BsState:
 
 MAX_QUEUED_BURSTS = 2  # per device, waiting for the medium (the one on the air included)
 MAX_MEDIUM_BURST_SAMPLES = 1 << 25  # 32 Mi samples, 256 MiB of complex64: one burst at the medium rate
+CURVE_BOX_BYTES = 33  # a CURVE MESSAGE command around a part: name, nonce, MAC, flags (libzmq checks this size)
+REQUEST_MAX_PART_BYTES = max(CHUNK_BYTES, MAX_HEADER_BYTES) + CURVE_BOX_BYTES  # a chunk's IQ, boxed
+REQUEST_RCVHWM = 16  # messages ZeroMQ queues per peer before it stops reading that peer's connection
+# the medium's peer (the BS) sends nothing but the CURVE handshake: HELLO (200 bytes) and INITIATE (257 + its
+# metadata: 277 bytes from a libzmq 4.3 PULL, measured); the slack is for longer metadata
+MEDIUM_MAX_PART_BYTES = 512
+HANDSHAKE_IVL_MS = 5000  # a handshake not finished by then is dropped, with what it made the air buffer
 
 
 class Air:
@@ -88,8 +102,9 @@ class Air:
         self.authenticator = RosterAuthenticator(ctx, keys.roster) if keys is not None else None
         self.router = ctx.socket(zmq.ROUTER)
         self.router.setsockopt(zmq.LINGER, 0)
-        self.router.setsockopt(zmq.MAXMSGSIZE, MAX_BURST_SAMPLES * IQ_SAMPLE_BYTES + MAX_HEADER_BYTES)
-        self.router.setsockopt(zmq.RCVHWM, MAX_QUEUED_BURSTS + 2)  # per peer: its bursts, a plan, a spare
+        self.router.setsockopt(zmq.MAXMSGSIZE, REQUEST_MAX_PART_BYTES)  # a bigger part closes the connection
+        self.router.setsockopt(zmq.RCVHWM, REQUEST_RCVHWM)
+        self.router.setsockopt(zmq.HANDSHAKE_IVL, HANDSHAKE_IVL_MS)
         if keys is not None:
             make_server(self.router, keys.bs)
         self.router.bind(bindable(address))
@@ -97,6 +112,8 @@ class Air:
         self.medium_push = ctx.socket(zmq.PUSH)
         self.medium_push.setsockopt(zmq.LINGER, 0)
         self.medium_push.setsockopt(zmq.SNDHWM, MEDIUM_QUEUE_CHUNKS)
+        self.medium_push.setsockopt(zmq.MAXMSGSIZE, MEDIUM_MAX_PART_BYTES)
+        self.medium_push.setsockopt(zmq.HANDSHAKE_IVL, HANDSHAKE_IVL_MS)
         if keys is not None:
             make_server(self.medium_push, keys.bs, BS_ONLY_DOMAIN)
         self.medium_push.bind(bindable(medium_address))
@@ -105,6 +122,7 @@ class Air:
         warm_up()
         self.bs = _BsState()
         self.downlink = DownlinkAir(noise_seed)
+        self.chunks = BurstAssembler()
         self._running = True
         self.stats = {"bursts": 0, "refused": 0, "malformed": 0}
 
@@ -131,6 +149,10 @@ class Air:
                         frames = self.router.recv_multipart(zmq.NOBLOCK, copy=False)
                     except zmq.Again:
                         break
+                    if len(frames) > 1 + MAX_REQUEST_FRAMES:  # refused by its count: no part is copied out
+                        error = AirMessageError("request", f"{len(frames) - 1} frames, at most {MAX_REQUEST_FRAMES}")
+                        self._refuse(frames[0].bytes, error, "")
+                        continue
                     self.on_message([f.bytes for f in frames], sender_of(frames[-1]) if self.secure else None)
             self.medium.advance(self._send_chunk, self._on_burst_end)
             self._deliver_downlink()
@@ -146,6 +168,7 @@ class Air:
         """What the air did, for a benchmark or a run's logs: requests, medium samples, clock stalls, CPU."""
         return {
             **self.stats,
+            **self.chunks.stats,
             "medium_samples": self.medium.samples_sent,
             "busy_s": self.medium.busy_s,
             "cpu_s": time.process_time(),
@@ -161,36 +184,60 @@ class Air:
         identity, kind = parts[0], ""
         try:
             request = decode_request(parts[1:])
-            if isinstance(request, RoundPlan):
-                kind = request.type
+            kind = self.chunks.kind_of(identity) if isinstance(request, ChunkFrames) else request.type
+            if isinstance(request, ChunkFrames):
+                self._on_chunk(identity, request)
+            elif isinstance(request, RoundPlan):
                 if self.secure and sender != BS_USER:
                     raise AirError(f"plan: only the BS's key may send plans (this one is {sender})")
                 self._on_plan(identity, request)
             elif isinstance(request, Listen):
-                kind = request.type
                 if self.secure and user_device(sender) != request.device_id:
                     raise AirError(f"listen: the key of {sender} cannot listen as device {request.device_id}")
                 self.downlink.listen(request.device_id, identity)
-            elif isinstance(request, DownlinkFrames):
-                kind = request.header.type
-                if self.secure and sender != BS_USER:
-                    raise AirError(f"dl_burst: only the BS's key may send downlink bursts (this one is {sender})")
-                self._on_downlink(request)
             else:
-                kind = request.header.type
-                if self.secure and user_device(sender) != request.header.device_id:
-                    raise AirError(f"burst: the key of {sender} cannot send as device {request.header.device_id}")
-                self._on_burst(identity, request)
+                self._on_header(identity, request, sender)
         except (AirMessageError, AirError, DownlinkError) as exc:
-            if isinstance(exc, AirMessageError):
+            if isinstance(exc, AirMessageError) and not kind:
                 kind = exc.message_type if exc.message_type in ("burst", "plan", "listen", "dl_burst") else ""
-            self.stats["malformed" if isinstance(exc, AirMessageError) else "refused"] += 1
-            log.warning("air: refused a message from peer %r: %s", identity, exc)
-            self._reply(identity, AirRefusal(error=str(exc), kind=kind))
+            self._refuse(identity, exc, kind)
         except Exception as exc:  # a bug or an odd input must cost one message, not the air
             self.stats["refused"] += 1
             log.exception("air: message from peer %r failed", identity)
             self._reply(identity, AirRefusal(error=f"air failed on it: {exc}", kind=kind))
+
+    def _refuse(self, identity: bytes, exc: Exception, kind: str) -> None:
+        self.stats["malformed" if isinstance(exc, AirMessageError) else "refused"] += 1
+        log.warning("air: refused a message from peer %r: %s", identity, exc)
+        self._reply(identity, AirRefusal(error=str(exc), kind=kind))
+
+    def _on_header(self, identity: bytes, header: BurstHeader | DownlinkHeader, sender: str | None) -> None:
+        """A burst's or dl_burst's header: admitted against the key and the plan, from the header alone, before any
+        of its chunks is stored; a refused one's chunks are dropped as they come."""
+        try:
+            if isinstance(header, DownlinkHeader):
+                if self.secure and sender != BS_USER:
+                    raise AirError(f"dl_burst: only the BS's key may send downlink bursts (this one is {sender})")
+                self._admit_downlink(header)
+                self.chunks.start(identity, header, DOWNLINK_SLOT)
+            else:
+                if self.secure and user_device(sender) != header.device_id:
+                    raise AirError(f"burst: the key of {sender} cannot send as device {header.device_id}")
+                self._admit_burst(header)
+                self.chunks.start(identity, header, header.device_id)
+        except (AirError, DownlinkError):
+            self.chunks.refuse(identity, header)
+            raise
+
+    def _on_chunk(self, identity: bytes, chunk: ChunkFrames) -> None:
+        whole = self.chunks.add(identity, chunk)
+        if whole is None:
+            return
+        header, iq = whole
+        if isinstance(header, DownlinkHeader):
+            self._on_downlink(DownlinkFrames(header, iq.view(np.uint8).data))
+        else:
+            self._on_burst(identity, header, iq)
 
     def _on_plan(self, identity: bytes, msg: RoundPlan) -> None:
         physics = Physics.from_plan(msg)
@@ -220,13 +267,8 @@ class Air:
         )
         self._reply(identity, PlanAccepted(round=msg.round, index=self.medium.index))
 
-    def _on_burst(self, identity: bytes, request: BurstFrames) -> None:
-        meta = request.header
-        iq = np.frombuffer(request.iq, dtype=np.complex64)
-        if not np.isfinite(iq.view(np.float32)).all():
-            raise AirError("burst: IQ holds NaN or Inf")
-        if not np.all(np.abs(iq.view(np.float32)) < 1e3):
-            raise AirError("burst: IQ is not a unit-power OFDM burst (|sample| >= 1000)")
+    def _admit_burst(self, meta: BurstHeader) -> tuple[fdma.Subband, Physics, TxSetting]:
+        """The plan's checks of a burst, from its header alone: device, round, width, length, queue, setting."""
         subband = self.bs.plan.get(meta.device_id)
         physics = self.bs.physics
         if subband is None or physics is None:
@@ -234,6 +276,8 @@ class Air:
                 f"burst: device {meta.device_id} has no subband in the BS's plan for round {self.bs.round_idx}"
                 + ("" if self.bs.identity else " (no plan from the BS yet)")
             )
+        if meta.round != self.bs.round_idx:
+            raise AirError(f"burst: field 'round': {meta.round}, the BS's plan is for round {self.bs.round_idx}")
         if abs(subband.bandwidth_hz - meta.bandwidth_hz) > 1e-6 * meta.bandwidth_hz:
             raise AirError(
                 f"burst: device {meta.device_id} sends {meta.bandwidth_hz:.0f} Hz wide, its subband in round "
@@ -242,10 +286,10 @@ class Air:
         queued = len(self.medium.queues.get(meta.device_id, ()))
         if queued >= MAX_QUEUED_BURSTS:  # an edge waits for each burst's `done`: more is a misbehaving peer
             raise AirError(f"burst: device {meta.device_id} has {queued} bursts waiting for the air already")
-        medium_samples = len(iq) * physics.total_bandwidth_hz / meta.bandwidth_hz
+        medium_samples = meta.samples * physics.total_bandwidth_hz / meta.bandwidth_hz
         if medium_samples > MAX_MEDIUM_BURST_SAMPLES:  # resampled to the medium rate, a burst grows by that ratio
             raise AirError(
-                f"burst: {len(iq)} samples at {meta.bandwidth_hz:.0f} Hz are {medium_samples:.0f} on the medium, "
+                f"burst: {meta.samples} samples at {meta.bandwidth_hz:.0f} Hz are {medium_samples:.0f} on the medium, "
                 f"more than {MAX_MEDIUM_BURST_SAMPLES} (send the frames in several bursts)"
             )
         try:
@@ -255,6 +299,15 @@ class Air:
             )
         except ValueError as exc:
             raise AirError(f"burst: {exc}") from None
+        return subband, physics, setting
+
+    def _on_burst(self, identity: bytes, meta: BurstHeader, iq: np.ndarray) -> None:
+        """A whole burst: admitted again (the plan may have moved on while its chunks came), then its numbers."""
+        subband, physics, setting = self._admit_burst(meta)
+        if not np.isfinite(iq.view(np.float32)).all():
+            raise AirError("burst: IQ holds NaN or Inf")
+        if not np.all(np.abs(iq.view(np.float32)) < 1e3):
+            raise AirError("burst: IQ is not a unit-power OFDM burst (|sample| >= 1000)")
         channel = SimChannel(physics.channel, seed=physics.seed)
         geometry = DeviceGeometry(meta.device_id, physics.distance_m(meta.device_id))
         snr_db = channel.snr_db(geometry, meta.round, setting)
@@ -284,6 +337,11 @@ class Air:
             start,
             start + len(samples),
         )
+
+    def _admit_downlink(self, header: DownlinkHeader) -> None:
+        if self.bs.physics is None:
+            raise AirError("dl_burst: no plan from the BS yet (the downlink needs its band and channel)")
+        self.downlink.admit(header.samples)
 
     def _on_downlink(self, request: DownlinkFrames) -> None:
         physics = self.bs.physics

@@ -35,9 +35,11 @@ from typing import Any
 import numpy as np
 import zmq
 from gnuradio import gr
+from pydantic import ValidationError
 
 from config import ChannelConfig
 from phy import fdma
+from phy.air_chunks import burst_messages
 from phy.ofdm_rx import OfdmReceiver
 from phy.subband_inbox import FrameInbox, frame_collector
 from phy.uplink import DownlinkBurst, RxFrame, TxReport, UplinkReceiver, checked_frames
@@ -51,6 +53,7 @@ from proto.air import (
     DownlinkHeader,
     RoundPlan,
     SubbandSpec,
+    chunk_count,
     decode_medium,
     decode_reply,
 )
@@ -241,20 +244,25 @@ class ZmqIqReceiver(UplinkReceiver):
         frames = checked_frames(burst.frames)
         iq = modulate(frames, burst.setting.modulation)
         self._downlink_bursts += 1
-        header = DownlinkHeader(
-            round=burst.round_idx,
-            burst_id=self._downlink_bursts,
-            devices=sorted(set(burst.device_ids)),
-            tx_power_dbm=burst.setting.tx_power_dbm,
-            modulation=burst.setting.modulation,  # type: ignore[arg-type]  # a TxSetting's modulation is checked
-            kind=burst.kind,  # type: ignore[arg-type]  # "view" or "ack": pydantic checks it
-            packets=len(frames),
-            final=burst.final,
-        )
         try:
-            self._air.send_multipart([header.encode(), iq], zmq.NOBLOCK, copy=False)
+            header = DownlinkHeader(
+                round=burst.round_idx,
+                burst_id=self._downlink_bursts,
+                devices=sorted(set(burst.device_ids)),
+                tx_power_dbm=burst.setting.tx_power_dbm,
+                modulation=burst.setting.modulation,  # type: ignore[arg-type]  # a TxSetting's modulation is checked
+                kind=burst.kind,  # type: ignore[arg-type]  # "view" or "ack": pydantic checks it
+                packets=len(frames),
+                final=burst.final,
+                samples=len(iq),
+                chunks=chunk_count(len(iq)),
+            )
+            for message in burst_messages(header, iq):  # chunks: the air takes no larger message
+                self._air.send_multipart(message, zmq.NOBLOCK, copy=False)
         except zmq.Again:
-            log.warning("zmq-iq: the air at %s did not take downlink burst %d", self.address, header.burst_id)
+            log.warning("zmq-iq: the air at %s did not take downlink burst %d", self.address, self._downlink_bursts)
+        except ValidationError as exc:  # as the air would refuse it: the edges find its frames missing
+            log.error("zmq-iq: downlink burst %d of %d samples not sent: %s", self._downlink_bursts, len(iq), exc)
         self._read_air()
         return TxReport(len(frames), sum(len(f) for f in frames), airtime_s=len(iq) / self.total_bandwidth_hz)
 

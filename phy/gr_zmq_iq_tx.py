@@ -1,7 +1,9 @@
 """gr-zmq-iq, edge side: modulate a burst at the share's sample rate, hand it to the air, wait until it is on the air.
 
-The burst goes to the air as [proto.air.BurstHeader, complex64 IQ]; send() returns when the air answers ``done``
-(the burst's last sample is on the medium), or with ``last_error`` set when the air refused it or did not answer.
+The burst goes to the air as [proto.air.BurstHeader], then its complex64 IQ in chunk messages of at most
+proto.air.CHUNK_SAMPLES (phy.air_chunks.burst_messages: the air takes no larger message); send() returns when the air
+answers ``done`` (the burst's last sample is on the medium), or with ``last_error`` set when the air refused it or
+did not answer.
 The rest of the link is in phy.gr_zmq_iq.
 
 That wait lasts the burst's airtime, and longer when the air lags (other edges' bursts, a BS whose receivers fall
@@ -23,13 +25,16 @@ from collections import deque
 from collections.abc import Callable, Sequence
 
 import zmq
+from pydantic import ValidationError
 
+from phy.air_chunks import burst_messages
 from phy.channel import DeviceGeometry, TxSetting
 from phy.uplink import TxReport, UplinkTransmitter, checked_frames
 from proto import numerology
 from proto.air import (
     DOWNLINK_NOISE_SAMPLES,
     IQ_SAMPLE_BYTES,
+    MAX_BURST_CHUNKS,
     MAX_DOWNLINK_SAMPLES,
     MAX_HEADER_BYTES,
     AirMessageError,
@@ -38,6 +43,7 @@ from proto.air import (
     BurstHeader,
     DownlinkFrames,
     Listen,
+    chunk_count,
     decode_reply,
 )
 from trust.curve import make_client
@@ -69,6 +75,7 @@ class ZmqIqTransmitter(UplinkTransmitter):
         self._sock = ctx.socket(zmq.DEALER)
         self._sock.setsockopt(zmq.LINGER, 0)
         self._sock.setsockopt(zmq.SNDTIMEO, 5000)  # a missing air must not block the edge forever
+        self._sock.setsockopt(zmq.SNDHWM, MAX_BURST_CHUNKS + 16)  # a whole burst queues here while the air reads
         # what may come back: small replies, and downlink bursts of bounded size (a larger message is dropped)
         self._sock.setsockopt(
             zmq.MAXMSGSIZE, (MAX_DOWNLINK_SAMPLES + DOWNLINK_NOISE_SAMPLES) * IQ_SAMPLE_BYTES + MAX_HEADER_BYTES
@@ -118,18 +125,22 @@ class ZmqIqTransmitter(UplinkTransmitter):
         report = TxReport(
             frames_sent=len(frames), bytes_sent=sum(len(f) for f in frames), airtime_s=len(burst) / setting.bandwidth_hz
         )
-        header = BurstHeader(
-            device_id=self.geometry.device_id,
-            round=round_idx,
-            burst_id=next(self._burst_ids),
-            tx_power_dbm=setting.tx_power_dbm,
-            bandwidth_hz=setting.bandwidth_hz,
-            modulation=numerology.check_modulation(setting.modulation),
-        )
         try:
-            self._sock.send_multipart([header.encode(), burst], copy=False)
-        except zmq.Again:
-            self.last_error = f"the air at {self.air_address} did not take the burst"
+            header = BurstHeader(
+                device_id=self.geometry.device_id,
+                round=round_idx,
+                burst_id=next(self._burst_ids),
+                tx_power_dbm=setting.tx_power_dbm,
+                bandwidth_hz=setting.bandwidth_hz,
+                modulation=numerology.check_modulation(setting.modulation),
+                samples=len(burst),
+                chunks=chunk_count(len(burst)),
+            )
+            for message in burst_messages(header, burst):
+                self._sock.send_multipart(message, copy=False)
+        except (zmq.Again, ValidationError) as exc:
+            reason = "did not take" if isinstance(exc, zmq.Again) else f"cannot take ({exc.errors()[0]['msg']}):"
+            self.last_error = f"the air at {self.air_address} {reason} the burst of {len(burst)} samples"
             log.warning(
                 "zmq-iq device %d round %d: %s; %d frame(s) lost",
                 self.geometry.device_id,

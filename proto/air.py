@@ -3,8 +3,9 @@
 Every header is one zmq frame of JSON with ``v`` (protocol version); a channel that carries several kinds adds
 ``type``. IQ samples stay binary: one more zmq frame of complex64 beside the header. Channels:
 
-* requests to the air (edge / BS DEALER -> air ROUTER): ``burst`` [header, IQ] and ``listen`` [header] from an
-  edge, ``plan`` [header] and ``dl_burst`` [header, IQ] from the BS. Decoded by ``decode_request``.
+* requests to the air (edge / BS DEALER -> air ROUTER): ``burst`` [header] and ``listen`` [header] from an edge,
+  ``plan`` [header] and ``dl_burst`` [header] from the BS; a burst's IQ follows as ``chunk`` [header, IQ] messages
+  (phy.air_chunks), the largest parts the air takes (docs/security.md). Decoded by ``decode_request``.
 * replies of the air (air ROUTER -> DEALER): ``done`` and ``dl`` [header, IQ] (to the edge), ``burst_done`` and
   ``plan_ok`` (to the BS), ``error`` (to either). Decoded by ``decode_reply``.
 * the medium (air PUSH -> BS PULL): [``MediumChunk``, IQ]. Decoded by ``decode_medium``.
@@ -35,11 +36,15 @@ from pydantic_core import ErrorDetails, PydanticCustomError
 
 from proto.numerology import ModemModulation, Modulation
 
-# 3: the downlink (listen, dl_burst, dl); 2: typed headers with `type`, no separate kind frame (1: [kind, JSON, IQ])
-AIR_PROTOCOL_VERSION = 3
+# 4: bursts' IQ in chunks after a header naming samples and chunks; 3: the downlink (listen, dl_burst, dl);
+# 2: typed headers with `type`, no separate kind frame (1: [kind, JSON, IQ])
+AIR_PROTOCOL_VERSION = 4
 MAX_HEADER_BYTES = 1 << 16  # a JSON header longer than this is refused before it is parsed
 IQ_SAMPLE_BYTES = 8  # complex64: float32 I, float32 Q
+CHUNK_SAMPLES = 1 << 17  # IQ samples of one chunk message (1 MiB): the largest part a peer of the air sends
+CHUNK_BYTES = CHUNK_SAMPLES * IQ_SAMPLE_BYTES
 MAX_BURST_SAMPLES = 64_000_000  # 512 MB of IQ: the air refuses a larger burst from a peer
+MAX_BURST_CHUNKS = -(-MAX_BURST_SAMPLES // CHUNK_SAMPLES)  # 489
 MAX_DOWNLINK_SAMPLES = 1 << 22  # a BS downlink burst: 4 Mi samples (32 MiB), 4 s at 1 MHz
 DOWNLINK_NOISE_SAMPLES = 512 + 4096  # noise the air puts before and after a downlink burst it delivers
 
@@ -86,8 +91,22 @@ class _Message(BaseModel):
 
 
 # --------------------------------------------------------------------------------------------- to the air
+def chunk_count(samples: int) -> int:
+    """How many chunk messages carry `samples` IQ samples."""
+    return -(-samples // CHUNK_SAMPLES)
+
+
+def _checked_chunks(chunks: int, info: ValidationInfo) -> int:
+    samples = info.data.get("samples")  # absent when samples itself failed: that error is the one reported
+    if samples is not None and chunks != chunk_count(samples):
+        context = {"samples": samples, "expected": chunk_count(samples), "chunk": CHUNK_SAMPLES}
+        raise PydanticCustomError("chunk_count", "{samples} samples travel in {expected} chunk(s) of {chunk}", context)
+    return chunks
+
+
 class BurstHeader(_Message):
-    """An edge's burst: who sends, in which round, at which power and width; its IQ is the next zmq frame."""
+    """An edge's burst: who sends, in which round, at which power and width, and how long; its IQ follows in
+    `chunks` chunk messages (the air checks all of this against the plan before it stores any of them)."""
 
     type: Literal["burst"] = "burst"
     device_id: NonNegativeInt
@@ -96,6 +115,10 @@ class BurstHeader(_Message):
     tx_power_dbm: float
     bandwidth_hz: PositiveFloat  # the sample rate of the IQ: the device's subband width
     modulation: ModemModulation  # what the payload was modulated with (16qam too: tests and benchmarks use it)
+    samples: Annotated[int, Field(ge=1, le=MAX_BURST_SAMPLES)]  # IQ samples of the burst, at bandwidth_hz
+    chunks: Annotated[int, Field(ge=1, le=MAX_BURST_CHUNKS)]  # chunk messages that carry them: chunk_count(samples)
+
+    chunks_match_samples = field_validator("chunks")(_checked_chunks)
 
 
 class Listen(_Message):
@@ -107,9 +130,9 @@ class Listen(_Message):
 
 
 class DownlinkHeader(_Message):
-    """A BS burst over the whole band (its IQ, at total_bandwidth_hz of the round's plan, is the next zmq frame) for
-    the listed devices: the air gives each its own channel at the BS's power and forwards it once the burst's
-    airtime has passed."""
+    """A BS burst over the whole band (its IQ, at total_bandwidth_hz of the round's plan, follows in `chunks` chunk
+    messages) for the listed devices: the air gives each its own channel at the BS's power and forwards it once the
+    burst's airtime has passed."""
 
     type: Literal["dl_burst"] = "dl_burst"
     round: NonNegativeInt
@@ -120,6 +143,19 @@ class DownlinkHeader(_Message):
     kind: Literal["view", "ack"]  # the adapter view's frames, or an uplink ARQ ack for one device
     packets: Annotated[int, Field(ge=1, le=65535)]  # OFDM packets in the burst (a receiver knows when it has all)
     final: bool  # the last burst of this attempt: the edges answer with a view_status after it
+    samples: Annotated[int, Field(ge=1, le=MAX_DOWNLINK_SAMPLES)]  # IQ samples, at the plan's total_bandwidth_hz
+    chunks: Annotated[int, Field(ge=1, le=chunk_count(MAX_DOWNLINK_SAMPLES))]  # chunk_count(samples)
+
+    chunks_match_samples = field_validator("chunks")(_checked_chunks)
+
+
+class IqChunk(_Message):
+    """A piece of the IQ of the burst (or dl_burst) this peer announced last; the IQ is the next zmq frame: chunk
+    `index` holds samples [index x CHUNK_SAMPLES, ...), CHUNK_SAMPLES of them but in the last chunk."""
+
+    type: Literal["chunk"] = "chunk"
+    burst_id: NonNegativeInt  # the announced burst's
+    index: Annotated[int, Field(ge=0, lt=MAX_BURST_CHUNKS)]
 
 
 class SubbandSpec(BaseModel):
@@ -149,38 +185,39 @@ class RoundPlan(_Message):
 
 
 @dataclass(frozen=True)
-class BurstFrames:
-    """A decoded burst request: the typed header and its IQ (complex64 bytes, length checked)."""
+class ChunkFrames:
+    """A decoded chunk: its header and its IQ (complex64 bytes, at most CHUNK_SAMPLES)."""
 
-    header: BurstHeader
+    header: IqChunk
     iq: bytes
 
 
 @dataclass(frozen=True)
 class DownlinkFrames:
-    """A decoded downlink request (BS -> air) or delivery (air -> edge): the typed header and its IQ."""
+    """A downlink burst as the air reassembled it (BS -> air) or delivers it (air -> edge): header and IQ."""
 
     header: DownlinkHeader | DownlinkIq
-    iq: bytes
+    iq: bytes | memoryview
 
 
-AirRequest = BurstFrames | RoundPlan | Listen | DownlinkFrames
-_RequestHeader = BurstHeader | RoundPlan | Listen | DownlinkHeader
+AirRequest = BurstHeader | DownlinkHeader | ChunkFrames | RoundPlan | Listen
+_RequestHeader = BurstHeader | DownlinkHeader | IqChunk | RoundPlan | Listen
 _REQUEST_HEADER: TypeAdapter[_RequestHeader] = TypeAdapter(Annotated[_RequestHeader, Field(discriminator="type")])
-_WITH_IQ = {"burst", "dl_burst", "dl"}  # message types whose IQ is the second frame
+_WITH_IQ = {"chunk", "dl"}  # message types whose IQ is the second frame
+MAX_REQUEST_FRAMES = 2  # [header, IQ]: a request with more is refused before any of it is read
 
 
 def decode_request(frames: Sequence[bytes]) -> AirRequest:
     """[header] or [header, IQ] from a peer of the air (the ROUTER's identity frame already removed)."""
     if not frames:
         raise AirMessageError("request", "no frames")
+    if len(frames) > MAX_REQUEST_FRAMES:
+        raise AirMessageError("request", f"{len(frames)} frames, at most {MAX_REQUEST_FRAMES} [header, IQ]")
     header = _decode(_REQUEST_HEADER, frames[0], "request")
     _check_frame_count(header.type, frames)
-    if isinstance(header, (RoundPlan, Listen)):
-        return header
-    if isinstance(header, BurstHeader):
-        return BurstFrames(header, _checked_iq(header.type, frames[1], MAX_BURST_SAMPLES))
-    return DownlinkFrames(header, _checked_iq(header.type, frames[1], MAX_DOWNLINK_SAMPLES))
+    if isinstance(header, IqChunk):
+        return ChunkFrames(header, _checked_iq(header.type, frames[1], CHUNK_SAMPLES))
+    return header
 
 
 def _check_frame_count(message_type: str, frames: Sequence[bytes]) -> None:

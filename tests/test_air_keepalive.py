@@ -12,7 +12,7 @@ from collections.abc import Iterator
 import pytest
 import zmq
 
-from proto.air import BurstDone, BurstFrames, Listen, decode_request
+from proto.air import BurstDone, BurstHeader, ChunkFrames, Listen, decode_request
 
 pytest.importorskip("gnuradio")
 
@@ -22,7 +22,7 @@ HEARTBEAT_S = 0.1
 
 
 class LaggingAir:
-    """The air's request socket only: every burst is answered `done`, AIR_DELAY_S after it arrived."""
+    """The air's request socket only: every burst is answered `done`, AIR_DELAY_S after its header arrived."""
 
     def __init__(self, ctx: zmq.Context) -> None:
         self.sock = ctx.socket(zmq.ROUTER)
@@ -40,10 +40,10 @@ class LaggingAir:
             if self.sock.poll(20):
                 identity, *frames = self.sock.recv_multipart()
                 request = decode_request(frames)
-                if isinstance(request, Listen):  # the transmitter says where it listens for the downlink
+                if isinstance(request, (Listen, ChunkFrames)):  # where it listens for the downlink; a burst's IQ
                     continue
-                assert isinstance(request, BurstFrames)
-                h = request.header
+                assert isinstance(request, BurstHeader)
+                h = request
                 self.bursts += 1
                 done = BurstDone(device_id=h.device_id, round=h.round, burst_id=h.burst_id, medium_end=0, snr_db=30.0)
                 due.append((time.monotonic() + AIR_DELAY_S, identity, done))

@@ -20,11 +20,12 @@ from bs_node.measurements import DeviceRound
 from bs_node.rounds.downlink import Downlink
 from config import CodecConfig, ConfigError, load_bench, load_experiment
 from fedlora.energy import transmit_energy_j
+from phy.air_chunks import burst_messages
 from phy.air_downlink import LEAD_NOISE_SAMPLES, TAIL_NOISE_SAMPLES, DownlinkAir
 from phy.air_physics import Physics
 from phy.channel import DeviceGeometry, PerCurve, SimChannel, TxSetting
 from phy.uplink import DownlinkBurst, TxReport
-from proto.air import DownlinkFrames, DownlinkHeader, Listen, RoundPlan, decode_reply
+from proto.air import DownlinkFrames, DownlinkHeader, Listen, RoundPlan, chunk_count, decode_reply
 from proto.control import Ack, Plan, ViewStatus, decode_control
 from proto.framing import BS_DEVICE_ID, Frame, Reassembler
 from tests.processes import ENV, REPO, TINY, read_rounds
@@ -147,7 +148,16 @@ def test_the_air_gives_each_listener_the_burst_at_its_own_snr():
     air.listen(3, b"edge-3")
     iq = (np.exp(1j * np.linspace(0, 40, 5000))).astype(np.complex64)  # unit power
     header = DownlinkHeader(
-        round=2, burst_id=1, devices=[0, 3, 2], tx_power_dbm=20.0, modulation="qpsk", kind="view", packets=1, final=True
+        round=2,
+        burst_id=1,
+        devices=[0, 3, 2],
+        tx_power_dbm=20.0,
+        modulation="qpsk",
+        kind="view",
+        packets=1,
+        final=True,
+        samples=5000,
+        chunks=1,
     )
     end_s = air.submit(DownlinkFrames(header, iq.tobytes()), _physics(bench), now_s=100.0)
     assert end_s == pytest.approx(100.0 + 5000 / 1e6)  # on the air for its samples at the band's rate
@@ -170,12 +180,23 @@ def test_downlink_iq_is_bounded_where_it_is_decoded():
     from proto.air import MAX_DOWNLINK_SAMPLES, AirMessageError, decode_request
 
     header = DownlinkHeader(
-        round=1, burst_id=1, devices=[0], tx_power_dbm=20.0, modulation="qpsk", kind="view", packets=1, final=True
+        round=1,
+        burst_id=1,
+        devices=[0],
+        tx_power_dbm=20.0,
+        modulation="qpsk",
+        kind="view",
+        packets=1,
+        final=True,
+        samples=MAX_DOWNLINK_SAMPLES,
+        chunks=32,
     )
-    too_long = np.zeros(MAX_DOWNLINK_SAMPLES + 1, dtype=np.complex64).tobytes()
-    with pytest.raises(AirMessageError, match="dl_burst: 4194305 samples is above the limit 4194304"):
-        decode_request([header.encode(), too_long])
-    assert isinstance(decode_request([header.encode(), too_long[:-8]]), DownlinkFrames)
+    assert decode_request([header.encode()]) == header
+    too_long = header.encode().replace(b'"samples":4194304', b'"samples":4194305')
+    with pytest.raises(
+        AirMessageError, match="dl_burst: field 'samples': Input should be less than or equal to 4194304"
+    ):
+        decode_request([too_long])
 
 
 @gnuradio
@@ -195,10 +216,21 @@ def test_the_air_process_delivers_downlink_bursts_to_listening_edges_only():
             s.setsockopt(zmq.LINGER, 0)
             s.connect(air.address)
         frames = [bytes([k]) * 300 for k in range(6)]
+        iq = modulate(frames, "qpsk")
         header = DownlinkHeader(
-            round=1, burst_id=1, devices=[0], tx_power_dbm=20.0, modulation="qpsk", kind="view", packets=6, final=True
+            round=1,
+            burst_id=1,
+            devices=[0],
+            tx_power_dbm=20.0,
+            modulation="qpsk",
+            kind="view",
+            packets=6,
+            final=True,
+            samples=len(iq),
+            chunks=chunk_count(len(iq)),
         )
-        bs.send_multipart([header.encode(), modulate(frames, "qpsk")])  # before any plan: refused
+        for message in burst_messages(header, iq):  # before any plan: refused (once: its chunks are dropped)
+            bs.send_multipart(message)
         assert "no plan from the BS yet" in decode_reply(_recv(bs)).error
         edge.send(Listen(device_id=0).encode())
         plan = RoundPlan(
@@ -215,7 +247,8 @@ def test_the_air_process_delivers_downlink_bursts_to_listening_edges_only():
         )
         bs.send(plan.encode())
         assert decode_reply(_recv(bs)).type == "plan_ok"
-        bs.send_multipart([header.encode(), modulate(frames, "qpsk")])
+        for message in burst_messages(header, iq):
+            bs.send_multipart(message)
         got = decode_reply(_recv(edge))
         assert isinstance(got, DownlinkFrames) and got.header.device_id == 0 and got.header.snr_db > 30
         decoded = decoder.decode(np.frombuffer(got.iq, dtype=np.complex64), got.header.packets)
@@ -262,6 +295,8 @@ class _Loop:
             kind=burst.kind,
             packets=len(burst.frames),
             final=burst.final,
+            samples=len(iq),
+            chunks=chunk_count(len(iq)),
         )
         if not self.lose_all:
             self.air.submit(DownlinkFrames(header, iq.tobytes()), self.physics, now_s=0.0)

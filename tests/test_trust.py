@@ -322,7 +322,7 @@ def test_the_air_takes_plans_only_from_the_bs_and_bursts_only_from_their_device(
     import numpy as np
 
     from phy.air_server import Air
-    from tests.test_zmq_iq import GOOD_BURST, GOOD_PLAN
+    from tests.test_zmq_iq import GOOD_BURST, GOOD_CHUNK, GOOD_PLAN
     from trust.keys import load_run_keys
 
     provision(tmp_path / "keys", 2)
@@ -340,9 +340,11 @@ def test_the_air_takes_plans_only_from_the_bs_and_bursts_only_from_their_device(
         assert air.stats["refused"] == 1 and air.bs.physics is None
         air.on_message([b"bs", plan], "bs")
         assert air.bs.physics is not None
-        air.on_message([b"peer", burst, iq], "device:1")
-        assert air.stats["refused"] == 2 and air.stats["bursts"] == 0
-        air.on_message([b"peer", burst, iq], "device:0")
+        air.on_message([b"peer", burst], "device:1")  # refused at its header: its chunk is dropped unread
+        air.on_message([b"peer", GOOD_CHUNK.encode(), iq], "device:1")
+        assert air.stats["refused"] == 2 and air.stats["bursts"] == 0 and air.chunks.stats["chunks_dropped"] == 1
+        air.on_message([b"peer", burst], "device:0")
+        air.on_message([b"peer", GOOD_CHUNK.encode(), iq], "device:0")
         assert air.stats["refused"] == 2 and air.stats["bursts"] == 1
     finally:
         air.close()

@@ -17,12 +17,15 @@ import numpy as np
 import pytest
 
 from phy import fdma
+from phy.air_chunks import burst_messages
 from phy.channel import DeviceGeometry, SimChannel, TxSetting
 from proto.air import (
+    CHUNK_SAMPLES,
     AirMessageError,
-    BurstFrames,
     BurstHeader,
+    ChunkFrames,
     FrameSidecar,
+    IqChunk,
     MediumChunk,
     RoundPlan,
     decode_endpoints,
@@ -145,7 +148,10 @@ def test_frame_inbox_keeps_good_frames_of_planned_subbands_only():
 
 
 # --------------------------------------------------------------------------------------------- messages
-GOOD_BURST = BurstHeader(device_id=0, round=1, burst_id=1, tx_power_dbm=10.0, bandwidth_hz=250e3, modulation="qpsk")
+GOOD_BURST = BurstHeader(
+    device_id=0, round=1, burst_id=1, tx_power_dbm=10.0, bandwidth_hz=250e3, modulation="qpsk", samples=1000, chunks=1
+)
+GOOD_CHUNK = IqChunk(burst_id=1, index=0)  # GOOD_BURST's only chunk
 GOOD_PLAN = RoundPlan(
     round=1,
     total_bandwidth_hz=1e6,
@@ -162,9 +168,19 @@ GOOD_PLAN = RoundPlan(
 
 def test_air_messages_round_trip_with_their_binary_frames():
     iq = np.ones(4, dtype=np.complex64).tobytes()
-    burst = decode_request([GOOD_BURST.encode(), iq])
-    assert isinstance(burst, BurstFrames) and burst.header == GOOD_BURST and burst.iq == iq
+    assert decode_request([GOOD_BURST.encode()]) == GOOD_BURST
+    chunk = decode_request([GOOD_CHUNK.encode(), iq])
+    assert isinstance(chunk, ChunkFrames) and chunk.header == GOOD_CHUNK and chunk.iq == iq
     assert decode_request([GOOD_PLAN.encode()]) == GOOD_PLAN
+    # a burst in chunks: the header, then chunks of CHUNK_SAMPLES but the last, which together are the IQ
+    long_iq = np.arange(2 * CHUNK_SAMPLES + 5, dtype=np.complex64)
+    header = GOOD_BURST.model_copy(update={"samples": len(long_iq), "chunks": 3})
+    messages = burst_messages(header, long_iq)
+    assert decode_request([bytes(p) for p in messages[0]]) == header
+    chunks = [decode_request([bytes(p) for p in m]) for m in messages[1:]]
+    assert [c.header.index for c in chunks] == [0, 1, 2] and all(c.header.burst_id == 1 for c in chunks)
+    assert [len(c.iq) // 8 for c in chunks] == [CHUNK_SAMPLES, CHUNK_SAMPLES, 5]
+    assert b"".join(c.iq for c in chunks) == long_iq.tobytes()
     chunk, samples = decode_medium([MediumChunk(index=7).encode(), iq])
     assert chunk.index == 7 and samples == iq
     assert decode_sidecar(FrameSidecar(snr_db=3.5).encode()).snr_db == 3.5
@@ -174,17 +190,22 @@ def test_air_messages_round_trip_with_their_binary_frames():
 @pytest.mark.parametrize(
     "decode, frames, named",
     [
-        (decode_request, [b'{"v": 3, "type": "burst", "device_id": true}', b"12345678"], "burst: field 'device_id'"),
-        (decode_request, [b'{"v": 3, "type": "beam"}'], "request: "),
-        (decode_request, [GOOD_BURST.encode(), b"1234567"], "burst: IQ of 7 bytes"),
+        (decode_request, [b'{"v": 4, "type": "burst", "device_id": true}'], "burst: field 'device_id'"),
+        (decode_request, [b'{"v": 4, "type": "beam"}'], "request: "),
+        (decode_request, [GOOD_CHUNK.encode(), b"1234567"], "chunk: IQ of 7 bytes"),
+        (decode_request, [GOOD_CHUNK.encode(), bytes(8 * CHUNK_SAMPLES + 8)], "chunk: 131073 samples is above"),
+        (decode_request, [GOOD_BURST.encode(), b"12345678"], "burst: 2 frame(s), expected 1 [header]"),
         (decode_request, [GOOD_PLAN.encode(), b"12345678"], "plan: 2 frame(s)"),
-        (decode_reply, [b'{"v": 3, "type": "done", "device_id": 0}'], "done: field 'round' is missing"),
+        (decode_request, [GOOD_CHUNK.encode(), b"12345678", b"12345678"], "request: 3 frames, at most 2"),
+        (decode_request, [GOOD_BURST.encode().replace(b'"chunks":1', b'"chunks":2')], "burst: field 'chunks'"),
+        (decode_request, [GOOD_BURST.encode().replace(b'"v":4', b'"v":3')], "protocol version 3 is not supported"),
+        (decode_reply, [b'{"v": 4, "type": "done", "device_id": 0}'], "done: field 'round' is missing"),
         (decode_reply, [b'{"v": 1, "type": "error", "error": "x", "kind": ""}'], "error: field 'v'"),
-        (decode_medium, [b'{"v": 3, "index": -1}', b"12345678"], "medium: field 'index'"),
-        (decode_medium, [b'{"v": 3, "index": 0}', b""], "medium: IQ of 0 bytes"),
-        (lambda f: decode_sidecar(f[0]), [b'{"v": 3, "snr_db": "high"}'], "sidecar: field 'snr_db'"),
+        (decode_medium, [b'{"v": 4, "index": -1}', b"12345678"], "medium: field 'index'"),
+        (decode_medium, [b'{"v": 4, "index": 0}', b""], "medium: IQ of 0 bytes"),
+        (lambda f: decode_sidecar(f[0]), [b'{"v": 4, "snr_db": "high"}'], "sidecar: field 'snr_db'"),
         (lambda f: decode_sidecar(f[0]), [b'{"snr_db": 1.0}'], "sidecar: field 'v' (the protocol version) is missing"),
-        (lambda f: decode_endpoints(f[0]), [b'{"v": 3, "address": "tcp://a:1"}'], "endpoints: field 'medium'"),
+        (lambda f: decode_endpoints(f[0]), [b'{"v": 4, "address": "tcp://a:1"}'], "endpoints: field 'medium'"),
     ],
 )
 def test_bad_air_messages_raise_one_error_naming_type_and_field(decode, frames, named):
@@ -216,6 +237,7 @@ def test_the_wire_format_doc_lists_every_air_message_and_field():
         messages.RoundPlan,
         messages.Listen,
         messages.DownlinkHeader,
+        messages.IqChunk,
         messages.DownlinkIq,
         messages.BurstDone,
         messages.BurstOnMedium,
@@ -427,9 +449,19 @@ def test_air_link_delivers_by_subband_with_snr_following_distance(tmp_path):
             and "the key of device:3 cannot listen as device 0" in decode_reply(peer.recv_multipart()).error
         )
         dl = DownlinkHeader(
-            round=2, burst_id=1, devices=[0], tx_power_dbm=20.0, modulation="qpsk", kind="ack", packets=1, final=True
+            round=2,
+            burst_id=1,
+            devices=[0],
+            tx_power_dbm=20.0,
+            modulation="qpsk",
+            kind="ack",
+            packets=1,
+            final=True,
+            samples=100,
+            chunks=1,
         )
-        peer.send_multipart([dl.encode(), np.zeros(100, np.complex64).tobytes()])
+        for message in burst_messages(dl, np.zeros(100, np.complex64)):  # refused at its header
+            peer.send_multipart(message)
         assert (
             peer.poll(5000)
             and "only the BS's key may send downlink bursts" in decode_reply(peer.recv_multipart()).error
@@ -446,7 +478,8 @@ def test_air_link_delivers_by_subband_with_snr_following_distance(tmp_path):
         make_client(stranger, KeyPair(role="bs", public=public, secret=secret), load_roster(keys).bs)
         stranger.connect(ep["address"])
         stranger.send(GOOD_PLAN.encode())
-        stranger.send_multipart([GOOD_BURST.encode(), np.zeros(100, np.complex64).tobytes()])
+        for message in burst_messages(GOOD_BURST, np.zeros(1000, np.complex64)):
+            stranger.send_multipart(message)
         assert not stranger.poll(2000)
         stranger.close(0)
     finally:
@@ -471,34 +504,56 @@ def test_air_survives_garbage_from_peers():
     good = json.loads(GOOD_BURST.encode())
     plan = json.loads(GOOD_PLAN.encode())
     iq = np.ones(1000, dtype=np.complex64).tobytes()
-    garbage = [
-        [b"hello"],
-        [b"burst", json.dumps(good).encode(), iq],  # protocol 1: a kind frame first
-        [b"not json", iq],
-        [json.dumps([1, 2]).encode(), iq],
-        [json.dumps(good).encode(), iq],  # no plan from the BS yet
-        [json.dumps(good).encode()],  # no IQ
-        [json.dumps({"v": 3, "type": "plan", "round": 1, "total_bandwidth_hz": 1e6, "subbands": []}).encode()],
-        [json.dumps({**plan, "channel": {"fading": "x"}}).encode()],
-        [json.dumps({**plan, "subbands": [{"device_id": 0, "center_hz": 0.0, "bandwidth_hz": 250e3}]}).encode()],
-        [json.dumps(plan).encode(), iq],
-        [json.dumps(plan).encode()],  # the good plan: plan_ok
-        [json.dumps({**good, "v": 9}).encode(), iq],
-        [json.dumps({**good, "device_id": -2}).encode(), iq],
-        [json.dumps({**good, "modulation": "ook"}).encode(), iq],
-        [json.dumps({**good, "colour": "blue"}).encode(), iq],
-        [json.dumps(good).replace('"round": 1', '"round": NaN').encode(), iq],
-        [json.dumps(good).encode(), iq[:-3]],
-        [json.dumps(good).encode(), np.full(10, np.nan, dtype=np.complex64).tobytes()],
-        [json.dumps({**good, "bandwidth_hz": 100e3}).encode(), iq],
-        [json.dumps({**good, "device_id": 2}).encode(), iq],
+    chunk = GOOD_CHUNK.encode()
+
+    def burst(**fields: object) -> bytes:
+        return json.dumps({**good, **fields}).encode()
+
+    garbage: list[tuple[list[bytes], str | None]] = [  # each message, and what the air answers (None: nothing)
+        ([b"hello"], "request: Invalid JSON"),
+        ([b"burst", burst(), iq], "request: 3 frames"),  # protocol 1: a kind frame first
+        ([b"not json", iq], "request: Invalid JSON"),
+        ([json.dumps([1, 2]).encode(), iq], "request: "),
+        ([burst()], "no plan from the BS yet"),
+        ([chunk, iq], None),  # the refused burst's chunk: dropped unread
+        ([chunk, iq], "chunk: no burst announced by this peer"),
+        ([burst(), iq], "burst: 2 frame(s), expected 1"),  # protocol 3: the IQ beside the header
+        (
+            [json.dumps({"v": 4, "type": "plan", "round": 1, "total_bandwidth_hz": 1e6, "subbands": []}).encode()],
+            "plan",
+        ),
+        ([json.dumps({**plan, "channel": {"fading": "x"}}).encode()], "plan: field 'channel.fading'"),
+        (
+            [json.dumps({**plan, "subbands": [{"device_id": 0, "center_hz": 0.0, "bandwidth_hz": 250e3}]}).encode()],
+            "subband rule",
+        ),
+        ([json.dumps(plan).encode(), iq], "plan: 2 frame(s)"),
+        ([json.dumps(plan).encode()], "plan_ok"),  # the good plan
+        ([burst(v=9)], "protocol version 9"),
+        ([burst(device_id=-2)], "burst: field 'device_id'"),
+        ([burst(modulation="ook")], "burst: field 'modulation'"),
+        ([burst(colour="blue")], "burst: field 'colour'"),
+        ([json.dumps(good).replace('"round": 1', '"round": NaN').encode()], "burst: field 'round'"),
+        ([burst(chunks=2)], "burst: field 'chunks'"),
+        ([burst(round=2)], "burst: field 'round': 2, the BS's plan is for round 1"),
+        ([burst(bandwidth_hz=100e3)], "its subband in round 1 is 250000 Hz"),
+        ([burst(device_id=2)], "device 2 has no subband"),
+        ([burst(samples=(1 << 23) + 1, chunks=65)], "are 33554436 on the medium, more than 33554432"),  # 250 kHz: x4
+        ([chunk, iq], None),
+        ([burst()], None),  # admitted: no answer until its burst is whole
+        ([chunk, iq[:-8]], "chunk 0 of burst 1 holds 999 samples, expected 1000"),
+        ([burst(burst_id=2)], None),
+        ([IqChunk(burst_id=2, index=1).encode(), iq], "chunk: field 'index': 1, expected 0"),
+        ([burst(burst_id=3)], None),
+        ([IqChunk(burst_id=3, index=0).encode(), np.full(1000, np.nan, dtype=np.complex64).tobytes()], "NaN"),
     ]
     try:
-        for parts in garbage:
+        for parts, _ in garbage:
             peer.send_multipart(parts)
         answers = []
         deadline = time.monotonic() + 10
-        while len(answers) < len(garbage) and time.monotonic() < deadline:
+        expected = [want for _, want in garbage if want is not None]
+        while len(answers) < len(expected) and time.monotonic() < deadline:
             for _ in range(50):
                 try:
                     air.on_message(air.router.recv_multipart(zmq.NOBLOCK))
@@ -506,16 +561,19 @@ def test_air_survives_garbage_from_peers():
                     break
             while peer.poll(10):
                 answers.append(decode_reply(peer.recv_multipart()))
-        kinds = [a.type for a in answers]
-        assert kinds.count("plan_ok") == 1 and kinds.count("error") == len(garbage) - 1, kinds
-        errors = [a.error for a in answers if a.type == "error"]
-        assert "plan: field 'channel.fading'" in errors[7] and "subband rule" in errors[8], errors
-        assert "protocol version 9" in errors[10] and "burst: field 'device_id'" in errors[11], errors
+        assert not peer.poll(200)  # and nothing more
+        said = [a.type if a.type == "plan_ok" else a.error for a in answers]
+        assert len(said) == len(expected), said
+        for got, want in zip(said, expected):
+            assert want in got, (want, got)
         assert not air.medium.queues.get(0)  # nothing of that reached the medium
+        assert air.chunks.stats["chunks_dropped"] == 2 and air.chunks.pending_bytes() == 0
         # and a good burst after all that is taken
-        peer.send_multipart([GOOD_BURST.encode(), iq])
+        for message in burst_messages(GOOD_BURST.model_copy(update={"burst_id": 4}), np.frombuffer(iq, np.complex64)):
+            peer.send_multipart(message)
         time.sleep(0.2)
-        air.on_message(air.router.recv_multipart())
+        for _ in range(2):
+            air.on_message(air.router.recv_multipart())
         assert len(air.medium.queues[0]) == 1
     finally:
         air.close()
