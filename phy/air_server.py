@@ -10,10 +10,8 @@
 * ``medium_address`` (PUSH, bound): the summed medium as [``MediumChunk`` {index}, complex64 IQ], ~10 ms a chunk.
 
 A message the air cannot use is logged with its peer and answered with ``error``; it never stops the air. A burst's
-header is checked against the plan (device, round, width, length, queue) before any of its chunks is stored, and
-its IQ is looked at only once it is whole and admitted again. Each socket refuses parts above the largest one a
-legitimate peer sends (REQUEST_MAX_PART_BYTES, MEDIUM_MAX_PART_BYTES): that bounds the CURVE handshake too, the only
-thing a stranger can send (docs/security.md, "The air before authentication").
+header is checked against the plan before any of its chunks is stored. Each socket refuses parts above the largest
+legitimate one, the CURVE handshake's included (docs/security.md, "The air before authentication").
 
 With the run's keys (a sealed bench, docs/security.md) both sockets are CURVE servers under the BS's key pair: the
 request socket admits the roster's keys, and takes a plan only from the BS's key and a burst only from the key of
@@ -36,12 +34,10 @@ from phy.air_chunks import DOWNLINK_SLOT, BurstAssembler
 from phy.air_downlink import DownlinkAir, DownlinkError
 from phy.air_medium import Burst, Medium, MediumSignal, RateError, warm_up
 from phy.air_physics import AirError, Physics
+from phy.air_sockets import medium_socket, request_socket, trim_heap
 from phy.channel import DeviceGeometry, SimChannel, TxSetting
 from proto.air import (
-    CHUNK_BYTES,
-    MAX_HEADER_BYTES,
     MAX_REQUEST_FRAMES,
-    MEDIUM_QUEUE_CHUNKS,
     AirMessageError,
     AirRefusal,
     BurstDone,
@@ -57,7 +53,7 @@ from proto.air import (
     RoundPlan,
     decode_request,
 )
-from trust.curve import BS_ONLY_DOMAIN, BS_USER, RosterAuthenticator, make_server, sender_of, user_device
+from trust.curve import BS_USER, RosterAuthenticator, sender_of, user_device
 from trust.keys import RunKeys
 
 log = logging.getLogger("air")
@@ -75,13 +71,6 @@ class _BsState:
 
 MAX_QUEUED_BURSTS = 2  # per device, waiting for the medium (the one on the air included)
 MAX_MEDIUM_BURST_SAMPLES = 1 << 25  # 32 Mi samples, 256 MiB of complex64: one burst at the medium rate
-CURVE_BOX_BYTES = 33  # a CURVE MESSAGE command around a part: name, nonce, MAC, flags (libzmq checks this size)
-REQUEST_MAX_PART_BYTES = max(CHUNK_BYTES, MAX_HEADER_BYTES) + CURVE_BOX_BYTES  # a chunk's IQ, boxed
-REQUEST_RCVHWM = 16  # messages ZeroMQ queues per peer before it stops reading that peer's connection
-# the medium's peer (the BS) sends nothing but the CURVE handshake: HELLO (200 bytes) and INITIATE (257 + its
-# metadata: 277 bytes from a libzmq 4.3 PULL, measured); the slack is for longer metadata
-MEDIUM_MAX_PART_BYTES = 512
-HANDSHAKE_IVL_MS = 5000  # a handshake not finished by then is dropped, with what it made the air buffer
 
 
 class Air:
@@ -100,23 +89,9 @@ class Air:
         ctx = context or zmq.Context.instance()
         self.secure = keys is not None
         self.authenticator = RosterAuthenticator(ctx, keys.roster) if keys is not None else None
-        self.router = ctx.socket(zmq.ROUTER)
-        self.router.setsockopt(zmq.LINGER, 0)
-        self.router.setsockopt(zmq.MAXMSGSIZE, REQUEST_MAX_PART_BYTES)  # a bigger part closes the connection
-        self.router.setsockopt(zmq.RCVHWM, REQUEST_RCVHWM)
-        self.router.setsockopt(zmq.HANDSHAKE_IVL, HANDSHAKE_IVL_MS)
-        if keys is not None:
-            make_server(self.router, keys.bs)
-        self.router.bind(bindable(address))
+        self.router = request_socket(ctx, address, keys.bs if keys is not None else None)
         self.address = self.router.getsockopt_string(zmq.LAST_ENDPOINT)
-        self.medium_push = ctx.socket(zmq.PUSH)
-        self.medium_push.setsockopt(zmq.LINGER, 0)
-        self.medium_push.setsockopt(zmq.SNDHWM, MEDIUM_QUEUE_CHUNKS)
-        self.medium_push.setsockopt(zmq.MAXMSGSIZE, MEDIUM_MAX_PART_BYTES)
-        self.medium_push.setsockopt(zmq.HANDSHAKE_IVL, HANDSHAKE_IVL_MS)
-        if keys is not None:
-            make_server(self.medium_push, keys.bs, BS_ONLY_DOMAIN)
-        self.medium_push.bind(bindable(medium_address))
+        self.medium_push = medium_socket(ctx, medium_address, keys.bs if keys is not None else None)
         self.medium_address = self.medium_push.getsockopt_string(zmq.LAST_ENDPOINT)
         self.medium = Medium(noise_seed)
         warm_up()
@@ -149,11 +124,7 @@ class Air:
                         frames = self.router.recv_multipart(zmq.NOBLOCK, copy=False)
                     except zmq.Again:
                         break
-                    if len(frames) > 1 + MAX_REQUEST_FRAMES:  # refused by its count: no part is copied out
-                        error = AirMessageError("request", f"{len(frames) - 1} frames, at most {MAX_REQUEST_FRAMES}")
-                        self._refuse(frames[0].bytes, error, "")
-                        continue
-                    self.on_message([f.bytes for f in frames], sender_of(frames[-1]) if self.secure else None)
+                    self._take(frames)
             self.medium.advance(self._send_chunk, self._on_burst_end)
             self._deliver_downlink()
         log.info(
@@ -178,6 +149,18 @@ class Air:
         }
 
     # ----------------------------------------------------------------------------------------- requests
+    def _take(self, frames: list[zmq.Frame]) -> None:
+        """A message off the socket. One of too many parts is refused by its count, none copied out, and the heap
+        libzmq held them in goes back to the system (glibc keeps freed pages): an insider's many-part message."""
+        if len(frames) <= 1 + MAX_REQUEST_FRAMES:
+            self.on_message([f.bytes for f in frames], sender_of(frames[-1]) if self.secure else None)
+            return
+        error = AirMessageError("request", f"{len(frames) - 1} frames, at most {MAX_REQUEST_FRAMES}")
+        identity = frames[0].bytes
+        frames.clear()
+        self._refuse(identity, error, "")
+        trim_heap()
+
     def on_message(self, parts: list[bytes], sender: str | None = None) -> None:
         """One message as the ROUTER received it: [peer identity, header, (IQ)]; sender: the User-Id of the key
         it came with (trust.curve; None without CURVE)."""
@@ -360,7 +343,7 @@ class Air:
         iq: np.ndarray | None = None,
     ) -> None:
         try:
-            parts = [identity, reply.encode()] + ([] if iq is None else [iq])
+            parts = [identity, reply.encode()] + ([] if iq is None else [iq.data])
             self.router.send_multipart(parts, zmq.NOBLOCK, copy=iq is None)
         except zmq.ZMQError as exc:  # a peer that left: nothing to tell
             log.info("air: could not answer peer %r: %s", identity, exc)
@@ -368,7 +351,7 @@ class Air:
     # ----------------------------------------------------------------------------------------- medium
     def _send_chunk(self, start: int, chunk: np.ndarray) -> bool:
         try:
-            self.medium_push.send_multipart([MediumChunk(index=start).encode(), chunk], zmq.NOBLOCK, copy=False)
+            self.medium_push.send_multipart([MediumChunk(index=start).encode(), chunk.data], zmq.NOBLOCK, copy=False)
         except zmq.Again:
             return False
         return True
@@ -389,8 +372,3 @@ class Air:
             b.identity,
             BurstDone(device_id=b.device_id, round=b.round_idx, burst_id=b.burst_id, medium_end=b.end, snr_db=b.snr_db),
         )
-
-
-def bindable(address: str) -> str:
-    """tcp://host:0 (any free port, as the bench writes it) in zmq's spelling, tcp://host:*."""
-    return address[:-2] + ":*" if address.startswith("tcp://") and address.endswith(":0") else address
