@@ -3,13 +3,14 @@
 `fedlora-run` puts its own pid in FEDLORA_STOP_WITH_PARENT for the air, the BS and the edges it starts (a sweep's
 worker does the same for `fedlora-run`). A process that finds it there calls `stop_with_parent` first thing and is
 stopped as by SIGTERM when that process dies, even by SIGKILL: the kernel's PR_SET_PDEATHSIG where the starter is
-its direct parent, a watcher thread otherwise (a wrapper in between), and `os._exit` if SIGTERM has not ended it
+its direct parent, a watcher thread otherwise (a wrapper in between), and a hard exit if SIGTERM has not ended it
 `grace_s` later. Processes started by hand (a multi-host lab) have no such variable and never stop with anyone.
 """
 
 from __future__ import annotations
 
 import ctypes
+import faulthandler
 import os
 import signal
 import sys
@@ -21,7 +22,6 @@ STOP_WITH_PARENT_ENV = "FEDLORA_STOP_WITH_PARENT"  # the pid of the process whos
 STOP_GRACE_S = 5.0  # SIGTERM closes the round in progress; after this long the process exits regardless
 _POLL_S = 0.25
 _PR_SET_PDEATHSIG = 1
-_EXIT_ORPHANED = 143  # as if SIGTERM had ended it
 
 
 def stop_with_parent(grace_s: float = STOP_GRACE_S) -> int | None:
@@ -51,15 +51,16 @@ def _set_parent_death_signal() -> bool:
 
 
 def _watch(starter: int, signalled: bool, grace_s: float) -> None:
-    """Wait for the starter's death; SIGTERM this process unless the kernel does; exit if it outlives grace_s."""
+    """Wait for the starter's death; SIGTERM this process unless the kernel does; exit if it outlives grace_s.
+
+    The deadline is faulthandler's C watchdog, not this thread: Python's shutdown (joining threads, atexit) never
+    gives a daemon thread the GIL again, and the watchdog needs none. It prints where each thread was, then exits."""
     while _alive(starter, signalled):
         time.sleep(_POLL_S)
     print(f"{Path(sys.argv[0]).name}: process {starter} that started this one is gone; stopping", file=sys.stderr)
+    faulthandler.dump_traceback_later(grace_s, exit=True)
     if not signalled:
         os.kill(os.getpid(), signal.SIGTERM)
-    time.sleep(grace_s)
-    print(f"{Path(sys.argv[0]).name}: still running {grace_s:g} s after SIGTERM; exiting", file=sys.stderr)
-    os._exit(_EXIT_ORPHANED)
 
 
 def _alive(pid: int, is_parent: bool) -> bool:
