@@ -40,7 +40,8 @@ AIR = [
 
 
 def _ip(*args: str) -> None:
-    subprocess.run(["ip", *args], check=True, capture_output=True, text=True)
+    done = subprocess.run(["ip", *args], capture_output=True, text=True)
+    assert done.returncode == 0, f"ip {' '.join(args)}: {done.stderr.strip()}"
 
 
 @pytest.fixture
@@ -54,9 +55,12 @@ def lab() -> Iterator[dict[str, str]]:
         pytest.skip("GNU Radio is not importable (the gr-zmq-iq bench needs it on the BS and the edges)")
     tag = f"fl{os.getpid()}"
     switch, made = f"{tag}-sw", []
+    added = subprocess.run(["ip", "netns", "add", switch], capture_output=True, text=True)
+    if added.returncode != 0 and "Operation not permitted" in added.stderr:  # root in a container without SYS_ADMIN
+        pytest.skip(f"needs root with CAP_SYS_ADMIN to create network namespaces ({added.stderr.strip()})")
+    assert added.returncode == 0, f"ip netns add {switch}: {added.stderr.strip()}"
+    made.append(switch)
     try:
-        _ip("netns", "add", switch)
-        made.append(switch)
         _ip("-n", switch, "link", "add", "br0", "type", "bridge")
         _ip("-n", switch, "link", "set", "br0", "up")
         for host, address in HOSTS.items():
