@@ -70,8 +70,8 @@ class GrLoopbackReceiver(SimUplinkReceiver):
         self.packets_in = 0
         self.packets_decoded = 0
 
-    def _parse(self, parts: list[bytes]) -> RxFrame | None:
-        frame = super()._parse(parts)
+    def _parse(self, parts: list[bytes], count: int) -> RxFrame | None:
+        frame = super()._parse(parts, count)
         if frame is None:
             return None
         modulation = decode_sidecar(parts[0]).modulation  # valid: super()._parse decoded it

@@ -148,8 +148,8 @@ class ReplayUplinkReceiver(SimUplinkReceiver):
         self.seed = seed
         self.counts: Counter[str] = Counter()  # recorded_ok, recorded_lost, modelled_ok, modelled_lost, unheard
 
-    def _parse(self, parts: list[bytes]) -> RxFrame | None:
-        rx = super()._parse(parts)
+    def _parse(self, parts: list[bytes], count: int) -> RxFrame | None:
+        rx = super()._parse(parts, count)
         if rx is None:
             return None
         sidecar = decode_sidecar(parts[0])  # valid: super()._parse decoded it
