@@ -16,6 +16,10 @@ then, one phase at a time, samples its RSS (psutil, every 20 ms) before, during 
 
 Prints a table and writes --json. `--repo` runs the air of another checkout (a `git worktree` of an older commit)
 with this one's interpreter, for a before/after comparison on the same machine.
+
+`--target bs` does the same to a real `fedlora-bs` (sim bench, tiny model, keys it provisions for its run, no
+edge ever joins): strangers on its control and its data port, then device 0's key sending one control message of
+`--control-mib` MiB (a single part) and one `--parts`-part message to each port.
 """
 
 from __future__ import annotations
@@ -84,6 +88,33 @@ def start_air(repo: Path, keys: Path, work: Path) -> tuple[subprocess.Popen, dic
     return air, json.loads(endpoints.read_text())
 
 
+def start_bs(repo: Path, work: Path) -> tuple[subprocess.Popen, dict, Path]:
+    """A sealed BS on free ports that waits for edges (none come): its endpoints and the keys it provisioned."""
+    run_dir = work / "run"
+    cmd = [
+        sys.executable,
+        "-m",
+        "bs_node.main",
+        "--run-dir",
+        str(run_dir),
+        "--bench",
+        str(repo / "hw_configs/sim.yaml"),
+    ]
+    cmd += ["--control", "tcp://127.0.0.1:0", "--data", "tcp://127.0.0.1:0", "--log-level", "WARNING"]
+    for setting in ("model.name_or_path=tiny", "task.test_size=200", "task.max_train=2000", "devices.count=2"):
+        cmd += ["--set", setting]
+    cmd += ["--set", "round.startup_timeout_s=3600"]
+    env = {**os.environ, "PYTHONPATH": str(repo), "HF_HUB_OFFLINE": "1"}
+    bs = subprocess.Popen(cmd, cwd=repo, env=env, stdout=open(work / "bs.out", "w"), stderr=subprocess.STDOUT)
+    endpoints = run_dir / "endpoints.json"
+    deadline = time.monotonic() + 300
+    while not endpoints.exists():
+        if bs.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"the BS did not start: {(work / 'bs.out').read_text()[-2000:]}")
+        time.sleep(0.1)
+    return bs, json.loads(endpoints.read_text()), run_dir / "keys"
+
+
 def _host_port(address: str) -> tuple[str, int]:
     host, port = address.removeprefix("tcp://").rsplit(":", 1)
     return host, int(port)
@@ -143,27 +174,36 @@ def strangers_phase(sampler: RssSampler, address: str, args: argparse.Namespace)
     }
 
 
-def insider_phase(sampler: RssSampler, address: str, keys: Path, args: argparse.Namespace) -> dict:
+def insider_phase(
+    sampler: RssSampler, address: str, keys: Path, parts: list[bytes], *, socket_type: str = "DEALER", hold_s: float
+) -> dict:
+    """Device 0's key over real CURVE sends one message of these parts; what the peer held, and its answer (the air
+    answers a refused request; the BS answers nothing: it logs and counts)."""
     import zmq
 
     sys.path.insert(0, str(REPO))
+    from trust.curve import routing_id
     from trust.keys import load_key, load_roster
 
     before = sampler.rss_mb()
     sampler.reset()
     ctx = zmq.Context()
-    sock = ctx.socket(zmq.DEALER)
+    sock = ctx.socket(getattr(zmq, socket_type))
     sock.setsockopt(zmq.LINGER, 0)
+    if socket_type == "DEALER":
+        sock.setsockopt(zmq.IDENTITY, routing_id(0))
     key = load_key(keys / "device-0.secret.json", role="device")
     sock.curve_secretkey, sock.curve_publickey = key.secret.encode(), key.public.encode()
     sock.curve_serverkey = load_roster(keys).bs.encode()
     sock.connect(address)
-    part = b"\x00" * args.part_bytes
     t0 = time.monotonic()
-    sock.send_multipart([part] * args.parts)
+    sock.send_multipart(parts)
     answer = None
-    if sock.poll(int(args.hold_s * 1000)):
-        answer = json.loads(sock.recv_multipart()[0]).get("error", "?")
+    if socket_type == "DEALER" and sock.poll(int(hold_s * 1000)):
+        reply = json.loads(sock.recv_multipart()[0])
+        answer = reply.get("error") or reply.get("reason") or "?"
+    else:
+        time.sleep(hold_s)
     answered_s = time.monotonic() - t0
     during = sampler.peak_mb()
     sock.close(0)
@@ -173,8 +213,8 @@ def insider_phase(sampler: RssSampler, address: str, keys: Path, args: argparse.
         "rss_before_mb": round(before, 1),
         "rss_peak_mb": round(during, 1),
         "rss_after_mb": round(sampler.rss_mb(), 1),
-        "parts": args.parts,
-        "part_bytes": args.part_bytes,
+        "parts": len(parts),
+        "part_bytes": len(parts[0]),
         "answered_after_s": round(answered_s, 2) if answer is not None else None,
         "answer": answer,
     }
@@ -190,7 +230,47 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--parts", type=int, default=40_000)
     parser.add_argument("--part-bytes", type=int, default=8_000)
     parser.add_argument("--json", type=Path, help="write the results here")
+    parser.add_argument("--target", choices=("air", "bs"), default="air")
+    parser.add_argument("--control-mib", type=int, default=300, help="--target bs: the insider's one control part")
     args = parser.parse_args(argv)
+    results = measure_bs(args) if args.target == "bs" else measure_air(args)
+    _print(results)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
+    return 0
+
+
+def measure_bs(args: argparse.Namespace) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        bs, endpoints, keys = start_bs(args.repo.resolve(), Path(tmp))
+        sampler = RssSampler(bs.pid)
+        many = [b"\x00" * args.part_bytes] * args.parts
+        try:
+            time.sleep(2.0)
+            results = {
+                "target": "bs",
+                "repo": str(args.repo),
+                "commit": _commit(args.repo),
+                "rss_idle_mb": round(sampler.rss_mb(), 1),
+                "strangers_control": strangers_phase(sampler, endpoints["control"], args),
+                "strangers_data": strangers_phase(sampler, endpoints["data"], args),
+                "insider_control_one_part": insider_phase(
+                    sampler, endpoints["control"], keys, [b"{" * (args.control_mib * MIB)], hold_s=args.hold_s
+                ),
+                "insider_control_parts": insider_phase(sampler, endpoints["control"], keys, many, hold_s=args.hold_s),
+                "insider_data_parts": insider_phase(
+                    sampler, endpoints["data"], keys, many, socket_type="PUSH", hold_s=args.hold_s
+                ),
+            }
+            results["alive"] = bs.poll() is None
+        finally:
+            sampler.close()
+            bs.kill()
+            bs.wait(timeout=20)
+    return results
+
+
+def measure_air(args: argparse.Namespace) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         keys = work / "keys"
@@ -205,17 +285,16 @@ def main(argv: list[str] | None = None) -> int:
                 "rss_idle_mb": round(sampler.rss_mb(), 1),
                 "strangers_request": strangers_phase(sampler, endpoints["address"], args),
                 "strangers_medium": strangers_phase(sampler, endpoints["medium"], args),
-                "insider": insider_phase(sampler, endpoints["address"], keys, args),
+                "insider": insider_phase(
+                    sampler, endpoints["address"], keys, [b"\x00" * args.part_bytes] * args.parts, hold_s=args.hold_s
+                ),
             }
-            results["air_alive"] = air.poll() is None
+            results["alive"] = air.poll() is None
         finally:
             sampler.close()
             air.terminate()
             air.wait(timeout=20)
-    _print(results)
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=2) + "\n")
-    return 0
+    return results
 
 
 def _commit(repo: Path) -> str:
@@ -224,21 +303,24 @@ def _commit(repo: Path) -> str:
 
 
 def _print(results: dict) -> None:
-    print(f"air of {results['repo']} ({results['commit']}), idle RSS {results['rss_idle_mb']} MB")
-    print(f"{'phase':<20} {'before MB':>10} {'peak MB':>10} {'after MB':>10}  outcome")
-    for name in ("strangers_request", "strangers_medium", "insider"):
-        r = results[name]
-        if name == "insider":
+    target = results.get("target", "air")
+    print(f"{target} of {results['repo']} ({results['commit']}), idle RSS {results['rss_idle_mb']} MB")
+    print(f"{'phase':<26} {'before MB':>10} {'peak MB':>10} {'after MB':>10}  outcome")
+    for name, r in results.items():
+        if not isinstance(r, dict):
+            continue
+        if name.startswith("insider"):
             outcome = (
                 f"{r['parts']} x {r['part_bytes']} B parts; answered after {r['answered_after_s']} s: {r['answer']}"
             )
         else:
             outcome = (
-                f"{r['closed_by_air']}/{r['connections']} closed by the air (last after {r['closed_after_s_max']} s), "
+                f"{r['closed_by_air']}/{r['connections']} closed by the {target} "
+                f"(last after {r['closed_after_s_max']} s), "
                 f"{r['body_sent_mib_max']} MiB of the body left the stranger first (kernel buffers)"
             )
-        print(f"{name:<20} {r['rss_before_mb']:>10} {r['rss_peak_mb']:>10} {r['rss_after_mb']:>10}  {outcome}")
-    print(f"air alive after: {results['air_alive']}")
+        print(f"{name:<26} {r['rss_before_mb']:>10} {r['rss_peak_mb']:>10} {r['rss_after_mb']:>10}  {outcome}")
+    print(f"{target} alive after: {results.get('alive', results.get('air_alive'))}")
 
 
 if __name__ == "__main__":

@@ -20,7 +20,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device-id", type=int, required=True)
     parser.add_argument("--threads", type=int, default=1, help="torch threads for local training")
     parser.add_argument("--key", help="this device's key file (fedlora-keys init); needed when the BS seals frames")
-    parser.add_argument("--state-dir", help="keep this edge's error feedback here, to survive a crash (edge-<k>.safetensors)")
+    parser.add_argument(
+        "--state-dir", help="keep this edge's error feedback here, to survive a crash (edge-<k>.safetensors)"
+    )
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
     stop_with_parent()  # started by fedlora-run: stop when it dies (proto.launch); by hand: never
