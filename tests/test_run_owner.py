@@ -20,7 +20,7 @@ import pytest
 
 from launcher.main import entry_point
 from proto.launch import STOP_WITH_PARENT_ENV
-from tests.processes import ENV, REPO, TINY, Procs, read_rounds, wait_for
+from tests.processes import ENV, REPO, TINY, read_rounds, wait_for
 
 LAUNCH = [sys.executable, "-m", "launcher.main", "--bench", str(REPO / "hw_configs" / "sim.yaml"), *TINY]
 RUN = [*LAUNCH, "--set", "devices.count=2", "--set", "round.rounds=3", "--set", "training.local_steps=4"]
@@ -42,12 +42,18 @@ def _wait_gone(procs: list[psutil.Process], timeout_s: float) -> list[psutil.Pro
 
 
 @pytest.mark.integration
-def test_a_killed_launcher_takes_its_run_down_and_resume_finishes_it(tmp_path):
+def test_a_live_run_folder_is_refused_and_a_killed_launcher_takes_its_run_down_and_resume_finishes_it(tmp_path):
+    """While the run is alive a second BS and fedlora-run (--resume, --run-dir) on its folder are refused in one
+    line; then the launcher is SIGKILLed, nothing of the run is left 10 s later, and --resume (the kernel dropped the
+    dead BS's lock) finishes the run. One run for both: each start of four processes costs ~10 CPU-s."""
     run_dir = tmp_path / "run"
     with open(tmp_path / "first.out", "w") as out:
         launcher = subprocess.Popen([*RUN, "--run-dir", str(run_dir)], cwd=REPO, env=ENV, stdout=out, stderr=out)
     started: list[psutil.Process] = []
     try:
+        wait_for(lambda: (run_dir / "endpoints.json").exists(), 300, "the BS bound")  # it holds the lock by then
+        bs = next(p for p in psutil.Process(launcher.pid).children() if Path(p.cmdline()[1]).name == "fedlora-bs")
+        _refused_while_alive(run_dir, bs.pid)
         wait_for(lambda: len(read_rounds(run_dir)) >= 1, 300, "round 1 closed")
         started = psutil.Process(launcher.pid).children(recursive=True)
         names = sorted(Path(p.cmdline()[1]).name for p in started)
@@ -76,35 +82,22 @@ def test_a_killed_launcher_takes_its_run_down_and_resume_finishes_it(tmp_path):
     assert [r["round"] for r in read_rounds(run_dir)] == [1, 2, 3]
 
 
-@pytest.mark.integration
-def test_a_second_bs_or_a_resume_on_a_live_run_folder_is_refused_in_one_line(tmp_path):
-    procs = Procs(tmp_path)
-    run_dir = tmp_path / "run"
-    try:
-        bs, _ = procs.bs(run_dir, "--set", "devices.count=1")
-        expected = f"run folder {run_dir} is in use by a live BS (pid {bs.pid}); stop it or use another folder"
-        second = subprocess.run(
-            [*entry_point("fedlora-bs"), "--run-dir", str(run_dir), "--resume", *TINY],
-            cwd=REPO,
-            env=ENV,
-            capture_output=True,
-            text=True,
-            timeout=120,
+def _refused_while_alive(run_dir: Path, bs_pid: int) -> None:
+    expected = f"run folder {run_dir} is in use by a live BS (pid {bs_pid}); stop it or use another folder"
+    second = subprocess.run(
+        [*entry_point("fedlora-bs"), "--run-dir", str(run_dir), "--resume", *TINY],
+        cwd=REPO,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert (second.returncode, second.stdout, second.stderr) == (2, "", f"fedlora-bs: {expected}\n")
+    for flags in (["--resume", str(run_dir)], ["--run-dir", str(run_dir), *TINY]):
+        launcher = subprocess.run(
+            [sys.executable, "-m", "launcher.main", *flags], cwd=REPO, env=ENV, capture_output=True, text=True
         )
-        assert (second.returncode, second.stdout, second.stderr) == (2, "", f"fedlora-bs: {expected}\n")
-        for flags in (["--resume", str(run_dir)], ["--run-dir", str(run_dir), *TINY]):
-            launcher = subprocess.run(
-                [sys.executable, "-m", "launcher.main", *flags], cwd=REPO, env=ENV, capture_output=True, text=True
-            )
-            assert (launcher.returncode, launcher.stdout, launcher.stderr) == (2, "", f"fedlora-run: {expected}\n")
-        assert bs.poll() is None and (run_dir / "endpoints.json").exists()  # the live run was not touched
-        bs.send_signal(signal.SIGKILL)
-        bs.wait()
-        (run_dir / "endpoints.json").unlink()
-        again, _ = procs.bs(run_dir, "--set", "devices.count=1")  # the kernel dropped the dead one's lock
-        assert again.poll() is None
-    finally:
-        procs.cleanup()
+        assert (launcher.returncode, launcher.stdout, launcher.stderr) == (2, "", f"fedlora-run: {expected}\n")
 
 
 CHILD = textwrap.dedent(
