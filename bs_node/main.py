@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from proto.control import BsEndpoints
-from proto.launch import stop_with_parent
+from proto.launch import enable_stack_dumps, stop_with_parent
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -53,6 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--log-level", default="WARNING")
     args = parser.parse_args(argv)
     stop_with_parent()  # started by fedlora-run: stop when it dies (proto.launch); by hand: never
+    enable_stack_dumps()  # kill -USR1 <pid>: where each thread is, in the log
     logging.basicConfig(level=args.log_level, stream=sys.stderr, format="%(asctime)s bs %(levelname)s %(message)s")
 
     from config import ConfigError, load_bench, load_experiment

@@ -8,7 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-from proto.launch import stop_with_parent
+from proto.launch import enable_stack_dumps, stop_with_parent
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -26,6 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
     stop_with_parent()  # started by fedlora-run: stop when it dies (proto.launch); by hand: never
+    enable_stack_dumps()  # kill -USR1 <pid>: where each thread is, in the log
     logging.basicConfig(
         level=args.log_level, stream=sys.stderr, format=f"%(asctime)s edge{args.device_id} %(levelname)s %(message)s"
     )

@@ -32,7 +32,7 @@ from pathlib import Path
 from config import ConfigError, load_bench
 from phy.air_server import Air
 from proto.air import AirEndpoints
-from proto.launch import stop_with_parent
+from proto.launch import enable_stack_dumps, stop_with_parent
 from trust.keys import KeyFileError, load_run_keys
 
 log = logging.getLogger("air")
@@ -66,6 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
     stop_with_parent()  # started by fedlora-run: stop when it dies (proto.launch); by hand: never
+    enable_stack_dumps()  # kill -USR1 <pid>: where each thread is, in the log
     try:
         bench = load_bench(args.bench, args.bench_overrides)
     except ConfigError as exc:

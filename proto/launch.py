@@ -42,6 +42,16 @@ def stop_with_parent(grace_s: float = STOP_GRACE_S) -> int | None:
     return starter
 
 
+STACK_DUMP_SIGNAL = signal.SIGUSR1
+
+
+def enable_stack_dumps() -> None:
+    """`kill -USR1 <pid>` prints where every thread of this process is to its stderr (the log), and it runs on: a
+    process that seems stuck in a week-long run says where, without stopping it (faulthandler, in C: it needs no
+    free Python thread)."""
+    faulthandler.register(STACK_DUMP_SIGNAL, all_threads=True, chain=False)
+
+
 def _set_parent_death_signal() -> bool:
     """SIGTERM to this process when its parent dies (Linux); False where prctl is not there."""
     try:

@@ -82,6 +82,17 @@ class Procs:
     def output(self, name: str) -> str:
         return (self.tmp / f"{name}.out").read_text()
 
+    def wait(self, p: subprocess.Popen, timeout_s: float) -> int:
+        """p's exit status; if it runs past timeout_s, it is asked where its threads are (SIGUSR1: proto.launch)
+        and the test fails with that, instead of a bare TimeoutExpired."""
+        try:
+            return p.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            p.send_signal(signal.SIGUSR1)
+            time.sleep(1.0)
+            name = getattr(p, "name", "?")
+            raise AssertionError(f"{name} still running after {timeout_s} s:\n{self.output(name)[-6000:]}") from None
+
     def cleanup(self) -> None:
         for p in self.procs:
             if p.poll() is None:

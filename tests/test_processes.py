@@ -112,7 +112,7 @@ def test_killed_edge_is_dropped_at_the_deadline_then_offline(procs, tmp_path):
     wait_for(lambda: "round 2: training" in procs.output("edge1"), 240, "edge 1 training in round 2")
     edges[1].send_signal(signal.SIGKILL)  # edge 1 dies while training
     edges[1].wait()
-    assert bs.wait(timeout=400) == 0, procs.output("bs")
+    assert procs.wait(bs, 400) == 0, procs.output("bs")
     rounds = read_rounds(run_dir)
     assert len(rounds) == 3
     r2 = {d["device_id"]: d for d in rounds[1]["devices"]}
@@ -171,7 +171,7 @@ def test_garbage_on_both_sockets_is_logged_and_ignored(procs, tmp_path):
     wait_for(lambda: len(read_rounds(run_dir)) >= 1, 180, "round 1")
     rogue.send_multipart([b"\xde\xad"])
     data.send_multipart([FrameSidecar(snr_db=12.0).encode(), b"\x46\x4c" + os.urandom(60)])
-    assert bs.wait(timeout=300) == 0, procs.output("bs")
+    assert procs.wait(bs, 300) == 0, procs.output("bs")
     rounds = read_rounds(run_dir)
     assert len(rounds) == 2
     assert all(d["status"] == "ok" for r in rounds for d in r["devices"])
@@ -241,7 +241,7 @@ def test_a_round_over_the_gnuradio_ofdm_loopback(procs, tmp_path):
     )
     for k in range(2):
         procs.edge(ep["control"], k)
-    assert bs.wait(timeout=300) == 0, procs.output("bs")
+    assert procs.wait(bs, 300) == 0, procs.output("bs")
     (record,) = read_rounds(run_dir)
     near, far = record["devices"]
     assert near["status"] == far["status"] == "ok", record["devices"]
@@ -272,7 +272,7 @@ def test_the_online_controller_runs_unchanged_over_the_gnuradio_link(procs, tmp_
     )
     for k in range(2):
         procs.edge(ep["control"], k)
-    assert bs.wait(timeout=400) == 0, procs.output("bs")
+    assert procs.wait(bs, 400) == 0, procs.output("bs")
     first, second = read_rounds(run_dir)
     measured = {d["device_id"]: d for d in first["devices"] if d["snr_db"] is not None}
     assert measured, first["devices"]

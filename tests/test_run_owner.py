@@ -178,3 +178,29 @@ def test_a_process_started_by_hand_outlives_its_parent(tmp_path):
     finally:
         if not _gone(child):
             child.kill()
+
+
+def test_sigusr1_prints_every_threads_stack_and_the_process_runs_on(tmp_path):
+    """proto.launch.enable_stack_dumps: a process that seems stuck says where, without being stopped."""
+    code = textwrap.dedent(
+        """
+        import threading, time
+        from proto.launch import enable_stack_dumps
+        enable_stack_dumps()
+        threading.Thread(target=lambda: time.sleep(120), name="helper", daemon=True).start()
+        print("armed", flush=True)
+        time.sleep(120)
+        """
+    )
+    err = open(tmp_path / "err", "w")
+    p = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=err, text=True)
+    try:
+        assert p.stdout is not None and p.stdout.readline() == "armed\n"
+        p.send_signal(signal.SIGUSR1)
+        wait_for(lambda: "Current thread" in (tmp_path / "err").read_text(), 10, "the stack dump")
+        dump = (tmp_path / "err").read_text()
+        assert "in <lambda>" in dump and "in <module>" in dump, dump  # the helper thread's stack and the main one
+        assert p.poll() is None  # it runs on
+    finally:
+        p.kill()
+        p.wait()
