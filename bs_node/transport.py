@@ -26,6 +26,7 @@ from proto.control import (
     BsMessage,
     BurstEnd,
     Bye,
+    ControlMessage,
     Heartbeat,
     MessageError,
     Register,
@@ -151,19 +152,7 @@ class ZmqTransport:
             self.rejected["malformed"] += 1
             log.warning("control: ignored bad message from peer %r: %s", identity[:64], exc)
             return None
-        claimed = getattr(msg, "device_id", None)
-        if self.curve and routing_id_device(identity) != user_device(sender):  # an id only its device's key may use
-            self.rejected["impostor"] += 1
-            self._log_impostor(user_device(sender), f"routing id {identity[:20]!r}", msg.type)
-            if isinstance(msg, Register):
-                self._send_raw(identity, Reject(reason=f"routing id {identity[:20]!r} is not this key's device's"))
-            return None
-        if self.curve and user_device(sender) != claimed:  # a key speaks only for its own device
-            self.rejected["impostor"] += 1
-            key_device = user_device(sender)
-            self._log_impostor(key_device, f"device {claimed}", msg.type)
-            if isinstance(msg, Register):
-                self._send_raw(identity, Reject(reason=f"this key belongs to device {key_device}, not {claimed}"))
+        if self.curve and self._impostor(identity, msg, user_device(sender)):
             return None
         if isinstance(msg, Register):
             return self._on_register(identity, msg)
@@ -193,6 +182,23 @@ class ZmqTransport:
             log.warning("control: unexpected %s from device %d ignored", msg.type, edge.device_id)
             return None
         return FromEdge(edge.device_id, msg)
+
+    def _impostor(self, identity: bytes, msg: ControlMessage, key_device: int | None) -> bool:
+        """A routing id, and a message's device, speak only for the key's own device: refused (a registration is
+        told why), counted and logged once per (key, claim)."""
+        claimed = getattr(msg, "device_id", None)
+        if routing_id_device(identity) != key_device:
+            reason = f"routing id {identity[:20]!r} is not this key's device's"
+            self._log_impostor(key_device, f"routing id {identity[:20]!r}", msg.type)
+        elif claimed != key_device:
+            reason = f"this key belongs to device {key_device}, not {claimed}"
+            self._log_impostor(key_device, f"device {claimed}", msg.type)
+        else:
+            return False
+        self.rejected["impostor"] += 1
+        if isinstance(msg, Register):
+            self._send_raw(identity, Reject(reason=reason))
+        return True
 
     def _log_impostor(self, key_device: int | None, claimed: str, message_type: str) -> None:
         """Once per (key, claim): a flood of impostures costs bounded memory and a line each up to the bound."""
