@@ -146,9 +146,7 @@ class Measurements(_Strict):
     residual_norm: Magnitude | None = None  # error-feedback residual the device keeps for later rounds
     true_snr_db: Decibels | None = None  # the channel's true SNR of the last burst: sim PHYs only, ground truth
     radio_underruns: Count | None = None  # rf: the edge radio's transmit underruns this round (None: not counted)
-    downlink_snr_db: Decibels | None = (
-        None  # downlink over the PHY: mean SNR its receiver measured on the view's frames
-    )
+    downlink_snr_db: Decibels | None = None  # downlink over the PHY: mean SNR measured on the view's frames
 
 
 class Report(_Message):
