@@ -34,6 +34,7 @@ from trust.keys import (
     load_roster,
     provision,
 )
+from trust.run_files import RunFileError, checkpoint_key
 from trust.sealing import FrameGate, FrameKeyring, FrameRejected, FrameSealer, frame_key, new_salt
 
 
@@ -69,6 +70,24 @@ def test_key_files_are_refused_with_a_reason(tmp_path):
     bad["devices"]["1"] = bad["devices"]["0"]
     with pytest.raises(ValueError, match="share one key"):
         Roster.model_validate(bad, strict=False)
+    os.chmod(d / "roster.json", 0o666)  # anyone could add their key to it
+    with pytest.raises(KeyFileError, match="writable by its owner only"):
+        load_roster(d)
+    os.chmod(d / "roster.json", 0o644)
+    if os.geteuid() == 0:  # files of another user (a keys/ folder swapped in by whoever can write the run folder)
+        for name in ("roster.json", device_secret_file(0)):
+            os.chown(d / name, 65534, 65534)
+        with pytest.raises(KeyFileError, match="owned by uid 65534, not by this process's user"):
+            load_roster(d)
+        with pytest.raises(KeyFileError, match="owned by uid 65534"):
+            load_key(d / device_secret_file(0), role="device")
+        key = checkpoint_key(tmp_path, create=True)  # <tmp>/keys/checkpoint.key
+        assert len(key) == 32
+        os.chown(tmp_path / "keys" / "checkpoint.key", 65534, 65534)
+        with pytest.raises(RunFileError, match="owned by uid 65534"):
+            checkpoint_key(tmp_path, create=False)
+        for name in ("roster.json", device_secret_file(0)):
+            os.chown(d / name, 0, 0)
     (d / "roster.json").write_text('{"format": "fedlora-roster/1", "bs": "short", "devices": {}}')
     with pytest.raises(KeyFileError, match="roster.json: bs"):
         load_roster(d)

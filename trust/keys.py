@@ -25,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from zmq.utils import z85
 
 from config import BenchConfig
+from trust.run_files import ownership_problem
 
 ROSTER_FILE = "roster.json"
 BS_SECRET_FILE = "bs.secret.json"
@@ -195,16 +196,18 @@ def provision(key_dir: Path, devices: int, *, force: bool = False) -> Roster:
 
 def load_roster(key_dir: Path) -> Roster:
     path = Path(key_dir) / ROSTER_FILE
-    return _parse(path, Roster, _read(path))
+    raw = _read(path)
+    if (problem := ownership_problem(path, secret=False)) is not None:
+        raise KeyFileError(f"{path}: {problem}")
+    return _parse(path, Roster, raw)
 
 
 def load_key(path: Path, *, role: Literal["bs", "device"], device_id: int | None = None) -> KeyPair:
     """A private key file, checked: only its owner may read it, and it is the role (and device) asked for."""
     path = Path(path)
     raw = _read(path)
-    mode = path.stat().st_mode & 0o777
-    if mode & 0o077:
-        raise KeyFileError(f"{path}: a private key must be readable by its owner only (mode {mode:o}; chmod 600 it)")
+    if (problem := ownership_problem(path, secret=True)) is not None:
+        raise KeyFileError(f"{path}: a private key {problem}")
     pair = _parse(path, KeyPair, raw)
     if pair.role != role:
         raise KeyFileError(f"{path}: a {pair.role} key, expected a {role} key")

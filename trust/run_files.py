@@ -52,6 +52,22 @@ def fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def ownership_problem(path: Path, *, secret: bool) -> str | None:
+    """Why a key or roster file cannot be trusted, or None. It must be this process's user's: whoever can write
+    the folder above `keys/` could otherwise put a folder of their own there (a rename needs no access to the old
+    one), with a roster that admits their key or a checkpoint key they know. A secret must also be unreadable by
+    others, a roster unwritable by them."""
+    st = path.stat()
+    if st.st_uid != os.geteuid():
+        return f"owned by uid {st.st_uid}, not by this process's user (uid {os.geteuid()}): not trusted"
+    mode = st.st_mode & 0o777
+    if secret and mode & 0o077:
+        return f"must be readable by its owner only (mode {mode:o}; chmod 600 it)"
+    if not secret and mode & 0o022:
+        return f"must be writable by its owner only (mode {mode:o}; chmod 644 it)"
+    return None
+
+
 def checkpoint_key_path(run_dir: Path) -> Path:
     return Path(run_dir) / "keys" / CHECKPOINT_KEY_FILE
 
@@ -65,9 +81,9 @@ def checkpoint_key(run_dir: Path, *, create: bool) -> bytes:
         path.parent.mkdir(parents=True, exist_ok=True)
         os.chmod(path.parent, 0o700)
         write_atomic(path, secrets.token_bytes(KEY_BYTES))
-    mode = path.stat().st_mode & 0o777
-    if mode & 0o077:
-        raise RunFileError(f"{path}: must be readable by its owner only (mode {mode:o}; chmod 600 it)")
+    problem = ownership_problem(path, secret=True)
+    if problem is not None:
+        raise RunFileError(f"{path}: {problem}")
     key = path.read_bytes()
     if len(key) != KEY_BYTES:
         raise RunFileError(f"{path}: {len(key)} bytes, a checkpoint key has {KEY_BYTES}")
