@@ -34,7 +34,7 @@ from phy.air_chunks import DOWNLINK_SLOT, BurstAssembler
 from phy.air_downlink import DownlinkAir, DownlinkError
 from phy.air_medium import Burst, Medium, MediumSignal, RateError, warm_up
 from phy.air_physics import AirError, Physics
-from phy.air_sockets import medium_socket, request_socket, trim_heap
+from phy.air_sockets import medium_socket, request_socket
 from phy.channel import DeviceGeometry, SimChannel, TxSetting
 from proto.air import (
     MAX_REQUEST_FRAMES,
@@ -53,7 +53,7 @@ from proto.air import (
     RoundPlan,
     decode_request,
 )
-from trust.curve import BS_USER, RosterAuthenticator, sender_of, user_device
+from trust.curve import BS_USER, RosterAuthenticator, recv_bounded, sender_of, user_device
 from trust.keys import RunKeys
 
 log = logging.getLogger("air")
@@ -121,10 +121,10 @@ class Air:
             if dict(poller.poll(timeout_ms)).get(self.router):
                 for _ in range(100):
                     try:
-                        frames = self.router.recv_multipart(zmq.NOBLOCK, copy=False)
+                        frames, count = recv_bounded(self.router, 1 + MAX_REQUEST_FRAMES, zmq.NOBLOCK)
                     except zmq.Again:
                         break
-                    self._take(frames)
+                    self._take(frames, count)
             self.medium.advance(self._send_chunk, self._on_burst_end)
             self._deliver_downlink()
         log.info(
@@ -149,17 +149,14 @@ class Air:
         }
 
     # ----------------------------------------------------------------------------------------- requests
-    def _take(self, frames: list[zmq.Frame]) -> None:
-        """A message off the socket. One of too many parts is refused by its count, none copied out, and the heap
-        libzmq held them in goes back to the system (glibc keeps freed pages): an insider's many-part message."""
-        if len(frames) <= 1 + MAX_REQUEST_FRAMES:
+    def _take(self, frames: list[zmq.Frame], count: int) -> None:
+        """A message off the socket (`trust.curve.recv_bounded`: of an insider's many-part message only the first
+        parts were kept, none copied, and the heap went back to the system). One of too many parts is refused."""
+        if count <= 1 + MAX_REQUEST_FRAMES:
             self.on_message([f.bytes for f in frames], sender_of(frames[-1]) if self.secure else None)
             return
-        error = AirMessageError("request", f"{len(frames) - 1} frames, at most {MAX_REQUEST_FRAMES}")
-        identity = frames[0].bytes
-        frames.clear()
-        self._refuse(identity, error, "")
-        trim_heap()
+        error = AirMessageError("request", f"{count - 1} frames, at most {MAX_REQUEST_FRAMES}")
+        self._refuse(frames[0].bytes, error, "")
 
     def on_message(self, parts: list[bytes], sender: str | None = None) -> None:
         """One message as the ROUTER received it: [peer identity, header, (IQ)]; sender: the User-Id of the key

@@ -8,12 +8,10 @@ a burst on the request socket (proto.air: bursts go in chunks for this), the han
 
 from __future__ import annotations
 
-import ctypes
-
 import zmq
 
 from proto.air import CHUNK_BYTES, MAX_HEADER_BYTES, MEDIUM_QUEUE_CHUNKS
-from trust.curve import BS_ONLY_DOMAIN, make_server
+from trust.curve import BS_ONLY_DOMAIN, HANDSHAKE_TIMEOUT_MS, make_server
 from trust.keys import KeyPair
 
 CURVE_BOX_BYTES = 33  # a CURVE MESSAGE command around a part: name, nonce, MAC, flags (libzmq checks this size)
@@ -22,7 +20,6 @@ REQUEST_RCVHWM = 16  # messages ZeroMQ queues per peer before it stops reading t
 # the medium's peer (the BS) sends nothing but the CURVE handshake: HELLO (200 bytes) and INITIATE (257 + its
 # metadata: 277 bytes from a libzmq 4.3 PULL, measured); the slack is for longer metadata
 MEDIUM_MAX_PART_BYTES = 512
-HANDSHAKE_IVL_MS = 5000  # a handshake not finished by then is dropped, with what it made the air buffer
 
 
 def request_socket(ctx: zmq.Context, address: str, bs_key: KeyPair | None) -> zmq.Socket:
@@ -44,7 +41,7 @@ def medium_socket(ctx: zmq.Context, address: str, bs_key: KeyPair | None) -> zmq
 
 
 def _bound(sock: zmq.Socket, address: str, bs_key: KeyPair | None, *domain: str) -> zmq.Socket:
-    sock.setsockopt(zmq.HANDSHAKE_IVL, HANDSHAKE_IVL_MS)
+    sock.setsockopt(zmq.HANDSHAKE_IVL, HANDSHAKE_TIMEOUT_MS)  # also without CURVE (make_server sets it with)
     if bs_key is not None:
         make_server(sock, bs_key, *domain)
     sock.bind(bindable(address))
@@ -54,12 +51,3 @@ def _bound(sock: zmq.Socket, address: str, bs_key: KeyPair | None, *domain: str)
 def bindable(address: str) -> str:
     """tcp://host:0 (any free port, as the bench writes it) in zmq's spelling, tcp://host:*."""
     return address[:-2] + ":*" if address.startswith("tcp://") and address.endswith(":0") else address
-
-
-def trim_heap() -> None:
-    """Give freed heap pages back to the system (glibc keeps them): after a hostile many-part message, whose parts
-    libzmq allocated one by one, the air's resident memory returns to what it was."""
-    try:
-        ctypes.CDLL(None).malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: its allocator keeps what it keeps
-        pass

@@ -92,8 +92,9 @@ def test_a_strangers_oversize_handshake_frame_closes_its_connection_and_costs_no
 
 
 def test_the_air_sockets_take_no_part_above_their_largest_legitimate_one(sealed_air):
-    from phy.air_sockets import HANDSHAKE_IVL_MS, MEDIUM_MAX_PART_BYTES, REQUEST_MAX_PART_BYTES
+    from phy.air_sockets import MEDIUM_MAX_PART_BYTES, REQUEST_MAX_PART_BYTES
     from proto.air import CHUNK_BYTES
+    from trust.curve import HANDSHAKE_TIMEOUT_MS as HANDSHAKE_IVL_MS
 
     assert sealed_air.router.getsockopt(zmq.MAXMSGSIZE) == REQUEST_MAX_PART_BYTES == CHUNK_BYTES + 33
     assert sealed_air.medium_push.getsockopt(zmq.MAXMSGSIZE) == MEDIUM_MAX_PART_BYTES <= 512
